@@ -1,0 +1,303 @@
+"""Typed, frozen configuration sections.
+
+The Snakemake workflow validates ``config/config.yaml`` against
+``workflow/schemas/config.schema.yaml`` (which fills defaults and rejects unknown
+keys); each rule passes only its own section to its script, and the script turns
+that plain dict into one of the dataclasses below with ``from_dict``.  Package
+functions receive dataclasses, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong kind."""
+
+
+def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; valid keys are {sorted(known)}"
+        )
+
+
+def _build(cls, data: Mapping[str, Any] | None, where: str, nested: dict | None = None):
+    data = dict(data or {})
+    _check_keys(cls, data, where)
+    nested = nested or {}
+    kwargs = {}
+    for key, value in data.items():
+        if key in nested:
+            kwargs[key] = nested[key](value, f"{where}.{key}")
+        elif isinstance(value, list):
+            kwargs[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def lookup(registry: Mapping[str, Any], name: str, what: str) -> Any:
+    """Return ``registry[name]`` or raise an error that lists the valid names."""
+    try:
+        return registry[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown {what} {name!r}; valid names are {sorted(registry)}"
+        ) from None
+
+
+def config_hash(section: Any) -> str:
+    """A short, stable SHA-256 of a config section (dataclass or plain data)."""
+    if dataclasses.is_dataclass(section):
+        section = dataclasses.asdict(section)
+    text = json.dumps(section, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class VariableSource:
+    """One input variable: a glob of NetCDF files and the variable name in them.
+
+    ``units`` overrides the file's ``units`` attribute when it is missing or wrong;
+    ``precipitation`` marks a predictor that is precipitation (converted to mm/day
+    and kept raw as ``coarse_pr`` for mass checks and the interpolation baseline).
+    """
+
+    paths: str
+    variable: str
+    units: str | None = None
+    precipitation: bool = False
+
+    @classmethod
+    def from_dict(cls, data, where="data"):
+        return _build(cls, data, where)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    target: VariableSource
+    predictors: tuple[VariableSource, ...]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "data") -> "DataConfig":
+        data = dict(data)
+        _check_keys(cls, data, where)
+        if "target" not in data or not data.get("predictors"):
+            raise ConfigError(f"{where}: needs a 'target' and at least one 'predictors' entry")
+        return cls(
+            target=VariableSource.from_dict(data["target"], f"{where}.target"),
+            predictors=tuple(
+                VariableSource.from_dict(p, f"{where}.predictors[{i}]")
+                for i, p in enumerate(data["predictors"])
+            ),
+        )
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes and seed of the synthetic demo data set (see :mod:`precip_cvae.demo`)."""
+
+    seed: int = 42
+    start_year: int = 2001
+    years: int = 10
+    nlat: int = 64
+    nlon: int = 64
+    nclat: int = 16
+    nclon: int = 16
+    heavy_fraction: float = 0.015
+    outdir: str = "data/demo"
+
+    @classmethod
+    def from_dict(cls, data, where="demo"):
+        return _build(cls, data, where)
+
+
+# ----------------------------------------------------------------------------- preprocess
+
+
+SPLIT_METHODS = ("contiguous", "years", "dates")
+MISSING_POLICIES = ("mask", "refuse")
+TARGET_TRANSFORMS = ("log1p", "sqrt", "none")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How days are split by time.
+
+    ``contiguous``: three consecutive blocks with the given fractions (train first).
+    ``years``: lists of years; for seasons that span a new year (DJF) the year of a
+    day is that of its season's January when ``season_year`` is ``djf``.
+    ``dates``: inclusive ``[start, end]`` ISO date pairs.
+    """
+
+    method: str = "contiguous"
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    train_years: tuple[int, ...] = ()
+    val_years: tuple[int, ...] = ()
+    test_years: tuple[int, ...] = ()
+    season_year: str = "calendar"
+    train_dates: tuple[str, ...] = ()
+    val_dates: tuple[str, ...] = ()
+    test_dates: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.method not in SPLIT_METHODS:
+            raise ConfigError(f"preprocess.split.method {self.method!r}; valid: {list(SPLIT_METHODS)}")
+        if self.season_year not in ("calendar", "djf"):
+            raise ConfigError("preprocess.split.season_year must be 'calendar' or 'djf'")
+        if self.method == "contiguous":
+            if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
+                raise ConfigError(
+                    f"preprocess.split.fractions must be three non-negative numbers summing to 1, got {list(self.fractions)}"
+                )
+
+    @classmethod
+    def from_dict(cls, data, where="preprocess.split"):
+        return _build(cls, data, where)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Checks and normalisation of the raw inputs (see :mod:`precip_cvae.preprocess`)."""
+
+    split: SplitConfig = field(default_factory=SplitConfig)
+    condition_grid: str = "first"
+    target_coarse_factor: int = 0
+    mask_missing_fraction: float = 0.5
+    missing_policy: str = "mask"
+    negative_tolerance: float = 0.01
+    min_overlap_days: int = 30
+    grid_multiple: int = 8
+    transform: str = "log1p"
+    chunk_time: int = 128
+
+    def __post_init__(self):
+        if self.missing_policy not in MISSING_POLICIES:
+            raise ConfigError(
+                f"preprocess.missing_policy {self.missing_policy!r}; valid: {list(MISSING_POLICIES)}"
+            )
+        if self.transform not in TARGET_TRANSFORMS:
+            raise ConfigError(f"preprocess.transform {self.transform!r}; valid: {list(TARGET_TRANSFORMS)}")
+        if not 0 < self.mask_missing_fraction <= 1:
+            raise ConfigError("preprocess.mask_missing_fraction must be in (0, 1]")
+        if self.grid_multiple < 1:
+            raise ConfigError("preprocess.grid_multiple must be >= 1")
+
+    @classmethod
+    def from_dict(cls, data, where="preprocess"):
+        return _build(cls, data, where, nested={"split": SplitConfig.from_dict})
+
+
+# ----------------------------------------------------------------------------- events
+
+
+EVENT_CRITERIA = ("exceedance", "domain_mean", "either")
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """Heavy-precipitation thresholds and the heavy-day criterion.
+
+    ``percentile`` of wet days (>= ``wet_threshold`` mm/day) per pixel, train split
+    only; pixels with fewer than ``min_wet_days`` wet train days use the pooled
+    value (the same percentile over all wet train values of all valid pixels).
+    """
+
+    wet_threshold: float = 1.0
+    percentile: float = 99.0
+    min_wet_days: int = 30
+    criterion: str = "exceedance"
+    min_exceed_fraction: float = 0.05
+    domain_mean_percentile: float = 99.0
+
+    def __post_init__(self):
+        if self.criterion not in EVENT_CRITERIA:
+            raise ConfigError(f"events.criterion {self.criterion!r}; valid names are {list(EVENT_CRITERIA)}")
+        if not 0 < self.percentile < 100:
+            raise ConfigError("events.percentile must be in (0, 100)")
+
+    @classmethod
+    def from_dict(cls, data, where="events"):
+        return _build(cls, data, where)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(base_filters=8, d_y=16, d_z=8, depth=2),
+    "small": dict(base_filters=32, d_y=128, d_z=32, depth=3),
+    "medium": dict(base_filters=64, d_y=256, d_z=64, depth=4),
+    "seed": dict(base_filters=96, d_y=384, d_z=96, depth=4),
+}
+PRIORS = ("learned", "standard")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Size and regularisation of the cVAE. ``None`` fields take the preset's value."""
+
+    preset: str = "small"
+    base_filters: int | None = None
+    d_y: int | None = None
+    d_z: int | None = None
+    depth: int | None = None
+    dropout_encoder: float = 0.1
+    dropout_decoder: float = 0.1
+    prior: str = "learned"
+
+    def __post_init__(self):
+        preset = lookup(MODEL_PRESETS, self.preset, "model preset")
+        for key, value in preset.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.prior not in PRIORS:
+            raise ConfigError(f"model.prior {self.prior!r}; valid names are {list(PRIORS)}")
+        for key in ("dropout_encoder", "dropout_decoder"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"model.{key} must be in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, data, where="model"):
+        return _build(cls, data, where)
+
+
+# ----------------------------------------------------------------------------- loss
+
+LOSS_SPACES = ("transformed", "mm")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of L = base*MAE_all + ext*MAE_ext + beta(epoch)*KL + mass*L_mass."""
+
+    lambda_base: float = 1.0
+    lambda_ext: float = 5.0
+    beta_kl: float = 0.01
+    lambda_mass: float = 0.01
+    warmup_epochs: int = 15
+    space: str = "transformed"
+
+    def __post_init__(self):
+        if self.space not in LOSS_SPACES:
+            raise ConfigError(f"train.loss.space {self.space!r}; valid names are {list(LOSS_SPACES)}")
+        if self.warmup_epochs < 0:
+            raise ConfigError("train.loss.warmup_epochs must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data, where="train.loss"):
+        return _build(cls, data, where)

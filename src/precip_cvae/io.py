@@ -1,0 +1,263 @@
+"""All file access: NetCDF reading, zarr/NetCDF/CSV/JSON writing.
+
+Writes are atomic: a stage writes into a temporary sibling and renames it into
+place only when complete, so a killed job never leaves a half-written store that
+a later stage could take for a finished one, and a failed write leaves the
+previous result untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .config import VariableSource
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """Bad input data: the message names the file(s), the variable and the expectation."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def expand_glob(pattern: str, what: str = "input") -> list[str]:
+    """Sorted files matching ``pattern``; an error naming the pattern when none do."""
+    files = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not files:
+        raise InputError(f"{what}: no file matches {pattern!r} (working directory {os.getcwd()})")
+    return files
+
+
+TIME_NAMES = ("time", "valid_time", "t")
+
+
+def _ensure_time_dim(ds: xr.Dataset) -> xr.Dataset:
+    """Give a single-time-step file (e.g. a radar scan) a length-1 ``time`` dimension."""
+    if "time" in ds.dims:
+        return ds
+    for name in TIME_NAMES:
+        if name in ds.variables and ds[name].ndim == 0:
+            value = ds[name].values
+            ds = ds.drop_vars(name)
+            return ds.expand_dims(time=[value])
+        if name in ds.dims:
+            return ds.rename({name: "time"})
+    return ds
+
+
+def _describe(files: list[str]) -> str:
+    return files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more files)"
+
+
+def open_variable(source: VariableSource, chunks_time: int = 128) -> xr.DataArray:
+    """Open one variable lazily from all files matching ``source.paths``.
+
+    Returns a dask-backed DataArray with a ``time`` dimension; nothing is loaded.
+    The DataArray's ``attrs['source_files']`` names the files for later messages,
+    and ``attrs['units']`` is ``source.units`` when given (override).
+
+    Raises
+    ------
+    InputError
+        Empty glob, unreadable/truncated file (named), variable missing (lists the
+        variables that are there), no time dimension.
+    """
+    files = expand_glob(source.paths, f"variable {source.variable!r}")
+    try:
+        ds = xr.open_mfdataset(
+            files,
+            combine="by_coords",
+            preprocess=_ensure_time_dim,
+            chunks={},  # the files' own chunks (one per file for unchunked NetCDF); rechunked later
+            data_vars="minimal",
+            coords="minimal",
+            compat="override",
+            join="outer",
+            parallel=False,
+            decode_timedelta=False,
+        )
+    except Exception as exc:  # find which file is at fault and say so
+        for f in files:
+            try:
+                with xr.open_dataset(f, decode_timedelta=False) as one:
+                    one.attrs
+            except Exception as inner:
+                raise InputError(f"{f}: cannot be read as NetCDF ({type(inner).__name__}: {inner})") from inner
+        raise InputError(
+            f"{_describe(files)}: files matching {source.paths!r} cannot be combined along time "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    if source.variable not in ds.data_vars:
+        raise InputError(
+            f"{_describe(files)}: variable {source.variable!r} not found; the files hold "
+            f"{sorted(map(str, ds.data_vars))}"
+        )
+    da = ds[source.variable]
+    if "time" not in da.dims:
+        raise InputError(f"{_describe(files)}: variable {source.variable!r} has no time dimension (dims {da.dims})")
+    da.attrs = dict(da.attrs)
+    if source.units is not None:
+        da.attrs["units"] = source.units
+    da.attrs["source_files"] = json.dumps(files)
+    da.attrs["source_pattern"] = source.paths
+    da.name = source.variable
+    return da
+
+
+def source_files(da: xr.DataArray) -> str:
+    """A short 'which files' description of a DataArray opened by :func:`open_variable`."""
+    try:
+        return _describe(json.loads(da.attrs.get("source_files", "[]")) or ["<memory>"])
+    except (TypeError, ValueError):
+        return "<memory>"
+
+
+def open_zarr(path: str | Path) -> xr.Dataset:
+    """Open a zarr store written by this package (lazily)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: zarr store not found")
+    return xr.open_zarr(path, decode_timedelta=False)
+
+
+def open_netcdf(path: str | Path) -> xr.Dataset:
+    return xr.open_dataset(path, decode_timedelta=False)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` on success.
+
+    On error the temporary is removed and an existing ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"{path.parent}: output directory is not writable")
+    tmp = _tmp_sibling(path)
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            old = _tmp_sibling(path)
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def _clean_encoding(ds: xr.Dataset) -> xr.Dataset:
+    """Drop encodings inherited from NetCDF sources that zarr cannot take."""
+    ds = ds.copy()
+    for name in ds.variables:
+        enc = ds[name].encoding
+        keep = {k: enc[k] for k in ("units", "calendar", "dtype", "_FillValue") if k in enc}
+        if "dtype" in keep and ds[name].dtype.kind == "f":
+            keep.pop("dtype")
+        ds[name].encoding = keep
+    return ds
+
+
+def write_zarr(ds: xr.Dataset, path: str | Path, chunks: dict | None = None) -> Path:
+    """Write ``ds`` to a zarr store atomically (dask computes chunk by chunk)."""
+    ds = _clean_encoding(ds)
+    if chunks:
+        ds = ds.chunk({k: v for k, v in chunks.items() if k in ds.dims})
+    with atomic_path(path) as tmp:
+        ds.to_zarr(tmp, mode="w", consolidated=True, zarr_format=2)
+    return Path(path)
+
+
+def write_netcdf(ds: xr.Dataset, path: str | Path) -> Path:
+    ds = _clean_encoding(ds)
+    with atomic_path(path) as tmp:
+        ds.to_netcdf(tmp, engine="netcdf4")
+    return Path(path)
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def write_json(obj, path: str | Path) -> Path:
+    def default(o):
+        if isinstance(o, (np.integer,)):
+            return int(o)
+        if isinstance(o, (np.floating,)):
+            return float(o)
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        return str(o)
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n")
+    return Path(path)
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_yearly_netcdf(ds: xr.Dataset, outdir: str | Path, prefix: str, encoding: dict | None = None) -> list[Path]:
+    """Write ``ds`` as one NetCDF file per calendar year: ``{outdir}/{prefix}_{year}.nc``."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    years = np.unique(ds["time"].dt.year.values)
+    for year in years:
+        part = ds.sel(time=ds["time"].dt.year == year)
+        path = outdir / f"{prefix}_{int(year)}.nc"
+        with atomic_path(path) as tmp:
+            part.to_netcdf(tmp, engine="netcdf4", encoding=encoding)
+        written.append(path)
+    return written
+
+
+def read_csv(path: str | Path, **kwargs) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    return pd.read_csv(path, **kwargs)
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())
+
+
+def remove_paths(paths: Iterable[str | Path]) -> None:
+    for p in map(Path, paths):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()

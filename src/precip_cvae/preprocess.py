@@ -1,0 +1,510 @@
+"""The ``preprocess`` stage: raw NetCDF -> ``dataset.zarr``.
+
+Data contract of ``dataset.zarr`` (read by every later stage through
+:mod:`precip_cvae.data`):
+
+* ``pr`` (time, lat, lon) float32, mm day-1, CF attributes; NaN where a pixel is
+  masked (``mask`` False), padded, or sporadically missing (kept as NaN by the
+  ``mask`` missing-value policy and excluded from losses and metrics by the
+  per-sample validity ``mask & isfinite(pr)``).
+* ``condition`` (time, channel, clat, clon) float32, normalised with train-only
+  mean/std per channel; missing predictor values are 0 (the train mean).
+* ``coarse_pr`` (time, clat, clon) float32 mm day-1, only when a condition
+  channel is precipitation (a predictor flagged ``precipitation: true`` or the
+  block-averaged target); used by the mass-conservation checks and the
+  interpolation baseline.
+* ``mask`` (lat, lon) int8: 1 = a cell with data (land / radar coverage).
+* ``split`` (time) str: 'train' | 'val' | 'test'.
+* ``cond_mean``, ``cond_std`` (channel): the normalisation statistics.
+* ``channel`` (channel) str coordinate: predictor names.
+* attributes: ``target_transform``/``target_transform_scale`` (fitted on train),
+  ``pad_lat``/``pad_lon`` (cells added before/after on each axis) and
+  ``orig_nlat``/``orig_nlon`` so :func:`crop_to_original` can return to the input
+  grid, ``preprocess_config`` (JSON), ``source_*`` file lists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from . import __version__
+from .config import DataConfig, PreprocessConfig, SplitConfig
+from .io import InputError, open_variable, source_files, write_zarr
+from .transform import TargetTransform
+from .units import MM_PER_DAY, UnitsError, factor_to_mm_per_day
+
+log = logging.getLogger(__name__)
+
+LAT_NAMES = ("lat", "latitude", "y", "rlat", "nav_lat", "grid_latitude")
+LON_NAMES = ("lon", "longitude", "x", "rlon", "nav_lon", "grid_longitude")
+SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------- coordinates
+
+
+def standardise_coords(da: xr.DataArray, what: str) -> xr.DataArray:
+    """Rename spatial dims to (lat, lon), sort both ascending and check time.
+
+    Projected grids (y/x in km) are renamed too; the original names are kept in
+    the coordinate attribute ``original_name``.  Descending coordinates are
+    flipped (lazily).  Unsorted time is sorted with a log line; duplicate time
+    stamps and non-monotonic, non-unique spatial coordinates are errors.
+
+    Parameters
+    ----------
+    da : xr.DataArray (time, <lat>, <lon>)
+    what : str
+        'target' or 'predictor X', for messages.
+    """
+    where = f"{source_files(da)}: {what} {da.name!r}"
+    rename = {}
+    for std, names in (("lat", LAT_NAMES), ("lon", LON_NAMES)):
+        found = [d for d in da.dims if str(d).lower() in names]
+        if not found:
+            raise InputError(f"{where}: no {std} dimension; expected one of {list(names)}, got dims {da.dims}")
+        if found[0] != std:
+            rename[found[0]] = std
+    extra = [d for d in da.dims if d not in ("time", *rename, "lat", "lon")]
+    for d in extra:
+        if da.sizes[d] == 1:
+            da = da.isel({d: 0}, drop=True)
+        else:
+            raise InputError(f"{where}: unexpected dimension {d!r} of size {da.sizes[d]}; expected (time, lat, lon)")
+    if rename:
+        da = da.rename(rename)
+        for old, new in rename.items():
+            da[new].attrs["original_name"] = old
+    da = da.transpose("time", "lat", "lon")
+    for dim in ("lat", "lon"):
+        values = np.asarray(da[dim].values, dtype=float)
+        if not np.all(np.isfinite(values)):
+            raise InputError(f"{where}: coordinate {dim!r} has missing values")
+        if len(np.unique(values)) != len(values):
+            raise InputError(f"{where}: coordinate {dim!r} has repeated values; expected a unique 1-D axis")
+        diffs = np.diff(values)
+        if np.all(diffs < 0):
+            log.info("%s: %s is descending; flipped to ascending", where, dim)
+            da = da.isel({dim: slice(None, None, -1)})
+        elif not np.all(diffs > 0):
+            raise InputError(f"{where}: coordinate {dim!r} is not monotonic; expected a sorted grid axis")
+    times = da["time"].values
+    index = da.indexes["time"]
+    if index.has_duplicates:
+        dup = index[index.duplicated()][:5]
+        raise InputError(f"{where}: duplicate time stamps, e.g. {[str(t) for t in dup]}; expected unique days")
+    if not index.is_monotonic_increasing:
+        log.warning("%s: time is not sorted; sorting %d steps", where, len(times))
+        da = da.sortby("time")
+    return da
+
+
+def calendar_of(da: xr.DataArray) -> str:
+    """The CF calendar of ``da``'s time axis ('standard' for numpy datetimes)."""
+    index = da.indexes["time"]
+    if isinstance(index, pd.DatetimeIndex):
+        return "standard"
+    return str(getattr(index, "calendar", "standard"))
+
+
+def time_step_seconds(da: xr.DataArray) -> float:
+    """Median time step in seconds (works for numpy and cftime axes)."""
+    if da.sizes["time"] < 2:
+        raise InputError(f"{source_files(da)}: {da.name!r} has fewer than 2 time steps; cannot infer the time step")
+    index = da.indexes["time"]
+    if isinstance(index, pd.DatetimeIndex):
+        diffs = np.diff(index.values).astype("timedelta64[s]").astype(float)
+    else:
+        diffs = np.array([(b - a).total_seconds() for a, b in zip(index[:-1], index[1:])])
+    return float(np.median(diffs))
+
+
+def convert_target_units(da: xr.DataArray, negative_tolerance: float) -> xr.DataArray:
+    """Convert precipitation to mm/day (lazy) and set CF attributes.
+
+    Negative values within ``-negative_tolerance`` mm/day are set to 0; the
+    check for larger negatives happens in :func:`check_target_values`.
+    """
+    units = da.attrs.get("units")
+    where = f"{source_files(da)}: variable {da.name!r}"
+    if units is None:
+        raise InputError(f"{where} has no 'units' attribute; set data.*.units in the config (e.g. 'kg m-2 s-1')")
+    try:
+        dt = time_step_seconds(da)
+        factor = factor_to_mm_per_day(units, dt)
+    except UnitsError as exc:
+        raise InputError(f"{where}: units {units!r} not convertible to mm/day ({exc})") from exc
+    attrs = {k: v for k, v in da.attrs.items() if k not in ("units", "scale_factor", "add_offset")}
+    out = da.astype("float32") * np.float32(factor) if factor != 1 else da.astype("float32")
+    out = out.where(~((out < 0) & (out >= -negative_tolerance)), 0.0)
+    out.attrs = attrs | {
+        "units": MM_PER_DAY,
+        "standard_name": "lwe_precipitation_rate",
+        "long_name": "precipitation",
+        "original_units": str(units),
+        "conversion_factor_to_mm_day": float(factor),
+    }
+    out.name = "pr"
+    if factor != 1:
+        log.info("%s: converted %s -> mm/day (x %.6g, time step %.0f s)", where, units, factor, dt)
+    return out
+
+
+def align_time(target: xr.DataArray, predictors: Sequence[xr.DataArray], min_days: int):
+    """Restrict target and predictors to their common time stamps.
+
+    Raises
+    ------
+    InputError
+        Calendars differ, or the intersection is empty / shorter than ``min_days``.
+    """
+    cal = calendar_of(target)
+    common = target.indexes["time"]
+    for p in predictors:
+        pcal = calendar_of(p)
+        if pcal != cal and {pcal, cal} - {"standard", "gregorian", "proleptic_gregorian"}:
+            raise InputError(
+                f"{source_files(p)}: predictor {p.name!r} uses calendar {pcal!r} but the target "
+                f"({source_files(target)}) uses {cal!r}; expected one calendar"
+            )
+        common = common.intersection(p.indexes["time"])
+    n = len(common)
+    if n < max(min_days, 1):
+        spans = [
+            f"{x.name}: {x.indexes['time'][0]} .. {x.indexes['time'][-1]} ({x.sizes['time']} steps)"
+            for x in [target, *predictors]
+        ]
+        raise InputError(
+            f"target and predictors share {n} time stamps; expected at least {max(min_days, 1)} "
+            f"(preprocess.min_overlap_days). Spans: {'; '.join(spans)}"
+        )
+    dropped = target.sizes["time"] - n
+    if dropped:
+        log.info("time alignment: kept %d common steps, dropped %d target steps", n, dropped)
+    return target.sel(time=common), [p.sel(time=common) for p in predictors]
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def _season_years(index) -> np.ndarray:
+    years = np.array([t.year for t in index])
+    months = np.array([t.month for t in index])
+    return years, months
+
+
+def split_labels(index, cfg: SplitConfig) -> np.ndarray:
+    """'train'/'val'/'test'/'' label per time stamp ('' = in no split, dropped).
+
+    Contiguous blocks keep time order (train first); year lists use calendar
+    years or, with ``season_year: djf``, winter years (December counts to the
+    following year); date ranges are inclusive.  Days are never shuffled.
+    """
+    n = len(index)
+    labels = np.full(n, "", dtype=object)
+    if cfg.method == "contiguous":
+        f = np.asarray(cfg.fractions, dtype=float)
+        edges = np.round(np.cumsum(f) * n).astype(int)
+        labels[: edges[0]] = "train"
+        labels[edges[0] : edges[1]] = "val"
+        labels[edges[1] :] = "test"
+    elif cfg.method == "years":
+        years, months = _season_years(index)
+        if cfg.season_year == "djf":
+            years = years + (months == 12)
+        for name, chosen in (("train", cfg.train_years), ("val", cfg.val_years), ("test", cfg.test_years)):
+            labels[np.isin(years, list(chosen))] = name
+    else:
+        stamps = pd.Index([pd.Timestamp(t.year, t.month, t.day) for t in index])
+        for name, rng in (("train", cfg.train_dates), ("val", cfg.val_dates), ("test", cfg.test_dates)):
+            if len(rng) != 2:
+                raise InputError(f"preprocess.split.{name}_dates must be [start, end], got {list(rng)}")
+            lo, hi = pd.Timestamp(rng[0]), pd.Timestamp(rng[1])
+            labels[(stamps >= lo) & (stamps <= hi)] = name
+    counts = {s: int((labels == s).sum()) for s in SPLITS}
+    empty = [s for s, c in counts.items() if c == 0]
+    if empty:
+        raise InputError(
+            f"split {cfg.method!r} leaves no days in {empty} (counts {counts}); "
+            f"data span {index[0]} .. {index[-1]}; check preprocess.split"
+        )
+    return labels.astype(str)
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def regrid(da: xr.DataArray, lat: xr.DataArray, lon: xr.DataArray) -> xr.DataArray:
+    """Bilinear interpolation onto (lat, lon), nearest values beyond the source hull."""
+    if da.sizes["lat"] == lat.size and da.sizes["lon"] == lon.size:
+        if np.allclose(da["lat"].values, lat.values) and np.allclose(da["lon"].values, lon.values):
+            return da.assign_coords(lat=lat.values, lon=lon.values)
+    out = da.interp(lat=lat.values, lon=lon.values, method="linear")
+    # fill the outside-of-hull border with nearest values
+    near = da.interp(lat=lat.values, lon=lon.values, method="nearest", kwargs={"fill_value": None})
+    return out.fillna(near)
+
+
+def block_mean(da: xr.DataArray, factor: int) -> xr.DataArray:
+    """Block-average a (time, lat, lon) field by ``factor`` (NaN-aware; ragged edges trimmed)."""
+    return da.coarsen(lat=factor, lon=factor, boundary="trim").mean()
+
+
+def pad_amount(n: int, multiple: int) -> tuple[int, int]:
+    """Cells to add (before, after) so that ``n`` becomes a multiple of ``multiple``."""
+    total = (-n) % multiple
+    return total // 2, total - total // 2
+
+
+def _extend_coord(values: np.ndarray, before: int, after: int) -> np.ndarray:
+    step = float(np.median(np.diff(values))) if len(values) > 1 else 1.0
+    head = values[0] - step * np.arange(before, 0, -1)
+    tail = values[-1] + step * np.arange(1, after + 1)
+    return np.concatenate([head, values, tail])
+
+
+def pad_grid(ds: xr.Dataset, multiple: int) -> xr.Dataset:
+    """Pad the fine (lat, lon) grid with NaN / masked cells to a multiple of ``multiple``."""
+    plat = pad_amount(ds.sizes["lat"], multiple)
+    plon = pad_amount(ds.sizes["lon"], multiple)
+    attrs = dict(ds.attrs) | {
+        "pad_lat": list(plat),
+        "pad_lon": list(plon),
+        "orig_nlat": int(ds.sizes["lat"]),
+        "orig_nlon": int(ds.sizes["lon"]),
+    }
+    if plat == (0, 0) and plon == (0, 0):
+        return ds.assign_attrs(attrs)
+    lat = _extend_coord(ds["lat"].values, *plat)
+    lon = _extend_coord(ds["lon"].values, *plon)
+    out = ds.pad(lat=plat, lon=plon)  # NaN for floats
+    out = out.assign_coords(lat=("lat", lat, ds["lat"].attrs), lon=("lon", lon, ds["lon"].attrs))
+    if "mask" in out:
+        out["mask"] = out["mask"].fillna(0).astype("int8")
+    log.info("padded fine grid %s -> %s (lat %s, lon %s)", (ds.sizes["lat"], ds.sizes["lon"]), (lat.size, lon.size), plat, plon)
+    return out.assign_attrs(attrs)
+
+
+def crop_to_original(obj, attrs: dict | None = None):
+    """Undo :func:`pad_grid` on a Dataset/DataArray with (lat, lon) dims."""
+    attrs = attrs if attrs is not None else obj.attrs
+    plat = list(attrs.get("pad_lat", [0, 0]))
+    plon = list(attrs.get("pad_lon", [0, 0]))
+    return obj.isel(
+        lat=slice(plat[0], obj.sizes["lat"] - plat[1]),
+        lon=slice(plon[0], obj.sizes["lon"] - plon[1]),
+    )
+
+
+# ----------------------------------------------------------------------------- masks and values
+
+
+def missing_mask(pr: xr.DataArray, max_missing_fraction: float) -> xr.DataArray:
+    """(lat, lon) int8: 1 where the cell is missing on at most ``max_missing_fraction`` of days."""
+    frac = pr.isnull().mean("time")
+    return (frac <= max_missing_fraction).astype("int8").rename("mask")
+
+
+def check_target_values(pr: xr.DataArray, mask: xr.DataArray, cfg: PreprocessConfig, where: str) -> dict:
+    """Count sporadic missing values and negatives (one dask pass); apply the policy.
+
+    Returns counts for the log.  Raises on negatives beyond the tolerance and,
+    with ``missing_policy: refuse``, on any NaN inside the mask.
+    """
+    valid_cell = mask.astype(bool)
+    sporadic = (pr.isnull() & valid_cell).sum()
+    negative = (pr < -cfg.negative_tolerance).sum()
+    minimum = pr.min()
+    sporadic, negative, minimum = (x.compute() for x in (sporadic, negative, minimum))
+    counts = {
+        "cells": int(valid_cell.sum()),
+        "masked_cells": int((~valid_cell).sum()),
+        "sporadic_missing": int(sporadic),
+        "negative": int(negative),
+        "minimum": float(minimum),
+    }
+    if counts["negative"]:
+        raise InputError(
+            f"{where}: {counts['negative']} negative precipitation values (minimum {counts['minimum']:.4g} mm/day); "
+            f"expected >= -{cfg.negative_tolerance} (preprocess.negative_tolerance)"
+        )
+    if counts["sporadic_missing"] and cfg.missing_policy == "refuse":
+        raise InputError(
+            f"{where}: {counts['sporadic_missing']} missing values in cells that are not part of the fixed mask; "
+            "expected none (preprocess.missing_policy: refuse; use 'mask' to keep them as NaN)"
+        )
+    return counts
+
+
+def fit_channel_stats(cond: xr.DataArray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std over train days and all cells (NaN skipped)."""
+    sub = cond.isel(time=np.flatnonzero(train))
+    mean = sub.mean(("time", "clat", "clon"), skipna=True)
+    std = sub.std(("time", "clat", "clon"), skipna=True)
+    import dask
+
+    mean, std = dask.compute(mean, std)
+    mean, std = mean.values.astype("float64"), std.values.astype("float64")
+    std = np.where(std > 0, std, 1.0)
+    return mean, std
+
+
+def fit_target_transform(pr: xr.DataArray, train: np.ndarray, kind: str) -> TargetTransform:
+    """Scale = std of f(pr) over valid train pixels (one dask pass)."""
+    base = TargetTransform(kind=kind, scale=1.0)
+    sub = pr.isel(time=np.flatnonzero(train))
+    raw = xr.apply_ufunc(base.raw, sub, dask="allowed")
+    scale = float(raw.std(skipna=True).compute())
+    if not scale > 0:
+        raise InputError("target is constant (or all missing) on the train split; cannot fit the transform")
+    return TargetTransform(kind=kind, scale=scale)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def build_dataset(
+    target: xr.DataArray,
+    predictors: Sequence[xr.DataArray],
+    cfg: PreprocessConfig,
+    precipitation_predictors: Sequence[bool] | None = None,
+) -> xr.Dataset:
+    """Checked, aligned, split and normalised dataset (lazy where it matters).
+
+    Parameters
+    ----------
+    target : xr.DataArray (time, lat, lon), any precipitation units
+    predictors : list of xr.DataArray (time, lat, lon) on their own grids
+    cfg : PreprocessConfig
+    precipitation_predictors : which predictors are precipitation (converted to
+        mm/day and also stored raw as ``coarse_pr``)
+    """
+    flags = list(precipitation_predictors or [False] * len(predictors))
+    target = standardise_coords(target, "target")
+    predictors = [standardise_coords(p, "predictor") for p in predictors]
+    where = f"{source_files(target)}: target {target.name!r}"
+    pr = convert_target_units(target, cfg.negative_tolerance)
+    preds = []
+    for p, is_pr in zip(predictors, flags):
+        if is_pr:
+            name = p.name
+            p = convert_target_units(p, cfg.negative_tolerance).rename(name)
+        preds.append(p)
+    pr, preds = align_time(pr, preds, cfg.min_overlap_days)
+    pr = pr.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1})
+
+    mask = missing_mask(pr, cfg.mask_missing_fraction).compute()
+    if int(mask.sum()) == 0:
+        raise InputError(f"{where}: every cell is missing on more than {cfg.mask_missing_fraction:.0%} of days")
+    counts = check_target_values(pr, mask, cfg, where)
+    log.info(
+        "target: %d valid cells, %d masked, %d sporadic missing values (%s), minimum %.3g mm/day",
+        counts["cells"], counts["masked_cells"], counts["sporadic_missing"], cfg.missing_policy, counts["minimum"],
+    )
+    pr = pr.where(mask.astype(bool))
+
+    labels = split_labels(pr.indexes["time"], cfg.split)
+    keep = labels != ""
+    if not keep.all():
+        log.info("split: %d days are in no split and are dropped", int((~keep).sum()))
+        pr = pr.isel(time=np.flatnonzero(keep))
+        preds = [p.isel(time=np.flatnonzero(keep)) for p in preds]
+        labels = labels[keep]
+    train = labels == "train"
+
+    # --- condition grid
+    if cfg.condition_grid == "first":
+        grid_src = preds[0]
+    else:
+        names = [str(p.name) for p in preds]
+        if cfg.condition_grid not in names:
+            raise InputError(
+                f"preprocess.condition_grid {cfg.condition_grid!r} is not a predictor; valid: ['first', *{names}]"
+            )
+        grid_src = preds[names.index(cfg.condition_grid)]
+    clat, clon = grid_src["lat"], grid_src["lon"]
+    channels, names, coarse_pr = [], [], None
+    for p, is_pr in zip(preds, flags):
+        on_grid = regrid(p.astype("float32"), clat, clon)
+        channels.append(on_grid)
+        names.append(str(p.name))
+        if is_pr and coarse_pr is None:
+            coarse_pr = on_grid
+    if cfg.target_coarse_factor and cfg.target_coarse_factor > 1:
+        blocks = regrid(block_mean(pr, cfg.target_coarse_factor), clat, clon)
+        channels.append(blocks)
+        names.append(f"pr_block{cfg.target_coarse_factor}")
+        if coarse_pr is None:
+            coarse_pr = blocks
+    cond = xr.concat([c.drop_attrs() if hasattr(c, "drop_attrs") else c for c in channels], dim="channel")
+    cond = cond.assign_coords(channel=("channel", names)).rename({"lat": "clat", "lon": "clon"})
+    cond = cond.transpose("time", "channel", "clat", "clon")
+    mean, std = fit_channel_stats(cond, train)
+    mean_da = xr.DataArray(mean, dims="channel", coords={"channel": names})
+    std_da = xr.DataArray(std, dims="channel", coords={"channel": names})
+    cond_n = ((cond - mean_da) / std_da).fillna(0.0).astype("float32")
+    cond_n.attrs = {"long_name": "normalised condition (train mean/std per channel)", "units": "1"}
+    log.info("condition: channels %s on a %dx%d grid; train mean %s std %s", names, clat.size, clon.size,
+             np.round(mean, 4).tolist(), np.round(std, 4).tolist())
+
+    transform = fit_target_transform(pr, train, cfg.transform)
+    log.info("target transform %s, scale %.4f (fitted on %d train days)", transform.kind, transform.scale, int(train.sum()))
+
+    ds = xr.Dataset(
+        {
+            "pr": pr.astype("float32"),
+            "condition": cond_n,
+            "mask": mask,
+            "split": ("time", labels),
+            "cond_mean": mean_da.astype("float64"),
+            "cond_std": std_da.astype("float64"),
+        }
+    )
+    if coarse_pr is not None:
+        ds["coarse_pr"] = coarse_pr.rename({"lat": "clat", "lon": "clon"}).astype("float32")
+        ds["coarse_pr"].attrs = {"units": MM_PER_DAY, "long_name": "coarse precipitation condition (raw)"}
+    ds["pr"].attrs = pr.attrs
+    ds["mask"].attrs = {"long_name": "cell has data (1) or is masked/padded (0)", "flag_values": [0, 1]}
+    ds["split"].attrs = {"long_name": "train/val/test split label"}
+    ds["clat"].attrs = dict(clat.attrs)
+    ds["clon"].attrs = dict(clon.attrs)
+    ds = pad_grid(ds, cfg.grid_multiple)
+    ds.attrs.update(
+        {
+            "title": "precip-cvae preprocessed dataset",
+            "Conventions": "CF-1.8",
+            "calendar": calendar_of(pr),
+            "preprocess_config": json.dumps(asdict(cfg), sort_keys=True),
+            "package_version": __version__,
+            "n_sporadic_missing": counts["sporadic_missing"],
+            "source_target": target.attrs.get("source_files", ""),
+            "source_predictors": json.dumps([p.attrs.get("source_files", "") for p in predictors]),
+            **transform.to_attrs(),
+        }
+    )
+    for s in SPLITS:
+        ds.attrs[f"n_{s}"] = int((labels == s).sum())
+    return ds
+
+
+def run(data: DataConfig, cfg: PreprocessConfig, out: str) -> xr.Dataset:
+    """Read the configured NetCDF inputs, build the dataset, write ``out`` (zarr)."""
+    target = open_variable(data.target, cfg.chunk_time)
+    predictors = [open_variable(p, cfg.chunk_time) for p in data.predictors]
+    flags = [bool(getattr(p, "precipitation", False)) for p in data.predictors]
+    ds = build_dataset(target, predictors, cfg, flags)
+    ds = ds.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1, "channel": -1})
+    write_zarr(ds, out)
+    log.info(
+        "wrote %s: %d days (train %d, val %d, test %d), fine grid %dx%d, condition %s",
+        out, ds.sizes["time"], ds.attrs["n_train"], ds.attrs["n_val"], ds.attrs["n_test"],
+        ds.sizes["lat"], ds.sizes["lon"], dict(ds["condition"].sizes),
+    )
+    return ds
