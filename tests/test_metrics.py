@@ -65,6 +65,7 @@ def test_frequency_bias_everywhere():
     obs = np.zeros((1, 4, 5))
     obs[0, 0, 0] = np.nan  # 19 valid pixels
     obs[0, 1, 1] = obs[0, 2, 2] = obs[0, 3, 3] = 50.0  # 3 observed exceedances
+    obs[0, 0, 1] = 10.0  # equal to the threshold: not an exceedance (strict >)
     pred = np.full_like(obs, 100.0)  # exceeds everywhere (also at the NaN pixel)
     assert m.frequency_bias(pred, obs, 10.0) == pytest.approx(19 / 3)
     ens = np.stack([pred, np.zeros_like(pred)])  # 19 and 0 exceedances

@@ -140,7 +140,7 @@ def analogs(train_cond, target_cond, train_pr, n_members: int,
             rows, cols = np.nonzero(ex[s:s + chunk] >= 0)
             d[rows, ex[s:s + chunk][rows, cols]] = np.inf
         indices[s:s + chunk] = np.argsort(d, axis=1, kind="stable")[:, :m]
-    return train_pr[indices], indices
+    return train_pr[indices.T], indices
 
 
 def interpolation(coarse_pr, coarse_lat, coarse_lon, fine_lat, fine_lon) -> np.ndarray:

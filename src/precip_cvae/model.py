@@ -26,8 +26,13 @@ Architecture
 * Prior ``p(z | y)``: MLP of ``v_y`` -> ``mu_p, logvar_p``; ``prior='standard'``
   gives ``N(0, I)`` (zeros).
 * Decoder ``p(x | z, y)``: linear ``[z, v_y]`` -> a map at ``(H, W) / 2**depth``,
-  ``depth`` nearest-neighbour upsamplings + 3x3 convs, with the condition map of
-  each scale concatenated, then a 1-channel head.
+  a residual block, then ``depth`` times: 1x1 channel reduction, nearest-neighbour
+  x2 upsampling, 3x3 conv over ``[h, condition map of that scale]``; a 3x3 head.
+
+Channel widths per scale are ``F/2, F, 2F, ..., F * 2**(depth-1)`` (``F`` =
+``base_filters``): the full-resolution level is the costly one on CPU, so it is the
+narrowest.  The bottleneck is flattened (posterior) / produced by a linear layer
+(decoder), so a model is tied to its ``fine_shape``; the condition grid is free.
 
 Normalisation is GroupNorm (batch statistics across heterogeneous days are fragile).
 ``logvar`` is clamped to ``[LOGVAR_MIN, LOGVAR_MAX]``.
@@ -63,6 +68,7 @@ __all__ = [
     "Condition",
     "count_parameters",
     "parameter_count",
+    "relu_leaky_grad",
     "LOGVAR_MIN",
     "LOGVAR_MAX",
     "OUTPUT_GRAD_LEAK",
@@ -235,8 +241,7 @@ class CVAE(nn.Module):
         fb = int(cfg.base_filters)
         p_enc, p_dec = float(cfg.dropout_encoder), float(cfg.dropout_decoder)
 
-        # channel widths per scale s (resolution H / 2**s): F/2, F, 2F, ..., F * 2**(depth-1).
-        # The full-resolution level is the costly one on CPU, so it is the narrowest.
+        # channel widths per scale s (resolution H / 2**s): F/2, F, 2F, ..., F * 2**(depth-1)
         self.widths = [max(fb // 2, 4)] + [fb * 2 ** (s - 1) for s in range(1, depth + 1)]
         self.cond_widths = [max(4, w // 4) for w in self.widths]
         self.sizes = [(fine_shape[0] >> s, fine_shape[1] >> s) for s in range(depth + 1)]

@@ -242,14 +242,17 @@ def split_labels(index, cfg: SplitConfig) -> np.ndarray:
 
 
 def regrid(da: xr.DataArray, lat: xr.DataArray, lon: xr.DataArray) -> xr.DataArray:
-    """Bilinear interpolation onto (lat, lon), nearest values beyond the source hull."""
-    if da.sizes["lat"] == lat.size and da.sizes["lon"] == lon.size:
-        if np.allclose(da["lat"].values, lat.values) and np.allclose(da["lon"].values, lon.values):
-            return da.assign_coords(lat=lat.values, lon=lon.values)
-    out = da.interp(lat=lat.values, lon=lon.values, method="linear")
-    # fill the outside-of-hull border with nearest values
-    near = da.interp(lat=lat.values, lon=lon.values, method="nearest", kwargs={"fill_value": None})
-    return out.fillna(near)
+    """Bilinear interpolation onto (lat, lon); beyond the source hull the target
+    coordinates are clamped to it (edge values, linear along the other axis)."""
+    lat_v, lon_v = np.asarray(lat.values, float), np.asarray(lon.values, float)
+    if da.sizes["lat"] == lat_v.size and da.sizes["lon"] == lon_v.size:
+        if np.allclose(da["lat"].values, lat_v) and np.allclose(da["lon"].values, lon_v):
+            return da.assign_coords(lat=lat_v, lon=lon_v)
+    src_lat, src_lon = da["lat"].values, da["lon"].values
+    clamped_lat = np.clip(lat_v, src_lat.min(), src_lat.max())
+    clamped_lon = np.clip(lon_v, src_lon.min(), src_lon.max())
+    out = da.interp(lat=clamped_lat, lon=clamped_lon, method="linear")
+    return out.assign_coords(lat=lat_v, lon=lon_v)
 
 
 def block_mean(da: xr.DataArray, factor: int) -> xr.DataArray:

@@ -1,0 +1,29 @@
+# Two commands: `make demo` (whole workflow on the built-in demo data) and `make test`.
+# Both create the virtual environment .venv on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CORES  ?= 2
+# The CPU build of PyTorch; on a GPU machine pass e.g. TORCH="torch==2.13.0 --index-url ..."
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test env clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: env
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+
+test: env
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf results data/demo data/tiny .snakemake

@@ -1,0 +1,28 @@
+# precip-cvae: NetCDF climate data -> conditional VAE -> synthetic heavy-rainfall fields.
+# Table of contents: config and its schema, one rules file per stage, and `all`.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/preprocess.smk"
+include: "rules/events.smk"
+
+
+rule all:
+    input:
+        expand(
+            "results/{run}/{path}",
+            run=RUN,
+            path=["preprocess/dataset.zarr", "events/thresholds.nc", "events/events.csv"],
+        ),
+    default_target: True

@@ -1,0 +1,10 @@
+rule make_demo_data:
+    output:
+        directory(config["demo"]["outdir"]),
+    params:
+        demo=config["demo"],
+        code=stage_code("demo"),
+    log:
+        "logs/make_demo_data.log",
+    script:
+        "../workflow/scripts/make_demo_data.py"

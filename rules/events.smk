@@ -1,0 +1,18 @@
+rule detect_events:
+    input:
+        dataset=run_dir("preprocess", "dataset.zarr"),
+    output:
+        thresholds=run_dir("events", "thresholds.nc"),
+        events=run_dir("events", "events.csv"),
+    params:
+        events=config["events"],
+        code=stage_code("events"),
+    log:
+        log_path("detect_events"),
+    benchmark:
+        benchmark_path("detect_events")
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    script:
+        "../workflow/scripts/detect_events.py"

@@ -1,0 +1,100 @@
+"""Provenance: which package code a stage depends on, and hashes of it.
+
+Snakemake's ``code`` rerun trigger sees only a rule's own script.  Each rule
+therefore carries ``code_fingerprint('precip_cvae.<stage>')`` in its params: a
+hash of the source of that module and of every package module it imports,
+directly or transitively.  Editing ``events.py`` changes the fingerprint of
+``detect_events`` (and of stages that import it) and of nothing else.
+
+This module imports nothing heavy: the Snakefile calls it at parse time.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+PACKAGE = "precip_cvae"
+
+
+@lru_cache(maxsize=1)
+def _package_dir() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    return Path(spec.origin).parent
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of package module ``name`` (found without importing it)."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = _package_dir().joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Package-internal modules imported by the file at ``path`` (module ``module``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    base = module if is_pkg else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = base.split(".")
+                parent = ".".join(parts[: len(parts) - (node.level - 1)])
+                target = f"{parent}.{node.module}" if node.module else parent
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != PACKAGE:
+                continue
+            found.add(target)
+            for alias in node.names:  # `from . import io` imports a submodule
+                candidate = f"{target}.{alias.name}"
+                if _module_file(candidate) is not None:
+                    found.add(candidate)
+    return found
+
+
+@lru_cache(maxsize=None)
+def module_closure(module: str) -> tuple[str, ...]:
+    """``module`` and every package module it imports, transitively (sorted)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = _module_file(name)
+        if path is None:
+            continue
+        seen.add(name)
+        todo.extend(_imports(path, name) - seen)
+    return tuple(sorted(seen))
+
+
+def code_fingerprint(*modules: str) -> str:
+    """SHA-256 (16 hex digits) of the source of ``modules`` and their package imports."""
+    digest = hashlib.sha256()
+    names = sorted({m for mod in modules for m in module_closure(mod)})
+    for name in names:
+        digest.update(name.encode())
+        digest.update(_module_file(name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Full SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

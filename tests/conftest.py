@@ -1,0 +1,86 @@
+"""Shared fixtures: small realistic data built in the test, and the real data when present."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PRECIP_CVAE_SHARED", REPO.parent / "shared"))
+IBERIA = SHARED / "data" / "real" / "eobs_ncep_iberia"
+BOM = SHARED / "data" / "real" / "pysteps_bom_radar"
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (it lives in ../shared beside the repository)")
+    return path
+
+
+@pytest.fixture
+def iberia() -> Path:
+    return require(IBERIA)
+
+
+def make_field_da(
+    values: np.ndarray,
+    times,
+    lat=None,
+    lon=None,
+    name="pr",
+    units="mm/day",
+    dims=("time", "lat", "lon"),
+) -> xr.DataArray:
+    """A (time, lat, lon) DataArray with CF-ish coordinates."""
+    nt, ny, nx = values.shape
+    lat = np.linspace(40, 40 + 0.5 * (ny - 1), ny) if lat is None else lat
+    lon = np.linspace(-5, -5 + 0.5 * (nx - 1), nx) if lon is None else lon
+    da = xr.DataArray(
+        values,
+        dims=dims,
+        coords={dims[0]: times, dims[1]: lat, dims[2]: lon},
+        name=name,
+        attrs={"units": units} if units else {},
+    )
+    return da
+
+
+def write_nc(da_or_ds, path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = da_or_ds.to_dataset() if isinstance(da_or_ds, xr.DataArray) else da_or_ds
+    ds.to_netcdf(path, **kwargs)
+    return path
+
+
+@pytest.fixture
+def small_inputs(tmp_path):
+    """Two yearly target files (kg m-2 s-1, one sea cell) and one predictor file on a coarser grid."""
+    rng = np.random.default_rng(0)
+    times = pd.date_range("2000-01-01", "2001-12-31", freq="D")
+    pr_mm = rng.gamma(0.5, 4.0, size=(len(times), 6, 5)).astype("float32")
+    pr_mm[:, 0, 0] = np.nan  # sea
+    da = make_field_da(pr_mm / 86400.0, times, units="kg m-2 s-1")
+    for year in (2000, 2001):
+        write_nc(da.sel(time=str(year)), tmp_path / "target" / f"pr_{year}.nc")
+    z = make_field_da(rng.normal(5000, 50, size=(len(times), 3, 3)).astype("float32"), times, name="z500",
+                      lat=[40.0, 41.5, 43.0], lon=[-5.0, -3.5, -2.0], units="m")
+    write_nc(z, tmp_path / "pred" / "z500.nc")
+    return tmp_path, pr_mm, times
+
+
+def copy_workflow(dest: Path) -> Path:
+    """Copy the workflow files (not results or data) to ``dest`` to run snakemake there."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "rules", "workflow", "config", "profiles"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, dirs_exist_ok=True)
+        elif src.exists():
+            shutil.copy(src, dest / name)
+    return dest

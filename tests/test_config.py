@@ -1,0 +1,99 @@
+"""The schema and the typed config agree; typos and bad names are errors that list what is valid."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import REPO
+from precip_cvae import config as C
+
+SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+
+def _section(*path):
+    node = SCHEMA["properties"]
+    for i, key in enumerate(path):
+        node = node[key]
+        if "$ref" in node:
+            node = SCHEMA["definitions"][node["$ref"].split("/")[-1]]
+        if i < len(path) - 1:
+            node = node["properties"]
+    return node["properties"]
+
+
+def _defaults(props):
+    return {k: v["default"] for k, v in props.items() if "default" in v and v.get("type") != "object"}
+
+
+@pytest.mark.parametrize(
+    "path, cls, skip",
+    [
+        (("demo",), C.DemoConfig, {"enabled"}),
+        (("preprocess",), C.PreprocessConfig, {"split"}),
+        (("preprocess", "split"), C.SplitConfig, set()),
+        (("events",), C.EventsConfig, set()),
+        (("model",), C.ModelConfig, set()),
+        (("train", "loss"), C.LossConfig, set()),
+    ],
+)
+def test_schema_defaults_equal_dataclass_defaults(path, cls, skip):
+    schema_defaults = {k: v for k, v in _defaults(_section(*path)).items() if k not in skip}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert set(schema_defaults) == set(fields) - skip
+    built = cls.from_dict({})
+    raw = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    for key, value in schema_defaults.items():
+        expected = raw.get(key, getattr(built, key))
+        got = tuple(value) if isinstance(value, list) else value
+        assert got == expected, f"{'.'.join(path)}.{key}: schema {value!r} != dataclass {expected!r}"
+
+
+def test_repository_configs_validate():
+    for path in (REPO / "config").glob("*.yaml"):
+        jsonschema.validate(yaml.safe_load(path.read_text()), SCHEMA)
+
+
+def test_schema_rejects_typos_and_wrong_types():
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["events"]["percentil"] = 95
+    with pytest.raises(jsonschema.ValidationError, match="percentil"):
+        jsonschema.validate(cfg, SCHEMA)
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["events"]["percentile"] = "high"
+    with pytest.raises(jsonschema.ValidationError, match="'high' is not of type 'number'"):
+        jsonschema.validate(cfg, SCHEMA)
+
+
+def test_dataclasses_reject_unknown_keys_and_names():
+    with pytest.raises(C.ConfigError, match=r"unknown key\(s\) \['percentil'\]"):
+        C.EventsConfig.from_dict({"percentil": 95})
+    with pytest.raises(C.ConfigError, match=r"valid names are \['medium', 'seed', 'small', 'tiny'\]"):
+        C.ModelConfig(preset="huge")
+    with pytest.raises(C.ConfigError, match="fractions"):
+        C.SplitConfig(fractions=(0.5, 0.5, 0.5))
+
+
+def test_preset_values_fill_unset_fields_only():
+    m = C.ModelConfig(preset="seed")
+    assert (m.base_filters, m.d_y, m.d_z) == (96, 384, 96)
+    m = C.ModelConfig(preset="small", d_z=7)
+    assert m.d_z == 7 and m.base_filters == 32
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a, b = C.EventsConfig(), C.EventsConfig(percentile=95)
+    assert C.config_hash(a) == C.config_hash(C.EventsConfig()) != C.config_hash(b)
+
+
+def test_code_fingerprint_follows_imports():
+    from precip_cvae.provenance import code_fingerprint, module_closure
+
+    events = module_closure("precip_cvae.events")
+    assert "precip_cvae.io" in events and "precip_cvae.config" in events
+    assert "precip_cvae.preprocess" not in events  # editing preprocess.py must not rerun detect_events
+    assert "precip_cvae.units" in module_closure("precip_cvae.preprocess")
+    assert len(code_fingerprint("precip_cvae.events")) == 16

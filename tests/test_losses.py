@@ -1,0 +1,238 @@
+"""Loss terms against values computed by hand; each past failure has a test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from precip_cvae.config import LossConfig
+from precip_cvae.losses import (
+    MM_CAP,
+    beta_schedule,
+    compute_loss,
+    extreme_mae,
+    kl_divergence,
+    mass_loss,
+    masked_mae,
+    warmup_finished,
+)
+from precip_cvae.model import CVAEOutput
+from precip_cvae.transform import TargetTransform
+
+
+def _t(rows, dtype=torch.float32):
+    """(H, W) nested list -> (1, 1, H, W) tensor."""
+    return torch.tensor(rows, dtype=dtype)[None, None]
+
+
+# ----------------------------------------------------------------------------- masked MAE
+
+
+def test_masked_mae_hand_values():
+    pred = torch.cat([_t([[1.0, 2.0], [3.0, 4.0]]), _t([[0.0, 0.0], [0.0, 0.0]])])
+    target = torch.cat([_t([[1.0, 0.0], [0.0, 100.0]]), _t([[1.0, 1.0], [1.0, 5.0]])])
+    valid = torch.cat(
+        [_t([[True, True], [True, False]], torch.bool), _t([[True, True], [True, True]], torch.bool)]
+    )
+    # sample 0: |0| + |2| + |3| over 3 valid pixels = 5/3 (the 100 is masked out)
+    # sample 1: (1 + 1 + 1 + 5) / 4 = 2
+    assert masked_mae(pred, target, valid).item() == pytest.approx((5 / 3 + 2) / 2)
+
+
+def test_masked_mae_skips_samples_without_valid_pixels_and_ignores_nan_outside():
+    pred = torch.zeros(2, 1, 2, 2, requires_grad=True)
+    target = torch.tensor([[[[2.0, 2.0], [2.0, float("nan")]]], [[[9.0, 9.0], [9.0, 9.0]]]])
+    valid = torch.tensor([[[[True, True], [True, False]]], [[[False, False], [False, False]]]])
+    loss = masked_mae(pred, target, valid)
+    assert loss.item() == pytest.approx(2.0)  # not 1.0: the empty sample is not averaged in
+    loss.backward()
+    assert torch.isfinite(pred.grad).all()
+    assert pred.grad[0, 0, 1, 1].item() == 0.0 and pred.grad[1].abs().sum().item() == 0.0
+
+
+# ----------------------------------------------------------------------------- extreme MAE
+
+
+def test_extreme_gradient_is_not_diluted_by_the_fraction_of_extreme_samples():
+    # 10 samples, only sample 3 has extreme pixels (6 of them)
+    B, H, W, lam = 10, 4, 4, 5.0
+    target = torch.zeros(B, 1, H, W)
+    extreme = torch.zeros(B, 1, H, W, dtype=torch.bool)
+    extreme[3, 0, :2, :3] = True
+    n_ext = int(extreme.sum())
+    target[extreme] = 10.0
+    pred = torch.full((B, 1, H, W), 4.0, requires_grad=True)
+    loss = lam * extreme_mae(pred, target, extreme)
+    assert loss.item() == pytest.approx(lam * 6.0)
+    loss.backward()
+    g = pred.grad[extreme]
+    # d/dpred of lam * mean_i |pred_i - 10| over the sample's 6 extreme pixels = -lam / 6;
+    # the buggy version (times 1/10 samples) gave -lam / 60
+    assert torch.allclose(g, torch.full_like(g, -lam / n_ext))
+    assert pred.grad[~extreme].abs().sum().item() == 0.0
+
+
+def test_extreme_samples_weigh_the_same_whatever_their_pixel_count():
+    H = W = 10
+    target = torch.zeros(2, 1, H, W)
+    extreme = torch.zeros(2, 1, H, W, dtype=torch.bool)
+    extreme[0, 0, 0, 0] = True  # 1 extreme pixel
+    extreme[1] = True  # 100 extreme pixels
+    target[extreme] = 20.0
+    pred = target.clone()
+    pred[extreme] += 1.0
+    assert extreme_mae(pred, target, extreme).item() == pytest.approx(1.0)
+    pred = target.clone()
+    pred[0][extreme[0]] += 2.0
+    pred[1][extreme[1]] -= 4.0
+    # (2 + 4) / 2 = 3; a pixel-weighted mean would give (2 + 400) / 101 ~ 3.98
+    assert extreme_mae(pred, target, extreme).item() == pytest.approx(3.0)
+
+
+def test_extreme_mae_without_extreme_pixels_is_zero_with_finite_gradient():
+    pred = torch.rand(4, 1, 3, 3, requires_grad=True)
+    target = torch.rand(4, 1, 3, 3)
+    extreme = torch.zeros(4, 1, 3, 3, dtype=torch.bool)
+    loss = extreme_mae(pred, target, extreme)
+    assert loss.item() == 0.0
+    assert loss.requires_grad
+    loss.backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum().item() == 0.0
+
+
+# ----------------------------------------------------------------------------- KL
+
+
+def test_kl_of_identical_gaussians_is_zero():
+    mu = torch.randn(5, 7)
+    logvar = torch.randn(5, 7)
+    assert kl_divergence(mu, logvar, mu, logvar).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("d_z", [1, 4])
+def test_kl_of_shifted_unit_gaussian(d_z):
+    # KL(N(1, 1) || N(0, 1)) = 0.5 per dimension, summed over dims, mean over batch
+    mu_q = torch.ones(3, d_z)
+    zeros = torch.zeros(3, d_z)
+    assert kl_divergence(mu_q, zeros, zeros, zeros).item() == pytest.approx(0.5 * d_z)
+
+
+def test_kl_with_different_variances_hand_value():
+    # KL(N(0, e^2) || N(0, 1)) = 0.5 * (0 - 2 + e^2 - 1)
+    mu = torch.zeros(2, 1)
+    kl = kl_divergence(mu, torch.full((2, 1), 2.0), mu, torch.zeros(2, 1))
+    assert kl.item() == pytest.approx(0.5 * (math.exp(2.0) - 3.0), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- mass
+
+
+def test_mass_loss_zero_when_totals_match():
+    target = _t([[0.0, 4.0], [2.0, 2.0]])
+    pred = _t([[2.0, 2.0], [2.0, 2.0]])  # different field, same area mean (2 mm/day)
+    valid = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    assert mass_loss(pred, target, valid).item() == pytest.approx(0.0)
+
+
+def test_mass_loss_hand_values():
+    valid = torch.tensor([[[[True, True], [True, False]]], [[[True, True], [True, True]]]])
+    target = torch.tensor([[[[1.0, 2.0], [3.0, 50.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    pred = torch.tensor([[[[3.0, 3.0], [3.0, 0.0]]], [[[0.1, 0.1], [0.1, 0.1]]]])
+    # sample 0: mean_true = 2 (the 50 is invalid), mean_pred = 3 -> |3 - 2| / 2 = 0.5
+    # sample 1: mean_true = 0 -> floor 0.1; mean_pred = 0.1 -> 0.1 / 0.1 = 1
+    assert mass_loss(pred, target, valid).item() == pytest.approx(0.75)
+    coarse = torch.tensor([[[4.0, 0.0]], [[0.0, 0.0]]])  # (B, h, w), domain means 2 and 0
+    # sample 0 adds |3 - 2| / 2 = 0.5, sample 1 adds |0.1 - 0| / 0.1 = 1
+    assert mass_loss(pred, target, valid, coarse_mm=coarse).item() == pytest.approx((1.0 + 2.0) / 2)
+
+
+# ----------------------------------------------------------------------------- beta
+
+
+def test_beta_schedule_warmup_15():
+    beta = 0.03
+    assert beta_schedule(0, beta, 15) == 0.0
+    assert beta_schedule(5, beta, 15) == pytest.approx(beta / 3)
+    assert beta_schedule(15, beta, 15) == pytest.approx(beta)
+    assert beta_schedule(20, beta, 15) == pytest.approx(beta)
+    assert not warmup_finished(14, 15)
+    assert warmup_finished(15, 15) and warmup_finished(20, 15)
+
+
+def test_beta_schedule_without_warmup():
+    assert beta_schedule(0, 0.01, 0) == pytest.approx(0.01)
+    assert beta_schedule(7, 0.01, 0) == pytest.approx(0.01)
+    assert warmup_finished(0, 0)
+
+
+# ----------------------------------------------------------------------------- compute_loss
+
+
+def _fake_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, H, W, d_z = 4, 6, 6, 3
+    x = torch.rand(B, 1, H, W, generator=g) * 2
+    valid = torch.rand(B, 1, H, W, generator=g) > 0.2
+    x = x * valid
+    extreme = (x > 1.6) & valid
+    recon = (torch.rand(B, 1, H, W, generator=g) * 2 * valid).requires_grad_()
+    out = CVAEOutput(
+        recon,
+        torch.randn(B, d_z, generator=g),
+        torch.randn(B, d_z, generator=g) * 0.1,
+        torch.randn(B, d_z, generator=g),
+        torch.zeros(B, d_z),
+    )
+    coarse = torch.rand(B, 2, 3, generator=g) * 5
+    return out, x, valid, extreme, coarse
+
+
+@pytest.mark.parametrize("space", ["transformed", "mm"])
+def test_compute_loss_total_is_the_weighted_sum(space):
+    out, x, valid, extreme, coarse = _fake_batch()
+    cfg = LossConfig(lambda_base=1.5, lambda_ext=5.0, beta_kl=0.3, lambda_mass=0.2, warmup_epochs=15, space=space)
+    tf = TargetTransform("log1p", 0.8)
+    parts = compute_loss(out, x, valid, extreme, cfg, epoch=5, transform=tf, coarse_mm=coarse)
+    assert set(parts) == {"total", "mae_all", "mae_ext", "kl", "mass", "beta"}
+    assert parts["beta"].item() == pytest.approx(0.1)
+    expected = (
+        1.5 * parts["mae_all"] + 5.0 * parts["mae_ext"] + 0.1 * parts["kl"] + 0.2 * parts["mass"]
+    )
+    assert parts["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert all(parts[k].item() > 0 for k in ("mae_all", "mae_ext", "kl", "mass"))
+    # the parts are the documented functions, in the documented spaces
+    if space == "mm":
+        pred, target = tf.inverse(out.recon), tf.inverse(x)
+    else:
+        pred, target = out.recon, x
+    assert parts["mae_all"].item() == pytest.approx(masked_mae(pred, target, valid).item(), rel=1e-6)
+    assert parts["mae_ext"].item() == pytest.approx(extreme_mae(pred, target, extreme).item(), rel=1e-6)
+    mass = mass_loss(tf.inverse(out.recon), tf.inverse(x), valid, coarse)
+    assert parts["mass"].item() == pytest.approx(mass.item(), rel=1e-6)
+    parts["total"].backward()
+    assert torch.isfinite(out.recon.grad).all()
+
+
+def test_compute_loss_spaces_differ_and_mass_is_in_mm():
+    out, x, valid, extreme, _ = _fake_batch(1)
+    tf = TargetTransform("log1p", 1.0)
+    a = compute_loss(out, x, valid, extreme, LossConfig(space="transformed"), 20, tf)
+    b = compute_loss(out, x, valid, extreme, LossConfig(space="mm"), 20, tf)
+    assert a["mae_all"].item() != pytest.approx(b["mae_all"].item(), rel=1e-3)
+    assert a["mass"].item() == pytest.approx(b["mass"].item())
+    assert a["beta"].item() == pytest.approx(0.01)
+
+
+def test_compute_loss_stays_finite_for_a_huge_untrained_output():
+    out, x, valid, extreme, _ = _fake_batch(2)
+    recon = torch.full_like(out.recon, 500.0).requires_grad_()  # expm1(500) overflows float32
+    out = out._replace(recon=recon)
+    tf = TargetTransform("log1p", 1.0)
+    parts = compute_loss(out, x, valid, extreme, LossConfig(space="mm"), 20, tf)
+    assert all(torch.isfinite(v) for v in parts.values())
+    assert parts["mae_all"].item() == pytest.approx(MM_CAP, rel=1e-3)
+    parts["total"].backward()
+    g = recon.grad[valid]
+    assert torch.isfinite(g).all() and (g > 0).all()  # still pushed down

@@ -1,0 +1,215 @@
+"""Shapes, constraints and trainability of the cVAE."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from precip_cvae.config import MODEL_PRESETS, ModelConfig
+from precip_cvae.losses import kl_divergence, masked_mae
+from precip_cvae.model import (
+    CVAE,
+    LOGVAR_MAX,
+    LOGVAR_MIN,
+    CVAEOutput,
+    count_parameters,
+    parameter_count,
+    relu_leaky_grad,
+)
+
+
+def _batch(B, C, fine, coarse, seed=0, sea=True):
+    g = torch.Generator().manual_seed(seed)
+    H, W = fine
+    y = torch.randn(B, C, *coarse, generator=g)
+    valid = torch.ones(B, 1, H, W, dtype=torch.bool)
+    if sea:
+        valid[:, :, :, : W // 4] = False  # a strip of sea on the west
+    x = torch.relu(torch.randn(B, 1, H, W, generator=g)) * valid
+    return x, y, valid
+
+
+# (preset, fine grid, coarse grid): small grids, each a multiple of 2**depth
+PRESET_GRIDS = [
+    ("tiny", (16, 16), (4, 4)),
+    ("small", (16, 24), (5, 7)),
+    ("medium", (16, 16), (6, 8)),
+    ("seed", (16, 16), (4, 4)),
+]
+
+
+@pytest.mark.parametrize("preset,fine,coarse", PRESET_GRIDS)
+def test_forward_shapes_every_preset(preset, fine, coarse):
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset=preset)
+    model = CVAE(cfg, 3, fine, coarse)
+    x, y, valid = _batch(2, 3, fine, coarse)
+    out = model(x, y, valid)
+    assert isinstance(out, CVAEOutput)
+    assert out.recon.shape == (2, 1, *fine)
+    for t in (out.mu_q, out.logvar_q, out.mu_p, out.logvar_p):
+        assert t.shape == (2, cfg.d_z)
+        assert torch.isfinite(t).all()
+    with torch.no_grad():
+        s = model.eval().sample(y, valid, n_samples=3)
+    assert s.shape == (3, 2, 1, *fine)
+    assert model.reconstruct(x, y, valid).shape == (2, 1, *fine)
+
+
+def test_parameter_counts_on_meta():
+    args = (3, (64, 64), (16, 16))
+    counts = {p: parameter_count(ModelConfig(preset=p), *args) for p in MODEL_PRESETS}
+    assert counts["small"] <= 10_000_000
+    assert counts["tiny"] < counts["small"] < counts["medium"] < counts["seed"]
+    assert counts["seed"] > 10 * counts["small"]
+    # the meta count is the count of a real model
+    real = CVAE(ModelConfig(preset="small"), *args)
+    assert count_parameters(real) == counts["small"]
+    assert all(p.device.type == "cpu" for p in real.parameters())
+
+
+def test_output_non_negative_and_zero_on_invalid_pixels():
+    torch.manual_seed(1)
+    model = CVAE(ModelConfig(preset="tiny"), 2, (16, 16), (4, 4))
+    x, y, valid = _batch(4, 2, (16, 16), (4, 4), seed=1)
+    # push the head's pre-activation negative on a part of the grid to get exact zeros
+    with torch.no_grad():
+        model.dec_head.bias.fill_(-0.05)
+    out = model(x, y, valid)
+    assert (out.recon >= 0).all()
+    assert (out.recon[~valid] == 0).all()
+    assert (out.recon[valid] == 0).any() and (out.recon[valid] > 0).any()
+    with torch.no_grad():
+        s = model.eval().sample(y, valid, n_samples=2)
+    assert (s >= 0).all() and (s[:, ~valid] == 0).all()
+
+
+def test_output_relu_lets_gradient_through_at_zero():
+    a = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+    out = relu_leaky_grad(a, 0.1)
+    assert out.tolist() == [0.0, 0.0, 2.0]  # exact zeros forward
+    out.sum().backward()
+    assert a.grad.tolist() == pytest.approx([0.1, 0.1, 1.0])  # no dead pixels backward
+
+
+def test_sample_is_deterministic_given_the_generator():
+    torch.manual_seed(2)
+    model = CVAE(ModelConfig(preset="tiny"), 3, (16, 16), (4, 4)).eval()
+    _, y, valid = _batch(2, 3, (16, 16), (4, 4), seed=2)
+    with torch.no_grad():
+        a = model.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(7))
+        b = model.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(7))
+        c = model.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(8))
+        tame = model.sample(y, valid, n_samples=2, z_scale=0.0, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert not torch.allclose(a[0], a[1])  # samples of one call differ
+    assert torch.allclose(tame[0], tame[1])  # z_scale = 0: the prior mean, twice
+
+
+def test_standard_prior_is_zero():
+    model = CVAE(ModelConfig(preset="tiny", prior="standard"), 3, (16, 16), (4, 4))
+    x, y, valid = _batch(3, 3, (16, 16), (4, 4))
+    out = model(x, y, valid)
+    assert torch.equal(out.mu_p, torch.zeros(3, 8))
+    assert torch.equal(out.logvar_p, torch.zeros(3, 8))
+    learned = CVAE(ModelConfig(preset="tiny"), 3, (16, 16), (4, 4))
+    assert count_parameters(learned) > count_parameters(model)
+    assert not torch.equal(learned(x, y, valid).mu_p, torch.zeros(3, 8))
+
+
+@pytest.mark.parametrize("fine", [(20, 16), (16, 12), (4, 4), (0, 16)])
+def test_indivisible_or_too_small_grid_raises(fine):
+    # small preset: depth 3 -> multiple of 8
+    with pytest.raises(ValueError, match=r"multiples of 2\*\*depth = 8") as err:
+        CVAE(ModelConfig(preset="small"), 3, fine, (4, 4))
+    assert str(fine) in str(err.value) and "depth 3" in str(err.value)
+
+
+def test_wrong_input_shapes_raise():
+    model = CVAE(ModelConfig(preset="tiny"), 3, (16, 16), (4, 4))
+    x, y, valid = _batch(2, 3, (16, 16), (4, 4))
+    with pytest.raises(ValueError, match="y must be"):
+        model(x, y[:, :2], valid)
+    with pytest.raises(ValueError, match="x must be"):
+        model(x[..., :8], y, valid)
+
+
+@pytest.mark.parametrize("coarse", [(5, 7), (6, 8), (1, 1), (40, 3)])
+def test_arbitrary_coarse_shapes(coarse):
+    torch.manual_seed(3)
+    model = CVAE(ModelConfig(preset="tiny"), 4, (16, 32), coarse)
+    x, y, valid = _batch(2, 4, (16, 32), coarse, seed=3)
+    out = model(x, y, valid)
+    assert out.recon.shape == (2, 1, 16, 32)
+    out.recon.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_logvar_is_clamped():
+    torch.manual_seed(4)
+    model = CVAE(ModelConfig(preset="tiny"), 3, (16, 16), (4, 4))
+    with torch.no_grad():
+        model.enc_head.bias[model.d_z :].fill_(1e3)
+        model.prior_net[-1].bias[model.d_z :].fill_(-1e3)
+    out = model(*_batch(2, 3, (16, 16), (4, 4)))
+    assert torch.all(out.logvar_q == LOGVAR_MAX) and torch.all(out.logvar_p == LOGVAR_MIN)
+
+
+def test_dropout_only_in_train_mode():
+    torch.manual_seed(5)
+    model = CVAE(ModelConfig(preset="tiny", dropout_encoder=0.5, dropout_decoder=0.5), 3, (16, 16), (4, 4))
+    x, y, valid = _batch(2, 3, (16, 16), (4, 4))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.reconstruct(x, y, valid), model.reconstruct(x, y, valid))
+        model.train()
+        assert not torch.equal(model.reconstruct(x, y, valid), model.reconstruct(x, y, valid))
+
+
+def test_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="tiny", dropout_encoder=0.0, dropout_decoder=0.0)
+    model = CVAE(cfg, 3, (16, 16), (4, 4))
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(8, 3, 4, 4, generator=g)
+    valid = torch.ones(8, 1, 16, 16, dtype=torch.bool)
+    valid[:, :, :3, :5] = False
+    # blobby fields with dry areas: a smoothed noise field, shifted down and cut at 0
+    noise = torch.randn(8, 1, 16, 16, generator=g)
+    smooth = torch.nn.functional.avg_pool2d(noise, 5, stride=1, padding=2, count_include_pad=False)
+    x = torch.relu(3 * smooth + 0.3) * valid
+
+    def recon_mae():
+        model.eval()
+        with torch.no_grad():
+            mae = masked_mae(model.reconstruct(x, y, valid), x, valid).item()
+        model.train()
+        return mae
+
+    before = recon_mae()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        out = model(x, y, valid)
+        loss = masked_mae(out.recon, x, valid) + 1e-3 * kl_divergence(*out[1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = recon_mae()
+    assert after < before / 5, (before, after)
+
+
+def test_small_preset_train_step_is_fast():
+    """One batch-32 forward + backward of `small` at 64x64 (generous bound for shared CI)."""
+    torch.manual_seed(0)
+    model = CVAE(ModelConfig(preset="small"), 3, (64, 64), (16, 16))
+    x, y, valid = _batch(32, 3, (64, 64), (16, 16))
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = model(x, y, valid)
+        masked_mae(out.recon, x, valid).backward()
+        best = min(best, time.perf_counter() - t0)
+    assert best < 1.5, best

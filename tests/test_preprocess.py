@@ -1,0 +1,271 @@
+"""Unit and stage tests of precip_cvae.preprocess (and the reading half of precip_cvae.io)."""
+
+from __future__ import annotations
+
+import logging
+
+import cftime
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from conftest import make_field_da, write_nc
+from precip_cvae import io, preprocess
+from precip_cvae.config import DataConfig, PreprocessConfig, SplitConfig, VariableSource
+from precip_cvae.io import InputError
+from precip_cvae.transform import TargetTransform
+
+
+def _data_cfg(root, target_units=None):
+    return DataConfig(
+        target=VariableSource(paths=str(root / "target" / "*.nc"), variable="pr", units=target_units),
+        predictors=(VariableSource(paths=str(root / "pred" / "*.nc"), variable="z500"),),
+    )
+
+
+def test_stage_writes_a_zarr_that_reopens_with_the_contract(small_inputs):
+    root, pr_mm, times = small_inputs
+    cfg = PreprocessConfig(grid_multiple=4, chunk_time=100)
+    out = root / "dataset.zarr"
+    preprocess.run(_data_cfg(root), cfg, str(out))
+    ds = xr.open_zarr(out)
+    # padded 6x5 -> 8x8, original grid recoverable
+    assert (ds.sizes["lat"], ds.sizes["lon"]) == (8, 8)
+    assert ds.attrs["pad_lat"] == [1, 1] and ds.attrs["pad_lon"] == [1, 2]
+    back = preprocess.crop_to_original(ds["pr"], ds.attrs)
+    assert back.shape == (len(times), 6, 5)
+    # kg m-2 s-1 -> mm/day: the values come back as written
+    np.testing.assert_allclose(back.values[:, 1:, 1:], pr_mm[:, 1:, 1:], rtol=1e-5)
+    assert ds["pr"].attrs["units"] == "mm day-1"
+    # sea cell and padding are masked and NaN
+    mask = preprocess.crop_to_original(ds["mask"], ds.attrs).values
+    assert mask[0, 0] == 0 and mask.sum() == 6 * 5 - 1
+    assert int(ds["mask"].sum()) == 29
+    assert np.isnan(back.values[:, 0, 0]).all()
+    # split: contiguous blocks in time order
+    split = ds["split"].values.astype(str)
+    n = len(times)
+    assert (split[: round(0.7 * n)] == "train").all() and (split[-round(0.15 * n):] == "test").all()
+    # condition: one channel, normalised with train statistics
+    cond = ds["condition"]
+    assert cond.dims == ("time", "channel", "clat", "clon") and list(ds["channel"].values) == ["z500"]
+    train = cond.isel(time=np.flatnonzero(split == "train")).values
+    assert abs(train.mean()) < 1e-4 and abs(train.std() - 1) < 1e-3
+    # chunked along time
+    assert ds["pr"].encoding["chunks"][0] == 100
+
+
+def test_opening_is_lazy(small_inputs):
+    root, _, _ = small_inputs
+    computed = []
+
+    class Spy(dask.callbacks.Callback):
+        def _start(self, dsk):
+            computed.append(len(dsk))
+
+    with Spy():
+        da = io.open_variable(VariableSource(paths=str(root / "target" / "*.nc"), variable="pr"))
+        da = preprocess.standardise_coords(da, "target")
+        pr = preprocess.convert_target_units(da, 0.01)
+    assert computed == [], "reading and converting must not compute anything"
+    assert isinstance(pr.data, dask.array.Array)
+
+
+def test_normalisation_sees_no_val_or_test_day(small_inputs):
+    """Changing every val/test value must not change any train statistic."""
+    root, _, times = small_inputs
+    cfg = PreprocessConfig(grid_multiple=1)
+    target = io.open_variable(_data_cfg(root).target)
+    pred = io.open_variable(_data_cfg(root).predictors[0])
+    a = preprocess.build_dataset(target, [pred], cfg)
+    split = a["split"].values
+    held_out = xr.DataArray(split != "train", dims="time", coords={"time": a["time"]})
+    target2 = target.where(~held_out.reindex_like(target, fill_value=False), target * 50)
+    pred2 = pred.where(~held_out.reindex_like(pred, fill_value=False), pred + 1000)
+    b = preprocess.build_dataset(target2, [pred2], cfg)
+    np.testing.assert_allclose(a["cond_mean"].values, b["cond_mean"].values)
+    np.testing.assert_allclose(a["cond_std"].values, b["cond_std"].values)
+    assert a.attrs["target_transform_scale"] == b.attrs["target_transform_scale"]
+    tr = np.flatnonzero(split == "train")
+    np.testing.assert_allclose(a["condition"].values[tr], b["condition"].values[tr], rtol=1e-6)
+
+
+def test_transform_scale_is_std_of_log1p_on_train():
+    times = pd.date_range("2000-01-01", periods=10)
+    pr = make_field_da(np.arange(10 * 4, dtype="float32").reshape(10, 2, 2), times)
+    train = np.array([True] * 6 + [False] * 4)
+    t = preprocess.fit_target_transform(pr, train, "log1p")
+    assert t.scale == pytest.approx(np.log1p(np.arange(24.0)).std())
+    x = t.forward(np.array([0.0, 10.0]))
+    np.testing.assert_allclose(t.inverse(x), [0.0, 10.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("calendar", ["noleap", "360_day"])
+def test_non_standard_calendars(tmp_path, calendar):
+    n_days = 365 * 3 if calendar == "noleap" else 360 * 3
+    times = xr.date_range("2001-01-01", periods=n_days, freq="D", calendar=calendar, use_cftime=True)
+    rng = np.random.default_rng(1)
+    pr = make_field_da(rng.gamma(0.5, 3, (n_days, 4, 4)).astype("float32"), times)
+    z = make_field_da(rng.normal(size=(n_days, 2, 2)).astype("float32"), times, name="z", units="1",
+                      lat=[40.0, 41.5], lon=[-5.0, -3.5])
+    write_nc(pr, tmp_path / "t" / "pr.nc")
+    write_nc(z, tmp_path / "p" / "z.nc")
+    data = DataConfig(target=VariableSource(str(tmp_path / "t" / "*.nc"), "pr"),
+                      predictors=(VariableSource(str(tmp_path / "p" / "*.nc"), "z"),))
+    cfg = PreprocessConfig(grid_multiple=1, split=SplitConfig(method="years", train_years=(2001,),
+                                                              val_years=(2002,), test_years=(2003,)))
+    target = io.open_variable(data.target)
+    assert preprocess.calendar_of(target) == calendar
+    assert preprocess.time_step_seconds(target) == 86400.0
+    ds = preprocess.build_dataset(target, [io.open_variable(data.predictors[0])], cfg)
+    per_year = n_days // 3
+    assert ds.attrs["calendar"] == calendar
+    assert (ds.attrs["n_train"], ds.attrs["n_val"], ds.attrs["n_test"]) == (per_year, per_year, per_year)
+    io.write_zarr(ds, tmp_path / "d.zarr")
+    back = xr.open_zarr(tmp_path / "d.zarr", decode_times=xr.coders.CFDatetimeCoder(use_cftime=True))
+    assert back.indexes["time"].calendar == calendar
+
+
+def test_mixed_calendars_are_refused():
+    t1 = pd.date_range("2001-01-01", periods=60)
+    t2 = xr.date_range("2001-01-01", periods=60, calendar="360_day", use_cftime=True)
+    a = make_field_da(np.ones((60, 2, 2), "float32"), t1)
+    b = make_field_da(np.ones((60, 2, 2), "float32"), t2, name="z")
+    with pytest.raises(InputError, match="360_day"):
+        preprocess.align_time(a, [b], 10)
+
+
+def test_split_by_djf_years_and_dates():
+    times = pd.date_range("1999-12-01", "2002-02-28", freq="D")
+    times = times[times.month.isin([12, 1, 2])]
+    cfg = SplitConfig(method="years", season_year="djf", train_years=(2000,), val_years=(2001,), test_years=(2002,))
+    labels = preprocess.split_labels(times, cfg)
+    # December 1999 belongs to winter 2000
+    assert labels[0] == "train" and labels[list(times).index(pd.Timestamp("2000-12-01"))] == "val"
+    assert (labels == "train").sum() == 31 + 31 + 29
+    cfg = SplitConfig(method="dates", train_dates=("1999-12-01", "2000-12-31"), val_dates=("2001-01-01", "2001-12-31"),
+                      test_dates=("2002-01-01", "2002-12-31"))
+    labels = preprocess.split_labels(times, cfg)
+    assert (labels == "test").sum() == 31 + 28
+
+
+def test_split_with_an_empty_part_is_an_error():
+    times = pd.date_range("2000-01-01", periods=100)
+    cfg = SplitConfig(method="years", train_years=(2000,), val_years=(2001,), test_years=(2002,))
+    with pytest.raises(InputError, match=r"no days in \['val', 'test'\]"):
+        preprocess.split_labels(times, cfg)
+
+
+def test_descending_latitude_is_flipped_and_unsorted_time_sorted(caplog):
+    times = pd.date_range("2000-01-01", periods=5)
+    vals = np.arange(5 * 3 * 2, dtype="float32").reshape(5, 3, 2)
+    da = make_field_da(vals, times, lat=[42.0, 41.0, 40.0])
+    shuffled = da.isel(time=[3, 0, 4, 1, 2])
+    with caplog.at_level(logging.INFO):
+        out = preprocess.standardise_coords(shuffled, "target")
+    assert list(out["lat"].values) == [40.0, 41.0, 42.0]
+    np.testing.assert_array_equal(out.values, vals[:, ::-1, :])
+    assert "not sorted" in caplog.text and "descending" in caplog.text
+
+
+def test_projected_grid_dims_are_renamed():
+    times = pd.date_range("2000-01-01", periods=3)
+    da = make_field_da(np.zeros((3, 4, 5), "float32"), times, dims=("time", "y", "x"),
+                       lat=np.arange(4.0), lon=np.arange(5.0))
+    out = preprocess.standardise_coords(da, "target")
+    assert out.dims == ("time", "lat", "lon") and out["lat"].attrs["original_name"] == "y"
+
+
+def test_duplicate_times_and_bad_coordinates_are_errors():
+    times = pd.DatetimeIndex(["2000-01-01", "2000-01-02", "2000-01-02"])
+    da = make_field_da(np.zeros((3, 2, 2), "float32"), times)
+    with pytest.raises(InputError, match="duplicate time stamps"):
+        preprocess.standardise_coords(da, "target")
+    times = pd.date_range("2000-01-01", periods=3)
+    da = make_field_da(np.zeros((3, 3, 2), "float32"), times, lat=[40.0, 42.0, 41.0])
+    with pytest.raises(InputError, match="'lat' is not monotonic"):
+        preprocess.standardise_coords(da, "target")
+    da = make_field_da(np.zeros((3, 3, 2), "float32"), times, dims=("time", "row", "col"))
+    with pytest.raises(InputError, match="no lat dimension"):
+        preprocess.standardise_coords(da, "target")
+
+
+def test_time_overlap_too_small():
+    a = make_field_da(np.ones((40, 2, 2), "float32"), pd.date_range("2000-01-01", periods=40))
+    b = make_field_da(np.ones((40, 2, 2), "float32"), pd.date_range("2000-01-31", periods=40), name="z")
+    with pytest.raises(InputError, match="share 10 time stamps; expected at least 30"):
+        preprocess.align_time(a, [b], 30)
+    t, (p,) = preprocess.align_time(a, [b], 5)
+    assert t.sizes["time"] == 10 and p.sizes["time"] == 10
+
+
+def test_negative_precipitation_beyond_tolerance(small_inputs):
+    times = pd.date_range("2000-01-01", periods=4)
+    vals = np.ones((4, 2, 2), "float32")
+    vals[0, 0, 0] = -0.005  # within tolerance -> 0
+    pr = preprocess.convert_target_units(make_field_da(vals, times), 0.01)
+    assert float(pr.values[0, 0, 0]) == 0.0
+    vals[1, 1, 1] = -3.0
+    pr = preprocess.convert_target_units(make_field_da(vals, times), 0.01)
+    mask = xr.ones_like(pr.isel(time=0), dtype="int8")
+    with pytest.raises(InputError, match=r"1 negative precipitation values \(minimum -3"):
+        preprocess.check_target_values(pr, mask, PreprocessConfig(), "target.nc")
+
+
+def test_missing_values_mask_and_policy():
+    times = pd.date_range("2000-01-01", periods=10)
+    vals = np.ones((10, 2, 3), "float32")
+    vals[:8, 0, 0] = np.nan  # missing on 80 % of days -> masked
+    vals[2, 1, 1] = np.nan  # sporadic
+    pr = make_field_da(vals, times)
+    mask = preprocess.missing_mask(pr, 0.5)
+    assert mask.values.tolist() == [[0, 1, 1], [1, 1, 1]]
+    counts = preprocess.check_target_values(pr, mask, PreprocessConfig(missing_policy="mask"), "t.nc")
+    assert counts["sporadic_missing"] == 1 and counts["masked_cells"] == 1
+    with pytest.raises(InputError, match="1 missing values in cells that are not part of the fixed mask"):
+        preprocess.check_target_values(pr, mask, PreprocessConfig(missing_policy="refuse"), "t.nc")
+
+
+def test_units_are_checked_with_file_and_variable_named(small_inputs):
+    root, _, _ = small_inputs
+    with pytest.raises(InputError, match=r"pr_2000.nc.*'pr'.*'K' not convertible to mm/day"):
+        preprocess.run(_data_cfg(root, target_units="K"), PreprocessConfig(), str(root / "x.zarr"))
+    assert not (root / "x.zarr").exists()
+
+
+def test_bad_inputs_name_file_and_variable(small_inputs):
+    root, _, _ = small_inputs
+    with pytest.raises(InputError, match=r"no file matches .*nothing"):
+        io.open_variable(VariableSource(paths=str(root / "nothing" / "*.nc"), variable="pr"))
+    with pytest.raises(InputError, match=r"variable 'precip' not found; the files hold \['pr'\]"):
+        io.open_variable(VariableSource(paths=str(root / "target" / "*.nc"), variable="precip"))
+    bad = root / "target" / "pr_2002.nc"
+    bad.write_bytes(b"CDF\x01 truncated")
+    with pytest.raises(InputError, match=r"pr_2002.nc: cannot be read as NetCDF"):
+        io.open_variable(VariableSource(paths=str(root / "target" / "*.nc"), variable="pr"))
+
+
+def test_regrid_and_block_mean_by_hand():
+    times = pd.date_range("2000-01-01", periods=1)
+    da = make_field_da(np.array([[[0.0, 2.0], [4.0, 6.0]]]), times, lat=[0.0, 1.0], lon=[0.0, 1.0])
+    out = preprocess.regrid(da, xr.DataArray([0.5, 2.0]), xr.DataArray([0.5]))
+    # bilinear at the centre = 3; beyond the hull: nearest-value fill along lat (row lat=1: 4..6 -> 5)
+    np.testing.assert_allclose(out.values[0, :, 0], [3.0, 5.0])
+    bm = preprocess.block_mean(make_field_da(np.arange(16.0).reshape(1, 4, 4), times), 2)
+    np.testing.assert_allclose(bm.values[0], [[2.5, 4.5], [10.5, 12.5]])
+
+
+def test_pad_amount():
+    assert preprocess.pad_amount(19, 8) == (2, 3)
+    assert preprocess.pad_amount(64, 8) == (0, 0)
+    assert preprocess.pad_amount(29, 8) == (1, 2)
+
+
+def test_target_transform_roundtrip_torch():
+    torch = pytest.importorskip("torch")
+    t = TargetTransform("sqrt", 2.0)
+    x = t.forward(torch.tensor([0.0, 4.0, 16.0]))
+    torch.testing.assert_close(x, torch.tensor([0.0, 1.0, 2.0]))
+    torch.testing.assert_close(t.inverse(torch.tensor([-1.0, 1.0])), torch.tensor([0.0, 4.0]))

@@ -1,0 +1,46 @@
+"""preprocess + detect_events on the real E-OBS/NCEP Iberia files (skipped when ../shared is absent)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from precip_cvae import events, preprocess
+from precip_cvae.config import DataConfig, EventsConfig, PreprocessConfig, SplitConfig, VariableSource
+
+pytestmark = pytest.mark.realdata
+
+
+def test_iberia_preprocess_and_events(iberia, tmp_path, capsys):
+    data = DataConfig(
+        target=VariableSource(str(iberia / "eobs_rr_*.nc"), "rr"),
+        predictors=(
+            *(VariableSource(str(iberia / "ncep_predictors_*.nc"), v) for v in ("psl", "hus850", "ta850")),
+            VariableSource(str(iberia / "ncep_surface_*.nc"), "pr", precipitation=True),
+        ),
+    )
+    split = SplitConfig(method="years", season_year="djf", train_years=tuple(range(1983, 1997)),
+                        val_years=(1997, 1998, 1999), test_years=(2000, 2001, 2002))
+    preprocess.run(data, PreprocessConfig(split=split), str(tmp_path / "d.zarr"))
+    ds = xr.open_zarr(tmp_path / "d.zarr")
+    raw = xr.open_dataset(next(iberia.glob("eobs_rr_*.nc")))["rr"]
+    # NaN sea stays out, units stay mm/day, values come through unchanged on the original grid
+    crop = preprocess.crop_to_original(ds["pr"], ds.attrs)
+    assert crop.shape == raw.shape == (1805, 19, 29)
+    assert float(crop.mean()) == pytest.approx(float(raw.mean()), rel=1e-4)
+    mask = preprocess.crop_to_original(ds["mask"], ds.attrs).values.astype(bool)
+    always_valid = raw.notnull().all("time").values
+    assert mask[always_valid].all() and not mask[raw.isnull().all("time").values].any()
+    # the NCEP pr channel arrived in mm/day (kg m-2 s-1 * 86400): mean of a few mm/day
+    assert 0.5 < float(ds["coarse_pr"].mean()) < 5.0
+    # DJF days: 14 train winters x 90 + 4 leap Februaries (1984/88/92/96); 3 x 90; 3 x 90 + 1 (2000)
+    assert (ds.attrs["n_train"], ds.attrs["n_val"], ds.attrs["n_test"]) == (1264, 270, 271)
+
+    table = events.run(str(tmp_path / "d.zarr"), EventsConfig(), str(tmp_path / "t.nc"), str(tmp_path / "e.csv"))
+    n, m = int(table["is_event"].sum()), len(table)
+    with capsys.disabled():
+        print(f"\nIberia: {n} heavy days of {m} ({100 * n / m:.1f} %); " + "; ".join(events.summarise(table)[:3]))
+    assert 0.01 <= n / m <= 0.03
+    thr = xr.open_dataset(tmp_path / "t.nc")["threshold"]
+    assert np.isnan(thr.values[~ds["mask"].values.astype(bool)]).all()

@@ -1,0 +1,94 @@
+"""The whole workflow on the tiny config, run by snakemake in a temporary directory."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import xarray as xr
+
+from conftest import copy_workflow
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Parse the 'Job stats' table of a dry run into {rule: count}."""
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1].split("Reasons:")[0] if "Reasons:" in text else text.split("Job stats:")[1]
+    jobs = {}
+    for line in table.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) != "total":
+            jobs[m.group(1)] = int(m.group(2))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = copy_workflow(tmp_path_factory.mktemp("wf"))
+    snakemake(work, "--configfile", "config/tiny.yaml")
+    return work
+
+
+def test_tiny_workflow_writes_every_stage(tiny_run):
+    res = tiny_run / "results" / "tiny"
+    ds = xr.open_zarr(res / "preprocess" / "dataset.zarr")
+    assert ds.sizes["lat"] == 32 and list(ds["channel"].values) == ["psl", "hus850", "pr_block4"]
+    assert (res / "events" / "events.csv").stat().st_size > 0
+    assert (res / "events" / "thresholds.nc").exists()
+    for name in ("preprocess", "detect_events"):
+        log = (res / "logs" / f"{name}.log").read_text()
+        assert f"stage {name} finished" in log
+    assert (res / "benchmarks" / "preprocess.tsv").exists()
+    assert "heavy days of" in (res / "logs" / "detect_events.log").read_text()
+
+
+def test_second_dry_run_does_nothing(tiny_run):
+    proc = snakemake(tiny_run, "-n", "--configfile", "config/tiny.yaml")
+    assert planned_jobs(proc) == {}, proc.stdout
+
+
+def test_events_change_reruns_only_detect_events(tiny_run):
+    text = (tiny_run / "config" / "tiny.yaml").read_text()
+    changed = tiny_run / "config" / "tiny_p95.yaml"
+    changed.write_text(re.sub(r"percentile: 99.0", "percentile: 95.0", text))
+    proc = snakemake(tiny_run, "-n", "--configfile", str(changed))
+    assert planned_jobs(proc) == {"detect_events": 1, "all": 1}
+
+
+def test_preprocess_change_reruns_preprocess_and_what_follows(tiny_run):
+    text = (tiny_run / "config" / "tiny.yaml").read_text()
+    changed = tiny_run / "config" / "tiny_chunks.yaml"
+    changed.write_text(text.replace("chunk_time: 64", "chunk_time: 32"))
+    jobs = planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(changed)))
+    assert jobs.get("preprocess") == 1 and jobs.get("detect_events") == 1 and "make_demo_data" not in jobs
+
+
+def test_schema_rejects_a_typo_at_dry_run(tiny_run):
+    bad = tiny_run / "config" / "typo.yaml"
+    bad.write_text((tiny_run / "config" / "tiny.yaml").read_text() + "\nevnets: {percentile: 95}\n")
+    proc = snakemake(tiny_run, "-n", "--configfile", str(bad), check=False)
+    assert proc.returncode != 0
+    assert "evnets" in proc.stdout + proc.stderr
+
+
+def test_lint_reports_only_environment_advice(tiny_run):
+    proc = snakemake(tiny_run, "--lint", "--configfile", "config/tiny.yaml", check=False)
+    text = proc.stdout + proc.stderr
+    lints = re.findall(r"^\s+\* (.+?):?$", text, flags=re.M)
+    assert lints, text
+    assert set(lints) == {"Specify a conda environment or container for each rule."}, text
