@@ -16,6 +16,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/preprocess.smk"
 include: "rules/events.smk"
+include: "rules/train.smk"
 
 
 rule all:
@@ -25,4 +26,5 @@ rule all:
             run=RUN,
             path=["preprocess/dataset.zarr", "events/thresholds.nc", "events/events.csv"],
         ),
+        all_experiment_outputs("train", "best.pt"),
     default_target: True

@@ -4,6 +4,7 @@ import glob
 import os
 import re
 
+from precip_cvae.config import experiment_sections
 from precip_cvae.provenance import code_fingerprint
 
 RUN = config["run"]
@@ -38,3 +39,38 @@ def raw_inputs(wildcards):
 def stage_code(module):
     """Fingerprint of a package module and everything it imports (rerun trigger)."""
     return code_fingerprint(f"precip_cvae.{module}")
+
+
+EXPERIMENTS = list((config.get("experiments") or {"default": {}}).keys())
+
+
+wildcard_constraints:
+    experiment="|".join(re.escape(e) for e in EXPERIMENTS),
+
+
+def exp_dir(*parts):
+    """results/<run>/experiments/<experiment>/<parts...>"""
+    return run_dir("experiments", "{experiment}", *parts)
+
+
+def experiment_model(wildcards):
+    """The model section of an experiment (run's model section + its overrides)."""
+    return experiment_sections(config, wildcards.experiment)[0]
+
+
+def experiment_train(wildcards):
+    """The train section of an experiment (run's train section + its overrides)."""
+    return experiment_sections(config, wildcards.experiment)[1]
+
+
+def experiment_gpus(wildcards):
+    return int(experiment_train(wildcards).get("gpus", 1))
+
+
+def train_resume_dir(wildcards):
+    """Resume state of train_cvae: not a declared output, so it survives a failed job."""
+    return os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train_resume")
+
+
+def all_experiment_outputs(*parts):
+    return expand(os.path.join("results", RUN, "experiments", "{experiment}", *parts), experiment=EXPERIMENTS)

@@ -301,3 +301,74 @@ class LossConfig:
     @classmethod
     def from_dict(cls, data, where="train.loss"):
         return _build(cls, data, where)
+
+
+# ----------------------------------------------------------------------------- train
+
+EARLY_STOPPING_METRICS = ("MAE_all", "MAE_tail", "L_rec", "CRPS", "twCRPS")
+SCHEDULERS = ("none", "cosine", "plateau")
+AUGMENTATION_NAMES = ("flip", "rot90", "noise", "mixup")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, validation, early stopping, sampling and augmentation."""
+
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    scheduler: str = "none"
+    early_stopping_metric: str = "MAE_all"
+    patience: int = 25
+    oversample_heavy: float = 1.0
+    augment: tuple[str, ...] = ()
+    noise_std: float = 0.05
+    mixup_alpha: float = 0.2
+    val_members: int = 4
+    seed: int = 0
+    device: str = "auto"
+    gpus: int = 1
+    num_threads: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self):
+        if self.early_stopping_metric not in EARLY_STOPPING_METRICS:
+            raise ConfigError(
+                f"train.early_stopping_metric {self.early_stopping_metric!r}; valid names are {list(EARLY_STOPPING_METRICS)}"
+            )
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"train.scheduler {self.scheduler!r}; valid names are {list(SCHEDULERS)}")
+        for name in self.augment:
+            if name not in AUGMENTATION_NAMES:
+                raise ConfigError(f"unknown augmentation {name!r}; valid names are {sorted(AUGMENTATION_NAMES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device {self.device!r}; valid names are ['auto', 'cpu', 'cuda']")
+        if self.epochs < 1 or self.batch_size < 1 or self.val_members < 1:
+            raise ConfigError("train.epochs, train.batch_size and train.val_members must be >= 1")
+
+    @classmethod
+    def from_dict(cls, data, where="train"):
+        return _build(cls, data, where, nested={"loss": LossConfig.from_dict})
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict:
+    """``base`` updated recursively by ``override`` (plain dicts; lists are replaced)."""
+    out = dict(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def experiment_sections(config: Mapping[str, Any], experiment: str) -> tuple[dict, dict]:
+    """The (model, train) sections of ``experiment``: the run's sections with its overrides."""
+    experiments = config.get("experiments") or {"default": {}}
+    overrides = lookup(experiments, experiment, "experiment")
+    return (
+        deep_merge(config.get("model") or {}, (overrides or {}).get("model")),
+        deep_merge(config.get("train") or {}, (overrides or {}).get("train")),
+    )

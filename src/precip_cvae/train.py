@@ -1,0 +1,442 @@
+"""The ``train_cvae`` stage: fit the cVAE, validate on prior samples, keep checkpoints.
+
+* AdamW with weight decay, gradient clipping, optional cosine / plateau schedule.
+* Every epoch, validation draws ``val_members`` fields per val day **from the prior**
+  p(z|y), as generation will, and scores them in mm/day (MAE_all and MAE_tail of
+  the ensemble mean, RMSE_ext, correlation, extreme-frequency ratio at the local
+  threshold, fair CRPS, twCRPS, L_rec); the posterior reconstruction MAE is logged
+  beside them for reference but never selects a model.
+* Early stopping on ``early_stopping_metric`` with ``patience``; a model can be
+  selected as best only once the KL warm-up has finished (before that, beta < beta_kl
+  and the prior is not yet trained to match the posterior).
+* ``train_log.csv`` is rewritten and flushed every epoch; one readable line per epoch
+  goes to the rule's log.
+* Checkpoints (:mod:`precip_cvae.checkpoint`): ``best.pt`` and ``last.pt`` in the
+  output directory, and a resume copy of ``last.pt`` in ``resume_dir``, which is not a
+  declared Snakemake output, so it survives a failed job.  A rerun with the same
+  config continues from it exactly (model, optimizer, scheduler, RNG, early-stopping
+  state, log rows).  SIGTERM / SIGUSR1 (SLURM's warnings before a time limit or
+  preemption) stop at the next step and exit non-zero; the resume state of the last
+  complete epoch is on disk.  A non-finite loss stops with the epoch and step named.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint, metrics
+from .config import LossConfig, ModelConfig, TrainConfig, config_hash
+from .data import FieldData, augment, check_augmentations, epoch_indices, load_fields, make_batch
+from .io import InputError, atomic_path
+from .losses import beta_schedule, compute_loss, extreme_mae, masked_mae, warmup_finished
+from .model import CVAE, count_parameters
+from .provenance import file_sha256
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = [
+    "epoch", "beta", "lr", "warmup_done",
+    "train_loss", "train_mae_all", "train_mae_ext", "train_kl", "train_mass",
+    "val_MAE_all", "val_MAE_tail", "val_RMSE_ext", "val_corr", "val_freq_ratio",
+    "val_CRPS", "val_twCRPS", "val_L_rec", "val_KL", "val_post_MAE_all",
+    "is_best", "epoch_seconds", "samples_per_s",
+]
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on a signal; the resume state of the last complete epoch is on disk."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    dataset: str
+    thresholds: str
+    events: str
+    out_dir: str  # best.pt, last.pt, train_log.csv
+    resume_dir: str  # resume.pt (not a Snakemake output)
+
+    @property
+    def best(self) -> Path:
+        return Path(self.out_dir) / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return Path(self.out_dir) / "last.pt"
+
+    @property
+    def log_csv(self) -> Path:
+        return Path(self.out_dir) / "train_log.csv"
+
+    @property
+    def resume(self) -> Path:
+        return Path(self.resume_dir) / "resume.pt"
+
+    @property
+    def resume_best(self) -> Path:
+        return Path(self.resume_dir) / "best.pt"
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def select_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible (CUDA_VISIBLE_DEVICES, driver)")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, cfg.patience // 5))
+    return None
+
+
+@dataclass
+class EarlyStopping:
+    """Track the best validation value; selection and patience start after warm-up."""
+
+    metric: str
+    patience: int
+    warmup_epochs: int
+    best_value: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, value: float) -> tuple[bool, bool]:
+        """(is_best, should_stop) after ``epoch`` (0-based) with validation ``value``."""
+        if not warmup_finished(epoch, self.warmup_epochs):
+            return False, False
+        if np.isfinite(value) and value < self.best_value:
+            self.best_value, self.best_epoch, self.bad_epochs = float(value), epoch, 0
+            return True, False
+        self.bad_epochs += 1
+        return False, self.bad_epochs >= self.patience
+
+    def state(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@torch.no_grad()
+def validate(model: CVAE, val: FieldData, cfg: TrainConfig, epoch: int, device, batch_size: int) -> dict[str, float]:
+    """Scores of prior samples on the val days (mm/day), plus posterior reconstruction MAE.
+
+    A fixed generator seeds the prior draws, so epochs are compared on the same noise.
+    """
+    model.eval()
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed + 7919)
+    transform = val.transform
+    thr_x = val.thr_x.to(device)
+    members, post_err, kl_sum, lrec_sum, n_seen = [], [], 0.0, 0.0, 0
+    for start in range(0, len(val), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(val)))
+        b = make_batch(val, idx, thr_x, device)
+        out = model(b.x, b.y, b.valid)
+        from .losses import kl_divergence
+
+        kl_sum += float(kl_divergence(out.mu_q, out.logvar_q, out.mu_p, out.logvar_p)) * len(idx)
+        recon = model.reconstruct(b.x, b.y, b.valid)
+        post_err.append(float(masked_mae(transform.inverse(recon), transform.inverse(b.x), b.valid)) * len(idx))
+        s = model.sample(b.y, b.valid, n_samples=cfg.val_members, generator=g)  # (M, B, 1, H, W)
+        first = s[0]
+        if cfg.loss.space == "mm":
+            p0, t0 = transform.inverse(first), transform.inverse(b.x)
+        else:
+            p0, t0 = first, b.x
+        lrec = cfg.loss.lambda_base * masked_mae(p0, t0, b.valid) + cfg.loss.lambda_ext * extreme_mae(p0, t0, b.extreme)
+        lrec_sum += float(lrec) * len(idx)
+        members.append(transform.inverse(s[:, :, 0]).float().cpu())  # (M, B, H, W) mm/day
+        n_seen += len(idx)
+    ens = torch.cat(members, dim=1).numpy()  # (M, N, H, W)
+    obs = val.pr_mm[:, 0].cpu().numpy()  # (N, H, W), NaN invalid
+    thr = val.thr_mm[0, 0].cpu().numpy()  # (H, W)
+    mean = ens.mean(axis=0)
+    crps = metrics.crps_ensemble(ens, obs) if ens.shape[0] > 1 else np.abs(mean - obs)
+    tw = metrics.twcrps_ensemble(ens, obs, np.nan_to_num(thr, nan=np.inf))
+    return {
+        "val_MAE_all": metrics.mae(mean, obs),
+        "val_MAE_tail": metrics.mae_tail(mean, obs, thr),
+        "val_RMSE_ext": metrics.rmse_ext(mean, obs, thr),
+        "val_corr": metrics.pearson(mean, obs),
+        "val_freq_ratio": metrics.frequency_bias(ens, obs, thr, member_axis=0),
+        "val_CRPS": float(np.nanmean(crps)),
+        "val_twCRPS": float(np.nanmean(tw)),
+        "val_L_rec": lrec_sum / n_seen,
+        "val_KL": kl_sum / n_seen,
+        "val_post_MAE_all": sum(post_err) / n_seen,
+    }
+
+
+def _write_log(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _SignalFlag:
+    """Install handlers for SIGTERM/SIGUSR1 that set a flag; restore on exit."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        log.warning("received signal %d: stopping at the next step", signum)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: int = 1, experiment: str = "default"):
+    """Train (or resume training) and write best.pt, last.pt and train_log.csv."""
+    check_augmentations(cfg.augment)
+    if cfg.num_threads or threads:
+        torch.set_num_threads(int(cfg.num_threads or threads))
+    device = select_device(cfg)
+    data = load_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", "val"))
+    train, val = data.select("train"), data.select("val")
+    if not bool(train.is_event.any()):
+        log.warning("no heavy-event day in the train split: the extreme loss term only sees single pixels")
+    on_device = device.type == "cuda"
+    if on_device:  # the whole data set on the GPU when it fits (a quarter of free memory)
+        free, _ = torch.cuda.mem_get_info()
+        nbytes = sum(t.numel() * t.element_size() for t in (data.x, data.valid, data.y))
+        if nbytes < free / 4:
+            train, val = train.to(device), val.to(device)
+    fine_shape = tuple(train.x.shape[-2:])
+    coarse_shape = tuple(train.y.shape[-2:])
+    n_channels = train.y.shape[1]
+
+    torch.manual_seed(cfg.seed)
+    model = CVAE(model_cfg, n_channels, fine_shape, coarse_shape).to(device)
+    n_params = count_parameters(model)
+    log.info("model %s: %d parameters (%.2f M); condition %s %s -> fine %s; device %s",
+             model_cfg.preset, n_params, n_params / 1e6, list(data.channels), coarse_shape, fine_shape, device)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+    stopper = EarlyStopping(cfg.early_stopping_metric, cfg.patience, cfg.loss.warmup_epochs)
+    thresholds_sha = file_sha256(paths.thresholds)
+    chash = config_hash({"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg),
+                         "thresholds": thresholds_sha, "dataset": data.attrs.get("preprocess_config", "")})
+    history: list[dict] = []
+    start_epoch = 0
+
+    if paths.resume.exists():
+        try:
+            state = checkpoint.load(paths.resume, map_location=device)
+        except checkpoint.CheckpointError as exc:
+            log.warning("ignoring resume state: %s", exc)
+            state = None
+        if state is not None and state.get("config_hash") == chash:
+            model.load_state_dict(state["model_state"])
+            opt.load_state_dict(state["optimizer_state"])
+            if sched is not None and state.get("scheduler_state"):
+                sched.load_state_dict(state["scheduler_state"])
+            stopper = EarlyStopping(**state["early_stopping"])
+            history = list(state["history"])
+            start_epoch = int(state["epoch"]) + 1
+            _set_rng_state(state["rng"])
+            log.info("resuming from %s after epoch %d (best %s %.4f at epoch %d)", paths.resume, state["epoch"],
+                     stopper.metric, stopper.best_value, stopper.best_epoch)
+        elif state is not None:
+            log.info("resume state %s is from another config (hash %s, now %s): starting afresh",
+                     paths.resume, state.get("config_hash"), chash)
+
+    meta = {
+        "model_config": dataclasses.asdict(model_cfg),
+        "model_args": {"n_channels": n_channels, "fine_shape": list(fine_shape), "coarse_shape": list(coarse_shape)},
+        "train_config": dataclasses.asdict(cfg),
+        "config_hash": chash,
+        "experiment": experiment,
+        "parameter_count": n_params,
+        "data": {
+            "channels": list(data.channels),
+            "cond_mean": [float(v) for v in np.atleast_1d(data.attrs.get("cond_mean", []))],
+            "transform": data.transform.to_attrs(),
+            "pad_lat": [int(v) for v in data.attrs.get("pad_lat", [0, 0])],
+            "pad_lon": [int(v) for v in data.attrs.get("pad_lon", [0, 0])],
+            "dataset": str(paths.dataset),
+            "thresholds": str(paths.thresholds),
+            "thresholds_sha256": thresholds_sha,
+        },
+    }
+
+    def snapshot(epoch: int) -> dict:
+        return {
+            **meta,
+            "epoch": epoch,
+            "model_state": model.state_dict(),
+            "optimizer_state": opt.state_dict(),
+            "scheduler_state": sched.state_dict() if sched is not None else None,
+            "rng": _rng_state(),
+            "early_stopping": stopper.state(),
+            "history": history,
+        }
+
+    Path(paths.out_dir).mkdir(parents=True, exist_ok=True)
+    Path(paths.resume_dir).mkdir(parents=True, exist_ok=True)
+    _write_log(history, paths.log_csv)
+    thr_x = train.thr_x.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    n_train = len(train)
+    epoch = start_epoch - 1
+    with _SignalFlag() as flag:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            order = epoch_indices(train.is_event, cfg.oversample_heavy, g)
+            sums = {"total": 0.0, "mae_all": 0.0, "mae_ext": 0.0, "kl": 0.0, "mass": 0.0}
+            beta = beta_schedule(epoch, cfg.loss.beta_kl, cfg.loss.warmup_epochs)
+            n_steps = 0
+            for step, start in enumerate(range(0, n_train, cfg.batch_size)):
+                if flag.signum is not None:
+                    raise TrainingInterrupted(
+                        flag.signum,
+                        f"interrupted by signal {flag.signum} in epoch {epoch} step {step}; the state after epoch "
+                        f"{epoch - 1} is in {paths.resume}; rerun to resume",
+                    )
+                batch = make_batch(train, order[start : start + cfg.batch_size], thr_x, device)
+                batch = augment(batch, cfg.augment, g, cfg)
+                with autocast:
+                    out = model(batch.x, batch.y, batch.valid)
+                out = type(out)(*(t.float() for t in out))
+                losses = compute_loss(out, batch.x, batch.valid, batch.extreme, cfg.loss, epoch, train.transform,
+                                      batch.coarse_mm)
+                total = losses["total"]
+                if not torch.isfinite(total):
+                    parts = {k: float(v) for k, v in losses.items()}
+                    raise NonFiniteLoss(
+                        f"non-finite loss at epoch {epoch} step {step}: {parts}; the last good state (epoch "
+                        f"{epoch - 1}) is in {paths.resume}. Lower train.lr or check the inputs."
+                    )
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                for k in sums:
+                    sums[k] += float(losses[k].detach())
+                n_steps += 1
+            train_seconds = time.perf_counter() - t0
+            scores = validate(model, val, cfg, epoch, device, max(cfg.batch_size, 64))
+            value = scores[f"val_{cfg.early_stopping_metric}"]
+            lr = opt.param_groups[0]["lr"]
+            if sched is not None:
+                sched.step(value) if cfg.scheduler == "plateau" else sched.step()
+            is_best, should_stop = stopper.update(epoch, value)
+            seconds = time.perf_counter() - t0
+            row = {
+                "epoch": epoch, "beta": beta, "lr": lr, "warmup_done": warmup_finished(epoch, cfg.loss.warmup_epochs),
+                "train_loss": sums["total"] / n_steps, "train_mae_all": sums["mae_all"] / n_steps,
+                "train_mae_ext": sums["mae_ext"] / n_steps, "train_kl": sums["kl"] / n_steps,
+                "train_mass": sums["mass"] / n_steps, **scores, "is_best": is_best,
+                "epoch_seconds": seconds, "samples_per_s": n_train / train_seconds,
+            }
+            history.append({k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()})
+            _write_log(history, paths.log_csv)
+            log.info(
+                "epoch %3d/%d beta %.4f loss %.4f | val %s %.4f (MAE_all %.3f MAE_tail %.3f freq %.2f CRPS %.3f "
+                "twCRPS %.3f) | %.1f s, %.0f samples/s%s",
+                epoch + 1, cfg.epochs, beta, row["train_loss"], cfg.early_stopping_metric, value,
+                scores["val_MAE_all"], scores["val_MAE_tail"], scores["val_freq_ratio"], scores["val_CRPS"],
+                scores["val_twCRPS"], seconds, row["samples_per_s"], "  * best" if is_best else "",
+            )
+            state = snapshot(epoch)
+            if is_best:
+                checkpoint.save(state, paths.best)
+                checkpoint.save(state, paths.resume_best)
+            checkpoint.save(state, paths.last)
+            checkpoint.save(state, paths.resume)
+            if should_stop:
+                log.info("early stopping after epoch %d: no %s improvement for %d epochs (best %.4f at epoch %d)",
+                         epoch + 1, cfg.early_stopping_metric, cfg.patience, stopper.best_value, stopper.best_epoch + 1)
+                break
+    if epoch < start_epoch:  # nothing left to train (resumed after the last epoch)
+        state = snapshot(epoch)
+        checkpoint.save(state, paths.last)
+    if not paths.best.exists() and stopper.best_epoch >= 0 and paths.resume_best.exists():
+        # a failed earlier attempt lost its declared outputs; the selected model survived in resume_dir
+        with atomic_path(paths.best) as tmp:
+            tmp.write_bytes(paths.resume_best.read_bytes())
+    if stopper.best_epoch < 0 or not paths.best.exists():
+        log.warning(
+            "no epoch after the KL warm-up (%d epochs) was validated: best.pt is the last epoch, not a selected model",
+            cfg.loss.warmup_epochs,
+        )
+        with atomic_path(paths.best) as tmp:
+            tmp.write_bytes(paths.last.read_bytes())
+    _write_log(history, paths.log_csv)
+    paths.resume.unlink(missing_ok=True)
+    paths.resume_best.unlink(missing_ok=True)
+    log.info("training done: %d epochs, best %s %.4f at epoch %d", len(history), cfg.early_stopping_metric,
+             stopper.best_value, stopper.best_epoch + 1)
+    return history
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,177 @@
+"""Training: warm-up and early stopping, resume equivalence, signals, NaN, sampling, augmentations, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from precip_cvae import checkpoint, data as D, train
+from precip_cvae.config import ConfigError, LossConfig, ModelConfig, TrainConfig
+
+TINY = ModelConfig(preset="tiny", dropout_encoder=0.1, dropout_decoder=0.1)
+
+
+def _cfg(**kw):
+    base = dict(epochs=4, batch_size=32, lr=2e-3, val_members=2, loss=LossConfig(warmup_epochs=1), seed=1,
+                num_threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _paths(prepared, out):
+    return train.TrainPaths(prepared["dataset"], prepared["thresholds"], prepared["events"],
+                            str(out / "train"), str(out / "resume"))
+
+
+def test_early_stopping_cannot_select_before_warmup_ends():
+    es = train.EarlyStopping("MAE_all", patience=2, warmup_epochs=3)
+    # very good values during warm-up (epochs 0..2) are never selected and never count
+    assert [es.update(e, v) for e, v in enumerate([0.1, 0.05, 0.01])] == [(False, False)] * 3
+    assert es.best_epoch == -1
+    assert es.update(3, 1.0) == (True, False) and es.best_epoch == 3
+    assert es.update(4, 1.1) == (False, False)
+    assert es.update(5, 0.9) == (True, False)
+    assert es.update(6, 1.0) == (False, False) and es.update(7, 1.0) == (False, True)
+
+
+def test_training_writes_log_and_checkpoints_and_resumes_exactly(prepared, tmp_path, monkeypatch):
+    cfg = _cfg()
+    full = train.run(_paths(prepared, tmp_path / "full"), TINY, cfg)
+    assert [r["epoch"] for r in full] == [0, 1, 2, 3]
+    log = pd.read_csv(tmp_path / "full" / "train" / "train_log.csv")
+    assert list(log["epoch"]) == [0, 1, 2, 3]
+    assert log["beta"].tolist() == pytest.approx([0.0, 0.01, 0.01, 0.01])
+    assert not log["is_best"].iloc[0]  # warm-up epoch is never best
+    for col in ("val_MAE_all", "val_MAE_tail", "val_RMSE_ext", "val_corr", "val_freq_ratio", "val_CRPS", "samples_per_s"):
+        assert np.isfinite(log[col]).all(), col
+    best = checkpoint.load(tmp_path / "full" / "train" / "best.pt")
+    assert best["epoch"] == int(log.loc[log["is_best"], "epoch"].iloc[-1]) >= 1
+    assert best["parameter_count"] > 0 and best["data"]["channels"] == ["psl", "hus850", "pr_block4"]
+    assert not (tmp_path / "full" / "resume" / "resume.pt").exists()  # cleaned after success
+
+    # interrupted mid-epoch 2 by SIGTERM, then rerun: the same 4 epochs, the same weights
+    calls = {"n": 0}
+    real = train.augment  # called once per training step (not in validation)
+    steps_per_epoch = -(-int((np.array(pd.read_csv(prepared["events"])["split"]) == "train").sum()) // 32)
+
+    def kill_mid_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2 * steps_per_epoch + 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "augment", kill_mid_epoch_2)
+    paths = _paths(prepared, tmp_path / "cut")
+    with pytest.raises(train.TrainingInterrupted, match="epoch 2 step 2"):
+        train.run(paths, TINY, cfg)
+    assert len(pd.read_csv(paths.log_csv)) == 2 and paths.resume.exists()
+    monkeypatch.setattr(train, "augment", real)
+    paths.best.unlink()  # Snakemake deletes the declared outputs of a failed job
+    paths.last.unlink()
+    resumed = train.run(paths, TINY, cfg)
+    assert [r["epoch"] for r in resumed] == [0, 1, 2, 3]
+    a = checkpoint.load(tmp_path / "full" / "train" / "last.pt")["model_state"]
+    b = checkpoint.load(paths.last)["model_state"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert checkpoint.load(paths.best)["epoch"] == best["epoch"]
+    np.testing.assert_allclose(pd.read_csv(paths.log_csv)["val_MAE_all"], log["val_MAE_all"], rtol=1e-5)
+
+
+def test_non_finite_loss_names_epoch_and_step(prepared, tmp_path, monkeypatch):
+    real = train.compute_loss
+    n = {"calls": 0}
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        n["calls"] += 1
+        if n["calls"] == 3:
+            out["total"] = out["total"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train, "compute_loss", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match="epoch 0 step 2"):
+        train.run(_paths(prepared, tmp_path), TINY, _cfg(epochs=1))
+
+
+def test_oversampling_draws_heavy_days_more_often():
+    is_event = torch.zeros(1000, dtype=torch.bool)
+    is_event[:10] = True  # 1 % heavy days
+    g = torch.Generator().manual_seed(0)
+    plain = D.epoch_indices(is_event, 1.0, g)
+    assert sorted(plain.tolist()) == list(range(1000))  # a permutation
+    draws = torch.cat([D.epoch_indices(is_event, 10.0, g) for _ in range(20)])
+    share = (draws < 10).float().mean().item()
+    assert share == pytest.approx(100 / 1090, rel=0.15)  # 10 x 10 / (10 x 10 + 990)
+
+
+def _batch():
+    x = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[:, :, 0, 0] = False
+    y = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    thr = torch.full((1, 1, 4, 4), 20.0)
+    thr[..., :, 0] = 5.0
+    return D.Batch(x, valid, y, None, thr)
+
+
+def test_flip_moves_field_mask_condition_and_thresholds_together():
+    b = _batch()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        out = D.augment(b, ["flip"], g, _cfg())
+        # the extreme mask is the flipped extreme mask: the same pixels stay extreme
+        assert int(out.extreme.sum()) == int(b.extreme.sum())
+        assert out.valid.sum() == b.valid.sum() and out.x.sum() == b.x.sum()
+
+
+def test_noise_and_mixup():
+    b = _batch()
+    g = torch.Generator().manual_seed(0)
+    out = D.augment(b, ["noise"], g, _cfg(noise_std=0.5))
+    assert torch.equal(out.x, b.x) and 0.2 < (out.y - b.y).std().item() < 0.8
+    out = D.augment(b, ["mixup"], g, _cfg(mixup_alpha=0.4))
+    assert out.x.shape == b.x.shape and not out.valid[:, :, 0, 0].any()
+
+
+def test_unknown_augmentation_lists_valid_names():
+    with pytest.raises(ConfigError, match=r"valid names are \['flip', 'mixup', 'noise', 'rot90'\]"):
+        TrainConfig(augment=("shear",))
+    with pytest.raises(ConfigError, match="valid names are"):
+        TrainConfig(early_stopping_metric="accuracy")
+
+
+def test_checkpoint_refuses_pickles_truncation_and_other_formats(tmp_path):
+    good = {"model_state": {"w": torch.ones(2)}, "epoch": 1}
+    checkpoint.save(good, tmp_path / "ok.pt")
+    assert checkpoint.load(tmp_path / "ok.pt")["epoch"] == 1
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"model_state": {}, "format": checkpoint.CHECKPOINT_FORMAT, "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="refused to load"):
+        checkpoint.load(tmp_path / "evil.pt")
+    raw = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable or truncated"):
+        checkpoint.load(tmp_path / "cut.pt")
+    torch.save({"model_state": {}, "format": 999, "package_version": "9.9"}, tmp_path / "future.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="format 999"):
+        checkpoint.load(tmp_path / "future.pt")
+
+
+def test_checkpoint_rebuilds_the_model_alone(prepared, tmp_path):
+    train.run(_paths(prepared, tmp_path), TINY, _cfg(epochs=1, loss=LossConfig(warmup_epochs=0)))
+    model, state = checkpoint.load_model(tmp_path / "train" / "best.pt")
+    y = torch.zeros(3, 3, 4, 4)
+    out = model.sample(y, n_samples=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 1, 16, 16) and (out >= 0).all()
+    with pytest.raises(checkpoint.CheckpointError, match="condition channels"):
+        checkpoint.check_matches_data(state, ["psl"], (16, 16), "best.pt")

@@ -1,0 +1,21 @@
+"""Snakemake script of rule train_cvae: see precip_cvae.train."""
+
+import sys
+
+from precip_cvae import train
+from precip_cvae.config import ModelConfig, TrainConfig
+from precip_cvae.logs import stage_logging
+
+with stage_logging(snakemake.log[0], "train_cvae"):
+    paths = train.TrainPaths(
+        dataset=snakemake.input.dataset,
+        thresholds=snakemake.input.thresholds,
+        events=snakemake.input.events,
+        out_dir=str(snakemake.output.best).rsplit("/", 1)[0],
+        resume_dir=snakemake.params.resume_dir,
+    )
+    try:
+        train.run(paths, ModelConfig.from_dict(snakemake.params.model), TrainConfig.from_dict(snakemake.params.train),
+                  threads=snakemake.threads, experiment=snakemake.wildcards.experiment)
+    except train.TrainingInterrupted as exc:
+        sys.exit(128 + exc.signum)  # non-zero: the scheduler's retry resumes
