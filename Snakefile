@@ -17,6 +17,7 @@ include: "rules/data.smk"
 include: "rules/preprocess.smk"
 include: "rules/events.smk"
 include: "rules/train.smk"
+include: "rules/generate.smk"
 
 
 rule all:
@@ -27,4 +28,5 @@ rule all:
             path=["preprocess/dataset.zarr", "events/thresholds.nc", "events/events.csv"],
         ),
         all_experiment_outputs("train", "best.pt"),
+        all_experiment_outputs("generate", "generation_report.json"),
     default_target: True

@@ -20,11 +20,11 @@ def run_dir(*parts):
 
 
 def log_path(name):
-    return run_dir("logs", name + ".log")
+    return run_dir("logs", f"{name}.log")
 
 
 def benchmark_path(name):
-    return run_dir("benchmarks", name + ".tsv")
+    return run_dir("benchmarks", f"{name}.tsv")
 
 
 def raw_inputs(wildcards):
@@ -74,3 +74,9 @@ def train_resume_dir(wildcards):
 
 def all_experiment_outputs(*parts):
     return expand(os.path.join("results", RUN, "experiments", "{experiment}", *parts), experiment=EXPERIMENTS)
+
+
+def generate_checkpoint(wildcards):
+    """The checkpoint generate samples from: best.pt or last.pt of the experiment."""
+    name = config["generate"]["checkpoint"] + ".pt"
+    return os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train", name)

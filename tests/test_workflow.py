@@ -55,6 +55,13 @@ def test_tiny_workflow_writes_every_stage(tiny_run):
         assert f"stage {name} finished" in log
     assert (res / "benchmarks" / "preprocess.tsv").exists()
     assert "heavy days of" in (res / "logs" / "detect_events.log").read_text()
+    exp = res / "experiments" / "default"
+    for name in ("best.pt", "last.pt", "train_log.csv"):
+        assert (exp / "train" / name).exists(), name
+    assert "epoch   2/2" in (exp / "logs" / "train_cvae.log").read_text()
+    aug = xr.open_zarr(exp / "generate" / "augmented.zarr")
+    assert aug.sizes["sample"] > 0 and aug["pr"].attrs["units"] == "mm day-1"
+    assert (exp / "generate" / "augmented_training_set.zarr").exists()
 
 
 def test_second_dry_run_does_nothing(tiny_run):
@@ -62,12 +69,12 @@ def test_second_dry_run_does_nothing(tiny_run):
     assert planned_jobs(proc) == {}, proc.stdout
 
 
-def test_events_change_reruns_only_detect_events(tiny_run):
+def test_events_change_reruns_detect_events_and_what_follows_never_preprocess(tiny_run):
     text = (tiny_run / "config" / "tiny.yaml").read_text()
     changed = tiny_run / "config" / "tiny_p95.yaml"
     changed.write_text(re.sub(r"percentile: 99.0", "percentile: 95.0", text))
     proc = snakemake(tiny_run, "-n", "--configfile", str(changed))
-    assert planned_jobs(proc) == {"detect_events": 1, "all": 1}
+    assert planned_jobs(proc) == {"detect_events": 1, "train_cvae": 1, "generate": 1, "all": 1}
 
 
 def test_preprocess_change_reruns_preprocess_and_what_follows(tiny_run):
@@ -76,6 +83,34 @@ def test_preprocess_change_reruns_preprocess_and_what_follows(tiny_run):
     changed.write_text(text.replace("chunk_time: 64", "chunk_time: 32"))
     jobs = planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(changed)))
     assert jobs.get("preprocess") == 1 and jobs.get("detect_events") == 1 and "make_demo_data" not in jobs
+
+
+def _variant(tiny_run, name, old, new):
+    text = (tiny_run / "config" / "tiny.yaml").read_text()
+    assert old in text
+    path = tiny_run / "config" / f"{name}.yaml"
+    path.write_text(text.replace(old, new))
+    return str(path)
+
+
+def test_train_change_reruns_only_training_and_what_follows(tiny_run):
+    changed = _variant(tiny_run, "lr", "lr: 1.0e-3", "lr: 5.0e-4")
+    jobs = planned_jobs(snakemake(tiny_run, "-n", "--configfile", changed))
+    assert "preprocess" not in jobs and "detect_events" not in jobs and "make_demo_data" not in jobs
+    assert jobs.get("train_cvae") == 1 and jobs.get("generate") == 1
+
+
+def test_a_new_experiment_shares_preprocessing_and_events(tiny_run):
+    text = (tiny_run / "config" / "tiny.yaml").read_text()
+    path = tiny_run / "config" / "two_experiments.yaml"
+    path.write_text(text + "\nexperiments:\n  default: {}\n  no_ext: {train: {loss: {lambda_ext: 0.0}}}\n")
+    jobs = planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(path)))
+    # only the new experiment's jobs: the default experiment and the shared stages are up to date
+    assert jobs == {"train_cvae": 1, "generate": 1, "all": 1}, jobs
+    snakemake(tiny_run, "--configfile", str(path))
+    exp = tiny_run / "results" / "tiny" / "experiments"
+    assert (exp / "no_ext" / "train" / "best.pt").exists() and (exp / "default" / "train" / "best.pt").exists()
+    assert planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(path))) == {}
 
 
 def test_schema_rejects_a_typo_at_dry_run(tiny_run):

@@ -372,3 +372,116 @@ def experiment_sections(config: Mapping[str, Any], experiment: str) -> tuple[dic
         deep_merge(config.get("model") or {}, (overrides or {}).get("model")),
         deep_merge(config.get("train") or {}, (overrides or {}).get("train")),
     )
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Synthetic samples for heavy-event days (see :mod:`precip_cvae.generate`)."""
+
+    checkpoint: str = "best"
+    splits: tuple[str, ...] = ("train",)
+    members: int = 10
+    z_scale: float = 1.0
+    filter_heavy: bool = False
+    max_rounds: int = 5
+    seed: int = 0
+    batch_days: int = 16
+    synthetic_weight: float = 1.0
+    netcdf: bool = False
+    memorisation_warn_fraction: float = 0.05
+    memorisation_max_reference: int = 5000
+    memorisation_max_samples: int = 5000
+
+    def __post_init__(self):
+        if self.checkpoint not in ("best", "last"):
+            raise ConfigError(f"generate.checkpoint {self.checkpoint!r}; valid names are ['best', 'last']")
+        for s in self.splits:
+            if s not in ("train", "val", "test"):
+                raise ConfigError(f"generate.splits: unknown split {s!r}; valid names are ['test', 'train', 'val']")
+        if self.members < 1 or self.max_rounds < 1 or self.batch_days < 1:
+            raise ConfigError("generate.members, max_rounds and batch_days must be >= 1")
+        if not self.z_scale >= 0:
+            raise ConfigError("generate.z_scale must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data, where="generate"):
+        return _build(cls, data, where)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+EVALUATE_SPLITS = ("val", "test")
+EVALUATE_DEVICES = ("auto", "cpu", "cuda")
+# keys of the evaluate section that the sampling rule depends on (a change resamples);
+# the other keys only change the scores and plots, recomputed from the cached ensembles
+EVALUATE_SAMPLING_KEYS = ("members", "splits", "checkpoints", "baselines", "seed", "batch_size", "device")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluation of the cVAE checkpoints and the baselines (see :mod:`precip_cvae.evaluate`).
+
+    ``checkpoints`` holds ``best`` / ``last`` (the experiment's own) and/or paths to
+    other ``.pt`` files; ``baselines`` are names in
+    :data:`precip_cvae.baselines.BASELINES` (checked by the stage, which lists the
+    valid ones).  ``percentiles`` are the (moderate, extreme) wet-day percentiles of
+    the train split that define the local tail thresholds (P95, P99 by default);
+    metric names carry them (``twcrps_p99``).
+    """
+
+    members: int = 16
+    splits: tuple[str, ...] = ("val", "test")
+    checkpoints: tuple[str, ...] = ("best", "last")
+    baselines: tuple[str, ...] = ("climatology", "analogs", "interpolation")
+    fss_windows: tuple[int, ...] = (1, 3, 9, 27)
+    percentiles: tuple[float, float] = (95.0, 99.0)
+    wet_threshold: float = 1.0
+    min_wet_days: int = 30
+    seed: int = 0
+    batch_size: int = 32
+    n_map_days: int = 4
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.members < 1 or self.batch_size < 1 or self.n_map_days < 0 or self.min_wet_days < 1:
+            raise ConfigError("evaluate.members, batch_size and min_wet_days must be >= 1, n_map_days >= 0")
+        if not self.splits:
+            raise ConfigError(f"evaluate.splits is empty; valid names are {list(EVALUATE_SPLITS)}")
+        for name in self.splits:
+            if name not in EVALUATE_SPLITS:
+                raise ConfigError(f"evaluate.splits: unknown split {name!r}; valid names are {list(EVALUATE_SPLITS)}")
+        if len(set(self.splits)) != len(self.splits):
+            raise ConfigError(f"evaluate.splits lists a split twice: {list(self.splits)}")
+        if not self.checkpoints:
+            raise ConfigError("evaluate.checkpoints is empty; give 'best', 'last' and/or paths to .pt files")
+        for entry in self.checkpoints:
+            if entry not in ("best", "last") and not str(entry).endswith(".pt"):
+                raise ConfigError(
+                    f"evaluate.checkpoints: {entry!r} is neither 'best', 'last' nor a path to a .pt file"
+                )
+        if not self.fss_windows or any(int(w) != w or w < 1 for w in self.fss_windows):
+            raise ConfigError(f"evaluate.fss_windows must be positive integers, got {list(self.fss_windows)}")
+        if len(self.percentiles) != 2 or not 0 < self.percentiles[0] < self.percentiles[1] < 100:
+            raise ConfigError(
+                f"evaluate.percentiles must be two increasing numbers in (0, 100), got {list(self.percentiles)}"
+            )
+        if self.device not in EVALUATE_DEVICES:
+            raise ConfigError(f"evaluate.device {self.device!r}; valid names are {list(EVALUATE_DEVICES)}")
+
+    def checkpoint_labels(self) -> tuple[str, ...]:
+        """Short names of ``checkpoints``: 'best', 'last', or a path's file stem (made unique)."""
+        labels: list[str] = []
+        for entry in self.checkpoints:
+            label = entry if entry in ("best", "last") else str(entry).replace("\\", "/").rsplit("/", 1)[-1][:-3]
+            base, k = label, 2
+            while label in labels:
+                label, k = f"{base}_{k}", k + 1
+            labels.append(label)
+        return tuple(labels)
+
+    @classmethod
+    def from_dict(cls, data, where="evaluate"):
+        return _build(cls, data, where)

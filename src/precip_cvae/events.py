@@ -102,20 +102,16 @@ def daily_statistics(pr: xr.DataArray, thr: xr.DataArray, mask: xr.DataArray) ->
     )
 
 
-def _by_exceedance(stats: pd.DataFrame, train: np.ndarray, cfg: EventsConfig) -> tuple[np.ndarray, dict]:
-    return (stats["exceed_fraction"].values >= cfg.min_exceed_fraction), {}
+def _by_exceedance(stats: pd.DataFrame, cfg: EventsConfig, limits: dict) -> np.ndarray:
+    return stats["exceed_fraction"].values >= cfg.min_exceed_fraction
 
 
-def _by_domain_mean(stats: pd.DataFrame, train: np.ndarray, cfg: EventsConfig) -> tuple[np.ndarray, dict]:
-    train_means = stats["domain_mean"].values[train]
-    limit = float(np.nanpercentile(train_means, cfg.domain_mean_percentile))
-    return stats["domain_mean"].values > limit, {"domain_mean_threshold_mm_day": limit}
+def _by_domain_mean(stats: pd.DataFrame, cfg: EventsConfig, limits: dict) -> np.ndarray:
+    return stats["domain_mean"].values > limits["domain_mean_threshold_mm_day"]
 
 
-def _by_either(stats, train, cfg):
-    a, info_a = _by_exceedance(stats, train, cfg)
-    b, info_b = _by_domain_mean(stats, train, cfg)
-    return a | b, info_a | info_b
+def _by_either(stats: pd.DataFrame, cfg: EventsConfig, limits: dict) -> np.ndarray:
+    return _by_exceedance(stats, cfg, limits) | _by_domain_mean(stats, cfg, limits)
 
 
 EVENT_CRITERIA: dict[str, Callable] = {
@@ -125,10 +121,24 @@ EVENT_CRITERIA: dict[str, Callable] = {
 }
 
 
+def fit_limits(stats: pd.DataFrame, train: np.ndarray, cfg: EventsConfig) -> dict:
+    """Day-level limits fitted on train days: the domain-mean percentile (mm/day)."""
+    train_means = stats["domain_mean"].values[np.asarray(train, bool)]
+    return {"domain_mean_threshold_mm_day": float(np.nanpercentile(train_means, cfg.domain_mean_percentile))}
+
+
+def apply_criterion(stats: pd.DataFrame, cfg: EventsConfig, limits: dict) -> np.ndarray:
+    """Heavy flag per row of ``stats`` under ``cfg.criterion`` with given (train-fitted) limits.
+
+    Used for real days and for generated samples alike, so both are judged the same way.
+    """
+    return lookup(EVENT_CRITERIA, cfg.criterion, "event criterion")(stats, cfg, limits)
+
+
 def classify_days(stats: pd.DataFrame, split: np.ndarray, cfg: EventsConfig) -> tuple[np.ndarray, dict]:
-    """Boolean heavy-day flag per day under ``cfg.criterion`` (fitted on train days)."""
-    rule = lookup(EVENT_CRITERIA, cfg.criterion, "event criterion")
-    return rule(stats, np.asarray(split) == "train", cfg)
+    """Boolean heavy-day flag per day under ``cfg.criterion`` (limits fitted on train days)."""
+    limits = fit_limits(stats, np.asarray(split) == "train", cfg)
+    return apply_criterion(stats, cfg, limits), limits
 
 
 def event_table(ds: xr.Dataset, thr: xr.DataArray, cfg: EventsConfig) -> tuple[pd.DataFrame, dict]:

@@ -261,3 +261,57 @@ def remove_paths(paths: Iterable[str | Path]) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+
+
+# ----------------------------------------------------------------------------- evaluation stores and figures
+
+
+def append_zarr(ds: xr.Dataset, path: str | Path, group: str | None = None, dim: str = "time") -> Path:
+    """Write ``ds`` to ``group`` of the zarr store at ``path``, appending along ``dim``.
+
+    The first call for a group creates it (chunks: the sizes of ``ds``, so that each
+    later batch of the same size fills whole chunks); later calls append.  Used to
+    stream large arrays (ensembles) batch by batch; wrap the whole writing in
+    :func:`atomic_path` so that a killed job leaves no half-written store behind, and
+    call :func:`consolidate_zarr` at the end.
+    """
+    path = Path(path)
+    ds = _clean_encoding(ds)
+    exists = (path / (group or "") / ".zgroup").exists()
+    if exists:
+        ds.to_zarr(path, group=group, mode="a", append_dim=dim, consolidated=False, zarr_format=2)
+    else:
+        ds.to_zarr(path, group=group, mode="w", consolidated=False, zarr_format=2)
+    return path
+
+
+def write_zarr_group(ds: xr.Dataset, path: str | Path, group: str | None = None) -> Path:
+    """Write ``ds`` (small, in memory) as ``group`` of the store at ``path`` (not atomic by itself)."""
+    _clean_encoding(ds).to_zarr(Path(path), group=group, mode="w", consolidated=False, zarr_format=2)
+    return Path(path)
+
+
+def consolidate_zarr(path: str | Path) -> Path:
+    """Consolidate the metadata of a store written group by group (faster, safer reopening)."""
+    import zarr
+
+    zarr.consolidate_metadata(str(path))
+    return Path(path)
+
+
+def open_zarr_group(path: str | Path, group: str | None = None) -> xr.Dataset:
+    """Open one group of a zarr store lazily; an error names the store and the missing group."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: zarr store not found")
+    try:
+        return xr.open_zarr(path, group=group, decode_timedelta=False)
+    except (FileNotFoundError, KeyError) as exc:
+        raise InputError(f"{path}: group {group!r} not found ({type(exc).__name__}: {exc})") from exc
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save a ``matplotlib.figure.Figure`` as PNG atomically (Agg canvas; no pyplot state)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+    return Path(path)

@@ -1,0 +1,147 @@
+# The evaluate stage in two rules joined by a zarr cache of the ensembles:
+# sample_ensembles (checkpoints + baselines -> ensembles.zarr) and evaluate (scores,
+# figures, summary). Keys of the evaluate section that change what is sampled go to the
+# first rule only, so a new FSS window or percentile rescores without resampling.
+from precip_cvae.config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
+
+EVALUATE = config.get("evaluate") or {}
+
+
+def evaluate_section(part):
+    """The evaluate keys of one rule: 'sampling' (EVALUATE_SAMPLING_KEYS) or 'scoring' (the others)."""
+    sampling = part == "sampling"
+    return {k: v for k, v in EVALUATE.items() if (k in EVALUATE_SAMPLING_KEYS) == sampling}
+
+
+def evaluate_checkpoints(wildcards):
+    """The checkpoints to evaluate, in config order: the experiment's best/last, or paths as given."""
+    train_dir = os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train")
+    entries = EvaluateConfig.from_dict(EVALUATE).checkpoints
+    return [os.path.join(train_dir, e + ".pt") if e in ("best", "last") else e for e in entries]
+
+
+rule sample_ensembles:
+    input:
+        dataset=run_dir("preprocess", "dataset.zarr"),
+        thresholds=run_dir("events", "thresholds.nc"),
+        events=run_dir("events", "events.csv"),
+        checkpoints=evaluate_checkpoints,
+    output:
+        ensembles=directory(exp_dir("evaluate", "ensembles.zarr")),
+    params:
+        evaluate=evaluate_section("sampling"),
+        code=stage_code("evaluate"),
+    log:
+        exp_dir("logs", "sample_ensembles.log"),
+    benchmark:
+        exp_dir("benchmarks", "sample_ensembles.tsv")
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    script:
+        "../workflow/scripts/sample_ensembles.py"
+
+
+rule evaluate:
+    input:
+        ensembles=exp_dir("evaluate", "ensembles.zarr"),
+        dataset=run_dir("preprocess", "dataset.zarr"),
+        train_log=exp_dir("train", "train_log.csv"),
+    output:
+        metrics_csv=exp_dir("evaluate", "metrics.csv"),
+        metrics_json=exp_dir("evaluate", "metrics.json"),
+        headline=report(
+            exp_dir("evaluate", "headline.csv"),
+            caption="../workflow/report/headline.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "headline scores (table)"},
+        ),
+        summary=report(
+            exp_dir("evaluate", "summary.md"),
+            caption="../workflow/report/summary.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "summary (markdown)"},
+        ),
+        training_curves=report(
+            exp_dir("evaluate", "training_curves.png"),
+            caption="../workflow/report/training_curves.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "training curves"},
+        ),
+        maps=report(
+            exp_dir("evaluate", "maps.png"),
+            caption="../workflow/report/maps.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "maps of the heaviest days"},
+        ),
+        tail_qq=report(
+            exp_dir("evaluate", "tail_qq.png"),
+            caption="../workflow/report/tail_qq.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "tail Q-Q"},
+        ),
+        rank_histogram=report(
+            exp_dir("evaluate", "rank_histogram.png"),
+            caption="../workflow/report/rank_histogram.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "rank histograms"},
+        ),
+        rapsd=report(
+            exp_dir("evaluate", "rapsd.png"),
+            caption="../workflow/report/rapsd.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "RAPSD"},
+        ),
+        fss_scale=report(
+            exp_dir("evaluate", "fss_scale.png"),
+            caption="../workflow/report/fss_scale.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "FSS against scale"},
+        ),
+    params:
+        evaluate=evaluate_section("scoring"),
+        code=stage_code("plots"),
+    log:
+        exp_dir("logs", "evaluate.log"),
+    benchmark:
+        exp_dir("benchmarks", "evaluate.tsv")
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    script:
+        "../workflow/scripts/evaluate.py"
+
+
+rule compare_experiments:
+    input:
+        metrics=all_experiment_outputs("evaluate", "metrics.csv"),
+    output:
+        table=report(
+            run_dir("experiments_comparison.csv"),
+            caption="../workflow/report/comparison.rst",
+            category="Comparison",
+            labels={"figure": "experiments vs baselines (table)"},
+        ),
+        figure=report(
+            run_dir("experiments_comparison.png"),
+            caption="../workflow/report/comparison.rst",
+            category="Comparison",
+            labels={"figure": "experiments vs baselines"},
+        ),
+    params:
+        evaluate=evaluate_section("scoring"),
+        experiments=EXPERIMENTS,
+        code=stage_code("plots"),
+    log:
+        log_path("compare_experiments"),
+    script:
+        "../workflow/scripts/compare_experiments.py"

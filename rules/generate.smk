@@ -1,0 +1,25 @@
+rule generate:
+    input:
+        checkpoint=generate_checkpoint,
+        dataset=run_dir("preprocess", "dataset.zarr"),
+        thresholds=run_dir("events", "thresholds.nc"),
+        events=run_dir("events", "events.csv"),
+    output:
+        augmented=directory(exp_dir("generate", "augmented.zarr")),
+        training_set=directory(exp_dir("generate", "augmented_training_set.zarr")),
+        report=exp_dir("generate", "generation_report.json"),
+        report_md=exp_dir("generate", "generation_report.md"),
+    params:
+        generate=config["generate"],
+        events=config["events"],
+        code=stage_code("generate"),
+    log:
+        exp_dir("logs", "generate.log"),
+    benchmark:
+        exp_dir("benchmarks", "generate.tsv")
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    script:
+        "../workflow/scripts/generate.py"

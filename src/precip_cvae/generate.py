@@ -1,0 +1,414 @@
+"""The ``generate`` stage: synthetic heavy-rain fields, with provenance and quality checks.
+
+For each heavy-event day of the configured splits, ``members`` fields are drawn
+from the prior p(z|y) of a trained checkpoint (``z = mu + z_scale * sigma * eps``),
+decoded to mm/day, cropped to the original grid, masked and checked.  With
+``filter_heavy`` only samples that are heavy under the same event criterion as the
+real days are kept (redrawing up to ``max_rounds`` times per day); the
+acceptance rate is reported.  Samples are produced and written batch by batch
+(zarr appends), so memory does not grow with their number.
+
+Outputs (see :func:`run`): ``augmented.zarr``, ``augmented_training_set.zarr``,
+optionally ``augmented.nc``, and ``generation_report.json`` / ``.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from . import __version__, checkpoint
+from .config import EventsConfig, GenerateConfig, config_hash
+from .data import load_fields
+from .events import apply_criterion
+from .io import InputError, atomic_path, open_netcdf, open_zarr, read_csv, write_json, write_netcdf, write_text
+from .provenance import file_sha256
+
+log = logging.getLogger(__name__)
+
+
+class GenerationError(RuntimeError):
+    """Generated samples failed a hard check (NaN or negative values)."""
+
+
+# ----------------------------------------------------------------------------- checks on arrays
+
+
+def field_statistics(fields: np.ndarray, thr: np.ndarray, wet_threshold: float) -> pd.DataFrame:
+    """Per-field domain mean/max, exceedance fraction and wet fraction over valid pixels.
+
+    Parameters
+    ----------
+    fields : ndarray (N, H, W), mm day-1, NaN where invalid
+    thr : ndarray (H, W), mm day-1, the local heavy threshold
+    """
+    valid = np.isfinite(fields)
+    n_valid = np.maximum(valid.sum(axis=(1, 2)), 1)
+    with np.errstate(invalid="ignore"):
+        exceed = ((fields > thr) & valid).sum(axis=(1, 2)) / n_valid
+        wet = ((fields >= wet_threshold) & valid).sum(axis=(1, 2)) / n_valid
+    return pd.DataFrame(
+        {
+            "domain_mean": np.nanmean(fields, axis=(1, 2)),
+            "domain_max": np.nanmax(fields, axis=(1, 2)),
+            "exceed_fraction": exceed,
+            "wet_fraction": wet,
+        }
+    )
+
+
+def nearest_distances(a: np.ndarray, b: np.ndarray, exclude_self: bool = False, chunk: int = 256) -> np.ndarray:
+    """RMSE (mm/day) from each field of ``a`` to its nearest field in ``b`` over pixels valid in both.
+
+    Parameters
+    ----------
+    a : ndarray (Na, P), b : ndarray (Nb, P); NaN = invalid pixel (the mask is
+        assumed common, so NaN pixels are simply dropped where either has them).
+    exclude_self : a[i] is b[i]; skip that pair (real-to-real distances).
+    """
+    valid = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
+    a = a[:, valid].astype("float64")
+    b = b[:, valid].astype("float64")
+    p = max(int(valid.sum()), 1)
+    bb = (b * b).sum(axis=1)
+    out = np.empty(a.shape[0])
+    for start in range(0, a.shape[0], chunk):
+        blk = a[start : start + chunk]
+        d2 = (blk * blk).sum(axis=1)[:, None] + bb[None, :] - 2.0 * blk @ b.T
+        if exclude_self:
+            rows = np.arange(blk.shape[0])
+            d2[rows, start + rows] = np.inf
+        out[start : start + chunk] = np.sqrt(np.maximum(d2.min(axis=1), 0.0) / p)
+    return out
+
+
+def memorisation_check(samples: np.ndarray, reference: np.ndarray, warn_fraction: float) -> dict:
+    """Distance of each sample to its nearest real training field, against real-to-real distances.
+
+    The reference distribution is the leave-one-out nearest-neighbour RMSE of each
+    real train field to the other train fields.  A sample closer to a real field
+    than that distribution's 5th percentile counts as a near-copy.  Using all train
+    days (not only heavy ones) keeps the check conservative: pairs of near-dry days
+    are very close, so the 5th percentile is small and only near-copies fall below it
+    (a smooth, too-dry sample is not mistaken for a memorised one).
+    """
+    s = samples.reshape(samples.shape[0], -1)
+    r = reference.reshape(reference.shape[0], -1)
+    d_sample = nearest_distances(s, r)
+    d_real = nearest_distances(r, r, exclude_self=True)
+    p5 = float(np.percentile(d_real, 5))
+    frac = float((d_sample < p5).mean()) if d_sample.size else 0.0
+    return {
+        "sample_nn_rmse_median": float(np.median(d_sample)) if d_sample.size else float("nan"),
+        "real_nn_rmse_p5": p5,
+        "real_nn_rmse_median": float(np.median(d_real)),
+        "reference_fields": int(r.shape[0]),
+        "fraction_closer_than_real_p5": frac,
+        "warn_fraction": warn_fraction,
+        "warning": frac > warn_fraction,
+        "per_sample_nn_rmse": d_sample,
+    }
+
+
+def _summary(values: np.ndarray) -> dict:
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {"n": 0}
+    return {"n": int(values.size), "mean": float(values.mean()), "p10": float(np.percentile(values, 10)),
+            "p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90))}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _crop(a: np.ndarray, pad_lat, pad_lon) -> np.ndarray:
+    return a[..., pad_lat[0] : a.shape[-2] - pad_lat[1], pad_lon[0] : a.shape[-1] - pad_lon[1]]
+
+
+def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: GenerateConfig,
+        events_cfg: EventsConfig, out_dir: str, device: str = "cpu") -> dict:
+    """Generate samples for the heavy days of ``cfg.splits`` and write the outputs to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, state = checkpoint.load_model(checkpoint_path, device)
+    data = load_fields(dataset, thresholds, events)
+    fine_shape = tuple(data.x.shape[-2:])
+    checkpoint.check_matches_data(state, data.channels, fine_shape, checkpoint_path)
+    ds = open_zarr(dataset)
+    thr_ds = open_netcdf(thresholds)
+    limits = {"domain_mean_threshold_mm_day": float(thr_ds["threshold"].attrs.get("domain_mean_threshold_mm_day",
+                                                                                     np.inf))}
+    pad_lat, pad_lon = list(ds.attrs.get("pad_lat", [0, 0])), list(ds.attrs.get("pad_lon", [0, 0]))
+    lat = _crop(ds["lat"].values[:, None], pad_lat, [0, 0])[:, 0]
+    lon = _crop(ds["lon"].values[None, :], [0, 0], pad_lon)[0]
+    mask = _crop(ds["mask"].values.astype(bool), pad_lat, pad_lon)
+    thr = _crop(data.thr_mm[0, 0].numpy(), pad_lat, pad_lon)
+
+    chosen = np.flatnonzero(np.isin(data.split, list(cfg.splits)) & data.is_event.numpy())
+    if chosen.size == 0:
+        raise InputError(
+            f"{events}: no heavy-event day in splits {list(cfg.splits)}; nothing to generate from "
+            "(check events.criterion or generate.splits)"
+        )
+    ckpt_sha = file_sha256(checkpoint_path)
+    chash = config_hash({"generate": dataclasses.asdict(cfg), "checkpoint": state.get("config_hash"),
+                         "events": dataclasses.asdict(events_cfg)})
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    attrs = {
+        "Conventions": "CF-1.8",
+        "title": "precip-cvae synthetic heavy-precipitation samples",
+        "institution": "precip-cvae workflow",
+        "source": f"conditional VAE ({state['model_config']['preset']} preset, epoch {state['epoch']}) sampled "
+                  f"from its prior p(z|y)",
+        "checkpoint": str(checkpoint_path),
+        "checkpoint_sha256": ckpt_sha,
+        "config_hash": chash,
+        "package_version": __version__,
+        "seed": int(cfg.seed),
+        "z_scale": float(cfg.z_scale),
+        "members_per_condition": int(cfg.members),
+        "filter_heavy": int(cfg.filter_heavy),
+        "creation_time": now,
+        "history": f"{now} precip-cvae {__version__} generate: {cfg.members} members per heavy day of splits "
+                   f"{list(cfg.splits)} from {checkpoint_path}",
+    }
+    log.info("generating %d members for each of %d heavy days (splits %s, z_scale %g, filter %s) from %s",
+             cfg.members, chosen.size, list(cfg.splits), cfg.z_scale, cfg.filter_heavy, checkpoint_path)
+
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    transform = data.transform
+    store = out / "augmented.zarr"
+    n_written, n_drawn, n_bad = 0, 0, {"nan": 0, "negative": 0}
+    short_days = 0
+    stats_rows, mass_rows, kept_fields_for_memo = [], [], []
+    memo_budget = cfg.memorisation_max_samples
+    with atomic_path(store) as tmp:
+        for start in range(0, chosen.size, cfg.batch_days):
+            days = chosen[start : start + cfg.batch_days]
+            y = data.y[days].to(device)
+            valid = data.valid[days].to(device)
+            accepted: list[list[np.ndarray]] = [[] for _ in days]
+            for round_ in range(cfg.max_rounds if cfg.filter_heavy else 1):
+                need = [cfg.members - len(a) for a in accepted]
+                if max(need) <= 0:
+                    break
+                with torch.no_grad():
+                    s = model.sample(y, valid, n_samples=cfg.members, z_scale=cfg.z_scale, generator=g)
+                mm = transform.inverse(s[:, :, 0].float()).cpu().numpy()  # (K, B, H, W)
+                mm = np.where(valid[:, 0].cpu().numpy()[None], mm, np.nan)
+                mm = _crop(mm, pad_lat, pad_lon)
+                n_drawn += int(sum(max(n, 0) for n in need))
+                for j in range(len(days)):
+                    if need[j] <= 0:
+                        continue
+                    cand = mm[:, j]  # (K, H, W)
+                    if cfg.filter_heavy:
+                        st = field_statistics(cand, thr, events_cfg.wet_threshold)
+                        ok = apply_criterion(st, events_cfg, limits)
+                        cand = cand[ok]
+                    accepted[j].extend(list(cand[: need[j]]))
+            batch_fields, src, member = [], [], []
+            for j, day in enumerate(days):
+                if len(accepted[j]) < cfg.members:
+                    short_days += 1
+                for m, f in enumerate(accepted[j]):
+                    batch_fields.append(f)
+                    src.append(day)
+                    member.append(m)
+            if not batch_fields:
+                continue
+            fields = np.stack(batch_fields).astype("float32")  # (S, h, w) original grid
+            inside = fields[:, mask]
+            n_bad["nan"] += int(np.isnan(inside).sum())
+            n_bad["negative"] += int((inside < 0).sum())
+            fields[:, ~mask] = np.nan
+            src = np.asarray(src)
+            st = field_statistics(fields, thr, events_cfg.wet_threshold)
+            st["source_date"] = data.dates[src]
+            stats_rows.append(st)
+            if data.coarse_mm is not None:
+                coarse = data.coarse_mm[src].numpy()
+                cmean = np.nanmean(coarse, axis=(1, 2))
+                mass_rows.append((st["domain_mean"].values - cmean) / np.maximum(cmean, 0.1))
+            if memo_budget > 0:
+                kept_fields_for_memo.append(fields[:memo_budget])
+                memo_budget -= min(memo_budget, fields.shape[0])
+            piece = xr.Dataset(
+                {
+                    "pr": (("sample", "lat", "lon"), fields, {
+                        "units": "mm day-1", "standard_name": "lwe_precipitation_rate",
+                        "long_name": "synthetic daily precipitation", "grid_mapping_note": "same grid as the input"}),
+                    "condition": (("sample", "channel", "clat", "clon"), data.y[src].numpy(), {
+                        "long_name": "normalised condition the sample was drawn for", "units": "1"}),
+                    "source_date": (("sample",), data.dates[src].astype(str), {"long_name": "date of the condition"}),
+                    "member": (("sample",), np.asarray(member, "int32"), {"long_name": "member index for the date"}),
+                    "synthetic": (("sample",), np.ones(len(src), "int8"), {
+                        "long_name": "sample is synthetic", "flag_values": [0, 1], "flag_meanings": "real synthetic"}),
+                },
+                coords={
+                    "sample": ("sample", np.arange(n_written, n_written + len(src), dtype="int64")),
+                    "lat": ("lat", lat, dict(ds["lat"].attrs) or {"units": "degrees_north"}),
+                    "lon": ("lon", lon, dict(ds["lon"].attrs) or {"units": "degrees_east"}),
+                    "channel": ("channel", np.asarray(data.channels, dtype=str)),
+                    "clat": ("clat", ds["clat"].values, dict(ds["clat"].attrs)),
+                    "clon": ("clon", ds["clon"].values, dict(ds["clon"].attrs)),
+                },
+                attrs=attrs,
+            )
+            if n_written == 0:
+                piece.to_zarr(tmp, mode="w", consolidated=True, zarr_format=2)
+            else:
+                piece.drop_vars(["lat", "lon", "channel", "clat", "clon"]).to_zarr(
+                    tmp, append_dim="sample", consolidated=True, zarr_format=2)
+            n_written += len(src)
+            log.info("written %d samples (%d of %d heavy days)", n_written, min(start + len(days), chosen.size),
+                     chosen.size)
+        if n_bad["nan"] or n_bad["negative"]:
+            raise GenerationError(
+                f"generated samples contain {n_bad['nan']} NaN and {n_bad['negative']} negative values inside the "
+                "mask; nothing was written"
+            )
+        if n_written == 0:
+            raise GenerationError("no sample was accepted; lower the filter's demands or raise generate.max_rounds")
+
+    acceptance = n_written / max(n_drawn, 1)
+    synth_stats = pd.concat(stats_rows, ignore_index=True)
+    report = _report(data, chosen, synth_stats, mass_rows, kept_fields_for_memo, thr, mask, pad_lat, pad_lon,
+                     cfg, events_cfg, attrs, n_written, acceptance, short_days, n_bad)
+    _write_training_set(ds, store, out / "augmented_training_set.zarr", cfg, attrs)
+    if cfg.netcdf:
+        write_netcdf(open_zarr(store).load(), out / "augmented.nc")
+    write_json(report, out / "generation_report.json")
+    write_text(_report_md(report), out / "generation_report.md")
+    return report
+
+
+def _report(data, chosen, synth, mass_rows, memo_fields, thr, mask, pad_lat, pad_lon, cfg, events_cfg, attrs,
+            n_written, acceptance, short_days, n_bad) -> dict:
+    train_idx = np.flatnonzero(data.split == "train")
+    real = _crop(data.pr_mm[:, 0].numpy(), pad_lat, pad_lon)
+    real_events = real[chosen]
+    real_stats = field_statistics(real_events, thr, events_cfg.wet_threshold)
+    reference = real[train_idx]
+    if reference.shape[0] > cfg.memorisation_max_reference:
+        pick = np.random.default_rng(cfg.seed).choice(reference.shape[0], cfg.memorisation_max_reference, replace=False)
+        reference_idx = train_idx[np.sort(pick)]
+    else:
+        reference_idx = train_idx
+    memo = memorisation_check(
+        np.concatenate(memo_fields) if memo_fields else np.zeros((0, *real.shape[1:])),
+        real[reference_idx], cfg.memorisation_warn_fraction)
+    if memo["warning"]:
+        log.warning("memorisation: %.1f %% of samples are closer to a real training field than 95 %% of real "
+                    "train fields are to each other (warning above %.1f %%)",
+                    100 * memo["fraction_closer_than_real_p5"], 100 * cfg.memorisation_warn_fraction)
+    memo.pop("per_sample_nn_rmse")
+    mass = np.concatenate(mass_rows) if mass_rows else np.array([])
+    report = {
+        "provenance": attrs,
+        "samples": n_written,
+        "heavy_days": int(chosen.size),
+        "members_per_day": cfg.members,
+        "acceptance_rate": acceptance,
+        "days_short_of_members": short_days,
+        "nan_values": n_bad["nan"],
+        "negative_values": n_bad["negative"],
+        "mass_error_vs_coarse_condition": (
+            {"available": True, "mean_abs": float(np.mean(np.abs(mass))), **_summary(mass)}
+            if mass.size else {"available": False, "reason": "no precipitation channel in the condition"}
+        ),
+        "memorisation": memo,
+        "distributions": {
+            name: {"synthetic": _summary(synth[name].values), "real_event_days": _summary(real_stats[name].values)}
+            for name in ("domain_max", "domain_mean", "exceed_fraction", "wet_fraction")
+        },
+    }
+    log.info("generation: %d samples, acceptance %.2f, memorisation fraction %.3f, mass error %s",
+             n_written, acceptance, memo["fraction_closer_than_real_p5"],
+             f"{report['mass_error_vs_coarse_condition'].get('mean_abs', float('nan')):.3f}"
+             if mass.size else "n/a")
+    return report
+
+
+def _report_md(r: dict) -> str:
+    d = r["distributions"]
+    lines = [
+        "# Generation report",
+        "",
+        f"- samples: **{r['samples']}** from {r['heavy_days']} heavy days x {r['members_per_day']} members "
+        f"(acceptance rate {r['acceptance_rate']:.2f}, days short of members: {r['days_short_of_members']})",
+        f"- NaN values: {r['nan_values']}, negative values: {r['negative_values']}",
+        f"- checkpoint SHA-256 `{r['provenance']['checkpoint_sha256'][:16]}...`, seed {r['provenance']['seed']}, "
+        f"package {r['provenance']['package_version']}",
+    ]
+    m = r["mass_error_vs_coarse_condition"]
+    lines.append(
+        f"- mass error vs the coarse precipitation condition: mean |rel. error| {m['mean_abs']:.3f} "
+        f"(median {m['p50']:+.3f})" if m.get("available") else f"- mass error vs the coarse condition: n/a ({m['reason']})"
+    )
+    mm = r["memorisation"]
+    lines += [
+        f"- memorisation: {100 * mm['fraction_closer_than_real_p5']:.1f} % of samples are closer to a real "
+        f"training field than the 5th percentile of real-to-real nearest-neighbour RMSE ({mm['real_nn_rmse_p5']:.2f} "
+        f"mm/day over {mm['reference_fields']} train fields){' **WARNING**' if mm['warning'] else ''}",
+        "",
+        "| statistic | synthetic p10 / p50 / p90 | real heavy days p10 / p50 / p90 |",
+        "|---|---|---|",
+    ]
+    for name, v in d.items():
+        s, t = v["synthetic"], v["real_event_days"]
+        fmt = lambda x: f"{x.get('p10', float('nan')):.3g} / {x.get('p50', float('nan')):.3g} / {x.get('p90', float('nan')):.3g}"  # noqa: E731
+        lines.append(f"| {name} | {fmt(s)} | {fmt(t)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_training_set(ds: xr.Dataset, augmented: Path, path: Path, cfg: GenerateConfig, attrs: dict) -> None:
+    """Real train days + synthetic samples in the layout of ``dataset.zarr`` (padded grid, ``time`` dim)."""
+    train = ds.isel(time=np.flatnonzero(ds["split"].values.astype(str) == "train"))
+    aug = open_zarr(augmented)
+    pad_lat, pad_lon = list(ds.attrs.get("pad_lat", [0, 0])), list(ds.attrs.get("pad_lon", [0, 0]))
+    synth_pr = aug["pr"].pad(lat=tuple(pad_lat), lon=tuple(pad_lon)).data  # NaN padding, dask
+    from .events import format_times
+
+    position = {d: i for i, d in enumerate(format_times(ds.indexes["time"]))}
+    src_index = np.array([position[str(d)] for d in aug["source_date"].values])
+    synth_time = ds["time"].values[src_index]
+    n_syn = aug.sizes["sample"]
+    synthetic = xr.Dataset(
+        {
+            "pr": (("time", "lat", "lon"), synth_pr),
+            "condition": (("time", "channel", "clat", "clon"), aug["condition"].data),
+            "split": (("time",), np.full(n_syn, "train")),
+        },
+        coords={"time": synth_time, "lat": train["lat"].values, "lon": train["lon"].values,
+                "channel": train["channel"].values, "clat": train["clat"].values, "clon": train["clon"].values},
+    )
+    if "coarse_pr" in train:
+        synthetic["coarse_pr"] = (("time", "clat", "clon"), ds["coarse_pr"].values[src_index])
+    real = train[[v for v in ("pr", "condition", "split", "coarse_pr") if v in train]]
+    combined = xr.concat([real, synthetic], dim="time", data_vars="all", coords="minimal", compat="override",
+                         join="override")
+    n_real = real.sizes["time"]
+    combined["synthetic"] = (("time",), np.r_[np.zeros(n_real, "int8"), np.ones(n_syn, "int8")],
+                             {"flag_values": [0, 1], "flag_meanings": "real synthetic"})
+    combined["sample_weight"] = (("time",), np.r_[np.ones(n_real), np.full(n_syn, cfg.synthetic_weight)].astype(
+        "float32"), {"long_name": "suggested training weight"})
+    combined["mask"] = ds["mask"]
+    for name in ("cond_mean", "cond_std"):
+        combined[name] = ds[name]
+    combined["pr"].attrs = dict(ds["pr"].attrs)
+    combined.attrs = {**dict(ds.attrs), **{f"generation_{k}": v for k, v in attrs.items()},
+                      "title": "precip-cvae augmented training set (real train days + synthetic samples)"}
+    combined = combined.chunk({"time": 256})
+    from .io import write_zarr
+
+    write_zarr(combined, path)

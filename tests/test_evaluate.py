@@ -1,0 +1,321 @@
+"""The evaluate stage: scores against hand values and score_ensemble, the cache, every output, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from conftest import copy_workflow
+from precip_cvae import evaluate as E
+from precip_cvae import metrics, plots
+from precip_cvae.config import ConfigError, EvaluateConfig
+
+
+# ----------------------------------------------------------------------------- unit: scores
+
+
+def _fields(seed=0, m=5, n=6, h=8, w=9):
+    rng = np.random.default_rng(seed)
+    obs = rng.gamma(0.5, 6.0, (n, h, w))
+    obs[obs < 1.5] = 0.0
+    obs[:, 0, :3] = np.nan  # masked pixels
+    ens = rng.gamma(0.5, 6.0, (m, n, h, w))
+    ens[ens < 1.5] = 0.0
+    thr = {"p95": np.full((h, w), 8.0), "p99": np.full((h, w), 14.0)}
+    thr["p99"][2:4, 2:4] = 20.0  # a local threshold
+    return ens, obs, thr
+
+
+def test_score_equals_score_ensemble_and_does_not_depend_on_chunking():
+    ens, obs, thr = _fields()
+    ref = metrics.score_ensemble(ens, obs, thr["p95"], thr["p99"], windows=(1, 3, 5), rng=0)
+    got, curves = E.score(ens, obs, thr, windows=(1, 3, 5), rng=0, chunk_days=4)
+    assert set(ref) <= set(got)
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-12, nan_ok=True), key
+    one_day, _ = E.score(ens, obs, thr, windows=(1, 3, 5), rng=0, chunk_days=1)
+    assert one_day["crps"] == pytest.approx(got["crps"], rel=1e-12)
+    assert one_day["twcrps_p99"] == pytest.approx(got["twcrps_p99"], rel=1e-12)
+    assert got["n_days"] == 6 and curves["rank_counts"].sum() == np.isfinite(obs).sum()
+    assert curves["rank_counts"].shape == (6,) and curves["qq_levels"].shape == curves["qq_obs"].shape
+
+
+def test_a_perfect_ensemble_scores_perfectly():
+    _, obs, thr = _fields()
+    ens = np.repeat(obs[None], 4, axis=0)
+    s, curves = E.score(ens, obs, thr, windows=(1, 3), coarse_ref=np.nan_to_num(obs))
+    for key in ("crps", "twcrps_p95", "twcrps_p99", "mae_all", "mass_error_mae", "mass_error_bias",
+                "mass_error_coarse_mae", "rapsd_log_ratio"):
+        assert s[key] == pytest.approx(0.0, abs=1e-12), key
+    for key in ("fss_p95_w1", "fss_p99_w3", "freq_bias_p99", "csi_p99", "pod_p99", "corr"):
+        assert s[key] == pytest.approx(1.0), key
+    # pooled members = the wet truth values repeated (quantiles differ only by interpolation)
+    wet = obs[np.isfinite(obs) & (obs >= 1.0)]
+    np.testing.assert_allclose(curves["qq_ens"], np.quantile(np.repeat(wet, 4), E.QQ_LEVELS))
+    np.testing.assert_allclose(curves["qq_obs"], np.quantile(wet, E.QQ_LEVELS))
+    assert s["far_p99"] == 0.0 and s["tail_q99_ens"] == pytest.approx(s["tail_q99_obs"], rel=0.01)
+
+
+def test_hand_values_of_the_added_scores():
+    # one day, 1 x 2 pixels, two members
+    obs = np.array([[[0.0, 4.0]]])
+    ens = np.array([[[[1.0, 6.0]]], [[[3.0, 8.0]]]])
+    thr = {"p95": np.array([[3.0, 3.0]]), "p99": np.array([[5.0, 5.0]])}
+    s, _ = E.score(ens, obs, thr, windows=(1,), coarse_ref=np.array([[[3.0, 3.0]]]))
+    # fair CRPS of two members above y is min(x) - y: pixels 1 - 0 = 1 and 6 - 4 = 2
+    assert s["crps"] == pytest.approx(1.5)
+    # twCRPS: the same on max(., thr): at 5 -> 0 and 6 - 5 = 1; at 3 -> 0 and 6 - 4 = 2
+    assert s["twcrps_p99"] == pytest.approx(0.5)
+    assert s["twcrps_p95"] == pytest.approx(1.0)
+    # mass: member means 3.5 and 5.5 against 2 -> 0.75, 1.75; against the coarse 3 -> 1/6, 5/6
+    assert s["mass_error_mae"] == pytest.approx(1.25) and s["mass_error_bias"] == pytest.approx(1.25)
+    assert s["mass_error_coarse_mae"] == pytest.approx(0.5) and s["mass_error_coarse_bias"] == pytest.approx(0.5)
+    # above 3: truth 1 pixel, each member 1 -> 1; above 5: nothing observed -> undefined
+    assert s["freq_bias_p95"] == pytest.approx(1.0)
+    assert math.isnan(s["freq_bias_p99"])
+
+
+# ----------------------------------------------------------------------------- unit: names, config, tables
+
+
+def test_config_checks_and_checkpoint_labels():
+    cfg = EvaluateConfig.from_dict({"checkpoints": ["best", "runs/a/epoch10.pt", "b/epoch10.pt"]})
+    assert cfg.checkpoint_labels() == ("best", "epoch10", "epoch10_2")
+    with pytest.raises(ConfigError, match=r"valid names are \['val', 'test'\]"):
+        EvaluateConfig(splits=("train",))
+    with pytest.raises(ConfigError, match="two increasing numbers"):
+        EvaluateConfig(percentiles=(99.0, 95.0))
+    with pytest.raises(ConfigError, match="neither 'best', 'last'"):
+        EvaluateConfig(checkpoints=("final",))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['member'\]"):
+        EvaluateConfig.from_dict({"member": 3})
+
+
+def test_unknown_baseline_lists_the_valid_names():
+    with pytest.raises(ConfigError, match=r"unknown baseline 'persistence'; valid names are "
+                                          r"\['analogs', 'climatology', 'interpolation'\]"):
+        E.check_baselines(["analogs", "persistence"])
+
+
+def test_headline_keeps_mae_tail_next_to_the_frequency_bias():
+    cfg = EvaluateConfig(percentiles=(90.0, 99.5), fss_windows=(1, 5, 11, 21, 41))
+    keys = [k for k, *_ in E.headline_metrics(cfg)]
+    assert keys == ["crps", "twcrps_p99.5", "fss_p99.5_w11", "freq_bias_p99.5", "mae_tail_p99.5", "csi_p99.5",
+                    "spread_skill"]
+    assert E.headline_window(EvaluateConfig(fss_windows=(27, 1, 9, 3))) == 9
+
+
+def test_best_source_and_verdicts():
+    assert E.best_source({"a": 1.2, "b": 0.7, "c": float("nan")}, "one") == "a"
+    assert E.best_source({"a": 1.2, "b": 0.7}, "lower") == "b"
+    assert E.best_source({"a": 1.2, "b": 0.7}, "higher") == "a"
+    assert E.best_source({"a": float("nan")}, "lower") is None
+    cfg = EvaluateConfig()
+    labels = [label for _, label, _ in E.headline_metrics(cfg)]
+    head = pd.DataFrame([
+        {"source": "cVAE (best)", "subset": "all", **dict(zip(labels, [1.0, 0.1, 0.6, 1.1, 9.0, 0.3, 0.9]))},
+        {"source": "analogs", "subset": "all", **dict(zip(labels, [1.2, 0.2, 0.4, 0.5, 8.0, 0.2, 0.5]))},
+    ])
+    lines = E.verdicts(head, cfg, "all")
+    assert lines[0] == "- CRPS: **cVAE (best)** is best (lowest: 1), ahead of analogs (1.2)."
+    assert "**analogs**" in lines[4] and "read it with the frequency bias" in lines[4]
+    assert "**cVAE (best)** is best (closest to 1: 1.1)" in lines[3]
+
+
+def test_heaviest_days_and_crop():
+    obs = np.zeros((4, 2, 2))
+    obs[2] = 5.0
+    obs[0, 0, 0] = 8.0
+    obs[3, :, :] = np.nan
+    np.testing.assert_array_equal(E.heaviest_days(obs, 3), [2, 0, 1])
+    a = np.arange(2 * 6 * 5).reshape(2, 6, 5)
+    out = E.crop(a, {"pad_lat": [1, 2], "pad_lon": [0, 1]})
+    np.testing.assert_array_equal(out, a[:, 1:4, 0:4])
+
+
+def test_comparison_table_lists_experiments_then_baselines_once():
+    cfg = EvaluateConfig(fss_windows=(1, 3, 9))
+    rows = []
+    for model, ckpt, crps in (("cvae", "best", 1.0), ("cvae", "last", 1.1), ("analogs", "-", 1.3)):
+        for subset in ("all", "heavy"):
+            rows += [(model, ckpt, "test", subset, "crps", crps), (model, ckpt, "val", subset, "crps", 9.0)]
+    table = pd.DataFrame(rows, columns=E.METRIC_COLUMNS)
+    other = table.assign(value=table["value"] + (table["model"] == "cvae") * 0.5)
+    out = E.comparison_table({"default": table, "big": other}, cfg)
+    assert list(out["experiment"]) == ["default", "default", "big", "big", "-"]
+    assert list(out["crps@all"]) == [1.0, 1.1, 1.5, 1.6, 1.3]
+    assert set(out["split"]) == {"test"}
+    fig = plots.comparison(out, E.headline_metrics(cfg))
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == len(E.headline_metrics(cfg))
+
+
+# ----------------------------------------------------------------------------- the stage on tiny data
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory):
+    """A tiny demo on a 12 x 14 grid (padded to 16 x 16), through preprocess + events, with a 2-epoch model."""
+    from precip_cvae import demo, events, preprocess, train
+    from precip_cvae.config import (DataConfig, DemoConfig, EventsConfig, LossConfig, ModelConfig,
+                                    PreprocessConfig, TrainConfig, VariableSource)
+
+    root = tmp_path_factory.mktemp("evaluate")
+    demo.write_demo_data(DemoConfig(seed=5, years=2, nlat=12, nlon=14, nclat=4, nclon=4, heavy_fraction=0.05),
+                         root / "raw")
+    data = DataConfig(
+        target=VariableSource(str(root / "raw" / "target" / "*.nc"), "pr"),
+        predictors=tuple(VariableSource(str(root / "raw" / "predictors" / "*.nc"), v) for v in ("psl", "hus850")),
+    )
+    preprocess.run(data, PreprocessConfig(target_coarse_factor=4, chunk_time=64), str(root / "dataset.zarr"))
+    events.run(str(root / "dataset.zarr"), EventsConfig(percentile=95.0, min_exceed_fraction=0.05),
+               str(root / "thresholds.nc"), str(root / "events.csv"))
+    paths = train.TrainPaths(str(root / "dataset.zarr"), str(root / "thresholds.nc"), str(root / "events.csv"),
+                             str(root / "train"), str(root / "resume"))
+    train.run(paths, ModelConfig(preset="tiny"),
+              TrainConfig(epochs=2, batch_size=32, lr=2e-3, val_members=2, loss=LossConfig(warmup_epochs=1),
+                          num_threads=1))
+    return root
+
+
+CFG = EvaluateConfig(members=6, splits=("val", "test"), fss_windows=(1, 3, 5), batch_size=24, n_map_days=2,
+                     device="cpu", min_wet_days=5)
+
+
+@pytest.fixture(scope="module")
+def evaluated(padded):
+    root = padded
+    sample = E.SamplePaths(str(root / "dataset.zarr"), str(root / "thresholds.nc"), str(root / "events.csv"),
+                           {"best": str(root / "train" / "best.pt"), "last": str(root / "train" / "last.pt")},
+                           str(root / "out" / "ensembles.zarr"))
+    E.sample_ensembles(sample, CFG, threads=1, experiment="default")
+    paths = E.ScorePaths(sample.out, str(root / "dataset.zarr"), str(root / "train" / "train_log.csv"),
+                         str(root / "out"))
+    ev = E.run(paths, CFG, experiment="default")
+    plots.write_figures(ev, paths, CFG)
+    return paths, ev
+
+
+def test_the_cache_holds_cropped_masked_ensembles(evaluated, padded):
+    paths, ev = evaluated
+    truth = xr.open_zarr(paths.ensembles, group="test/truth")
+    assert truth["pr"].shape[1:] == (12, 14)  # the padding (16 x 16) is cropped
+    assert truth["pr"].attrs["units"] == "mm day-1"
+    meta = json.loads(xr.open_zarr(paths.ensembles).attrs["evaluate_meta"])
+    assert meta["sources"] == ["cvae_best", "cvae_last", "climatology", "analogs", "interpolation"]
+    invalid = np.isnan(truth["pr"].values)
+    for source in meta["sources"]:
+        ens = xr.open_zarr(paths.ensembles, group=f"test/{source}")["pr"].values
+        members = 1 if source == "interpolation" else 6
+        assert ens.shape == (members, truth.sizes["time"], 12, 14), source
+        np.testing.assert_array_equal(np.isnan(ens), np.broadcast_to(invalid, ens.shape))
+        assert np.nanmin(ens) >= 0.0
+    cv = xr.open_zarr(paths.ensembles, group="test/cvae_best")["pr"].values
+    assert np.nanstd(cv, axis=0).mean() > 0  # members differ
+    # the climatology and analog members are train fields: every one equals some train day
+    ds = xr.open_zarr(padded / "dataset.zarr")
+    train_pr = ds["pr"].isel(time=np.flatnonzero(ds["split"].values == "train")).values[:, 2:14, 1:15]
+    field = xr.open_zarr(paths.ensembles, group="test/analogs")["pr"].values[0, 0]
+    assert np.any(np.all(np.isclose(np.nan_to_num(train_pr), np.nan_to_num(field)), axis=(1, 2)))
+
+
+def test_best_and_last_of_the_same_epoch_sample_the_same_fields(evaluated, padded):
+    from precip_cvae import checkpoint
+
+    paths, _ = evaluated
+    same = checkpoint.load(padded / "train" / "best.pt")["epoch"] == checkpoint.load(padded / "train" / "last.pt")["epoch"]
+    a = xr.open_zarr(paths.ensembles, group="val/cvae_best")["pr"].values
+    b = xr.open_zarr(paths.ensembles, group="val/cvae_last")["pr"].values
+    assert np.array_equal(a, b, equal_nan=True) == same  # common random numbers
+
+
+def test_every_output_is_written_and_sane(evaluated):
+    paths, ev = evaluated
+    for key in E.OUTPUT_FILES:
+        assert paths.output(key).stat().st_size > 0, key
+    table = pd.read_csv(paths.output("metrics_csv"), dtype={"checkpoint": str})
+    assert list(table.columns) == E.METRIC_COLUMNS
+    assert set(table["subset"]) == {"all", "heavy"} and set(table["split"]) == {"val", "test"}
+    assert set(zip(table["model"], table["checkpoint"])) == {("cvae", "best"), ("cvae", "last"),
+                                                              ("climatology", "-"), ("analogs", "-"),
+                                                              ("interpolation", "-")}
+    crps = table[(table.metric == "crps") & (table.split == "test") & (table.subset == "all")].set_index("model")
+    assert (crps["value"] > 0).all()
+    # on the demo's learnable relation the condition helps: analogs beat climatology on both splits
+    for split in ("val", "test"):
+        assert ev.value("analogs", "crps", split) < 0.9 * ev.value("climatology", "crps", split)
+        assert ev.value("analogs", "fss_p99_w3", split) > ev.value("climatology", "fss_p99_w3", split) + 0.2
+    # the interpolation baseline is the coarse condition itself: no mass error against it
+    assert ev.value("interpolation", "mass_error_coarse_mae", "test") == pytest.approx(0.0, abs=1e-6)
+    assert ev.value("climatology", "mass_error_coarse_mae", "test") > 0.5
+    doc = json.loads(paths.output("metrics_json").read_text(),
+                     parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert doc["scores"]["cvae"]["best"]["test"]["all"]["crps"] == pytest.approx(crps.loc["cvae", "value"].iloc[0])
+    assert doc["scores"]["interpolation"]["-"]["test"]["all"]["spread_skill"] is None  # one member
+    assert len(doc["curves"]["test"]["all"]["cvae_best"]["rank_counts"]) == 7
+    summary = paths.output("summary").read_text()
+    assert "| source" in summary and "cVAE (best)" in summary and "is best" in summary
+    header = next(line for line in summary.splitlines() if line.startswith("| source"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols.index("MAE_tail P99 (improper) ↓") == cols.index("freq. bias P99 →1") + 1
+    head = pd.read_csv(paths.output("headline"))
+    assert list(head["source"][:4]) == ["cVAE (best)", "climatology", "analogs", "interpolation"]
+
+
+def test_scores_are_recomputed_from_the_cache_without_sampling(evaluated, padded, tmp_path, monkeypatch):
+    paths, ev = evaluated
+    monkeypatch.setattr(E, "sample_cvae", lambda *a, **k: pytest.fail("sampled again"))
+    again = E.ScorePaths(paths.ensembles, paths.dataset, paths.train_log, str(tmp_path))
+    other = E.run(again, EvaluateConfig(fss_windows=(3, 7), n_map_days=1, min_wet_days=5), experiment="default")
+    for metric in ("crps", "twcrps_p99", "fss_p99_w3", "csi_p99"):
+        assert other.value("cvae_best", metric, "test", "heavy") == pytest.approx(
+            ev.value("cvae_best", metric, "test", "heavy")), metric
+    assert "fss_p99_w7" in set(other.table["metric"]) and "fss_p99_w5" not in set(other.table["metric"])
+
+
+def test_missing_coarse_precipitation_skips_interpolation_with_a_log_line(padded, tmp_path, caplog, monkeypatch):
+    real = E.load_fields
+
+    def without_coarse(*a, **k):
+        fields = real(*a, **k)
+        fields.coarse_mm = None
+        return fields
+
+    monkeypatch.setattr(E, "load_fields", without_coarse)
+    sample = E.SamplePaths(str(padded / "dataset.zarr"), str(padded / "thresholds.nc"), str(padded / "events.csv"),
+                           {"best": str(padded / "train" / "best.pt")}, str(tmp_path / "ens.zarr"))
+    with caplog.at_level("INFO"):
+        E.sample_ensembles(sample, EvaluateConfig(members=2, splits=("test",), baselines=("interpolation",)))
+    assert "baseline 'interpolation' skipped" in caplog.text
+    meta = json.loads(xr.open_zarr(tmp_path / "ens.zarr").attrs["evaluate_meta"])
+    assert meta["sources"] == ["cvae_best"] and "interpolation" in meta["skipped_baselines"]
+    assert "coarse_pr" not in xr.open_zarr(tmp_path / "ens.zarr", group="test/truth")
+
+
+# ----------------------------------------------------------------------------- the workflow and its report
+
+
+@pytest.mark.workflow
+def test_tiny_workflow_evaluates_and_builds_the_report(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    config = work / "config" / "tiny.yaml"
+    config.write_text(config.read_text() + "\nevaluate: {members: 4, fss_windows: [1, 3, 9], n_map_days: 2}\n")
+    base = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(config)]
+    for extra in ([], ["--report", "report.html"]):
+        proc = subprocess.run(base + extra, cwd=work, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = work / "results" / "tiny" / "experiments" / "default" / "evaluate"
+    for name in E.OUTPUT_FILES.values():
+        assert (out / name).stat().st_size > 0, name
+    assert (work / "results" / "tiny" / "experiments_comparison.csv").exists()
+    report = (work / "report.html").read_text(errors="replace")
+    assert len(report) > 100_000 and "maps.png" in report and "fss_scale.png" in report
+    shutil.rmtree(work / "data", ignore_errors=True)

@@ -1,0 +1,134 @@
+"""The generate stage: shapes, units, provenance, determinism, mask, memorisation check, training-set layout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from precip_cvae import generate, train
+from precip_cvae.config import EventsConfig, GenerateConfig, LossConfig, ModelConfig, TrainConfig
+from precip_cvae.data import load_fields
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    paths = train.TrainPaths(prepared["dataset"], prepared["thresholds"], prepared["events"], str(out / "train"),
+                             str(out / "resume"))
+    train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, lr=2e-3, val_members=2, num_threads=1,
+                                                             loss=LossConfig(warmup_epochs=0)))
+    return str(paths.best)
+
+
+def _run(prepared, trained, out, **kw):
+    cfg = GenerateConfig(**{"members": 3, "batch_days": 2, "seed": 5, **kw})
+    return generate.run(trained, prepared["dataset"], prepared["thresholds"], prepared["events"], cfg,
+                        EventsConfig(min_exceed_fraction=0.05), str(out))
+
+
+def test_outputs_units_provenance_mask(prepared, trained, tmp_path):
+    report = _run(prepared, trained, tmp_path, netcdf=True)
+    aug = xr.open_zarr(tmp_path / "augmented.zarr")
+    events = np.loadtxt(prepared["events"], delimiter=",", skiprows=1, dtype=str)
+    n_heavy = int(((events[:, 1] == "train") & (events[:, -1] == "True")).sum())
+    assert n_heavy > 0 and aug.sizes["sample"] == 3 * n_heavy == report["samples"]
+    assert aug["pr"].dims == ("sample", "lat", "lon") and aug.sizes["lat"] == 16
+    assert aug["pr"].attrs["units"] == "mm day-1" and aug["pr"].attrs["standard_name"] == "lwe_precipitation_rate"
+    for key in ("checkpoint_sha256", "config_hash", "package_version", "seed", "creation_time", "history"):
+        assert key in aug.attrs, key
+    assert len(aug.attrs["checkpoint_sha256"]) == 64
+    assert sorted(set(aug["member"].values.tolist())) == [0, 1, 2] and aug["synthetic"].values.all()
+    pr = aug["pr"].values
+    ds = xr.open_zarr(prepared["dataset"])
+    mask = ds["mask"].values.astype(bool)
+    assert np.isnan(pr[:, ~mask]).all() and (pr[:, mask] >= 0).all() and np.isfinite(pr[:, mask]).all()
+    assert report["nan_values"] == 0 and report["negative_values"] == 0
+    assert report["mass_error_vs_coarse_condition"]["available"]  # the tiny set has a pr_block4 channel
+    back = json.loads((tmp_path / "generation_report.json").read_text())
+    assert back["samples"] == report["samples"] and "memorisation" in back
+    assert (tmp_path / "generation_report.md").read_text().startswith("# Generation report")
+    nc = xr.open_dataset(tmp_path / "augmented.nc")
+    np.testing.assert_allclose(nc["pr"].values, pr)
+
+
+def test_deterministic_per_seed(prepared, trained, tmp_path):
+    _run(prepared, trained, tmp_path / "a")
+    _run(prepared, trained, tmp_path / "b")
+    _run(prepared, trained, tmp_path / "c", seed=6)
+    a, b, c = (xr.open_zarr(tmp_path / n / "augmented.zarr")["pr"].values for n in "abc")
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(np.nan_to_num(a), np.nan_to_num(c))
+
+
+def test_filter_keeps_only_heavy_samples(prepared, trained, tmp_path):
+    def run(min_frac, out):
+        cfg = GenerateConfig(members=3, batch_days=2, seed=5, filter_heavy=True, max_rounds=2)
+        return generate.run(trained, prepared["dataset"], prepared["thresholds"], prepared["events"], cfg,
+                            EventsConfig(min_exceed_fraction=min_frac), str(out))
+
+    everything = run(0.0, tmp_path / "all")  # every sample qualifies: nothing redrawn
+    assert everything["acceptance_rate"] == 1.0 and everything["days_short_of_members"] == 0
+    unfiltered = xr.open_zarr(tmp_path / "all" / "augmented.zarr")["pr"].values
+    thr = xr.open_dataset(prepared["thresholds"])["threshold"].values
+    fractions = generate.field_statistics(unfiltered, thr, 1.0)["exceed_fraction"].values
+    with pytest.raises(generate.GenerationError, match="no sample was accepted"):
+        run(1.01, tmp_path / "none")  # impossible: fails and writes nothing
+    assert not (tmp_path / "none" / "augmented.zarr").exists()
+    cut = float(np.quantile(fractions, 0.5))
+    if cut > 0:
+        some = run(cut, tmp_path / "some")
+        kept = xr.open_zarr(tmp_path / "some" / "augmented.zarr")["pr"].values
+        assert (generate.field_statistics(kept, thr, 1.0)["exceed_fraction"] >= cut).all()
+        assert some["acceptance_rate"] < 1.0
+
+
+def test_memorisation_flags_a_copy_and_passes_independent_fields():
+    rng = np.random.default_rng(0)
+    real = rng.gamma(0.6, 5.0, size=(60, 8, 8))
+    real[:, 0, 0] = np.nan  # masked pixel, ignored
+    independent = rng.gamma(0.6, 5.0, size=(10, 8, 8))
+    ok = generate.memorisation_check(independent, real, warn_fraction=0.05)
+    assert ok["fraction_closer_than_real_p5"] <= 0.1 and not ok["warning"]
+    copies = np.concatenate([real[:3], independent[:7]])
+    flagged = generate.memorisation_check(copies, real, warn_fraction=0.05)
+    assert flagged["per_sample_nn_rmse"][:3] == pytest.approx([0, 0, 0], abs=1e-6)
+    assert flagged["fraction_closer_than_real_p5"] == pytest.approx(0.3) and flagged["warning"]
+
+
+def test_nearest_distances_by_hand():
+    a = np.array([[0.0, 0.0], [3.0, 4.0]])
+    b = np.array([[0.0, 1.0], [3.0, 3.0]])
+    np.testing.assert_allclose(generate.nearest_distances(a, b), [np.sqrt(0.5), np.sqrt(0.5)])
+    np.testing.assert_allclose(generate.nearest_distances(a, a, exclude_self=True), [np.sqrt(12.5)] * 2)
+
+
+def test_augmented_training_set_opens_with_the_training_loader(prepared, trained, tmp_path):
+    report = _run(prepared, trained, tmp_path, synthetic_weight=0.5)
+    path = tmp_path / "augmented_training_set.zarr"
+    fields = load_fields(str(path), prepared["thresholds"], None)
+    ds = xr.open_zarr(path)
+    real = load_fields(prepared["dataset"], prepared["thresholds"], prepared["events"], splits=("train",))
+    assert len(fields) == len(real) + report["samples"]
+    assert ds["synthetic"].values.sum() == report["samples"]
+    assert set(np.unique(ds["sample_weight"].values[ds["synthetic"].values == 1])) == {0.5}
+    np.testing.assert_array_equal(fields.x[: len(real)].numpy(), real.x.numpy())
+    assert (fields.split == "train").all() and fields.y.shape[1:] == real.y.shape[1:]
+
+
+def test_no_heavy_day_is_a_clear_error(prepared, trained, tmp_path):
+    with pytest.raises(Exception, match="no heavy-event day in splits"):
+        _no_events(prepared, trained, tmp_path)
+
+
+def _no_events(prepared, trained, tmp_path):
+    import pandas as pd
+
+    table = pd.read_csv(prepared["events"], dtype={"date": str})
+    table["is_event"] = False
+    path = tmp_path / "events.csv"
+    table.to_csv(path, index=False)
+    generate.run(trained, prepared["dataset"], prepared["thresholds"], str(path), GenerateConfig(members=2),
+                 EventsConfig(), str(tmp_path / "out"))
