@@ -175,3 +175,24 @@ def test_checkpoint_rebuilds_the_model_alone(prepared, tmp_path):
     assert out.shape == (2, 3, 1, 16, 16) and (out >= 0).all()
     with pytest.raises(checkpoint.CheckpointError, match="condition channels"):
         checkpoint.check_matches_data(state, ["psl"], (16, 16), "best.pt")
+
+
+def test_ddp_two_gloo_processes_match_one_process(prepared, tmp_path):
+    """gpus: 2 on CPU runs two gloo processes; same global batch -> the same loss trajectory within tolerance.
+
+    With lambda_ext = 0 every loss term is a mean over samples, so the DDP average of the two
+    half-batch gradients is the full-batch gradient; only the posterior noise differs.
+    """
+    base = dict(epochs=2, batch_size=32, lr=1e-3, val_members=2, seed=3, num_threads=2,
+                loss=LossConfig(warmup_epochs=1, lambda_ext=0.0), device="cpu")
+    model = ModelConfig(preset="tiny", dropout_encoder=0.0, dropout_decoder=0.0)
+    one = train.run(_paths(prepared, tmp_path / "one"), model, TrainConfig(gpus=1, **base))
+    two = train.run(_paths(prepared, tmp_path / "two"), model, TrainConfig(gpus=2, **base))
+    assert [r["epoch"] for r in two] == [0, 1]
+    a = np.array([r["train_loss"] for r in one])
+    b = np.array([r["train_loss"] for r in two])
+    np.testing.assert_allclose(b, a, rtol=0.05)
+    # only rank 0 wrote: one log with two rows, one set of checkpoints
+    assert len(pd.read_csv(tmp_path / "two" / "train" / "train_log.csv")) == 2
+    assert sorted(p.name for p in (tmp_path / "two" / "train").iterdir()) == ["best.pt", "last.pt", "train_log.csv"]
+    assert checkpoint.load(tmp_path / "two" / "train" / "last.pt")["epoch"] == 1

@@ -244,15 +244,149 @@ class _SignalFlag:
         return False
 
 
+def train_step(model: CVAE, opt, batch, cfg: TrainConfig, epoch: int, transform, autocast,
+               dist: "Dist | None" = None) -> dict | None:
+    """One optimisation step on ``batch``; returns the loss components, or None if the loss is not finite
+    (then no update is made; under DDP every rank agrees before any backward pass)."""
+    with autocast:
+        out = model(batch.x, batch.y, batch.valid)
+    out = type(out)(*(t.float() for t in out))
+    losses = compute_loss(out, batch.x, batch.valid, batch.extreme, cfg.loss, epoch, transform, batch.coarse_mm)
+    total = losses["total"]
+    finite = bool(torch.isfinite(total))
+    if dist is not None:
+        finite = dist.all_true(finite)
+    if not finite:
+        log.error("non-finite loss components: %s", {k: float(v) for k, v in losses.items()})
+        return None
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return losses
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+class Dist:
+    """Rank bookkeeping for DDP; a world of one makes every collective a no-op."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_true(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1 if flag else 0])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item())
+
+    def any_true(self, flag: bool) -> bool:
+        return not self.all_true(not flag)
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1 if flag else 0])
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, args: tuple, log_path: str | None) -> None:
+    import torch.distributed as tdist
+
+    from .logs import setup
+
+    setup(log_path if rank == 0 else None, logging.INFO if rank == 0 else logging.WARNING)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank)
+    tdist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        _run(*args, dist=Dist(rank, world))
+    finally:
+        tdist.destroy_process_group()
+
+
+def _run_distributed(world: int, args: tuple) -> list[dict]:
+    """Start ``world`` training processes (NCCL on GPUs, gloo on CPU); forward SIGTERM/SIGUSR1 to them."""
+    import torch.multiprocessing as mp
+
+    log_path = next((h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
+    log.info("DDP: %d processes (%s)", world, "nccl" if torch.cuda.is_available() else "gloo")
+    ctx = mp.start_processes(_ddp_worker, args=(world, _free_port(), args, log_path), nprocs=world, join=False,
+                             start_method="spawn")
+
+    def forward(signum, frame):
+        for proc in ctx.processes:
+            if proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    old = {s: signal.signal(s, forward) for s in _SignalFlag.SIGNALS}
+    try:
+        while not ctx.join(timeout=1):
+            pass
+    except mp.ProcessRaisedException as exc:
+        text = str(exc)
+        if "TrainingInterrupted" in text:
+            raise TrainingInterrupted(signal.SIGTERM, text.strip().splitlines()[-1]) from None
+        if "NonFiniteLoss" in text:
+            raise NonFiniteLoss(text.strip().splitlines()[-1]) from None
+        raise
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    import pandas as pd
+
+    return pd.read_csv(args[0].log_csv).to_dict("records")
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
 def run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: int = 1, experiment: str = "default"):
-    """Train (or resume training) and write best.pt, last.pt and train_log.csv."""
+    """Train (or resume training) and write best.pt, last.pt and train_log.csv.
+
+    With ``cfg.gpus > 1`` training runs data-parallel in ``cfg.gpus`` processes (DDP:
+    NCCL on GPUs, gloo on CPU), each taking its share of every global batch of
+    ``batch_size``; only rank 0 validates, writes checkpoints and logs.
+    """
     check_augmentations(cfg.augment)
+    world = max(1, int(cfg.gpus))
+    if world > 1:
+        threads = max(1, int(cfg.num_threads or threads) // world)
+        return _run_distributed(world, (paths, model_cfg, cfg, threads, experiment))
+    return _run(paths, model_cfg, cfg, threads, experiment, dist=Dist())
+
+
+def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: int, experiment: str, dist: Dist):
     if cfg.num_threads or threads:
-        torch.set_num_threads(int(cfg.num_threads or threads))
+        torch.set_num_threads(int(threads if dist.world > 1 else (cfg.num_threads or threads)))
     device = select_device(cfg)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.rank)
     data = load_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", "val"))
     train, val = data.select("train"), data.select("val")
     if not bool(train.is_event.any()):
@@ -269,6 +403,9 @@ def run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: in
 
     torch.manual_seed(cfg.seed)
     model = CVAE(model_cfg, n_channels, fine_shape, coarse_shape).to(device)
+    net = model  # what the training step calls: the DDP wrapper under DDP
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = count_parameters(model)
     log.info("model %s: %d parameters (%.2f M); condition %s %s -> fine %s; device %s",
              model_cfg.preset, n_params, n_params / 1e6, list(data.channels), coarse_shape, fine_shape, device)
@@ -335,7 +472,8 @@ def run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: in
 
     Path(paths.out_dir).mkdir(parents=True, exist_ok=True)
     Path(paths.resume_dir).mkdir(parents=True, exist_ok=True)
-    _write_log(history, paths.log_csv)
+    if dist.main:
+        _write_log(history, paths.log_csv)
     thr_x = train.thr_x.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     n_train = len(train)
@@ -343,48 +481,50 @@ def run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: in
     with _SignalFlag() as flag:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            model.train()
+            net.train()
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             order = epoch_indices(train.is_event, cfg.oversample_heavy, g)
             sums = {"total": 0.0, "mae_all": 0.0, "mae_ext": 0.0, "kl": 0.0, "mass": 0.0}
             beta = beta_schedule(epoch, cfg.loss.beta_kl, cfg.loss.warmup_epochs)
             n_steps = 0
             for step, start in enumerate(range(0, n_train, cfg.batch_size)):
-                if flag.signum is not None:
+                if dist.any_true(flag.signum is not None):
                     raise TrainingInterrupted(
-                        flag.signum,
+                        flag.signum or signal.SIGTERM,
                         f"interrupted by signal {flag.signum} in epoch {epoch} step {step}; the state after epoch "
                         f"{epoch - 1} is in {paths.resume}; rerun to resume",
                     )
-                batch = make_batch(train, order[start : start + cfg.batch_size], thr_x, device)
+                index = order[start : start + cfg.batch_size][dist.rank :: dist.world]  # this rank's share
+                batch = make_batch(train, index, thr_x, device)
                 batch = augment(batch, cfg.augment, g, cfg)
-                with autocast:
-                    out = model(batch.x, batch.y, batch.valid)
-                out = type(out)(*(t.float() for t in out))
-                losses = compute_loss(out, batch.x, batch.valid, batch.extreme, cfg.loss, epoch, train.transform,
-                                      batch.coarse_mm)
-                total = losses["total"]
-                if not torch.isfinite(total):
-                    parts = {k: float(v) for k, v in losses.items()}
+                losses = train_step(net, opt, batch, cfg, epoch, train.transform, autocast,
+                                    dist if dist.world > 1 else None)
+                if losses is None:
                     raise NonFiniteLoss(
-                        f"non-finite loss at epoch {epoch} step {step}: {parts}; the last good state (epoch "
+                        f"non-finite loss at epoch {epoch} step {step}; the last good state (epoch "
                         f"{epoch - 1}) is in {paths.resume}. Lower train.lr or check the inputs."
                     )
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
                 for k in sums:
                     sums[k] += float(losses[k].detach())
                 n_steps += 1
+            sums = dist.mean(sums)
             train_seconds = time.perf_counter() - t0
-            scores = validate(model, val, cfg, epoch, device, max(cfg.batch_size, 64))
-            value = scores[f"val_{cfg.early_stopping_metric}"]
+            if dist.main:
+                scores = validate(model, val, cfg, epoch, device, max(cfg.batch_size, 64))
+                value = scores[f"val_{cfg.early_stopping_metric}"]
+            else:  # only rank 0 validates; the others follow its decisions
+                scores, value = {}, 0.0
+            value = dist.mean({"v": value})["v"] * dist.world
             lr = opt.param_groups[0]["lr"]
             if sched is not None:
                 sched.step(value) if cfg.scheduler == "plateau" else sched.step()
             is_best, should_stop = stopper.update(epoch, value)
+            if not dist.main:
+                should_stop = dist.broadcast_flag(should_stop)
+                if should_stop:
+                    break
+                continue
+            dist.broadcast_flag(should_stop)
             seconds = time.perf_counter() - t0
             row = {
                 "epoch": epoch, "beta": beta, "lr": lr, "warmup_done": warmup_finished(epoch, cfg.loss.warmup_epochs),
@@ -412,6 +552,8 @@ def run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: in
                 log.info("early stopping after epoch %d: no %s improvement for %d epochs (best %.4f at epoch %d)",
                          epoch + 1, cfg.early_stopping_metric, cfg.patience, stopper.best_value, stopper.best_epoch + 1)
                 break
+    if not dist.main:
+        return history
     if epoch < start_epoch:  # nothing left to train (resumed after the last epoch)
         state = snapshot(epoch)
         checkpoint.save(state, paths.last)
