@@ -17,6 +17,7 @@ include: "rules/data.smk"
 include: "rules/preprocess.smk"
 include: "rules/events.smk"
 include: "rules/train.smk"
+include: "rules/evaluate.smk"
 include: "rules/generate.smk"
 
 
@@ -28,5 +29,7 @@ rule all:
             path=["preprocess/dataset.zarr", "events/thresholds.nc", "events/events.csv"],
         ),
         all_experiment_outputs("train", "best.pt"),
+        all_experiment_outputs("evaluate", "summary.md"),
         all_experiment_outputs("generate", "generation_report.json"),
+        expand("results/{run}/experiments_comparison.csv", run=RUN),
     default_target: True

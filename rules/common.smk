@@ -80,3 +80,25 @@ def generate_checkpoint(wildcards):
     """The checkpoint generate samples from: best.pt or last.pt of the experiment."""
     name = config["generate"]["checkpoint"] + ".pt"
     return os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train", name)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+EVALUATE = config.get("evaluate") or {}
+
+
+def evaluate_section(part):
+    """The evaluate keys that sampling depends on (part="sampling": EVALUATE_SAMPLING_KEYS) or scoring (the rest)."""
+    from precip_cvae.config import EVALUATE_SAMPLING_KEYS
+
+    sampling = part == "sampling"
+    return {k: v for k, v in EVALUATE.items() if (k in EVALUATE_SAMPLING_KEYS) == sampling}
+
+
+def evaluate_checkpoints(wildcards):
+    """The checkpoints evaluate samples, in config order: the experiment's best.pt / last.pt, or paths as given."""
+    from precip_cvae.config import EvaluateConfig
+
+    train_dir = os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train")
+    entries = EvaluateConfig.from_dict(EVALUATE).checkpoints
+    return [os.path.join(train_dir, f"{e}.pt") if e in ("best", "last") else e for e in entries]

@@ -1,23 +1,8 @@
 # The evaluate stage in two rules joined by a zarr cache of the ensembles:
 # sample_ensembles (checkpoints + baselines -> ensembles.zarr) and evaluate (scores,
-# figures, summary). Keys of the evaluate section that change what is sampled go to the
-# first rule only, so a new FSS window or percentile rescores without resampling.
-from precip_cvae.config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
-
-EVALUATE = config.get("evaluate") or {}
-
-
-def evaluate_section(part):
-    """The evaluate keys of one rule: 'sampling' (EVALUATE_SAMPLING_KEYS) or 'scoring' (the others)."""
-    sampling = part == "sampling"
-    return {k: v for k, v in EVALUATE.items() if (k in EVALUATE_SAMPLING_KEYS) == sampling}
-
-
-def evaluate_checkpoints(wildcards):
-    """The checkpoints to evaluate, in config order: the experiment's best/last, or paths as given."""
-    train_dir = os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train")
-    entries = EvaluateConfig.from_dict(EVALUATE).checkpoints
-    return [os.path.join(train_dir, e + ".pt") if e in ("best", "last") else e for e in entries]
+# figures, summary), plus the run-level compare_experiments. Keys of the evaluate section
+# that change what is sampled go to the first rule only (evaluate_section in common.smk),
+# so a new FSS window or percentile rescores without resampling.
 
 
 rule sample_ensembles:

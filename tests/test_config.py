@@ -38,6 +38,8 @@ def _defaults(props):
         (("events",), C.EventsConfig, set()),
         (("model",), C.ModelConfig, set()),
         (("train", "loss"), C.LossConfig, set()),
+        (("evaluate",), C.EvaluateConfig, set()),
+        (("generate",), C.GenerateConfig, set()),
     ],
 )
 def test_schema_defaults_equal_dataclass_defaults(path, cls, skip):

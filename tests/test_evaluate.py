@@ -7,7 +7,6 @@ import math
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -100,6 +99,25 @@ def test_config_checks_and_checkpoint_labels():
         EvaluateConfig.from_dict({"member": 3})
 
 
+def test_schema_section_matches_the_dataclass():
+    import dataclasses
+
+    import yaml
+
+    from conftest import REPO
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    props = schema["properties"]["evaluate"]["properties"]
+    assert schema["properties"]["evaluate"]["additionalProperties"] is False
+    assert set(props) == {f.name for f in dataclasses.fields(EvaluateConfig)}
+    defaults = EvaluateConfig()
+    for key, prop in props.items():
+        value = tuple(prop["default"]) if isinstance(prop["default"], list) else prop["default"]
+        assert value == getattr(defaults, key), key
+        assert prop.get("description"), key
+    assert props["baselines"]["items"]["enum"] == sorted(E.BASELINES, key=list(E.BASELINES).index)
+
+
 def test_unknown_baseline_lists_the_valid_names():
     with pytest.raises(ConfigError, match=r"unknown baseline 'persistence'; valid names are "
                                           r"\['analogs', 'climatology', 'interpolation'\]"):
@@ -129,6 +147,10 @@ def test_best_source_and_verdicts():
     assert lines[0] == "- CRPS: **cVAE (best)** is best (lowest: 1), ahead of analogs (1.2)."
     assert "**analogs**" in lines[4] and "read it with the frequency bias" in lines[4]
     assert "**cVAE (best)** is best (closest to 1: 1.1)" in lines[3]
+    assert not any("dilemma" in line for line in lines)  # analogs' freq. bias 0.5: no over-forecasting
+    head.loc[1, labels[3]] = 4.0  # analogs now forecast P99 exceedances 4 times too often
+    lines = E.verdicts(head, cfg, "all")
+    assert lines[5].startswith("  Forecaster's dilemma: analogs forecasts exceedances 4 times as often")
 
 
 def test_heaviest_days_and_crop():
@@ -231,7 +253,8 @@ def test_best_and_last_of_the_same_epoch_sample_the_same_fields(evaluated, padde
     from precip_cvae import checkpoint
 
     paths, _ = evaluated
-    same = checkpoint.load(padded / "train" / "best.pt")["epoch"] == checkpoint.load(padded / "train" / "last.pt")["epoch"]
+    epochs = [checkpoint.load(padded / "train" / f"{name}.pt")["epoch"] for name in ("best", "last")]
+    same = epochs[0] == epochs[1]
     a = xr.open_zarr(paths.ensembles, group="val/cvae_best")["pr"].values
     b = xr.open_zarr(paths.ensembles, group="val/cvae_last")["pr"].values
     assert np.array_equal(a, b, equal_nan=True) == same  # common random numbers
@@ -306,9 +329,9 @@ def test_missing_coarse_precipitation_skips_interpolation_with_a_log_line(padded
 @pytest.mark.workflow
 def test_tiny_workflow_evaluates_and_builds_the_report(tmp_path):
     work = copy_workflow(tmp_path / "wf")
-    config = work / "config" / "tiny.yaml"
-    config.write_text(config.read_text() + "\nevaluate: {members: 4, fss_windows: [1, 3, 9], n_map_days: 2}\n")
-    base = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(config)]
+    small = work / "config" / "evaluate_small.yaml"  # merged over tiny.yaml: a quick evaluation
+    small.write_text("evaluate: {members: 4, fss_windows: [1, 3, 9], n_map_days: 2}\n")
+    base = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/tiny.yaml", str(small)]
     for extra in ([], ["--report", "report.html"]):
         proc = subprocess.run(base + extra, cwd=work, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

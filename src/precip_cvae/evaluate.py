@@ -11,11 +11,14 @@ windows or plots reruns only the second):
    random train days; analogs: the train days nearest in normalised condition
    space; interpolation: the coarse precipitation condition, deterministic, skipped
    with a log line when there is none).  Days stream by batches of
-   ``cfg.batch_size`` into ``ensembles.zarr``; nothing larger than a batch is held.
+   ``cfg.batch_size`` into ``ensembles.zarr``: of the ensembles, no more than one
+   batch (members x batch_size fields) is in memory.
 2. :func:`run` (rule ``evaluate``).  Fits the local wet-day tail thresholds
    (``cfg.percentiles``, P95 and P99 by default) on the train split, scores every
    ensemble on all days and on heavy-event days alone, and writes ``metrics.csv``,
-   ``metrics.json``, ``headline.csv``, ``summary.md`` and the PNG figures.
+   ``metrics.json``, ``headline.csv`` and ``summary.md``; the same rule then draws
+   the PNG figures with :func:`precip_cvae.plots.write_figures` (plots imports this
+   module, never the reverse, so editing a figure does not resample).
 
 Everything is in mm day-1 on the **original grid** (the padding added by
 ``preprocess`` is cropped); pixels that are masked or missing in the truth are NaN
@@ -27,7 +30,8 @@ Cache layout (``ensembles.zarr``, zarr format 2, consolidated)
   members, checkpoints with path/epoch/config hash, skipped baselines, experiment,
   seed, sampling config);
 * ``{split}/truth``: ``pr`` (time, lat, lon), ``is_event`` (time) and, when the
-  condition holds precipitation, ``coarse_pr`` (time, clat, clon), mm day-1;
+  condition holds precipitation, ``coarse_pr`` (time, clat, clon), mm day-1; the
+  ``time`` coordinate holds ISO date strings (so any calendar fits);
 * ``{split}/{source}``: ``pr`` (member, time, lat, lon) float32, mm day-1, where
   ``source`` is ``cvae_<checkpoint>`` or a baseline name (interpolation has one
   member).
@@ -41,8 +45,9 @@ percentile) pool the members' tables; MAE/RMSE/correlation are those of the
 ensemble mean.  Added here: ``n_days``, ``mass_error_bias`` (signed),
 ``mass_error_coarse_mae`` / ``_bias`` (domain-mean error of each member against the
 coarse precipitation condition interpolated to the valid fine pixels),
-``rapsd_log_ratio`` (mean over wavenumbers of log10 member / truth power; < 0:
-too smooth) and ``rank_counts`` curves for the figures.
+``rapsd_log_ratio`` (mean over wavenumbers of log10 of member / truth power; < 0:
+too little spatial variance); :func:`score` also returns the curves of the figures
+(rank counts, RAPSD, Q-Q quantiles).
 
 The forecaster's dilemma
 ------------------------
@@ -83,6 +88,7 @@ TRUTH = "truth"
 NO_CHECKPOINT = "-"
 METRIC_COLUMNS = ["model", "checkpoint", "split", "subset", "metric", "value"]
 SUBSETS = ("all", "heavy")
+OVERFORECAST_BIAS = 1.5  # a frequency bias above this voids a low MAE_tail (named in summary.md)
 TAIL_QUANTILES = (0.99, 0.999)
 QQ_LEVELS = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 OUTPUT_FILES = {
@@ -305,10 +311,49 @@ def _seed(cfg: EvaluateConfig, split: str, salt: int) -> int:
     return int(cfg.seed) * 1_000_003 + 7919 * ("val", "test", "train").index(split) + salt
 
 
+def _batches(n: int, size: int):
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _write_cvae(store, split: str, ev: FieldData, times: np.ndarray, label: str, loaded, cfg: EvaluateConfig,
+                grid: Grid, device) -> None:
+    """Prior samples of one checkpoint on one split, appended batch by batch to ``{split}/cvae_<label>``."""
+    model, transform, _ = loaded
+    t0 = time.perf_counter()
+    g = torch.Generator(device="cpu").manual_seed(_seed(cfg, split, 0))  # the same noise for every checkpoint
+    for idx in _batches(len(ev), cfg.batch_size):
+        ens = sample_cvae(model, transform, ev.y[idx], ev.valid[idx], cfg.members, g, device)  # (M, B, H, W)
+        io.append_zarr(_fields_dataset(crop(ens, grid.attrs), times[idx], grid), store, f"{split}/{cvae_source(label)}")
+    seconds = time.perf_counter() - t0
+    log.info("%s: sampled cVAE %s, %d days x %d members in %.1f s (%.0f fields/s)", split, label, len(ev),
+             cfg.members, seconds, len(ev) * cfg.members / max(seconds, 1e-9))
+
+
+def _write_baseline(store, split: str, ev: FieldData, times: np.ndarray, name: str, train: dict, cfg: EvaluateConfig,
+                    grid: Grid, rng: np.random.Generator) -> None:
+    """One baseline on one split, appended batch by batch to ``{split}/<name>`` (masked like the truth)."""
+    t0 = time.perf_counter()
+    obs = crop(ev.pr_mm[:, 0], grid.attrs)  # (N, h, w), NaN invalid
+    for idx in _batches(len(ev), cfg.batch_size):
+        n = idx.stop - idx.start
+        inputs = BaselineInputs(
+            train_pr=train["pr"], n_members=cfg.members, n_days=n, rng=rng,
+            train_cond=train["cond"], target_cond=ev.y[idx].reshape(n, -1).numpy(),
+            coarse_pr=None if ev.coarse_mm is None else ev.coarse_mm[idx].numpy(),
+            coarse_lat=grid.clat, coarse_lon=grid.clon, fine_lat=grid.lat, fine_lon=grid.lon,
+        )
+        ens = get_baseline(name)(inputs)  # (M, B, h, w) mm/day
+        # masked like the truth; the interpolation's round-off (-1e-16) clipped to 0
+        ens = np.where(np.isfinite(obs[idx])[None], np.maximum(ens, 0.0), np.nan)
+        io.append_zarr(_fields_dataset(ens, times[idx], grid), store, f"{split}/{name}")
+    log.info("%s: baseline %s in %.1f s", split, name, time.perf_counter() - t0)
+
+
 def sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, threads: int = 1, experiment: str = "default") -> Path:
     """Step 1: sample the checkpoints and build the baselines on ``cfg.splits``; write the cache.
 
-    Reads the sampling keys of ``cfg`` only (``config.EVALUATE_SAMPLING_KEYS``).
+    Reads the sampling keys of ``cfg`` only (``config.EVALUATE_SAMPLING_KEYS``).  Memory:
+    the data set's fields plus one batch of ``members x batch_size`` fields.
 
     Parameters
     ----------
@@ -320,6 +365,13 @@ def sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, threads: int = 1, 
     Returns
     -------
     Path of ``ensembles.zarr`` (written atomically; layout in the module docstring).
+
+    Raises
+    ------
+    precip_cvae.config.ConfigError
+        An unknown baseline name (the message lists the valid ones).
+    precip_cvae.checkpoint.CheckpointError
+        A checkpoint that is unreadable or trained on other channels or another grid.
     """
     baselines = check_baselines(cfg.baselines)
     if threads:
@@ -327,68 +379,46 @@ def sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, threads: int = 1, 
     device = select_device(cfg.device)
     data = load_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", *cfg.splits))
     grid = read_grid(paths.dataset)
-    train = data.select("train")
+    train_days = data.select("train")
     skipped = {}
     if "interpolation" in baselines and data.coarse_mm is None:
         log.info("baseline 'interpolation' skipped: the condition has no precipitation channel "
                  "(set a predictor's precipitation: true or preprocess.target_coarse_factor)")
         skipped["interpolation"] = "no coarse precipitation in the condition"
         baselines = tuple(b for b in baselines if b != "interpolation")
-    if "analogs" in baselines and cfg.members > len(train):
-        raise ValueError(f"evaluate.members = {cfg.members} exceeds the {len(train)} train days the analogs draw from")
-    train_pr = np.nan_to_num(crop(train.pr_mm[:, 0], grid.attrs), nan=0.0)  # (T, h, w) mm/day
-    train_cond = train.y.reshape(len(train), -1).numpy()  # (T, F)
-    models = {}
-    for label, path in paths.checkpoints.items():
-        models[label] = _load_checkpoint(path, data, device)
-        log.info("checkpoint %s: %s (epoch %d)", label, path, models[label][2]["epoch"] + 1)
-    sources = [cvae_source(label) for label in paths.checkpoints] + list(baselines)
+    if "analogs" in baselines and cfg.members > len(train_days):
+        raise ValueError(f"evaluate.members = {cfg.members} exceeds the {len(train_days)} train days of the analogs")
+    train = {
+        "pr": np.nan_to_num(crop(train_days.pr_mm[:, 0], grid.attrs), nan=0.0),  # (T, h, w) mm/day
+        "cond": train_days.y.reshape(len(train_days), -1).numpy(),  # (T, F) normalised
+    }
+    models = {label: _load_checkpoint(path, data, device) for label, path in paths.checkpoints.items()}
+    for label, (_, _, info) in models.items():
+        log.info("checkpoint %s: %s (epoch %d)", label, info["path"], info["epoch"] + 1)
+    sources = [cvae_source(label) for label in models] + list(baselines)
     meta = {
         "experiment": experiment, "splits": list(cfg.splits), "sources": sources, "members": cfg.members,
-        "primary": cvae_source(next(iter(paths.checkpoints))), "seed": cfg.seed,
-        "checkpoints": {label: m[2] for label, m in models.items()}, "skipped_baselines": skipped,
+        "primary": sources[0], "seed": cfg.seed, "skipped_baselines": skipped,
+        "checkpoints": {label: m[2] for label, m in models.items()},
         "sampling_config": {k: v for k, v in asdict(cfg).items() if k in EVALUATE_SAMPLING_KEYS},
         "package_version": __version__, "units": "mm day-1",
     }
     root = xr.Dataset({"mask": (("lat", "lon"), grid.mask.astype("int8"))},
                       coords={"lat": grid.lat, "lon": grid.lon},
                       attrs={"title": "precip-cvae evaluated ensembles", "evaluate_meta": json.dumps(meta)})
-    with io.atomic_path(paths.out) as tmp:
-        io.write_zarr_group(root, tmp)
+    with io.atomic_path(paths.out) as store:
+        io.write_zarr_group(root, store)
         for split in cfg.splits:
             ev = data.select(split)
-            times = pd.to_datetime(ev.dates).values
-            io.write_zarr_group(_truth_dataset(ev, times, grid).chunk({"time": cfg.batch_size}), tmp, f"{split}/{TRUTH}")
-            starts = range(0, len(ev), cfg.batch_size)
-            for label, (model, transform, _) in models.items():
-                t0 = time.perf_counter()
-                g = torch.Generator(device="cpu").manual_seed(_seed(cfg, split, 0))  # same noise for every checkpoint
-                for s in starts:
-                    idx = slice(s, min(s + cfg.batch_size, len(ev)))
-                    ens = sample_cvae(model, transform, ev.y[idx], ev.valid[idx], cfg.members, g, device)
-                    io.append_zarr(_fields_dataset(crop(ens, grid.attrs), times[idx], grid), tmp,
-                                   f"{split}/{cvae_source(label)}")
-                seconds = time.perf_counter() - t0
-                log.info("%s: sampled cVAE %s, %d days x %d members in %.1f s (%.0f fields/s)", split, label, len(ev),
-                         cfg.members, seconds, len(ev) * cfg.members / max(seconds, 1e-9))
-            obs = crop(ev.pr_mm[:, 0], grid.attrs)
+            times = np.asarray(ev.dates, dtype=str)  # ISO strings: any calendar
+            io.write_zarr_group(_truth_dataset(ev, times, grid).chunk({"time": cfg.batch_size}), store,
+                                f"{split}/{TRUTH}")
+            for label, loaded in models.items():
+                _write_cvae(store, split, ev, times, label, loaded, cfg, grid, device)
             for k, name in enumerate(baselines):
-                t0 = time.perf_counter()
                 rng = np.random.default_rng(_seed(cfg, split, 1 + k))
-                for s in starts:
-                    idx = slice(s, min(s + cfg.batch_size, len(ev)))
-                    inputs = BaselineInputs(
-                        train_pr=train_pr, n_members=cfg.members, n_days=idx.stop - idx.start, rng=rng,
-                        train_cond=train_cond, target_cond=ev.y[idx].reshape(idx.stop - idx.start, -1).numpy(),
-                        coarse_pr=None if ev.coarse_mm is None else ev.coarse_mm[idx].numpy(),
-                        coarse_lat=grid.clat, coarse_lon=grid.clon, fine_lat=grid.lat, fine_lon=grid.lon,
-                    )
-                    ens = get_baseline(name)(inputs)  # (M, B, h, w)
-                    # masked like the truth; interpolation round-off (-1e-16) clipped to 0
-                    ens = np.where(np.isfinite(obs[idx])[None], np.maximum(ens, 0.0), np.nan)
-                    io.append_zarr(_fields_dataset(ens, times[idx], grid), tmp, f"{split}/{name}")
-                log.info("%s: baseline %s in %.1f s", split, name, time.perf_counter() - t0)
-        io.consolidate_zarr(tmp)
+                _write_baseline(store, split, ev, times, name, train, cfg, grid, rng)
+        io.consolidate_zarr(store)
     log.info("wrote %s: splits %s, sources %s", paths.out, list(cfg.splits), sources)
     return Path(paths.out)
 
@@ -488,8 +518,11 @@ def score(ens, obs, thresholds: Mapping[str, np.ndarray], windows: Sequence[int]
     out["spread_skill"] = metrics.spread_skill_ratio(ens, obs)
     counts = metrics.rank_histogram(ens, obs, rng)
     out["rank_flatness"] = metrics.rank_histogram_flatness(counts)
-    q_ens = metrics.tail_quantiles(ens[:, v], TAIL_QUANTILES, wet_threshold)
-    q_obs = metrics.tail_quantiles(obs[v], TAIL_QUANTILES, wet_threshold)
+    levels = np.unique(np.r_[TAIL_QUANTILES, QQ_LEVELS])  # one pass over the pooled values for both
+    all_ens = metrics.tail_quantiles(ens[:, v], levels, wet_threshold)
+    all_obs = metrics.tail_quantiles(obs[v], levels, wet_threshold)
+    pick = lambda a, qs: a[np.searchsorted(levels, qs)]  # noqa: E731
+    q_ens, q_obs = pick(all_ens, TAIL_QUANTILES), pick(all_obs, TAIL_QUANTILES)
     for q, qe, qo in zip(TAIL_QUANTILES, q_ens, q_obs):
         out[f"tail_q{100 * q:g}_ens"] = float(qe)
         out[f"tail_q{100 * q:g}_obs"] = float(qo)
@@ -510,8 +543,8 @@ def score(ens, obs, thresholds: Mapping[str, np.ndarray], windows: Sequence[int]
         "rank_counts": counts,
         "rapsd_k": k, "rapsd_ens": p_ens, "rapsd_obs": p_obs,
         "qq_levels": np.asarray(QQ_LEVELS),
-        "qq_ens": metrics.tail_quantiles(ens[:, v], QQ_LEVELS, wet_threshold),
-        "qq_obs": metrics.tail_quantiles(obs[v], QQ_LEVELS, wet_threshold),
+        "qq_ens": pick(all_ens, QQ_LEVELS),
+        "qq_obs": pick(all_obs, QQ_LEVELS),
     }
     return out, curves
 
@@ -612,6 +645,7 @@ def best_source(values: Mapping[str, float], better: str) -> str | None:
 def verdicts(headline: pd.DataFrame, cfg: EvaluateConfig, subset: str) -> list[str]:
     """One sentence per headline metric: which source is better, and by how much."""
     part = headline[headline["subset"] == subset].set_index("source")
+    freq_label = next(label for key, label, _ in headline_metrics(cfg) if key.startswith("freq_bias"))
     lines = []
     for key, label, better in headline_metrics(cfg):
         values = part[label].to_dict()
@@ -625,6 +659,11 @@ def verdicts(headline: pd.DataFrame, cfg: EvaluateConfig, subset: str) -> list[s
         goal = {"lower": "lowest", "higher": "highest", "one": "closest to 1"}[better]
         note = " (improper on its own: read it with the frequency bias)" if key.startswith("mae_tail") else ""
         lines.append(f"- {label}: **{winner}** is best ({goal}: {values[winner]:.3g}){runner}{note}.")
+        if key.startswith("mae_tail"):
+            bias = part[freq_label].get(winner, float("nan"))
+            if np.isfinite(bias) and bias > OVERFORECAST_BIAS:
+                lines.append(f"  Forecaster's dilemma: {winner} forecasts exceedances {bias:.2g} times as often as "
+                             f"they occur ({freq_label}), so its low MAE_tail comes from over-forecasting, not skill.")
     return lines
 
 
@@ -677,7 +716,8 @@ def summary_markdown(ev: Evaluation, headline: pd.DataFrame, cfg: EvaluateConfig
         f"- MAE_tail (error of the ensemble mean where the truth exceeds {hi.upper()}) rewards forecasting extremes "
         "everywhere (the forecaster's dilemma): it is shown only next to the frequency bias, and a low MAE_tail with "
         "a frequency bias well above 1 is no skill.",
-        "- The interpolation baseline is deterministic (one member): its CRPS is its MAE and spread/skill is undefined.",
+        "- The interpolation baseline is deterministic (one member): its CRPS is its MAE and spread/skill is "
+        "undefined.",
         "",
         "Every score, for every checkpoint, split and subset: `metrics.csv` / `metrics.json`.",
         "",

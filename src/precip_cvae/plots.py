@@ -163,7 +163,8 @@ def tail_qq(curves: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], split:
         first = next(iter(curves[subset].values()))
         for q, x in zip(first["qq_levels"], first["qq_obs"]):
             if np.isfinite(x) and q >= 0.99:
-                ax.annotate(f"q{100 * q:g}", (x, x), fontsize=7, color="0.4", xytext=(3, -10), textcoords="offset points")
+                ax.annotate(f"q{100 * q:g}", (x, x), fontsize=7, color="0.4", xytext=(3, -10),
+                            textcoords="offset points")
         ax.set_xlabel("truth quantile (mm/day)")
         ax.set_ylabel("members' quantile (mm/day)")
         ax.set_title(f"wet values, {SUBSET_TITLES.get(subset, subset)}")
@@ -221,7 +222,12 @@ def rapsd(curves: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], split: s
         ax.grid(alpha=0.3, which="both")
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=8)
-        top = ax.secondary_xaxis("top", functions=(lambda k: 1 / np.maximum(k, 1e-9), lambda p: 1 / np.maximum(p, 1e-9)))
+        inverse = (lambda k: 1 / np.maximum(k, 1e-9), lambda p: 1 / np.maximum(p, 1e-9))  # wavenumber <-> wavelength
+        top = ax.secondary_xaxis("top", functions=inverse)
+        k = np.asarray(first["rapsd_k"], dtype=float)
+        if k.size:
+            lengths = [2.0 ** n for n in range(1, 12) if 1 / k.max() <= 2.0 ** n <= 1 / k.min()]
+            top.set_xticks(lengths, [f"{x:g}" for x in lengths])
         top.xaxis.set_minor_formatter(NullFormatter())
         top.set_xlabel("wavelength (pixels)")
     fig.suptitle(f"RAPSD of members vs truth ({split} split)")
@@ -318,7 +324,7 @@ def write_figures(ev: Evaluation, paths: ScorePaths, cfg: EvaluateConfig) -> Non
     analog = (io.open_zarr_group(paths.ensembles, f"{split}/analogs")["pr"].isel(member=0, time=days).values
               if "analogs" in ev.meta["sources"] else None)
     fig = maps(truth["pr"].isel(time=days).values, primary.isel(member=slice(0, 4), time=days).values, analog,
-               [str(t)[:10] for t in truth["time"].values[days]], truth["lat"].values, truth["lon"].values,
+               [str(t) for t in truth["time"].values[days]], truth["lat"].values, truth["lon"].values,
                labels[ev.meta["primary"]])
     io.save_figure(fig, paths.output("maps"))
 
