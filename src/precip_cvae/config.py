@@ -93,13 +93,13 @@ class DataConfig:
     def from_dict(cls, data: Mapping[str, Any], where: str = "data") -> "DataConfig":
         data = dict(data)
         _check_keys(cls, data, where)
-        if "target" not in data or not data.get("predictors"):
-            raise ConfigError(f"{where}: needs a 'target' and at least one 'predictors' entry")
+        if "target" not in data:
+            raise ConfigError(f"{where}: needs a 'target'")
         return cls(
             target=VariableSource.from_dict(data["target"], f"{where}.target"),
             predictors=tuple(
                 VariableSource.from_dict(p, f"{where}.predictors[{i}]")
-                for i, p in enumerate(data["predictors"])
+                for i, p in enumerate(data.get("predictors") or [])
             ),
         )
 
@@ -184,6 +184,7 @@ class PreprocessConfig:
     grid_multiple: int = 8
     transform: str = "log1p"
     chunk_time: int = 128
+    region: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.missing_policy not in MISSING_POLICIES:

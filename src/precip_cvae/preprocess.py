@@ -255,6 +255,22 @@ def regrid(da: xr.DataArray, lat: xr.DataArray, lon: xr.DataArray) -> xr.DataArr
     return out.assign_coords(lat=lat_v, lon=lon_v)
 
 
+def select_region(da: xr.DataArray, region) -> xr.DataArray:
+    """Cut ``[lat_min, lat_max, lon_min, lon_max]`` (coordinate units: degrees, or km on projected grids)."""
+    if len(region) != 4:
+        raise InputError(f"preprocess.region must be [lat_min, lat_max, lon_min, lon_max], got {list(region)}")
+    lat0, lat1, lon0, lon1 = (float(v) for v in region)
+    out = da.sel(lat=slice(lat0, lat1), lon=slice(lon0, lon1))
+    if out.sizes["lat"] == 0 or out.sizes["lon"] == 0:
+        raise InputError(
+            f"{source_files(da)}: preprocess.region {list(region)} selects no cell of the grid "
+            f"(lat {float(da.lat.min()):g}..{float(da.lat.max()):g}, lon {float(da.lon.min()):g}..{float(da.lon.max()):g})"
+        )
+    log.info("region %s: %dx%d of %dx%d cells", list(region), out.sizes["lat"], out.sizes["lon"],
+             da.sizes["lat"], da.sizes["lon"])
+    return out
+
+
 def block_mean(da: xr.DataArray, factor: int) -> xr.DataArray:
     """Block-average a (time, lat, lon) field by ``factor`` (NaN-aware; ragged edges trimmed)."""
     return da.coarsen(lat=factor, lon=factor, boundary="trim").mean()
@@ -390,7 +406,14 @@ def build_dataset(
         mm/day and also stored raw as ``coarse_pr``)
     """
     flags = list(precipitation_predictors or [False] * len(predictors))
+    if not predictors and not (cfg.target_coarse_factor and cfg.target_coarse_factor > 1):
+        raise InputError(
+            "no predictors and no block-averaged target (preprocess.target_coarse_factor): the condition would be "
+            "empty; give data.predictors or set target_coarse_factor > 1"
+        )
     target = standardise_coords(target, "target")
+    if cfg.region:
+        target = select_region(target, cfg.region)
     predictors = [standardise_coords(p, "predictor") for p in predictors]
     where = f"{source_files(target)}: target {target.name!r}"
     pr = convert_target_units(target, cfg.negative_tolerance)
@@ -423,13 +446,21 @@ def build_dataset(
     train = labels == "train"
 
     # --- condition grid
-    if cfg.condition_grid == "first":
+    blocks = None
+    if cfg.target_coarse_factor and cfg.target_coarse_factor > 1:
+        blocks = block_mean(pr, cfg.target_coarse_factor)
+    if cfg.condition_grid == "target_blocks" or (cfg.condition_grid == "first" and not preds):
+        if blocks is None:
+            raise InputError("preprocess.condition_grid 'target_blocks' needs target_coarse_factor > 1")
+        grid_src = blocks
+    elif cfg.condition_grid == "first":
         grid_src = preds[0]
     else:
         names = [str(p.name) for p in preds]
         if cfg.condition_grid not in names:
             raise InputError(
-                f"preprocess.condition_grid {cfg.condition_grid!r} is not a predictor; valid: ['first', *{names}]"
+                f"preprocess.condition_grid {cfg.condition_grid!r} is not a predictor; "
+                f"valid: {['first', 'target_blocks', *names]}"
             )
         grid_src = preds[names.index(cfg.condition_grid)]
     clat, clon = grid_src["lat"], grid_src["lon"]
@@ -440,8 +471,8 @@ def build_dataset(
         names.append(str(p.name))
         if is_pr and coarse_pr is None:
             coarse_pr = on_grid
-    if cfg.target_coarse_factor and cfg.target_coarse_factor > 1:
-        blocks = regrid(block_mean(pr, cfg.target_coarse_factor), clat, clon)
+    if blocks is not None:
+        blocks = regrid(blocks, clat, clon)
         channels.append(blocks)
         names.append(f"pr_block{cfg.target_coarse_factor}")
         if coarse_pr is None:
@@ -506,7 +537,7 @@ def run(data: DataConfig, cfg: PreprocessConfig, out: str) -> xr.Dataset:
     ds = ds.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1, "channel": -1})
     write_zarr(ds, out)
     log.info(
-        "wrote %s: %d days (train %d, val %d, test %d), fine grid %dx%d, condition %s",
+        "wrote %s: %d time steps (train %d, val %d, test %d), fine grid %dx%d, condition %s",
         out, ds.sizes["time"], ds.attrs["n_train"], ds.attrs["n_val"], ds.attrs["n_test"],
         ds.sizes["lat"], ds.sizes["lon"], dict(ds["condition"].sizes),
     )
