@@ -8,7 +8,7 @@ CORES  ?= 2
 # The CPU build of PyTorch; on a GPU machine pass e.g. TORCH="torch==2.13.0 --index-url ..."
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test env clean
+.PHONY: demo test test-slurm env clean
 
 env: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: env
 
 test: env
 	$(BIN)/python -m pytest -q
+
+# Only the SLURM tests (root: installs and starts a one-node SLURM with .ci/slurm.sh; docs/hpc.md)
+test-slurm: env
+	$(BIN)/python -m pytest -q -rs tests/test_slurm.py
 
 clean:
 	rm -rf results data/demo data/tiny .snakemake

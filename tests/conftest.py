@@ -74,6 +74,26 @@ def small_inputs(tmp_path):
     return tmp_path, pr_mm, times
 
 
+def snakemake(workdir: Path, *args: str, check: bool = True):
+    """Run snakemake (2 cores) in ``workdir``; raise with its output tail on failure."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The whole workflow run once on config/tiny.yaml in a temporary copy (shared by the workflow tests)."""
+    work = copy_workflow(tmp_path_factory.mktemp("wf"))
+    snakemake(work, "--configfile", "config/tiny.yaml")
+    return work
+
+
 def copy_workflow(dest: Path) -> Path:
     """Copy the workflow files (not results or data) to ``dest`` to run snakemake there."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
 
-from conftest import copy_workflow
+from conftest import snakemake
 from precip_cvae import evaluate as E
 from precip_cvae import metrics, plots
 from precip_cvae.config import ConfigError, EvaluateConfig
@@ -327,18 +324,11 @@ def test_missing_coarse_precipitation_skips_interpolation_with_a_log_line(padded
 
 
 @pytest.mark.workflow
-def test_tiny_workflow_evaluates_and_builds_the_report(tmp_path):
-    work = copy_workflow(tmp_path / "wf")
-    small = work / "config" / "evaluate_small.yaml"  # merged over tiny.yaml: a quick evaluation
-    small.write_text("evaluate: {members: 4, fss_windows: [1, 3, 9], n_map_days: 2}\n")
-    base = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/tiny.yaml", str(small)]
-    for extra in ([], ["--report", "report.html"]):
-        proc = subprocess.run(base + extra, cwd=work, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    out = work / "results" / "tiny" / "experiments" / "default" / "evaluate"
+def test_tiny_workflow_evaluates_and_builds_the_report(tiny_run):
+    snakemake(tiny_run, "--configfile", "config/tiny.yaml", "--report", "report.html")
+    out = tiny_run / "results" / "tiny" / "experiments" / "default" / "evaluate"
     for name in E.OUTPUT_FILES.values():
         assert (out / name).stat().st_size > 0, name
-    assert (work / "results" / "tiny" / "experiments_comparison.csv").exists()
-    report = (work / "report.html").read_text(errors="replace")
+    assert (tiny_run / "results" / "tiny" / "experiments_comparison.csv").exists()
+    report = (tiny_run / "report.html").read_text(errors="replace")
     assert len(report) > 100_000 and "maps.png" in report and "fss_scale.png" in report
-    shutil.rmtree(work / "data", ignore_errors=True)

@@ -10,17 +10,9 @@ from pathlib import Path
 import pytest
 import xarray as xr
 
-from conftest import copy_workflow
+from conftest import snakemake
 
 pytestmark = pytest.mark.workflow
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
 
 
 def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
@@ -35,13 +27,6 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
         if m and m.group(1) != "total":
             jobs[m.group(1)] = int(m.group(2))
     return jobs
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    work = copy_workflow(tmp_path_factory.mktemp("wf"))
-    snakemake(work, "--configfile", "config/tiny.yaml")
-    return work
 
 
 def test_tiny_workflow_writes_every_stage(tiny_run):

@@ -407,6 +407,8 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = count_parameters(model)
+    log.info("job: SLURM_JOB_ID=%s CUDA_VISIBLE_DEVICES=%s torch.cuda.is_available()=%s",
+             os.environ.get("SLURM_JOB_ID", "-"), os.environ.get("CUDA_VISIBLE_DEVICES", "-"), torch.cuda.is_available())
     log.info("model %s: %d parameters (%.2f M); condition %s %s -> fine %s; device %s",
              model_cfg.preset, n_params, n_params / 1e6, list(data.channels), coarse_shape, fine_shape, device)
     opt = build_optimizer(model, cfg)
