@@ -19,6 +19,7 @@ include: "rules/events.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/generate.smk"
+include: "rules/downstream.smk"
 
 
 rule all:
@@ -32,4 +33,5 @@ rule all:
         all_experiment_outputs("evaluate", "summary.md"),
         all_experiment_outputs("generate", "generation_report.json"),
         expand("results/{run}/experiments_comparison.csv", run=RUN),
+        downstream_outputs(),
     default_target: True

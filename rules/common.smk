@@ -102,3 +102,10 @@ def evaluate_checkpoints(wildcards):
     train_dir = os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train")
     entries = EvaluateConfig.from_dict(EVALUATE).checkpoints
     return [os.path.join(train_dir, f"{e}.pt") if e in ("best", "last") else e for e in entries]
+
+
+def downstream_outputs():
+    """The downstream comparison of every experiment when downstream.enabled, else nothing."""
+    if not config["downstream"]["enabled"]:
+        return []
+    return all_experiment_outputs("downstream", "comparison.csv")

@@ -40,6 +40,7 @@ def _defaults(props):
         (("train", "loss"), C.LossConfig, set()),
         (("evaluate",), C.EvaluateConfig, set()),
         (("generate",), C.GenerateConfig, set()),
+        (("downstream",), C.DownstreamConfig, set()),
     ],
 )
 def test_schema_defaults_equal_dataclass_defaults(path, cls, skip):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from precip_cvae import downstream
-from precip_cvae.config import ConfigError
+from precip_cvae.config import ConfigError, DownstreamConfig
 from precip_cvae.data import FieldData
 from precip_cvae.transform import TargetTransform
 
@@ -39,7 +39,7 @@ def test_synthetic_samples_that_carry_missing_information_help():
                              "is_event": torch.cat([real.is_event, synthetic.is_event]),
                              "split": np.r_[real.split, synthetic.split], "dates": np.r_[real.dates, synthetic.dates]})
     test = _fields(rng.uniform(0.0, 1.6, 120), rng)
-    cfg = downstream.DownstreamConfig(loss="mae", seeds=1, epochs=15, lr=3e-3, filters=8, bootstrap=200)
+    cfg = DownstreamConfig(losses=("mae",), seeds=1, epochs=15, lr=3e-3, filters=8, bootstrap=200)
     table = downstream.compare(real, augmented, torch.ones(len(augmented)), test, cfg)
     diff = table[(table.training_set == "augmented_minus_real") & (table.subset == "heavy")].set_index("metric")
     # augmentation lowers the heavy-day error, and the interval excludes 0
@@ -75,4 +75,4 @@ def test_scores_by_hand():
 
 def test_unknown_loss_lists_valid_names():
     with pytest.raises(ConfigError, match=r"valid names are \['mae', 'quantile'\]"):
-        downstream.DownstreamConfig(loss="mse")
+        DownstreamConfig(losses=("mse",))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import xarray as xr
 
@@ -47,6 +48,9 @@ def test_tiny_workflow_writes_every_stage(tiny_run):
     aug = xr.open_zarr(exp / "generate" / "augmented.zarr")
     assert aug.sizes["sample"] > 0 and aug["pr"].attrs["units"] == "mm day-1"
     assert (exp / "generate" / "augmented_training_set.zarr").exists()
+    table = pd.read_csv(exp / "downstream" / "comparison.csv")
+    assert set(table["training_set"]) == {"real", "augmented", "augmented_minus_real"}
+    assert set(table["loss"]) == {"mae", "quantile"} and (exp / "downstream" / "comparison.png").exists()
 
 
 def test_second_dry_run_does_nothing(tiny_run):
@@ -59,7 +63,8 @@ def test_events_change_reruns_detect_events_and_what_follows_never_preprocess(ti
     changed = tiny_run / "config" / "tiny_p95.yaml"
     changed.write_text(re.sub(r"percentile: 99.0", "percentile: 95.0", text))
     proc = snakemake(tiny_run, "-n", "--configfile", str(changed))
-    expected = ("detect_events", "train_cvae", "sample_ensembles", "evaluate", "compare_experiments", "generate", "all")
+    expected = ("detect_events", "train_cvae", "sample_ensembles", "evaluate", "compare_experiments", "generate",
+                "downstream", "all")
     assert planned_jobs(proc) == {name: 1 for name in expected}
 
 
@@ -83,7 +88,7 @@ def test_train_change_reruns_only_training_and_what_follows(tiny_run):
     changed = _variant(tiny_run, "lr", "lr: 1.0e-3", "lr: 5.0e-4")
     jobs = planned_jobs(snakemake(tiny_run, "-n", "--configfile", changed))
     assert "preprocess" not in jobs and "detect_events" not in jobs and "make_demo_data" not in jobs
-    assert jobs.get("train_cvae") == 1 and jobs.get("generate") == 1
+    assert jobs.get("train_cvae") == 1 and jobs.get("generate") == 1 and jobs.get("downstream") == 1
 
 
 def test_a_new_experiment_shares_preprocessing_and_events(tiny_run):
@@ -92,7 +97,7 @@ def test_a_new_experiment_shares_preprocessing_and_events(tiny_run):
     path.write_text(text + "\nexperiments:\n  default: {}\n  no_ext: {train: {loss: {lambda_ext: 0.0}}}\n")
     jobs = planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(path)))
     # only the new experiment's jobs: the default experiment and the shared stages are up to date
-    expected = ("train_cvae", "sample_ensembles", "evaluate", "compare_experiments", "generate", "all")
+    expected = ("train_cvae", "sample_ensembles", "evaluate", "compare_experiments", "generate", "downstream", "all")
     assert jobs == {name: 1 for name in expected}, jobs
     snakemake(tiny_run, "--configfile", str(path))
     exp = tiny_run / "results" / "tiny" / "experiments"

@@ -486,3 +486,37 @@ class EvaluateConfig:
     @classmethod
     def from_dict(cls, data, where="evaluate"):
         return _build(cls, data, where)
+
+
+# ----------------------------------------------------------------------------- downstream
+
+DOWNSTREAM_LOSSES = ("mae", "quantile")
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    """The optional downstream check (see :mod:`precip_cvae.downstream`)."""
+
+    enabled: bool = False
+    losses: tuple[str, ...] = ("mae", "quantile")
+    quantile: float = 0.9
+    seeds: int = 3
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    filters: int = 16
+    bootstrap: int = 1000
+    threads: int = 0
+
+    def __post_init__(self):
+        for name in self.losses:
+            if name not in DOWNSTREAM_LOSSES:
+                raise ConfigError(f"unknown downstream loss {name!r}; valid names are {list(DOWNSTREAM_LOSSES)}")
+        if not 0 < self.quantile < 1:
+            raise ConfigError("downstream.quantile must be in (0, 1)")
+        if self.seeds < 1 or self.epochs < 1 or self.bootstrap < 10 or not self.losses:
+            raise ConfigError("downstream.seeds and epochs must be >= 1, bootstrap >= 10, losses not empty")
+
+    @classmethod
+    def from_dict(cls, data, where="downstream"):
+        return _build(cls, data, where)

@@ -26,39 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import metrics
-from .config import ConfigError, lookup
+from .config import DownstreamConfig
 from .data import FieldData
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DownstreamConfig:
-    """Settings of the downstream check (see the module docstring)."""
-
-    enabled: bool = False
-    loss: str = "quantile"
-    quantile: float = 0.9
-    seeds: int = 3
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    filters: int = 16
-    bootstrap: int = 1000
-    threads: int = 0
-
-    def __post_init__(self):
-        lookup(LOSSES, self.loss, "downstream loss")
-        if not 0 < self.quantile < 1:
-            raise ConfigError("downstream.quantile must be in (0, 1)")
-        if self.seeds < 1 or self.epochs < 1 or self.bootstrap < 10:
-            raise ConfigError("downstream.seeds and epochs must be >= 1, bootstrap >= 10")
-
-    @classmethod
-    def from_dict(cls, data, where="downstream"):
-        from .config import _build
-
-        return _build(cls, data, where)
 
 
 class Downscaler(nn.Module):
@@ -91,10 +62,11 @@ def _pinball(pred, target, valid, q):
     return loss.sum(dim=(1, 2, 3)) / valid.sum(dim=(1, 2, 3)).clamp(min=1)
 
 
-LOSSES = {"mae": _mae, "quantile": _pinball}
+LOSSES = {"mae": _mae, "quantile": _pinball}  # names also listed in config.DOWNSTREAM_LOSSES
 
 
-def fit(data: FieldData, weights: torch.Tensor, cfg: DownstreamConfig, seed: int, steps: int) -> Downscaler:
+def fit(data: FieldData, weights: torch.Tensor, cfg: DownstreamConfig, seed: int, steps: int,
+        loss: str) -> Downscaler:
     """Train a downscaler for exactly ``steps`` steps (the shared budget) on ``data``.
 
     ``weights`` (T,) are per-sample loss weights (``sample_weight``).
@@ -102,7 +74,7 @@ def fit(data: FieldData, weights: torch.Tensor, cfg: DownstreamConfig, seed: int
     torch.manual_seed(seed)
     model = Downscaler(data.y.shape[1], tuple(data.x.shape[-2:]), cfg.filters)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    loss_fn = LOSSES[cfg.loss]
+    loss_fn = LOSSES[loss]
     g = torch.Generator().manual_seed(seed)
     n = len(data)
     valid = data.valid.float()
@@ -189,6 +161,13 @@ def bootstrap(a: pd.DataFrame, b: pd.DataFrame | None, n: int, seed: int) -> dic
 
 def compare(real: FieldData, augmented: FieldData, aug_weights: torch.Tensor, test: FieldData,
             cfg: DownstreamConfig) -> pd.DataFrame:
+    """:func:`compare_one` for every loss in ``cfg.losses``, concatenated."""
+    return pd.concat([compare_one(real, augmented, aug_weights, test, cfg, loss) for loss in cfg.losses],
+                     ignore_index=True)
+
+
+def compare_one(real: FieldData, augmented: FieldData, aug_weights: torch.Tensor, test: FieldData,
+                cfg: DownstreamConfig, loss: str) -> pd.DataFrame:
     """Train both variants for every seed and score them on ``test`` (all days and heavy days).
 
     Returns rows: training_set, loss, seed ('all' for pooled), subset, metric, value, ci_low, ci_high.
@@ -203,14 +182,14 @@ def compare(real: FieldData, augmented: FieldData, aug_weights: torch.Tensor, te
     per_day: dict[str, list[pd.DataFrame]] = {"real": [], "augmented": []}
     for seed in range(cfg.seeds):
         for name, data, w in (("real", real, torch.ones(len(real))), ("augmented", augmented, aug_weights)):
-            model = fit(data, w, cfg, seed, steps)
+            model = fit(data, w, cfg, seed, steps, loss)
             scores = day_scores(predict(model, test), obs, thr, cfg.quantile)
             per_day[name].append(scores)
             for subset, m in subsets.items():
                 if m.any():
                     for metric, value in aggregate(scores[m]).items():
-                        rows.append((name, cfg.loss, str(seed), subset, metric, value, np.nan, np.nan))
-        log.info("downstream seed %d done (%d steps each)", seed, steps)
+                        rows.append((name, loss, str(seed), subset, metric, value, np.nan, np.nan))
+        log.info("downstream %s loss: seed %d done (%d steps each)", loss, seed, steps)
     # pooled over seeds: the per-day ingredients averaged over seeds, bootstrap over days
     pooled = {k: sum(v) / len(v) for k, v in per_day.items()}
     for subset, m in subsets.items():
@@ -220,11 +199,35 @@ def compare(real: FieldData, augmented: FieldData, aug_weights: torch.Tensor, te
             point = aggregate(pooled[name][m])
             ci = bootstrap(pooled[name][m], None, cfg.bootstrap, 0)
             for metric, value in point.items():
-                rows.append((name, cfg.loss, "all", subset, metric, value, *ci[metric]))
+                rows.append((name, loss, "all", subset, metric, value, *ci[metric]))
         a, b = aggregate(pooled["real"][m]), aggregate(pooled["augmented"][m])
         ci = bootstrap(pooled["real"][m].reset_index(drop=True), pooled["augmented"][m].reset_index(drop=True),
                        cfg.bootstrap, 1)
         for metric in a:
-            rows.append(("augmented_minus_real", cfg.loss, "all", subset, metric, b[metric] - a[metric], *ci[metric]))
+            rows.append(("augmented_minus_real", loss, "all", subset, metric, b[metric] - a[metric], *ci[metric]))
     return pd.DataFrame(rows, columns=["training_set", "loss", "seed", "subset", "metric", "value", "ci_low",
                                        "ci_high"])
+
+
+def run(dataset: str, thresholds: str, events: str, training_set: str, cfg: DownstreamConfig,
+        out_csv: str) -> pd.DataFrame:
+    """Read the real splits and the augmented training set, compare, write ``comparison.csv``."""
+    from .data import load_fields
+    from .io import open_zarr, write_csv
+
+    real = load_fields(dataset, thresholds, events, splits=("train",))
+    test = load_fields(dataset, thresholds, events, splits=("test",))
+    augmented = load_fields(training_set, thresholds, None)
+    weights = torch.from_numpy(open_zarr(training_set)["sample_weight"].values.astype("float32"))
+    n_syn = int(open_zarr(training_set)["synthetic"].values.sum())
+    log.info("downstream: %d real train fields, augmented set %d (+%d synthetic), %d test days (%d heavy); "
+             "losses %s, %d seeds", len(real), len(augmented), n_syn, len(test), int(test.is_event.sum()),
+             list(cfg.losses), cfg.seeds)
+    table = compare(real, augmented, weights, test, cfg)
+    write_csv(table, out_csv)
+    diff = table[(table.training_set == "augmented_minus_real") & (table.metric.isin(["MAE_tail", "CSI_p99",
+                                                                                        "quantile_loss"]))]
+    for row in diff.itertuples():
+        log.info("augmented - real, %s loss, %s days: %s %+.4f [%+.4f, %+.4f]", row.loss, row.subset, row.metric,
+                 row.value, row.ci_low, row.ci_high)
+    return table

@@ -347,3 +347,35 @@ def write_figures(ev: Evaluation, paths: ScorePaths, cfg: EvaluateConfig) -> Non
 def write_comparison(table: pd.DataFrame, cfg: EvaluateConfig, out_png: str) -> None:
     """The run-level comparison figure of :func:`precip_cvae.evaluate.comparison_table`."""
     io.save_figure(comparison(table, headline_metrics(cfg)), out_png)
+
+
+def downstream_comparison(table: pd.DataFrame) -> Figure:
+    """Augmented - real differences with 95 % bootstrap intervals, per loss, metric and subset."""
+    diff = table[table["training_set"] == "augmented_minus_real"]
+    metrics_ = list(dict.fromkeys(diff["metric"]))
+    losses = list(dict.fromkeys(diff["loss"]))
+    fig = Figure(figsize=(3.0 * len(metrics_), 3.2))
+    axes = fig.subplots(1, len(metrics_), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics_):
+        part = diff[diff["metric"] == metric]
+        for i, loss in enumerate(losses):
+            for j, subset in enumerate(("all", "heavy")):
+                row = part[(part["loss"] == loss) & (part["subset"] == subset)]
+                if row.empty:
+                    continue
+                x = i + 0.2 * (j - 0.5)
+                v, lo, hi = (float(row[c].iloc[0]) for c in ("value", "ci_low", "ci_high"))
+                ax.errorbar([x], [v], yerr=[[v - lo], [hi - v]], fmt="o" if subset == "all" else "s",
+                            color="C0" if subset == "all" else "C3", label=f"{subset} days" if i == 0 else None)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(losses)), losses)
+        ax.set_title(metric, fontsize=9)
+    axes[0].set_ylabel("augmented - real")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Downstream downscaler trained on real + synthetic vs real only (95 % bootstrap CI over days)",
+                 fontsize=9)
+    return fig
+
+
+def write_downstream(table: pd.DataFrame, out_png: str) -> None:
+    io.save_figure(downstream_comparison(table), out_png)
