@@ -106,21 +106,27 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory):
-    """A tiny demo data set run through preprocess and detect_events (paths dict)."""
+def prepare_demo(root: Path, demo_cfg, events_cfg) -> dict:
+    """Write a small demo data set under ``root`` and run preprocess + detect_events on it (paths dict)."""
     from precip_cvae import demo, events, preprocess
-    from precip_cvae.config import DataConfig, DemoConfig, EventsConfig, PreprocessConfig, VariableSource
+    from precip_cvae.config import DataConfig, PreprocessConfig, VariableSource
 
-    root = tmp_path_factory.mktemp("prepared")
-    demo.write_demo_data(DemoConfig(seed=3, years=2, nlat=16, nlon=16, nclat=4, nclon=4, heavy_fraction=0.04),
-                         root / "raw")
+    demo.write_demo_data(demo_cfg, root / "raw")
     data = DataConfig(
         target=VariableSource(str(root / "raw" / "target" / "*.nc"), "pr"),
         predictors=tuple(VariableSource(str(root / "raw" / "predictors" / "*.nc"), v) for v in ("psl", "hus850")),
     )
     preprocess.run(data, PreprocessConfig(target_coarse_factor=4, chunk_time=64), str(root / "dataset.zarr"))
-    events.run(str(root / "dataset.zarr"), EventsConfig(min_exceed_fraction=0.05), str(root / "thresholds.nc"),
-               str(root / "events.csv"))
+    events.run(str(root / "dataset.zarr"), events_cfg, str(root / "thresholds.nc"), str(root / "events.csv"))
     return {"root": root, "dataset": str(root / "dataset.zarr"), "thresholds": str(root / "thresholds.nc"),
             "events": str(root / "events.csv")}
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A tiny demo data set run through preprocess and detect_events (paths dict)."""
+    from precip_cvae.config import DemoConfig, EventsConfig
+
+    return prepare_demo(tmp_path_factory.mktemp("prepared"),
+                        DemoConfig(seed=3, years=2, nlat=16, nlon=16, nclat=4, nclon=4, heavy_fraction=0.04),
+                        EventsConfig(min_exceed_fraction=0.05))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conftest import snakemake
+from conftest import prepare_demo, snakemake
 from precip_cvae import evaluate as E
 from precip_cvae import metrics, plots
 from precip_cvae.config import ConfigError, EvaluateConfig
@@ -183,20 +183,12 @@ def test_comparison_table_lists_experiments_then_baselines_once():
 @pytest.fixture(scope="module")
 def padded(tmp_path_factory):
     """A tiny demo on a 12 x 14 grid (padded to 16 x 16), through preprocess + events, with a 2-epoch model."""
-    from precip_cvae import demo, events, preprocess, train
-    from precip_cvae.config import (DataConfig, DemoConfig, EventsConfig, LossConfig, ModelConfig,
-                                    PreprocessConfig, TrainConfig, VariableSource)
+    from precip_cvae import train
+    from precip_cvae.config import DemoConfig, EventsConfig, LossConfig, ModelConfig, TrainConfig
 
     root = tmp_path_factory.mktemp("evaluate")
-    demo.write_demo_data(DemoConfig(seed=5, years=2, nlat=12, nlon=14, nclat=4, nclon=4, heavy_fraction=0.05),
-                         root / "raw")
-    data = DataConfig(
-        target=VariableSource(str(root / "raw" / "target" / "*.nc"), "pr"),
-        predictors=tuple(VariableSource(str(root / "raw" / "predictors" / "*.nc"), v) for v in ("psl", "hus850")),
-    )
-    preprocess.run(data, PreprocessConfig(target_coarse_factor=4, chunk_time=64), str(root / "dataset.zarr"))
-    events.run(str(root / "dataset.zarr"), EventsConfig(percentile=95.0, min_exceed_fraction=0.05),
-               str(root / "thresholds.nc"), str(root / "events.csv"))
+    prepare_demo(root, DemoConfig(seed=5, years=2, nlat=12, nlon=14, nclat=4, nclon=4, heavy_fraction=0.05),
+                 EventsConfig(percentile=95.0, min_exceed_fraction=0.05))
     paths = train.TrainPaths(str(root / "dataset.zarr"), str(root / "thresholds.nc"), str(root / "events.csv"),
                              str(root / "train"), str(root / "resume"))
     train.run(paths, ModelConfig(preset="tiny"),
