@@ -132,3 +132,24 @@ def _no_events(prepared, trained, tmp_path):
     table.to_csv(path, index=False)
     generate.run(trained, prepared["dataset"], prepared["thresholds"], str(path), GenerateConfig(members=2),
                  EventsConfig(), str(tmp_path / "out"))
+
+
+def test_padded_grid_is_cropped_in_samples_and_padded_in_the_training_set(tmp_path):
+    """A 12 x 14 grid padded to 16 x 16: samples on the original grid, the training set on the padded one."""
+    from conftest import prepare_demo
+    from precip_cvae.config import DemoConfig
+
+    prep = prepare_demo(tmp_path / "d", DemoConfig(seed=5, years=2, nlat=12, nlon=14, nclat=4, nclon=4,
+                                                     heavy_fraction=0.05), EventsConfig(min_exceed_fraction=0.05))
+    paths = train.TrainPaths(prep["dataset"], prep["thresholds"], prep["events"], str(tmp_path / "train"),
+                             str(tmp_path / "resume"))
+    train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, val_members=2, num_threads=1,
+                                                             loss=LossConfig(warmup_epochs=0)))
+    report = generate.run(str(paths.best), prep["dataset"], prep["thresholds"], prep["events"],
+                          GenerateConfig(members=2, batch_days=3), EventsConfig(min_exceed_fraction=0.05),
+                          str(tmp_path / "out"))
+    aug = xr.open_zarr(tmp_path / "out" / "augmented.zarr")
+    assert (aug.sizes["lat"], aug.sizes["lon"]) == (12, 14) and aug.sizes["sample"] == report["samples"]
+    ts = load_fields(str(tmp_path / "out" / "augmented_training_set.zarr"), prep["thresholds"], None)
+    assert tuple(ts.x.shape[-2:]) == (16, 16)
+    assert not ts.valid[:, :, 0, :].any()  # the padding row is invalid for real and synthetic fields alike

@@ -408,7 +408,8 @@ def _write_training_set(ds: xr.Dataset, augmented: Path, path: Path, cfg: Genera
     combined["pr"].attrs = dict(ds["pr"].attrs)
     combined.attrs = {**dict(ds.attrs), **{f"generation_{k}": v for k, v in attrs.items()},
                       "title": "precip-cvae augmented training set (real train days + synthetic samples)"}
-    combined = combined.chunk({"time": 256})
+    # one chunk along space: the padding of the synthetic fields must not leave ragged spatial chunks
+    combined = combined.chunk({"time": 256, "lat": -1, "lon": -1, "channel": -1, "clat": -1, "clon": -1})
     from .io import write_zarr
 
     write_zarr(combined, path)
