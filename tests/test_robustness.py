@@ -131,3 +131,36 @@ def test_two_runs_side_by_side_share_nothing_writable(tmp_path):
     rules = "\n".join(p.read_text() for p in (REPO / "rules").glob("*.smk"))
     outputs = [line.strip() for line in rules.splitlines() if "run_dir(" in line or "exp_dir(" in line]
     assert outputs and all("run_dir(" in o or "exp_dir(" in o for o in outputs)
+
+
+def test_unwritable_output_directory_keeps_the_previous_result(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "report.json"
+    io.write_json({"run": 1}, target)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match=f"{target.parent}: output directory is not writable"):
+        io.write_json({"run": 2}, target)
+    monkeypatch.undo()
+    assert io.read_json(target) == {"run": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["report.json"]
+
+
+def test_disk_full_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    from precip_cvae import checkpoint
+
+    path = tmp_path / "last.pt"
+    checkpoint.save({"model_state": {"w": torch.zeros(4)}, "epoch": 3}, path)
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):  # half a file, then the disk is full
+        real_save(obj, f, *a, **k)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save({"model_state": {"w": torch.ones(4)}, "epoch": 4}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -30,8 +30,91 @@ from .io import InputError, open_zarr, write_csv, write_netcdf
 log = logging.getLogger(__name__)
 
 
+def extreme_values(x, k: int, largest: bool = True, split_every: int = 4):
+    """The ``k`` largest (or smallest) values along axis 0, sorted from the extreme inwards.
+
+    A tree reduction over the blocks of axis 0 that keeps ``k`` values per position
+    and block, so memory is bounded by one block plus ``split_every`` x ``k`` values
+    per position, whatever the length of axis 0 (a percentile over time needs no
+    rechunking to one time chunk, which would hold all of time in memory).
+
+    Parameters
+    ----------
+    x : dask or numpy array (N, ...); values that must not count are -inf
+        (``largest``) or +inf, and a 1-D ``x`` drops them first (numpy's partition
+        is slow on long runs of equal values).
+    k : number of values kept (at most N).
+
+    Returns
+    -------
+    array (min(k, N), ...): lazy (dask) for dask input, numpy for numpy input.
+    """
+    import dask.array as dsa
+
+    k = int(min(k, x.shape[0]))
+    fill = -np.inf if largest else np.inf
+
+    def keep(a, axis=None, keepdims=True):  # (n, ...) -> (min(k, n), ...), a copy (no view of the block)
+        if a.ndim == 1:
+            a = a[a != fill]
+        n = a.shape[0]
+        if n <= k:
+            return a
+        rows = np.ascontiguousarray(a.reshape(n, -1).T)  # (positions, n): selection is fastest on contiguous rows
+        rows.partition(n - k if largest else k - 1, axis=-1)
+        rows = rows[:, n - k:] if largest else rows[:, :k]
+        return np.ascontiguousarray(rows.T).reshape((k, *a.shape[1:]))
+
+    def finish(a, axis=None, keepdims=True):
+        a = np.sort(keep(a), axis=0)
+        return a[::-1] if largest else a
+
+    if not isinstance(x, dsa.Array):
+        return finish(np.asarray(x))
+    return dsa.reduction(x, keep, finish, combine=keep, axis=0, keepdims=True, dtype=x.dtype,
+                         split_every=split_every, concatenate=True, output_size=k)
+
+
+def _linear_percentile(ext: np.ndarray, n: np.ndarray, q: float, largest: bool) -> np.ndarray:
+    """numpy's 'linear' percentile ``q`` (0..1) of ``n`` values from their extreme values.
+
+    ``ext`` (k, ...) holds, per position, the ``k`` largest values in decreasing order
+    (``largest``) or the smallest in increasing order; ``k`` covers the two order
+    statistics the percentile reads (:func:`_extremes_needed`).  NaN where ``n`` is 0.
+    """
+    n = np.asarray(n, dtype=np.int64)
+    h = q * (np.maximum(n, 1) - 1)
+    lo = np.floor(h).astype(np.int64)
+    gamma = h - lo
+    hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
+    if largest:  # ascending position i is position n - 1 - i of the decreasing list
+        lo, hi = np.maximum(n - 1 - lo, 0), np.maximum(n - 1 - hi, 0)
+    a = np.take_along_axis(ext, lo[None], axis=0)[0].astype(np.float64)
+    b = np.take_along_axis(ext, hi[None], axis=0)[0].astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        diff = b - a
+        out = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)  # numpy's _lerp
+    return np.where(n > 0, out, np.nan)
+
+
+def _extremes_needed(n: int, q: float) -> tuple[int, bool]:
+    """(k, largest): how many extreme values of ``n`` hold the linear percentile ``q``, from which end."""
+    lo = int(np.floor(q * (n - 1)))
+    top, bottom = n - lo + 1, lo + 3  # one spare against round-off in q * (n - 1)
+    return (top, True) if top <= bottom else (bottom, False)
+
+
 def wet_day_thresholds(pr: xr.DataArray, mask: xr.DataArray, cfg: EventsConfig) -> xr.DataArray:
     """Per-pixel wet-day percentile thresholds (lat, lon) in mm/day.
+
+    Streams over time (dask or numpy input) in two passes: the first counts the wet
+    days per pixel; the second keeps, per pixel, the wet values nearer to the
+    percentile's end of the distribution (the top ``1 - q`` share of the most wet
+    days of a pixel: 1 % for P99), and, when a valid pixel has fewer than
+    ``min_wet_days`` wet days, the same share of all wet values of the valid pixels
+    for the pooled fallback.  Memory: a few time chunks plus those shares, never
+    all of time at once.  Values equal numpy's ``nanpercentile`` ('linear') of the
+    wet days.
 
     Parameters
     ----------
@@ -43,28 +126,34 @@ def wet_day_thresholds(pr: xr.DataArray, mask: xr.DataArray, cfg: EventsConfig) 
     xr.DataArray (lat, lon), mm day-1; NaN outside the mask.  Attributes record the
     percentile, wet threshold, pooled value and the number of pixels using it.
     """
+    import dask
+    import dask.array as dsa
+
     q = cfg.percentile / 100.0
-    # the percentile needs all of time for a pixel: chunk along space, not time
-    wet = pr.where(pr >= cfg.wet_threshold)
-    if wet.chunks is not None:
-        wet = wet.chunk({"time": -1, "lat": "auto", "lon": -1})
-    n_wet = wet.count("time")
-    local = wet.quantile(q, dim="time", skipna=True).drop_vars("quantile")
-    n_wet, local = (x.compute() for x in (n_wet, local))
+    pr = pr.transpose("time", "lat", "lon")
+    data = pr.data  # (T, H, W), dask or numpy
+    if not isinstance(data, dsa.Array):
+        data = dsa.from_array(np.asarray(data), chunks=(256, -1, -1))
+    wet = data >= cfg.wet_threshold  # NaN is not wet
+    coords = {c: pr[c] for c in ("lat", "lon") if c in pr.coords}
+    # pass 1: wet days per pixel, which say how many extreme values the percentile needs
+    n_wet = xr.DataArray(wet.sum(axis=0).compute(), dims=("lat", "lon"), coords=coords)
     valid = mask.astype(bool).compute()
-    values = wet.where(valid).data
-    pooled_needed = bool(((n_wet < cfg.min_wet_days) & valid).any())
-    pooled = np.nan
-    if pooled_needed:
-        flat = np.asarray(values.compute() if hasattr(values, "compute") else values).ravel()
-        flat = flat[np.isfinite(flat)]
-        if flat.size == 0:
-            raise InputError(
-                f"no wet day (pr >= {cfg.wet_threshold} mm/day) in the train split; cannot fit thresholds"
-            )
-        pooled = float(np.percentile(flat, cfg.percentile))
     use_pooled = (n_wet < cfg.min_wet_days) & valid
-    thr = xr.where(use_pooled, pooled, local).where(valid).astype("float32").compute()
+    n_all = int(n_wet.where(valid, 0).sum())
+    if bool(use_pooled.any()) and n_all == 0:
+        raise InputError(f"no wet day (pr >= {cfg.wet_threshold} mm/day) in the train split; cannot fit thresholds")
+    # pass 2: the extreme wet values per pixel (and pooled over the valid pixels when a pixel needs it)
+    k, largest = _extremes_needed(max(int(n_wet.max()), 1), q)
+    todo = [extreme_values(dsa.where(wet, data, -np.inf if largest else np.inf), k, largest)]
+    if bool(use_pooled.any()):
+        k_all, largest_all = _extremes_needed(n_all, q)
+        pooled_values = dsa.where(wet & np.asarray(valid.values)[None], data, -np.inf if largest_all else np.inf)
+        todo.append(extreme_values(pooled_values.reshape(-1), k_all, largest_all))
+    done = dask.compute(*todo)
+    local = xr.DataArray(_linear_percentile(done[0], n_wet.values, q, largest), dims=("lat", "lon"), coords=coords)
+    pooled = float(_linear_percentile(done[1], np.array(n_all), q, largest_all)) if len(done) > 1 else np.nan
+    thr = xr.where(use_pooled, pooled, local).where(valid).astype("float32")
     thr.name = "threshold"
     thr.attrs = {
         "units": "mm day-1",
@@ -175,6 +264,8 @@ def run(dataset: str, cfg: EventsConfig, thresholds_out: str, events_out: str) -
     train = np.flatnonzero(ds["split"].values.astype(str) == "train")
     if train.size == 0:
         raise InputError(f"{dataset}: no train days; cannot fit thresholds")
+    if train[-1] - train[0] + 1 == train.size:  # contiguous: a slice keeps the store's chunks (an index array copies)
+        train = slice(int(train[0]), int(train[-1]) + 1)
     thr = wet_day_thresholds(ds["pr"].isel(time=train), ds["mask"], cfg)
     table, info = event_table(ds, thr, cfg)
     n_train_events = int(table.loc[table["split"] == "train", "is_event"].sum())

@@ -63,6 +63,72 @@ def _describe(files: list[str]) -> str:
     return files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more files)"
 
 
+_NC3_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 4, 6: 8, 7: 1, 8: 2, 9: 4, 10: 8, 11: 8}
+
+
+def netcdf3_sizes(path: str) -> tuple[int, int] | None:
+    """(bytes the header of a NetCDF-3 file says its data needs, bytes on disk); None for other formats.
+
+    The netCDF library reads the missing tail of a truncated NetCDF-3 file as zeros
+    without an error (HDF5-based NetCDF-4 files fail to open instead), so this reads
+    the header (classic, 64-bit offset and CDF-5 layouts) and compares.
+
+    Raises
+    ------
+    EOFError
+        The header itself ends early (a corrupt or cut file).
+    """
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+        if magic[:3] != b"CDF" or magic[3:] not in (b"\x01", b"\x02", b"\x05"):
+            return None
+        wide = 8 if magic[3] == 5 else 4  # NON_NEG and nelems: 8 bytes in CDF-5
+
+        def num(n=wide):
+            raw = fh.read(n)
+            if len(raw) < n:
+                raise EOFError(f"{path}: the NetCDF-3 header ends early")
+            return int.from_bytes(raw, "big")
+
+        def skip_name():
+            n = num()
+            fh.seek(n + (-n) % 4, 1)
+
+        def skip_attributes():
+            fh.seek(4, 1)  # tag (0 when absent)
+            for _ in range(num()):
+                skip_name()
+                kind = num(4)
+                n = num() * _NC3_TYPE_BYTES.get(kind, 1)
+                fh.seek(n + (-n) % 4, 1)
+
+        numrecs = num()
+        fh.seek(4, 1)
+        dims = []
+        for _ in range(num()):
+            skip_name()
+            dims.append(num())
+        skip_attributes()
+        fh.seek(4, 1)
+        fixed_end, records = 0, []
+        for _ in range(num()):
+            skip_name()
+            shape = [dims[num()] for _ in range(num())]
+            skip_attributes()
+            nbytes = _NC3_TYPE_BYTES.get(num(4), 1)
+            vsize = num()
+            begin = num(4 if magic[3] == 1 else 8)
+            if shape and shape[0] == 0:  # record variable: the unlimited dimension has length 0 here
+                records.append((begin, vsize, nbytes * int(np.prod(shape[1:]))))
+            else:
+                fixed_end = max(fixed_end, begin + nbytes * int(np.prod(shape)))
+        need = fixed_end
+        if records and 0 < numrecs < 2**32 - 1:  # 0xFFFFFFFF: streaming, count unknown
+            recsize = sum(v for _, v, _ in records) if len(records) > 1 else records[0][2]
+            need = max(need, *(b + (numrecs - 1) * recsize + one for b, _, one in records))
+    return need, os.path.getsize(path)
+
+
 def open_variable(source: VariableSource, chunks_time: int = 128) -> xr.DataArray:
     """Open one variable lazily from all files matching ``source.paths``.
 
@@ -77,11 +143,33 @@ def open_variable(source: VariableSource, chunks_time: int = 128) -> xr.DataArra
         variables that are there), no time dimension.
     """
     files = expand_glob(source.paths, f"variable {source.variable!r}")
+    for f in files:
+        try:
+            sizes = netcdf3_sizes(f)
+        except EOFError as exc:
+            raise InputError(f"{f}: cannot be read as NetCDF (the NetCDF-3 header ends early: a cut or corrupt file)") \
+                from exc
+        except OSError:
+            sizes = None  # unreadable: the opening below names it
+        if sizes and sizes[1] < sizes[0]:
+            raise InputError(
+                f"{f}: truncated NetCDF file ({sizes[1]} bytes; its header describes {sizes[0]}); "
+                "expected a complete file (copy or download it again)"
+            )
+    grids: dict[str, tuple] = {}  # file -> (spatial coordinates, first and last time stamp)
+
+    def record(ds: xr.Dataset) -> xr.Dataset:
+        ds = _ensure_time_dim(ds)
+        coords = {str(d): ds[d].values for d in ds.dims if d != "time" and d in ds.coords}
+        span = (ds["time"].values.min(), ds["time"].values.max()) if "time" in ds.coords and ds.sizes["time"] else None
+        grids[ds.encoding.get("source", f"file {len(grids) + 1}")] = (coords, span)
+        return ds
+
     try:
         ds = xr.open_mfdataset(
             files,
             combine="by_coords",
-            preprocess=_ensure_time_dim,
+            preprocess=record,
             chunks={},  # the files' own chunks (one per file for unchunked NetCDF); rechunked later
             data_vars="minimal",
             coords="minimal",
@@ -97,10 +185,12 @@ def open_variable(source: VariableSource, chunks_time: int = 128) -> xr.DataArra
                     one.attrs
             except Exception as inner:
                 raise InputError(f"{f}: cannot be read as NetCDF ({type(inner).__name__}: {inner})") from inner
+        _check_combinable(grids, source.paths)
         raise InputError(
             f"{_describe(files)}: files matching {source.paths!r} cannot be combined along time "
             f"({type(exc).__name__}: {exc})"
         ) from exc
+    _check_combinable(grids, source.paths)
     if source.variable not in ds.data_vars:
         raise InputError(
             f"{_describe(files)}: variable {source.variable!r} not found; the files hold "
@@ -116,6 +206,32 @@ def open_variable(source: VariableSource, chunks_time: int = 128) -> xr.DataArra
     da.attrs["source_pattern"] = source.paths
     da.name = source.variable
     return da
+
+
+def _check_combinable(grids: dict[str, tuple], pattern: str) -> None:
+    """Refuse files of one glob on different grids (combined, they would make a union grid
+    full of NaN) or with overlapping time stamps; the message names the two files."""
+    items = list(grids.items())
+    if not items:
+        return
+    first, (ref, _) = items[0]
+    for f, (coords, _) in items[1:]:
+        for dim in sorted(set(ref) | set(coords)):
+            a, b = ref.get(dim), coords.get(dim)
+            if a is None or b is None or a.shape != b.shape or not np.array_equal(a, b):
+                span = lambda v: "absent" if v is None else f"{v.size} values {v.min()}..{v.max()}"  # noqa: E731
+                raise InputError(
+                    f"{f}: coordinate {dim!r} ({span(b)}) differs from {first} ({span(a)}); "
+                    f"expected every file matching {pattern!r} on one grid"
+                )
+    spans = sorted((s, f) for f, (_, s) in items if s is not None)
+    show = lambda t: str(pd.Timestamp(t)) if isinstance(t, np.datetime64) else str(t)  # noqa: E731
+    for (a, fa), (b, fb) in zip(spans, spans[1:]):
+        if b[0] <= a[1]:
+            raise InputError(
+                f"{fb}: time stamps {show(b[0])} .. {show(b[1])} overlap those of {fa} ({show(a[0])} .. {show(a[1])}); "
+                f"expected each time stamp in one file matching {pattern!r} (duplicate time stamps)"
+            )
 
 
 def source_files(da: xr.DataArray) -> str:

@@ -178,7 +178,8 @@ def align_time(target: xr.DataArray, predictors: Sequence[xr.DataArray], min_day
     n = len(common)
     if n < max(min_days, 1):
         spans = [
-            f"{x.name}: {x.indexes['time'][0]} .. {x.indexes['time'][-1]} ({x.sizes['time']} steps)"
+            f"{x.name} in {source_files(x)}: {x.indexes['time'][0]} .. {x.indexes['time'][-1]} "
+            f"({x.sizes['time']} steps)"
             for x in [target, *predictors]
         ]
         raise InputError(
@@ -349,6 +350,11 @@ def check_target_values(pr: xr.DataArray, mask: xr.DataArray, cfg: PreprocessCon
         "negative": int(negative),
         "minimum": float(minimum),
     }
+    return apply_value_policy(counts, cfg, where)
+
+
+def apply_value_policy(counts: dict, cfg: PreprocessConfig, where: str) -> dict:
+    """Raise on negatives beyond the tolerance and (policy ``refuse``) on sporadic NaN; return ``counts``."""
     if counts["negative"]:
         raise InputError(
             f"{where}: {counts['negative']} negative precipitation values (minimum {counts['minimum']:.4g} mm/day); "
@@ -375,15 +381,78 @@ def fit_channel_stats(cond: xr.DataArray, train: np.ndarray) -> tuple[np.ndarray
     return mean, std
 
 
-def fit_target_transform(pr: xr.DataArray, train: np.ndarray, kind: str) -> TargetTransform:
-    """Scale = std of f(pr) over valid train pixels (one dask pass)."""
-    base = TargetTransform(kind=kind, scale=1.0)
-    sub = pr.isel(time=np.flatnonzero(train))
-    raw = xr.apply_ufunc(base.raw, sub, dask="allowed")
-    scale = float(raw.std(skipna=True).compute())
+def transform_moments(pr: xr.DataArray, train: np.ndarray, kind: str) -> tuple:
+    """Per-cell (count, sum, sum of squares) of f(pr) over train days, NaN skipped; lazy for dask input.
+
+    Parameters
+    ----------
+    pr : xr.DataArray (time, lat, lon), mm day-1
+    train : bool (time,)
+    kind : the transform ``f`` ('log1p', 'sqrt', 'none')
+
+    Returns
+    -------
+    three arrays (lat, lon): int count, float64 sum, float64 sum of squares.
+    """
+    on_train = xr.DataArray(np.asarray(train, bool), dims="time", coords={"time": pr["time"]})
+    raw = TargetTransform(kind=kind, scale=1.0).raw(pr.where(on_train).transpose("time", "lat", "lon").data)
+    return (~np.isnan(raw)).sum(axis=0), np.nansum(raw, axis=0, dtype=np.float64), \
+        np.nansum(raw * raw, axis=0, dtype=np.float64)
+
+
+def transform_from_moments(kind: str, moments: tuple, cells: np.ndarray | None = None) -> TargetTransform:
+    """The transform with scale = std of f(pr) pooled over ``cells`` (bool (lat, lon); None: all)."""
+    n, s1, s2 = (np.asarray(m, dtype=np.float64) for m in moments)
+    if cells is not None:
+        n, s1, s2 = n[cells], s1[cells], s2[cells]
+    total = n.sum()
+    mean = s1.sum() / total if total else np.nan
+    scale = float(np.sqrt(max(s2.sum() / total - mean * mean, 0.0))) if total else np.nan
     if not scale > 0:
         raise InputError("target is constant (or all missing) on the train split; cannot fit the transform")
     return TargetTransform(kind=kind, scale=scale)
+
+
+def fit_target_transform(pr: xr.DataArray, train: np.ndarray, kind: str) -> TargetTransform:
+    """Scale = std of f(pr) over valid train pixels (one dask pass)."""
+    import dask
+
+    return transform_from_moments(kind, dask.compute(*transform_moments(pr, train, kind)))
+
+
+def scan_target(pr: xr.DataArray, train: np.ndarray, cfg: PreprocessConfig, where: str):
+    """One pass over the target for the mask, the value checks and the transform.
+
+    Parameters
+    ----------
+    pr : xr.DataArray (time, lat, lon), mm day-1, dask-backed
+    train : bool (time,)
+
+    Returns
+    -------
+    mask : xr.DataArray (lat, lon) int8 (as :func:`missing_mask`)
+    counts : dict (as :func:`check_target_values`, whose policy it applies)
+    transform : TargetTransform fitted on the train days of the mask's cells (as
+        :func:`fit_target_transform` of the masked field)
+    """
+    import dask
+
+    missing, negative, minimum, *moments = dask.compute(
+        pr.isnull().sum("time"), (pr < -cfg.negative_tolerance).sum(), pr.min(),
+        *transform_moments(pr, train, cfg.transform))
+    mask = (missing / pr.sizes["time"] <= cfg.mask_missing_fraction).astype("int8").rename("mask")
+    valid_cell = mask.values.astype(bool)
+    if not valid_cell.any():
+        raise InputError(f"{where}: every cell is missing on more than {cfg.mask_missing_fraction:.0%} of days")
+    counts = {
+        "cells": int(valid_cell.sum()),
+        "masked_cells": int((~valid_cell).sum()),
+        "sporadic_missing": int(missing.values[valid_cell].sum()),
+        "negative": int(negative),
+        "minimum": float(minimum),
+    }
+    apply_value_policy(counts, cfg, where)
+    return mask, counts, transform_from_moments(cfg.transform, moments, valid_cell)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -426,17 +495,18 @@ def build_dataset(
     pr, preds = align_time(pr, preds, cfg.min_overlap_days)
     pr = pr.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1})
 
-    mask = missing_mask(pr, cfg.mask_missing_fraction).compute()
-    if int(mask.sum()) == 0:
-        raise InputError(f"{where}: every cell is missing on more than {cfg.mask_missing_fraction:.0%} of days")
-    counts = check_target_values(pr, mask, cfg, where)
+    try:
+        labels = split_labels(pr.indexes["time"], cfg.split)
+    except InputError as exc:  # name the data: the split sees the target/predictor time intersection
+        raise InputError(f"{where} (time stamps shared with the predictors): {exc}") from exc
+    # one pass over the target: mask, value checks and the transform's train statistics
+    mask, counts, transform = scan_target(pr, labels == "train", cfg, where)
     log.info(
         "target: %d valid cells, %d masked, %d sporadic missing values (%s), minimum %.3g mm/day",
         counts["cells"], counts["masked_cells"], counts["sporadic_missing"], cfg.missing_policy, counts["minimum"],
     )
     pr = pr.where(mask.astype(bool))
 
-    labels = split_labels(pr.indexes["time"], cfg.split)
     keep = labels != ""
     if not keep.all():
         log.info("split: %d days are in no split and are dropped", int((~keep).sum()))
@@ -488,7 +558,6 @@ def build_dataset(
     log.info("condition: channels %s on a %dx%d grid; train mean %s std %s", names, clat.size, clon.size,
              np.round(mean, 4).tolist(), np.round(std, 4).tolist())
 
-    transform = fit_target_transform(pr, train, cfg.transform)
     log.info("target transform %s, scale %.4f (fitted on %d train days)", transform.kind, transform.scale, int(train.sum()))
 
     ds = xr.Dataset(

@@ -9,8 +9,9 @@
 * Early stopping on ``early_stopping_metric`` with ``patience``; a model can be
   selected as best only once the KL warm-up has finished (before that, beta < beta_kl
   and the prior is not yet trained to match the posterior).
-* ``train_log.csv`` is rewritten and flushed every epoch; one readable line per epoch
-  goes to the rule's log.
+* ``train_log.csv`` is rewritten and flushed every epoch, after that epoch's resume
+  state is saved (a logged epoch is never lost); one readable line per epoch goes to
+  the rule's log.
 * Checkpoints (:mod:`precip_cvae.checkpoint`): ``best.pt`` and ``last.pt`` in the
   output directory, and a resume copy of ``last.pt`` in ``resume_dir``, which is not a
   declared Snakemake output, so it survives a failed job.  A rerun with the same
@@ -388,9 +389,13 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.rank)
     data = load_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", "val"))
-    train, val = data.select("train"), data.select("val")
+    try:
+        train, val = data.select("train"), data.select("val")
+    except InputError as exc:
+        raise InputError(f"{paths.dataset}: {exc}; expected train and val days (preprocess.split)") from exc
     if not bool(train.is_event.any()):
-        log.warning("no heavy-event day in the train split: the extreme loss term only sees single pixels")
+        log.warning("%s: no heavy-event day in the train split: the extreme loss term only sees single pixels, "
+                    "train.oversample_heavy has no effect", paths.events)
     on_device = device.type == "cuda"
     if on_device:  # the whole data set on the GPU when it fits (a quarter of free memory)
         free, _ = torch.cuda.mem_get_info()
@@ -402,7 +407,10 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
     n_channels = train.y.shape[1]
 
     torch.manual_seed(cfg.seed)
-    model = CVAE(model_cfg, n_channels, fine_shape, coarse_shape).to(device)
+    try:
+        model = CVAE(model_cfg, n_channels, fine_shape, coarse_shape).to(device)
+    except ValueError as exc:  # e.g. a grid the model's depth cannot halve: name the data set
+        raise InputError(f"{paths.dataset}: {exc}") from exc
     net = model  # what the training step calls: the DDP wrapper under DDP
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -536,7 +544,6 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
                 "epoch_seconds": seconds, "samples_per_s": n_train / train_seconds,
             }
             history.append({k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()})
-            _write_log(history, paths.log_csv)
             log.info(
                 "epoch %3d/%d beta %.4f loss %.4f | val %s %.4f (MAE_all %.3f MAE_tail %.3f freq %.2f CRPS %.3f "
                 "twCRPS %.3f) | %.1f s, %.0f samples/s%s",
@@ -550,6 +557,7 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
                 checkpoint.save(state, paths.resume_best)
             checkpoint.save(state, paths.last)
             checkpoint.save(state, paths.resume)
+            _write_log(history, paths.log_csv)  # after the resume state: a logged epoch is never lost to a kill
             if should_stop:
                 log.info("early stopping after epoch %d: no %s improvement for %d epochs (best %.4f at epoch %d)",
                          epoch + 1, cfg.early_stopping_metric, cfg.patience, stopper.best_value, stopper.best_epoch + 1)

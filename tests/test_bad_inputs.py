@@ -1,0 +1,388 @@
+"""Bad inputs, end to end: each gets a clear error naming the file, the variable and what was expected
+(or is handled, with a log line), and nothing half-done is left behind.  The catalogue is docs/robustness.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+
+from conftest import copy_workflow, make_field_da, snakemake, write_nc
+from precip_cvae import checkpoint, evaluate, events, generate, io, preprocess, train
+from precip_cvae.config import (DataConfig, EventsConfig, GenerateConfig, LossConfig, ModelConfig, PreprocessConfig,
+                                SplitConfig, TrainConfig, VariableSource)
+from precip_cvae.data import load_fields
+from precip_cvae.io import InputError
+from precip_cvae.model import CVAE
+
+TIMES = pd.date_range("2000-01-01", "2001-12-31", freq="D")
+PRED_LAT, PRED_LON = [40.0, 41.5, 43.0], [-5.0, -3.5, -2.0]
+
+
+def _target(values=None, times=TIMES, **kw) -> xr.DataArray:
+    """(time, 6, 5) mm/day gamma rain on a 0.5-degree grid."""
+    if values is None:
+        values = np.random.default_rng(0).gamma(0.5, 4.0, size=(len(times), 6, 5)).astype("float32")
+    return make_field_da(values, times, **kw)
+
+
+def _predictor(times=TIMES, name="z500") -> xr.DataArray:
+    values = np.random.default_rng(1).normal(5000, 50, size=(len(times), 3, 3)).astype("float32")
+    return make_field_da(values, times, name=name, lat=PRED_LAT, lon=PRED_LON, units="m")
+
+
+def _run(root: Path, target_glob="target/*.nc", pred_glob="pred/*.nc", pred_var="z500", **cfg):
+    """preprocess.run on files under ``root``; writes root/dataset.zarr."""
+    data = DataConfig(target=VariableSource(str(root / target_glob), "pr"),
+                      predictors=(VariableSource(str(root / pred_glob), pred_var),))
+    return preprocess.run(data, PreprocessConfig(**{"grid_multiple": 1, **cfg}), str(root / "dataset.zarr"))
+
+
+def _case(tmp_path: Path, target: xr.DataArray | None = None, predictor: xr.DataArray | None = None) -> Path:
+    write_nc(_target() if target is None else target, tmp_path / "target" / "pr.nc")
+    write_nc(_predictor() if predictor is None else predictor, tmp_path / "pred" / "z500.nc")
+    return tmp_path
+
+
+def _refused(root: Path, *patterns: str, **kw) -> str:
+    """Run preprocess, expect an InputError matching every pattern, and no dataset written."""
+    with pytest.raises(InputError) as err:
+        _run(root, **kw)
+    for pattern in patterns:
+        assert re.search(pattern, str(err.value)), f"{pattern!r} not in: {err.value}"
+    assert not (root / "dataset.zarr").exists()
+    assert not [p for p in root.iterdir() if ".tmp-" in p.name]
+    return str(err.value)
+
+
+# ----------------------------------------------------------------------------- files and variables
+
+
+def test_empty_glob_names_the_pattern_and_the_variable(tmp_path):
+    root = _case(tmp_path)
+    _refused(root, r"variable 'z500': no file matches '.*/nothing/\*\.nc'", pred_glob="nothing/*.nc")
+
+
+def test_missing_predictor_variable_lists_what_is_there(tmp_path):
+    root = _case(tmp_path)
+    _refused(root, re.escape(str(root / "pred" / "z500.nc")), r"variable 'z700' not found; the files hold \['z500'\]",
+             pred_var="z700")
+
+
+def test_target_without_units_names_file_variable_and_the_config_key(tmp_path):
+    root = _case(tmp_path, target=_target(units=None))
+    _refused(root, re.escape(str(root / "target" / "pr.nc")), r"variable 'pr' has no 'units' attribute",
+             r"set data\.\*\.units")
+
+
+@pytest.mark.parametrize("fmt, keep, expected", [
+    ("NETCDF4", 0.5, r"cannot be read as NetCDF \(OSError"),
+    ("NETCDF3_64BIT", 0.5, r"truncated NetCDF file \(\d+ bytes; its header describes \d+\); expected a complete file"),
+    ("NETCDF3_64BIT", 0.001, r"cannot be read as NetCDF \(the NetCDF-3 header ends early"),
+])
+def test_truncated_netcdf_is_named(tmp_path, fmt, keep, expected):
+    """A truncated NetCDF-4 file fails to open; a truncated NetCDF-3 file opens and reads its lost tail as
+    zeros, so its header is checked against the file size."""
+    root = _case(tmp_path)
+    path = root / "target" / "pr.nc"
+    write_nc(_target(), path, format=fmt)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+    _refused(root, re.escape(str(path)) + ": " + expected)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def test_negative_precipitation_names_file_variable_and_tolerance(tmp_path):
+    values = _target().values
+    values[100, 2, 2] = -0.004  # within the tolerance: set to 0
+    values[200, 3, 3] = -2.5
+    root = _case(tmp_path / "bad", target=_target(values))
+    _refused(root, re.escape(str(root / "target" / "pr.nc")), r"target 'pr'",
+             r"1 negative precipitation values \(minimum -2\.5 mm/day\); expected >= -0\.01")
+    values[200, 3, 3] = 0.0
+    ds = _run(_case(tmp_path / "ok", target=_target(values)))
+    assert float(ds["pr"].isel(time=100, lat=2, lon=2)) == 0.0
+
+
+def test_sporadic_nan_is_refused_or_kept_as_missing(tmp_path):
+    values = _target().values
+    values[:, 0, 0] = np.nan  # a fixed mask (sea): fine under both policies
+    values[50, 4, 1] = np.nan  # sporadic
+    root = _case(tmp_path, target=_target(values))
+    _refused(root, re.escape(str(root / "target" / "pr.nc")), r"target 'pr'",
+             r"1 missing values in cells that are not part of the fixed mask; expected none",
+             missing_policy="refuse")
+    ds = _run(root, missing_policy="mask")
+    assert ds.attrs["n_sporadic_missing"] == 1
+    assert int(ds["mask"][4, 1]) == 1 and int(ds["mask"][0, 0]) == 0
+    back = xr.open_zarr(root / "dataset.zarr")
+    assert np.isnan(back["pr"].values[50, 4, 1]) and np.isfinite(back["pr"].values[51, 4, 1])
+
+
+# ----------------------------------------------------------------------------- time axes
+
+
+def test_duplicate_time_stamps_within_a_file_and_across_files(tmp_path):
+    da = _target()
+    root = _case(tmp_path / "one", target=xr.concat([da.isel(time=slice(0, 400)), da.isel(time=slice(390, None))],
+                                                    "time"))
+    _refused(root, re.escape(str(root / "target" / "pr.nc")), r"target 'pr': duplicate time stamps, e\.g\. "
+             r"\['2001-01-25 00:00:00'", "expected unique days")
+    root = _case(tmp_path / "two")
+    (root / "target" / "pr.nc").unlink()
+    write_nc(da.sel(time=slice("2000-01-01", "2000-12-31")), root / "target" / "pr_a.nc")
+    write_nc(da.sel(time=slice("2000-12-01", "2001-12-31")), root / "target" / "pr_b.nc")
+    _refused(root, re.escape(str(root / "target" / "pr_b.nc")) + r": time stamps 2000-12-01 00:00:00 \.\. ",
+             re.escape(f"overlap those of {root / 'target' / 'pr_a.nc'}"), "expected each time stamp in one file")
+
+
+def test_unsorted_time_is_sorted_with_a_log_line(tmp_path, caplog):
+    da = _target()
+    order = np.random.default_rng(2).permutation(len(TIMES))
+    root = _case(tmp_path, target=da.isel(time=order))
+    with caplog.at_level(logging.WARNING, logger="precip_cvae.preprocess"):
+        _run(root)
+    assert re.search(re.escape(str(root / "target" / "pr.nc")) + r": target 'pr': time is not sorted; sorting 731",
+                     caplog.text)
+    back = xr.open_zarr(root / "dataset.zarr")
+    assert back.indexes["time"].equals(TIMES)
+    np.testing.assert_allclose(back["pr"].values, da.values, rtol=1e-6)
+
+
+def test_time_axes_that_do_not_overlap_name_both_files(tmp_path):
+    root = _case(tmp_path, predictor=_predictor(times=pd.date_range("2005-01-01", periods=100)))
+    _refused(root, r"share 0 time stamps; expected at least 30 \(preprocess\.min_overlap_days\)",
+             re.escape(f"pr in {root / 'target' / 'pr.nc'}: 2000-01-01"),
+             re.escape(f"z500 in {root / 'pred' / 'z500.nc'}: 2005-01-01"))
+
+
+def test_overlap_too_short_for_the_split_names_the_data_and_the_split(tmp_path):
+    """Enough common days for min_overlap_days, but the year split finds no train or test year in them."""
+    root = _case(tmp_path, predictor=_predictor(times=pd.date_range("2001-12-01", periods=40)))
+    split = SplitConfig(method="years", train_years=(2000,), val_years=(2001,), test_years=(2002,))
+    _refused(root, re.escape(str(root / "target" / "pr.nc")), r"time stamps shared with the predictors",
+             re.escape("leaves no days in ['train', 'test'] (counts {'train': 0, 'val': 31, 'test': 0})"),
+             r"check preprocess\.split", min_overlap_days=20, split=split)
+
+
+# ----------------------------------------------------------------------------- coordinates
+
+
+def test_files_on_different_grids_are_refused(tmp_path):
+    """Combined, they would become a union grid half full of NaN (silently, before this check)."""
+    root = _case(tmp_path)
+    (root / "target" / "pr.nc").unlink()
+    da = _target()
+    write_nc(da.sel(time="2000"), root / "target" / "pr_2000.nc")
+    write_nc(da.sel(time="2001").assign_coords(lat=da["lat"] + 10.0), root / "target" / "pr_2001.nc")
+    _refused(root, re.escape(str(root / "target" / "pr_2001.nc")) + r": coordinate 'lat' \(6 values 50\.0\.\.52\.5\)",
+             re.escape(f"differs from {root / 'target' / 'pr_2000.nc'} (6 values 40.0..42.5)"),
+             "expected every file matching .* on one grid")
+
+
+def test_non_monotonic_coordinate_names_file_and_axis(tmp_path):
+    root = _case(tmp_path, target=_target(lat=np.array([40.0, 40.5, 41.5, 41.0, 42.0, 42.5])))
+    _refused(root, re.escape(str(root / "target" / "pr.nc")), r"target 'pr': coordinate 'lat' is not monotonic; "
+             r"expected a sorted grid axis")
+
+
+def test_descending_latitude_is_flipped(tmp_path):
+    da = _target()
+    root = _case(tmp_path, target=da.isel(lat=slice(None, None, -1)))
+    _run(root)
+    back = xr.open_zarr(root / "dataset.zarr")
+    assert np.all(np.diff(back["lat"].values) > 0)
+    np.testing.assert_allclose(back["pr"].values, da.values, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- config at dry run
+
+
+def test_wrong_type_and_unknown_preset_are_rejected_at_dry_run(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    tiny = (work / "config" / "tiny.yaml").read_text()
+    cases = {
+        "wrong_type.yaml": (tiny.replace("  epochs: 2 ", "  epochs: two "), ["'two' is not of type 'integer'",
+                                                                            "['train']['epochs']"]),
+        "preset.yaml": (tiny.replace("preset: tiny", "preset: huge"), ["'huge' is not one of ['tiny', 'small', "
+                                                                      "'medium', 'seed']", "['model']['preset']"]),
+    }
+    for name, (text, expected) in cases.items():
+        assert text != tiny
+        (work / "config" / name).write_text(text)
+        proc = snakemake(work, "-n", "--configfile", f"config/{name}", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "Error validating config file" in out
+        for piece in expected:
+            assert piece in out, out[-2000:]
+    assert not (work / "results").exists() and not (work / "data").exists()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_grid_too_small_for_the_model_depth_names_dataset_grid_and_fix(tmp_path):
+    root = _case(tmp_path)
+    _run(root)  # 6 x 5, not padded (grid_multiple 1)
+    events.run(str(root / "dataset.zarr"), EventsConfig(), str(root / "thr.nc"), str(root / "events.csv"))
+    paths = train.TrainPaths(str(root / "dataset.zarr"), str(root / "thr.nc"), str(root / "events.csv"),
+                             str(root / "train"), str(root / "resume"))
+    with pytest.raises(InputError) as err:
+        train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, num_threads=1))
+    msg = str(err.value)
+    assert msg.startswith(f"{root / 'dataset.zarr'}: fine grid shape (6, 5) is not usable with model depth 2")
+    assert "multiples of 2**depth = 4" in msg and "preprocess.grid_multiple: 4, or lower model.depth" in msg
+    assert not paths.best.exists() and not paths.last.exists()
+
+
+def test_a_dataset_without_val_days_is_refused_by_training(prepared, tmp_path):
+    ds = xr.open_zarr(prepared["dataset"]).load()
+    split = ds["split"].values.astype(str)
+    ds["split"] = ("time", np.where(split == "val", "train", split))
+    io.write_zarr(ds, tmp_path / "no_val.zarr")
+    paths = train.TrainPaths(str(tmp_path / "no_val.zarr"), prepared["thresholds"], prepared["events"],
+                             str(tmp_path / "train"), str(tmp_path / "resume"))
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'no_val.zarr'}: the data set has no 'val' days; "
+                                                   "expected train and val days (preprocess.split)")):
+        train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, num_threads=1))
+
+
+def test_no_heavy_day_in_train_warns_trains_and_generation_refuses(prepared, tmp_path, caplog):
+    """events: a warning; training: runs (plain MAE, no oversampling), with a warning naming the table;
+    generate (splits: train): an error naming the table and the splits."""
+    thr, table = str(tmp_path / "thr.nc"), str(tmp_path / "events.csv")
+    with caplog.at_level(logging.WARNING):
+        events.run(prepared["dataset"], EventsConfig(min_exceed_fraction=1.0), thr, table)
+        assert f"{prepared['dataset']}: no heavy day in the train split under criterion 'exceedance'" in caplog.text
+        paths = train.TrainPaths(prepared["dataset"], thr, table, str(tmp_path / "train"), str(tmp_path / "resume"))
+        history = train.run(paths, ModelConfig(preset="tiny"),
+                            TrainConfig(epochs=1, num_threads=1, val_members=2, loss=LossConfig(warmup_epochs=0)))
+    assert f"{table}: no heavy-event day in the train split" in caplog.text
+    assert [r["epoch"] for r in history] == [0] and np.isfinite(history[0]["train_loss"])
+    with pytest.raises(InputError, match=re.escape(f"{table}: no heavy-event day in splits ['train']; nothing to "
+                                                   "generate from (check events.criterion or generate.splits)")):
+        generate.run(str(paths.best), prepared["dataset"], thr, table, GenerateConfig(members=2), EventsConfig(),
+                     str(tmp_path / "generate"))
+    assert not (tmp_path / "generate" / "augmented.zarr").exists()
+
+
+def test_resume_state_of_another_config_is_not_used(prepared, tmp_path, caplog):
+    paths = train.TrainPaths(prepared["dataset"], prepared["thresholds"], prepared["events"], str(tmp_path / "train"),
+                             str(tmp_path / "resume"))
+    checkpoint.save({"model_state": {}, "config_hash": "0123456789abcdef", "epoch": 7}, paths.resume)
+    with caplog.at_level(logging.INFO, logger="precip_cvae.train"):
+        history = train.run(paths, ModelConfig(preset="tiny"),
+                            TrainConfig(epochs=1, num_threads=1, val_members=2, loss=LossConfig(warmup_epochs=0)))
+    assert re.search(re.escape(f"resume state {paths.resume} is from another config (hash 0123456789abcdef, now ")
+                     + r"[0-9a-f]+\): starting afresh", caplog.text)
+    assert [r["epoch"] for r in history] == [0]
+    assert checkpoint.load(paths.last)["epoch"] == 0
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _foreign_checkpoint(path: Path, channels: list[str], fine: tuple[int, int]) -> Path:
+    """A valid checkpoint of a tiny model trained (notionally) on other data."""
+    cfg = ModelConfig(preset="tiny")
+    model = CVAE(cfg, len(channels), fine, (4, 4))
+    return checkpoint.save({
+        "model_config": dataclasses.asdict(cfg), "model_state": model.state_dict(), "epoch": 0,
+        "model_args": {"n_channels": len(channels), "fine_shape": list(fine), "coarse_shape": [4, 4]},
+        "data": {"channels": channels, "transform": {"target_transform": "log1p", "target_transform_scale": 1.0}},
+    }, path)
+
+
+def test_checkpoint_of_other_data_is_refused_by_generate_and_evaluate(prepared, tmp_path):
+    other = _foreign_checkpoint(tmp_path / "other.pt", ["z500"], (16, 16))
+    expected = re.escape(f"{other}: trained on condition channels ['z500'], the data has "
+                         "['psl', 'hus850', 'pr_block4']")
+    with pytest.raises(checkpoint.CheckpointError, match=expected):
+        generate.run(str(other), prepared["dataset"], prepared["thresholds"], prepared["events"],
+                     GenerateConfig(members=2), EventsConfig(), str(tmp_path / "generate"))
+    data = load_fields(prepared["dataset"], prepared["thresholds"], prepared["events"])
+    with pytest.raises(checkpoint.CheckpointError, match=expected):
+        evaluate._load_checkpoint(str(other), data, "cpu")
+    bigger = _foreign_checkpoint(tmp_path / "bigger.pt", ["psl", "hus850", "pr_block4"], (32, 32))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=re.escape(f"{bigger}: trained on a (32, 32) grid, the data has (16, 16)")):
+        evaluate._load_checkpoint(str(bigger), data, "cpu")
+
+
+def test_checkpoint_of_another_package_version_loads_with_a_log_line_another_format_is_refused(tmp_path, caplog):
+    path = tmp_path / "old.pt"
+    torch.save({"model_state": {}, "format": checkpoint.CHECKPOINT_FORMAT, "package_version": "0.0.1"}, path)
+    with caplog.at_level(logging.WARNING, logger="precip_cvae.checkpoint"):
+        assert checkpoint.load(path)["package_version"] == "0.0.1"
+    assert f"{path} was written by precip-cvae 0.0.1; this is" in caplog.text
+    torch.save({"model_state": {}, "format": checkpoint.CHECKPOINT_FORMAT + 1, "package_version": "9.0"}, path)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=re.escape(f"{path}: checkpoint format {checkpoint.CHECKPOINT_FORMAT + 1} (package 9.0) is "
+                                       f"not this package's format {checkpoint.CHECKPOINT_FORMAT}") + r".*retrain"):
+        checkpoint.load(path)
+
+
+def test_truncated_or_pickled_checkpoints_are_refused_by_name(tmp_path):
+    good = checkpoint.save({"model_state": {"w": torch.ones(3)}, "epoch": 1}, tmp_path / "good.pt")
+    raw = good.read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"{cut}: unreadable or truncated checkpoint")):
+        checkpoint.load(cut)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_state": {}, "format": checkpoint.CHECKPOINT_FORMAT, "x": Payload()}, evil)
+    refused = re.escape(f"{evil}: refused to load") + r".*weights_only=True"
+    with pytest.raises(checkpoint.CheckpointError, match=refused):
+        checkpoint.load(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+# ----------------------------------------------------------------------------- runs side by side
+
+
+@pytest.mark.workflow
+def test_two_runs_side_by_side_share_nothing_writable(tiny_run):
+    """Two more runs (other ``run`` names and demo directories) started at once in the finished tiny run's
+    work directory: both finish (Snakemake's lock allows processes with disjoint outputs), and no file of the
+    tiny run is touched, added or removed; the tiny run stays up to date."""
+
+    def files(*tops):
+        return {str(p.relative_to(tiny_run)): (p.stat().st_mtime_ns, p.stat().st_size)
+                for top in tops for p in (tiny_run / top).rglob("*") if p.is_file()}
+
+    before = files("results/tiny", "data/tiny")
+    text = (tiny_run / "config" / "tiny.yaml").read_text()
+    procs = []
+    for name in ("side_a", "side_b"):
+        changed = text.replace("run: tiny", f"run: {name}").replace("data/tiny", f"data/{name}")
+        (tiny_run / "config" / f"{name}.yaml").write_text(changed)
+        cmd = [sys.executable, "-m", "snakemake", "--cores", "1", f"results/{name}/preprocess/dataset.zarr",
+               "--configfile", f"config/{name}.yaml"]
+        procs.append(subprocess.Popen(cmd, cwd=tiny_run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+    for name in ("side_a", "side_b"):
+        assert xr.open_zarr(tiny_run / "results" / name / "preprocess" / "dataset.zarr").sizes["lat"] == 32
+        assert (tiny_run / "data" / name / "target").is_dir()
+    assert files("results/tiny", "data/tiny") == before
+    # by file times the tiny run is still complete (code edits made meanwhile would trigger reruns by provenance)
+    proc = snakemake(tiny_run, "-n", "--rerun-triggers", "mtime", "--configfile", "config/tiny.yaml")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
