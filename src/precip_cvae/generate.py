@@ -286,7 +286,7 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
                      cfg, events_cfg, attrs, n_written, acceptance, short_days, n_bad)
     _write_training_set(ds, store, out / "augmented_training_set.zarr", cfg, attrs)
     if cfg.netcdf:
-        write_netcdf(open_zarr(store).load(), out / "augmented.nc")
+        write_netcdf(open_zarr(store), out / "augmented.nc")  # dask writes it chunk by chunk: memory flat in samples
     write_json(report, out / "generation_report.json")
     write_text(_report_md(report), out / "generation_report.md")
     return report
