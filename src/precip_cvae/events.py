@@ -107,13 +107,13 @@ def _extremes_needed(n: int, q: float) -> tuple[int, bool]:
 def wet_day_thresholds(pr: xr.DataArray, mask: xr.DataArray, cfg: EventsConfig) -> xr.DataArray:
     """Per-pixel wet-day percentile thresholds (lat, lon) in mm/day.
 
-    Streams over time (dask or numpy input) in two passes: the first counts the wet
-    days per pixel; the second keeps, per pixel, the wet values nearer to the
-    percentile's end of the distribution (the top ``1 - q`` share of the most wet
-    days of a pixel: 1 % for P99), and, when a valid pixel has fewer than
-    ``min_wet_days`` wet days, the same share of all wet values of the valid pixels
-    for the pooled fallback.  Memory: a few time chunks plus those shares, never
-    all of time at once.  Values equal numpy's ``nanpercentile`` ('linear') of the
+    Streams over time (dask or numpy input): a first pass counts the wet days per
+    pixel; a second keeps, per pixel, the wet values nearer to the percentile's end
+    of the distribution (the top ``1 - q`` share of the most wet days of a pixel:
+    1 % for P99); when a valid pixel has fewer than ``min_wet_days`` wet days, a
+    third keeps the same share of all wet values of the valid pixels for the
+    pooled fallback.  Memory: a few time chunks plus those shares, never all of
+    time at once.  Values equal numpy's ``nanpercentile`` ('linear') of the
     wet days.
 
     Parameters
@@ -143,16 +143,16 @@ def wet_day_thresholds(pr: xr.DataArray, mask: xr.DataArray, cfg: EventsConfig) 
     n_all = int(n_wet.where(valid, 0).sum())
     if bool(use_pooled.any()) and n_all == 0:
         raise InputError(f"no wet day (pr >= {cfg.wet_threshold} mm/day) in the train split; cannot fit thresholds")
-    # pass 2: the extreme wet values per pixel (and pooled over the valid pixels when a pixel needs it)
+    # pass 2: the extreme wet values per pixel
     k, largest = _extremes_needed(max(int(n_wet.max()), 1), q)
-    todo = [extreme_values(dsa.where(wet, data, -np.inf if largest else np.inf), k, largest)]
-    if bool(use_pooled.any()):
+    (ext,) = dask.compute(extreme_values(dsa.where(wet, data, -np.inf if largest else np.inf), k, largest))
+    local = xr.DataArray(_linear_percentile(ext, n_wet.values, q, largest), dims=("lat", "lon"), coords=coords)
+    pooled = np.nan
+    if bool(use_pooled.any()):  # pass 3 (a pass of its own: together with pass 2 the peak memory is higher)
         k_all, largest_all = _extremes_needed(n_all, q)
         pooled_values = dsa.where(wet & np.asarray(valid.values)[None], data, -np.inf if largest_all else np.inf)
-        todo.append(extreme_values(pooled_values.reshape(-1), k_all, largest_all))
-    done = dask.compute(*todo)
-    local = xr.DataArray(_linear_percentile(done[0], n_wet.values, q, largest), dims=("lat", "lon"), coords=coords)
-    pooled = float(_linear_percentile(done[1], np.array(n_all), q, largest_all)) if len(done) > 1 else np.nan
+        (ext_all,) = dask.compute(extreme_values(pooled_values.reshape(-1), k_all, largest_all))
+        pooled = float(_linear_percentile(ext_all, np.array(n_all), q, largest_all))
     thr = xr.where(use_pooled, pooled, local).where(valid).astype("float32")
     thr.name = "threshold"
     thr.attrs = {
