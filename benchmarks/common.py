@@ -12,11 +12,8 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 # OpenMP threads that spin while waiting burn the CPU that other processes on a shared machine need,
@@ -51,30 +48,6 @@ def run_child(args: list[str], env: dict | None = None, timeout: float | None = 
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark child {args} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
     return json.loads(lines[-1][len(RESULT_TAG):])
-
-
-@contextmanager
-def timer(out: dict, key: str):
-    """``with timer(times, 'read'): ...`` stores the wall seconds in ``times['read']``."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        out[key] = time.perf_counter() - t0
-
-
-def best_of(fn, repeats: int) -> tuple[float, list[float]]:
-    """(minimum, all) wall seconds of ``repeats`` calls of ``fn``."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), times
-
-
-def median(values) -> float:
-    return float(statistics.median(values))
 
 
 def verdict(ok: bool) -> str:

@@ -167,7 +167,8 @@ def main(argv=None) -> int:
               f"{'written/CPU s':>13} {'ratio':>6} {'whole run/s':>11} {'RSS MB':>7} {'RSS MB (+nc)':>12}")
         for r in rows:
             print(f"{r['members']:>7} {r['samples']:>7} {r['bare_per_s']:>7.1f} {r['loop_per_s']:>9.1f} "
-                  f"{r['ratio']:>6.2f} {r['bare_per_cpu_s']:>10.1f} {r['loop_per_cpu_s']:>13.1f} {r['cpu_ratio']:>6.2f} "
+                  f"{r['ratio']:>6.2f} {r['bare_per_cpu_s']:>10.1f} {r['loop_per_cpu_s']:>13.1f} "
+                  f"{r['cpu_ratio']:>6.2f} "
                   f"{r['samples_per_s']:>11.1f} {r['rss']:>7.0f} {r['rss_nc']:>12.0f}")
         worst, worst_cpu = min(r["ratio"] for r in rows), min(r["cpu_ratio"] for r in rows)
         print(f"throughput: written / bare = {worst:.2f} by wall time, {worst_cpu:.2f} by CPU time (worst; goal >= "

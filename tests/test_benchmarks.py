@@ -11,10 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
-import xarray as xr
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -92,24 +89,3 @@ def test_workflow_job_table_parsing():
            "train_cvae        1\ntotal             2\n\nReasons:\n")
     assert job_table(out) == {"all": 1, "train_cvae": 1}
     assert job_table("Building DAG of jobs...\nNothing to be done (all requested files are present).\n") == {}
-
-
-@pytest.mark.parametrize("percentile", [1.0, 50.0, 95.0, 99.0, 99.9])
-def test_streamed_thresholds_equal_numpy_on_both_ends(percentile):
-    """The per-pixel and pooled percentiles that the preprocess benchmark streams (top or bottom
-    extreme values, chosen by the percentile) equal numpy's on chunked input.  (Belongs with
-    tests/test_events.py; kept here with the benchmark that motivated the streaming.)"""
-    from precip_cvae import events
-    from precip_cvae.config import EventsConfig
-
-    rng = np.random.default_rng(4)
-    vals = rng.gamma(0.4, 6.0, size=(500, 3, 4)).astype("float32")
-    vals[rng.random(vals.shape) < 0.05] = np.nan
-    pr = xr.DataArray(vals, dims=("time", "lat", "lon"),
-                      coords={"time": pd.date_range("2000-01-01", periods=500)}).chunk({"time": 64})
-    mask = xr.DataArray(np.ones((3, 4), "int8"), dims=("lat", "lon"))
-    thr = events.wet_day_thresholds(pr, mask, EventsConfig(percentile=percentile, min_wet_days=1))
-    wet = np.where(vals >= 1.0, vals, np.nan)
-    np.testing.assert_allclose(thr.values, np.nanpercentile(wet, percentile, axis=0), rtol=1e-6)
-    pooled = events.wet_day_thresholds(pr, mask, EventsConfig(percentile=percentile, min_wet_days=10**6))
-    np.testing.assert_allclose(pooled.values, np.percentile(wet[np.isfinite(wet)], percentile), rtol=1e-6)

@@ -113,3 +113,20 @@ def test_stage_writes_map_and_table(small_inputs):
     assert back["is_event"].sum() == table["is_event"].sum() > 0
     lines = events.summarise(table)
     assert lines[-1].startswith(f"all: {int(table['is_event'].sum())} heavy days of {len(times)}")
+
+
+@pytest.mark.parametrize("percentile", [1.0, 50.0, 95.0, 99.0, 99.9])
+def test_streamed_thresholds_equal_numpy_on_both_ends(percentile):
+    """The streamed per-pixel and pooled percentiles (top or bottom
+    extreme values, chosen by the percentile) equal numpy's on chunked input, pooled fallback included."""
+    rng = np.random.default_rng(4)
+    vals = rng.gamma(0.4, 6.0, size=(500, 3, 4)).astype("float32")
+    vals[rng.random(vals.shape) < 0.05] = np.nan
+    pr = xr.DataArray(vals, dims=("time", "lat", "lon"),
+                      coords={"time": pd.date_range("2000-01-01", periods=500)}).chunk({"time": 64})
+    mask = xr.DataArray(np.ones((3, 4), "int8"), dims=("lat", "lon"))
+    thr = events.wet_day_thresholds(pr, mask, EventsConfig(percentile=percentile, min_wet_days=1))
+    wet = np.where(vals >= 1.0, vals, np.nan)
+    np.testing.assert_allclose(thr.values, np.nanpercentile(wet, percentile, axis=0), rtol=1e-6)
+    pooled = events.wet_day_thresholds(pr, mask, EventsConfig(percentile=percentile, min_wet_days=10**6))
+    np.testing.assert_allclose(pooled.values, np.percentile(wet[np.isfinite(wet)], percentile), rtol=1e-6)

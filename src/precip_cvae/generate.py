@@ -5,8 +5,9 @@ from the prior p(z|y) of a trained checkpoint (``z = mu + z_scale * sigma * eps`
 decoded to mm/day, cropped to the original grid, masked and checked.  With
 ``filter_heavy`` only samples that are heavy under the same event criterion as the
 real days are kept (redrawing up to ``max_rounds`` times per day); the
-acceptance rate is reported.  Samples are produced and written batch by batch
-(zarr appends), so memory does not grow with their number.
+acceptance rate is reported.  Samples are produced batch by batch and written in
+blocks of about ``WRITE_BYTES`` (zarr appends; a writer thread writes one block
+while the next batches are sampled), so memory does not grow with their number.
 
 Outputs (see :func:`run`): ``augmented.zarr``, ``augmented_training_set.zarr``,
 optionally ``augmented.nc``, and ``generation_report.json`` / ``.md``.
@@ -18,6 +19,7 @@ import dataclasses
 import datetime as _dt
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,8 @@ from . import __version__, checkpoint
 from .config import EventsConfig, GenerateConfig, config_hash
 from .data import load_fields
 from .events import apply_criterion
-from .io import InputError, atomic_path, open_netcdf, open_zarr, read_csv, write_json, write_netcdf, write_text
+from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, read_csv, write_json, write_netcdf,
+                 write_text)
 from .provenance import file_sha256
 
 log = logging.getLogger(__name__)
@@ -74,14 +77,15 @@ def nearest_distances(a: np.ndarray, b: np.ndarray, exclude_self: bool = False, 
         assumed common, so NaN pixels are simply dropped where either has them).
     exclude_self : a[i] is b[i]; skip that pair (real-to-real distances).
     """
-    valid = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
-    a = a[:, valid].astype("float64")
+    valid = np.isfinite(b).all(axis=0)
+    for start in range(0, a.shape[0], chunk):
+        valid &= np.isfinite(a[start : start + chunk]).all(axis=0)
     b = b[:, valid].astype("float64")
     p = max(int(valid.sum()), 1)
     bb = (b * b).sum(axis=1)
     out = np.empty(a.shape[0])
     for start in range(0, a.shape[0], chunk):
-        blk = a[start : start + chunk]
+        blk = a[start : start + chunk][:, valid].astype("float64")  # float64 one chunk at a time (memory)
         d2 = (blk * blk).sum(axis=1)[:, None] + bb[None, :] - 2.0 * blk @ b.T
         if exclude_self:
             rows = np.arange(blk.shape[0])
@@ -132,6 +136,31 @@ def _summary(values: np.ndarray) -> dict:
 
 def _crop(a: np.ndarray, pad_lat, pad_lon) -> np.ndarray:
     return a[..., pad_lat[0] : a.shape[-2] - pad_lat[1], pad_lon[0] : a.shape[-1] - pad_lon[1]]
+
+
+WRITE_BYTES = 16 * 2**20  # batches are written in blocks of about this many bytes of fields
+CHUNK_BYTES = 4 * 2**20  # zarr chunks of augmented.zarr along `sample`: about this many bytes of fields
+
+
+def _hand_over(writer: ThreadPoolExecutor, pending, pieces: list, store: Path, first: bool, message: tuple):
+    """Queue ``pieces`` (batches of samples) as one block for the writer thread, once the block
+    before it is on disk (its error is raised here); return the new block's future."""
+    if pending is not None:
+        pending.result()
+    block = pieces[0] if len(pieces) == 1 else xr.concat(pieces, dim="sample", coords="minimal", compat="override")
+    return writer.submit(_append, block, store, first, message)
+
+
+def _append(piece: xr.Dataset, store: Path, first: bool, message: tuple) -> None:
+    """Write one block of samples to ``store`` (the first creates it; metadata consolidated at the end), then log."""
+    if first:
+        per_chunk = max(1, CHUNK_BYTES // piece["pr"][0].nbytes)  # readers (the training set, users) load little
+        encoding = {v: {"chunks": (per_chunk, *piece[v].shape[1:])} for v in ("pr", "condition")}
+        piece.to_zarr(store, mode="w", consolidated=False, zarr_format=2, encoding=encoding)
+    else:
+        piece.drop_vars(["lat", "lon", "channel", "clat", "clon"]).to_zarr(
+            store, append_dim="sample", consolidated=False, zarr_format=2)
+    log.info(*message)
 
 
 def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: GenerateConfig,
@@ -191,7 +220,8 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
     short_days = 0
     stats_rows, mass_rows, kept_fields_for_memo = [], [], []
     memo_budget = cfg.memorisation_max_samples
-    with atomic_path(store) as tmp:
+    with atomic_path(store) as tmp, ThreadPoolExecutor(max_workers=1) as writer:
+        pending, pieces, n_queued = None, [], 0  # the block being written while the next batches are sampled
         for start in range(0, chosen.size, cfg.batch_days):
             days = chosen[start : start + cfg.batch_days]
             y = data.y[days].to(device)
@@ -264,14 +294,18 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
                 },
                 attrs=attrs,
             )
-            if n_written == 0:
-                piece.to_zarr(tmp, mode="w", consolidated=True, zarr_format=2)
-            else:
-                piece.drop_vars(["lat", "lon", "channel", "clat", "clon"]).to_zarr(
-                    tmp, append_dim="sample", consolidated=True, zarr_format=2)
+            pieces.append(piece)
             n_written += len(src)
-            log.info("written %d samples (%d of %d heavy days)", n_written, min(start + len(days), chosen.size),
-                     chosen.size)
+            if (n_written - n_queued) * fields[0].nbytes >= WRITE_BYTES:  # few large appends: less overhead
+                pending = _hand_over(writer, pending, pieces, tmp, n_queued == 0, (
+                    "written %d samples (%d of %d heavy days)", n_written, min(start + len(days), chosen.size),
+                    chosen.size))
+                pieces, n_queued = [], n_written
+        if pieces:
+            pending = _hand_over(writer, pending, pieces, tmp, n_queued == 0, (
+                "written %d samples (%d of %d heavy days)", n_written, chosen.size, chosen.size))
+        if pending is not None:
+            pending.result()
         if n_bad["nan"] or n_bad["negative"]:
             raise GenerationError(
                 f"generated samples contain {n_bad['nan']} NaN and {n_bad['negative']} negative values inside the "
@@ -279,6 +313,7 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
             )
         if n_written == 0:
             raise GenerationError("no sample was accepted; lower the filter's demands or raise generate.max_rounds")
+        consolidate_zarr(tmp)
 
     acceptance = n_written / max(n_drawn, 1)
     synth_stats = pd.concat(stats_rows, ignore_index=True)
