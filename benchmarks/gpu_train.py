@@ -20,6 +20,7 @@ temporary directory, or ``results/demo`` when present.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ import torch
 from precip_cvae.config import LossConfig, ModelConfig, TrainConfig
 from precip_cvae.data import epoch_indices, load_fields, make_batch
 from precip_cvae.model import CVAE, count_parameters
-from precip_cvae.train import _nullcontext, build_optimizer, train_step
+from precip_cvae.train import build_optimizer, train_step
 
 H200_BF16_DENSE_TFLOPS = 989.0
 
@@ -54,7 +55,7 @@ def bench(preset: str, data, device: torch.device, epochs: int, batch: int, bf16
                  tuple(data.y.shape[-2:])).to(device)
     model.train()
     opt = build_optimizer(model, cfg)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else _nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     thr_x = data.thr_x.to(device)
     n = len(data)
     steps = min(n // batch, max_steps) if max_steps else n // batch

@@ -50,7 +50,6 @@ RSS_FLAT = 1.25  # peak RSS at 2x input / at 1x input counts as flat below this
 
 def write_inputs(root: Path, years: int, size: int, seed: int = 0, start_year: int = 2001) -> dict:
     """Write ``years`` yearly target and predictor files of a ``size`` x ``size`` grid; return their sizes."""
-    import netCDF4
     import pandas as pd
 
     from precip_cvae.demo import cell_centres, power_law_fields

@@ -33,6 +33,7 @@ batch size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -47,7 +48,7 @@ import torch
 from precip_cvae.config import LossConfig, ModelConfig, TrainConfig
 from precip_cvae.data import augment, epoch_indices, load_fields, make_batch
 from precip_cvae.model import CVAE, count_parameters
-from precip_cvae.train import _nullcontext, build_optimizer, train_step
+from precip_cvae.train import build_optimizer, train_step
 
 GOAL = 1.05
 PRESETS = ("tiny", "small", "medium", "seed")
@@ -57,7 +58,7 @@ def autocast_for(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA (what train_cvae uses), none on CPU unless asked."""
     if device.type == "cuda" or bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    return _nullcontext()
+    return contextlib.nullcontext()
 
 
 def sync(device: torch.device) -> None:

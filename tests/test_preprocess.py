@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import cftime
 import dask
 import numpy as np
 import pandas as pd

@@ -21,7 +21,6 @@ not refused.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -105,7 +104,3 @@ def check_matches_data(state: dict[str, Any], channels, fine_shape, path: str | 
         raise CheckpointError(
             f"{path}: trained on a {tuple(state['model_args']['fine_shape'])} grid, the data has {tuple(fine_shape)}"
         )
-
-
-def file_size_mb(path: str | Path) -> float:
-    return os.path.getsize(path) / 2**20

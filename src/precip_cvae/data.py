@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .config import ConfigError, lookup
@@ -233,7 +232,3 @@ def augment(batch: Batch, names, g: torch.Generator, settings) -> Batch:
     for name in names:
         batch = lookup(AUGMENTATIONS, name, "augmentation")(batch, g, settings)
     return batch
-
-
-def events_table(path: str) -> pd.DataFrame:
-    return read_csv(path, dtype={"date": str})

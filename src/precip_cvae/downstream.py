@@ -17,7 +17,6 @@ augmentation can be useless; a quantile loss can use the extra tail examples.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from . import __version__, checkpoint
 from .config import EventsConfig, GenerateConfig, config_hash
 from .data import load_fields
 from .events import apply_criterion
-from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, read_csv, write_json, write_netcdf,
+from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, write_json, write_netcdf,
                  write_text)
 from .provenance import file_sha256
 

@@ -16,7 +16,6 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -369,17 +368,6 @@ def read_csv(path: str | Path, **kwargs) -> pd.DataFrame:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
-
-
-def remove_paths(paths: Iterable[str | Path]) -> None:
-    for p in map(Path, paths):
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-# ----------------------------------------------------------------------------- evaluation stores and figures
 
 
 def append_zarr(ds: xr.Dataset, path: str | Path, group: str | None = None, dim: str = "time") -> Path:

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import logging
@@ -37,10 +38,10 @@ import numpy as np
 import torch
 
 from . import checkpoint, metrics
-from .config import LossConfig, ModelConfig, TrainConfig, config_hash
+from .config import ModelConfig, TrainConfig, config_hash
 from .data import FieldData, augment, check_augmentations, epoch_indices, load_fields, make_batch
 from .io import InputError, atomic_path
-from .losses import beta_schedule, compute_loss, extreme_mae, masked_mae, warmup_finished
+from .losses import beta_schedule, compute_loss, extreme_mae, kl_divergence, masked_mae, warmup_finished
 from .model import CVAE, count_parameters
 from .provenance import file_sha256
 
@@ -159,8 +160,6 @@ def validate(model: CVAE, val: FieldData, cfg: TrainConfig, epoch: int, device, 
         idx = torch.arange(start, min(start + batch_size, len(val)))
         b = make_batch(val, idx, thr_x, device)
         out = model(b.x, b.y, b.valid)
-        from .losses import kl_divergence
-
         kl_sum += float(kl_divergence(out.mu_q, out.logvar_q, out.mu_p, out.logvar_p)) * len(idx)
         recon = model.reconstruct(b.x, b.y, b.valid)
         post_err.append(float(masked_mae(transform.inverse(recon), transform.inverse(b.x), b.valid)) * len(idx))
@@ -297,6 +296,14 @@ class Dist:
         t = torch.tensor([1 if flag else 0])
         torch.distributed.broadcast(t, src=0)
         return bool(t.item())
+
+    def broadcast_value(self, value: float) -> float:
+        """Rank 0's ``value`` on every rank."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.broadcast(t, src=0)
+        return float(t.item())
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
@@ -485,7 +492,7 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
     if dist.main:
         _write_log(history, paths.log_csv)
     thr_x = train.thr_x.to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     n_train = len(train)
     epoch = start_epoch - 1
     with _SignalFlag() as flag:
@@ -524,7 +531,7 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
                 value = scores[f"val_{cfg.early_stopping_metric}"]
             else:  # only rank 0 validates; the others follow its decisions
                 scores, value = {}, 0.0
-            value = dist.mean({"v": value})["v"] * dist.world
+            value = dist.broadcast_value(value)
             lr = opt.param_groups[0]["lr"]
             if sched is not None:
                 sched.step(value) if cfg.scheduler == "plateau" else sched.step()
@@ -584,11 +591,3 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
     log.info("training done: %d epochs, best %s %.4f at epoch %d", len(history), cfg.early_stopping_metric,
              stopper.best_value, stopper.best_epoch + 1)
     return history
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
