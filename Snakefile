@@ -31,7 +31,8 @@ rule all:
         ),
         all_experiment_outputs("train", "best.pt"),
         all_experiment_outputs("evaluate", "summary.md"),
-        all_experiment_outputs("generate", "generation_report.json"),
+        generated_outputs("generate", "generation_report.json"),
         expand("results/{run}/experiments_comparison.csv", run=RUN),
+        expand("results/{run}/experiments_seeds.csv", run=RUN),
         downstream_outputs(),
     default_target: True

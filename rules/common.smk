@@ -4,7 +4,7 @@ import glob
 import os
 import re
 
-from precip_cvae.config import experiment_sections
+from precip_cvae.config import experiment_names, experiment_sections, experiment_setting, generated_experiments
 from precip_cvae.provenance import code_fingerprint
 
 RUN = config["run"]
@@ -41,7 +41,8 @@ def stage_code(module):
     return code_fingerprint(f"precip_cvae.{module}")
 
 
-EXPERIMENTS = list((config.get("experiments") or {"default": {}}).keys())
+EXPERIMENTS = experiment_names(config)  # <setting>_seed<N> when experiment_seeds is set
+GENERATED = generated_experiments(config)  # those generate and downstream run for
 
 
 wildcard_constraints:
@@ -76,6 +77,21 @@ def all_experiment_outputs(*parts):
     return expand(os.path.join("results", RUN, "experiments", "{experiment}", *parts), experiment=EXPERIMENTS)
 
 
+def generated_outputs(*parts):
+    """Outputs of generate/downstream: only the experiments in generate.experiments (all when empty)."""
+    return expand(os.path.join("results", RUN, "experiments", "{experiment}", *parts), experiment=GENERATED)
+
+
+def experiment_settings():
+    """experiment -> [setting, seed] (seed None without experiment_seeds), for compare_experiments."""
+    return {e: list(experiment_setting(config, e)) for e in EXPERIMENTS}
+
+
+def generate_section():
+    """The generate section without its experiment selection (choosing experiments reruns nothing)."""
+    return {k: v for k, v in config["generate"].items() if k != "experiments"}
+
+
 def generate_checkpoint(wildcards):
     """The checkpoint generate samples from: best.pt or last.pt of the experiment."""
     name = config["generate"]["checkpoint"] + ".pt"
@@ -108,4 +124,4 @@ def downstream_outputs():
     """The downstream comparison of every experiment when downstream.enabled, else nothing."""
     if not config["downstream"]["enabled"]:
         return []
-    return all_experiment_outputs("downstream", "comparison.csv")
+    return generated_outputs("downstream", "comparison.csv")

@@ -122,9 +122,16 @@ rule compare_experiments:
             category="Comparison",
             labels={"figure": "experiments vs baselines"},
         ),
+        seeds=report(
+            run_dir("experiments_seeds.csv"),
+            caption="../workflow/report/comparison.rst",
+            category="Comparison",
+            labels={"figure": "experiments over seeds (table)"},
+        ),
     params:
         evaluate=evaluate_section("scoring"),
         experiments=EXPERIMENTS,
+        settings=experiment_settings(),
         code=stage_code("plots"),
     log:
         log_path("compare_experiments"),

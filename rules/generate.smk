@@ -10,7 +10,7 @@ rule generate:
         report=exp_dir("generate", "generation_report.json"),
         report_md=exp_dir("generate", "generation_report.md"),
     params:
-        generate=config["generate"],
+        generate=generate_section(),
         events=config["events"],
         code=stage_code("generate"),
     log:

@@ -100,3 +100,32 @@ def test_code_fingerprint_follows_imports():
     assert "precip_cvae.preprocess" not in events  # editing preprocess.py must not rerun detect_events
     assert "precip_cvae.units" in module_closure("precip_cvae.preprocess")
     assert len(code_fingerprint("precip_cvae.events")) == 16
+
+
+def test_experiment_seeds_expand_every_setting():
+    cfg = {"train": {"seed": 9, "lr": 1e-3, "loss": {"lambda_ext": 5.0, "beta_kl": 0.01}},
+           "model": {"preset": "small"},
+           "experiments": {"default": {}, "ext0": {"train": {"loss": {"lambda_ext": 0.0}}}},
+           "experiment_seeds": [0, 3]}
+    assert C.experiment_names(cfg) == ["default_seed0", "default_seed3", "ext0_seed0", "ext0_seed3"]
+    assert C.experiment_setting(cfg, "ext0_seed3") == ("ext0", 3)
+    model, train = C.experiment_sections(cfg, "ext0_seed3")
+    assert train == {"seed": 3, "lr": 1e-3, "loss": {"lambda_ext": 0.0, "beta_kl": 0.01}} and model == {"preset": "small"}
+    assert cfg["train"]["seed"] == 9  # the run's section is not modified
+    with pytest.raises(C.ConfigError, match="unknown experiment 'ext0_seed1'"):
+        C.experiment_sections(cfg, "ext0_seed1")
+    with pytest.raises(C.ConfigError, match="distinct non-negative"):
+        C.experiment_names({**cfg, "experiment_seeds": [1, 1]})
+    # without seeds: the names as written, the run's train.seed
+    plain = {**cfg, "experiment_seeds": []}
+    assert C.experiment_names(plain) == ["default", "ext0"] and C.experiment_setting(plain, "ext0") == ("ext0", None)
+    assert C.experiment_sections(plain, "ext0")[1]["seed"] == 9
+
+
+def test_generated_experiments_select_by_name_or_setting():
+    cfg = {"experiments": {"default": {}, "ext0": {}}, "experiment_seeds": [0, 1]}
+    assert C.generated_experiments(cfg) == ["default_seed0", "default_seed1", "ext0_seed0", "ext0_seed1"]
+    pick = {**cfg, "generate": {"experiments": ["ext0", "default_seed1"]}}
+    assert C.generated_experiments(pick) == ["default_seed1", "ext0_seed0", "ext0_seed1"]
+    with pytest.raises(C.ConfigError, match="generate.experiments: unknown experiment 'ext9'"):
+        C.generated_experiments({**cfg, "generate": {"experiments": ["ext9"]}})

@@ -177,6 +177,46 @@ def test_comparison_table_lists_experiments_then_baselines_once():
     assert len([ax for ax in fig.axes if ax.get_visible()]) == len(E.headline_metrics(cfg))
 
 
+def test_seed_summary_gives_mean_and_spread_over_seeds():
+    table = pd.DataFrame({
+        "experiment": ["a_seed0", "a_seed1", "a_seed2", "b_seed0", "b_seed1", "b_seed2", "-"],
+        "model": ["cvae"] * 6 + ["analogs"], "checkpoint": ["best"] * 6 + ["-"], "split": ["test"] * 7,
+        "crps@all": [1.0, 2.0, 4.0, 3.0, np.nan, 5.0, 0.8]})
+    settings = {f"{s}_seed{n}": [s, n] for s in "ab" for n in range(3)}
+    out = E.seed_summary(table, settings).set_index("setting")
+    # a: mean 7/3, sample std sqrt(((1-7/3)^2 + (2-7/3)^2 + (4-7/3)^2) / 2) = sqrt(7/3)
+    assert out.loc["a", "mean"] == pytest.approx(7 / 3) and out.loc["a", "std"] == pytest.approx((7 / 3) ** 0.5)
+    assert (out.loc["a", "min"], out.loc["a", "max"], out.loc["a", "n_seeds"]) == (1.0, 4.0, 3)
+    # b: the NaN seed is left out of the mean and counted out
+    assert (out.loc["b", "mean"], out.loc["b", "n_seeds"]) == (4.0, 2)
+    assert out.loc["b", "std"] == pytest.approx(2 ** 0.5)
+    # the baseline: one value, no spread
+    base = out.loc["-"]
+    assert (base["model"], base["mean"], base["n_seeds"]) == ("analogs", 0.8, 1) and np.isnan(base["std"])
+    # without experiment_seeds every experiment is its own setting
+    single = E.seed_summary(table.iloc[[0, 6]], {"a_seed0": ["a_seed0", None]})
+    assert list(single["setting"]) == ["a_seed0", "-"] and list(single["n_seeds"]) == [1, 1]
+
+
+def test_compare_experiments_summarises_seeds_on_val_and_test(tmp_path):
+    cfg = EvaluateConfig(fss_windows=(1, 3, 9))
+    csvs = {}
+    for seed, crps in ((0, 1.0), (1, 3.0)):
+        rows = []
+        for model, ckpt, value in (("cvae", "best", crps), ("analogs", "-", 0.5)):
+            rows += [(model, ckpt, "val", "all", "crps", value + 10), (model, ckpt, "test", "all", "crps", value)]
+        path = tmp_path / f"m{seed}.csv"
+        pd.DataFrame(rows, columns=E.METRIC_COLUMNS).to_csv(path, index=False)
+        csvs[f"x_seed{seed}"] = str(path)
+    table = E.compare_experiments(csvs, cfg, str(tmp_path / "c.csv"),
+                                  settings={"x_seed0": ["x", 0], "x_seed1": ["x", 1]}, seeds_csv=str(tmp_path / "s.csv"))
+    assert set(table["split"]) == {"test"}  # the comparison: the headline split
+    seeds = pd.read_csv(tmp_path / "s.csv").set_index(["split", "setting"])
+    assert seeds.loc[("val", "x"), "mean"] == 12.0 and seeds.loc[("test", "x"), "mean"] == 2.0
+    assert seeds.loc[("test", "x"), "std"] == pytest.approx(2 ** 0.5) and seeds.loc[("test", "x"), "seeds"] == "0;1"
+    assert seeds.loc[("val", "-"), "mean"] == 10.5
+
+
 # ----------------------------------------------------------------------------- the stage on tiny data
 
 

@@ -1,6 +1,9 @@
-"""preprocess + detect_events on the real E-OBS/NCEP Iberia files (skipped when ../shared is absent)."""
+"""The real E-OBS/NCEP Iberia files: preprocess + detect_events, and every stage of config/iberia.yaml
+(skipped when ../shared is absent)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,3 +47,50 @@ def test_iberia_preprocess_and_events(iberia, tmp_path, capsys):
     assert 0.01 <= n / m <= 0.03
     thr = xr.open_dataset(tmp_path / "t.nc")["threshold"]
     assert np.isnan(thr.values[~ds["mask"].values.astype(bool)]).all()
+
+
+def test_iberia_config_runs_every_stage(iberia, tmp_path):
+    """config/iberia.yaml with a tiny model and two epochs, through every stage (the guard of issue 8):
+    mask, units and grids come through to the evaluation and the generated samples."""
+    import yaml
+
+    from conftest import REPO, copy_workflow, snakemake
+
+    work = copy_workflow(tmp_path / "wf")
+    cfg = yaml.safe_load((REPO / "config" / "iberia.yaml").read_text())
+    for source in (cfg["data"]["target"], *cfg["data"]["predictors"]):
+        source["paths"] = str(iberia / Path(source["paths"]).name)
+    cfg["model"] = {"preset": "tiny"}
+    cfg["train"].update(epochs=2, patience=2, val_members=2, loss={"warmup_epochs": 1})
+    cfg["evaluate"].update(members=4, n_map_days=1)
+    cfg["generate"].update(members=2, experiments=[])
+    cfg["downstream"].update(seeds=1, epochs=1, losses=["quantile"], bootstrap=50)
+    cfg["experiment_seeds"] = []
+    cfg["experiments"] = {"default": {}}
+    (work / "config" / "guard.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(work, "--configfile", "config/guard.yaml")
+
+    res = work / "results" / "iberia"
+    raw = xr.open_dataset(next(iberia.glob("eobs_rr_*.nc")))["rr"]
+    sea = raw.isnull().all("time").values
+    # the preprocessed target: mm/day unchanged, mean as in the raw file
+    ds = xr.open_zarr(res / "preprocess" / "dataset.zarr")
+    crop = preprocess.crop_to_original(ds["pr"], ds.attrs)
+    assert float(crop.mean()) == pytest.approx(float(raw.mean()), rel=0.01)
+    # the evaluation's truth is on the original 19x29 grid with the sea masked
+    exp = res / "experiments" / "default"
+    truth = xr.open_zarr(exp / "evaluate" / "ensembles.zarr", group="test/truth")["pr"]
+    np.testing.assert_allclose(truth["lat"].values, np.sort(raw["lat"].values))
+    np.testing.assert_allclose(truth["lon"].values, np.sort(raw["lon"].values))
+    assert np.isnan(truth.values[:, sea]).all()
+    # generated samples: nothing over the sea, non-negative mm/day of a plausible size on land
+    gen = xr.open_zarr(exp / "generate" / "augmented.zarr")
+    pr = preprocess.crop_to_original(gen["pr"], ds.attrs).values
+    assert pr.shape[1:] == (19, 29) and gen["pr"].attrs["units"] in ("mm day-1", "mm/day")
+    assert np.isnan(pr[:, sea]).all()
+    land = pr[:, ~sea]
+    assert np.isfinite(land).any() and np.nanmin(land) >= 0 and np.nanmax(land) < 2000
+    for name in ("metrics.csv", "summary.md"):
+        assert (exp / "evaluate" / name).exists()
+    assert (exp / "downstream" / "comparison.csv").exists()
+    assert (res / "experiments_seeds.csv").exists()

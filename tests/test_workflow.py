@@ -103,6 +103,28 @@ def test_a_new_experiment_shares_preprocessing_and_events(tiny_run):
     assert planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(path))) == {}
 
 
+def test_experiment_seeds_plan_one_training_per_seed_and_generate_only_the_chosen(tiny_run):
+    text = (tiny_run / "config" / "tiny.yaml").read_text()
+    path = tiny_run / "config" / "seeds.yaml"
+    path.write_text(text + "\nexperiment_seeds: [0, 1, 2]\nexperiments:\n  default: {}\n"
+                    "  no_ext: {train: {loss: {lambda_ext: 0.0}}}\n")
+    chosen = tiny_run / "config" / "seeds_chosen.yaml"
+    chosen.write_text(path.read_text() + "generate: {experiments: [no_ext_seed1]}\n")
+    jobs = planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(chosen)))
+    assert jobs["train_cvae"] == 6 and jobs["sample_ensembles"] == 6 and jobs["evaluate"] == 6
+    assert jobs["generate"] == 1 and jobs["downstream"] == 1 and "preprocess" not in jobs
+    out = snakemake(tiny_run, "-n", "--configfile", str(chosen)).stdout
+    assert "experiments/no_ext_seed1/generate/generation_report.json" in out
+    # every setting with a seed: 2 settings x 3 seeds generate when no experiment is chosen
+    assert planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(path)))["generate"] == 6
+
+
+def test_choosing_experiments_to_generate_reruns_nothing(tiny_run):
+    path = tiny_run / "config" / "generate_default.yaml"
+    path.write_text((tiny_run / "config" / "tiny.yaml").read_text() + "\ngenerate: {experiments: [default]}\n")
+    assert planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(path))) == {}
+
+
 def test_schema_rejects_a_typo_at_dry_run(tiny_run):
     bad = tiny_run / "config" / "typo.yaml"
     bad.write_text((tiny_run / "config" / "tiny.yaml").read_text() + "\nevnets: {percentile: 95}\n")

@@ -365,14 +365,63 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> d
     return out
 
 
+#: ``<setting><SEED_SUFFIX><seed>``: an experiment name when ``experiment_seeds`` is set.
+SEED_SUFFIX = "_seed"
+
+
+def experiment_names(config: Mapping[str, Any]) -> list[str]:
+    """Every experiment of a run, in config order.
+
+    Without ``experiment_seeds`` these are the keys of ``experiments``; with it each
+    setting runs once per seed, as ``<setting>_seed<N>`` (``train.seed`` = N).
+    """
+    settings = list((config.get("experiments") or {"default": {}}).keys())
+    seeds = list(config.get("experiment_seeds") or [])
+    if len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"experiment_seeds must be distinct non-negative integers, got {seeds}")
+    if not seeds:
+        return settings
+    return [f"{name}{SEED_SUFFIX}{seed}" for name in settings for seed in seeds]
+
+
+def experiment_setting(config: Mapping[str, Any], experiment: str) -> tuple[str, int | None]:
+    """``(setting, seed)`` of an experiment name; seed None without ``experiment_seeds``."""
+    names = experiment_names(config)
+    if experiment not in names:
+        raise ConfigError(f"unknown experiment {experiment!r}; valid names are {names}")
+    if not config.get("experiment_seeds"):
+        return experiment, None
+    setting, _, seed = experiment.rpartition(SEED_SUFFIX)
+    return setting, int(seed)
+
+
 def experiment_sections(config: Mapping[str, Any], experiment: str) -> tuple[dict, dict]:
-    """The (model, train) sections of ``experiment``: the run's sections with its overrides."""
-    experiments = config.get("experiments") or {"default": {}}
-    overrides = lookup(experiments, experiment, "experiment")
-    return (
-        deep_merge(config.get("model") or {}, (overrides or {}).get("model")),
-        deep_merge(config.get("train") or {}, (overrides or {}).get("train")),
-    )
+    """The (model, train) sections of ``experiment``: the run's sections with its overrides
+    (and its seed as ``train.seed`` when the run has ``experiment_seeds``)."""
+    setting, seed = experiment_setting(config, experiment)
+    overrides = lookup(config.get("experiments") or {"default": {}}, setting, "experiment") or {}
+    train = deep_merge(config.get("train") or {}, overrides.get("train"))
+    if seed is not None:
+        train["seed"] = seed
+    return deep_merge(config.get("model") or {}, overrides.get("model")), train
+
+
+def generated_experiments(config: Mapping[str, Any]) -> list[str]:
+    """The experiments that ``generate`` (and ``downstream``) run for: ``generate.experiments``,
+    where a setting name stands for all its seeds; every experiment when that list is empty."""
+    names = experiment_names(config)
+    wanted = list((config.get("generate") or {}).get("experiments") or [])
+    if not wanted:
+        return names
+    chosen = []
+    for want in wanted:
+        match = [n for n in names if n == want or experiment_setting(config, n)[0] == want]
+        if not match:
+            settings = list((config.get("experiments") or {"default": {}}).keys())
+            raise ConfigError(f"generate.experiments: unknown experiment {want!r}; valid names are "
+                              f"{sorted(set(names) | set(settings))}")
+        chosen += [n for n in match if n not in chosen]
+    return [n for n in names if n in chosen]
 
 
 # ----------------------------------------------------------------------------- generate
@@ -395,6 +444,7 @@ class GenerateConfig:
     memorisation_warn_fraction: float = 0.05
     memorisation_max_reference: int = 5000
     memorisation_max_samples: int = 5000
+    experiments: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.checkpoint not in ("best", "last"):

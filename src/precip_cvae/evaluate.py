@@ -75,7 +75,7 @@ import xarray as xr
 from . import __version__, io, metrics
 from .baselines import BASELINES, BaselineInputs, get_baseline
 from .checkpoint import check_matches_data, load_model
-from .config import EVALUATE_SAMPLING_KEYS, EvaluateConfig, EventsConfig
+from .config import EVALUATE_SAMPLING_KEYS, EVALUATE_SPLITS, EvaluateConfig, EventsConfig
 from .data import FieldData, load_fields
 from .events import wet_day_thresholds
 from .preprocess import crop_to_original
@@ -800,25 +800,28 @@ def run(paths: ScorePaths, cfg: EvaluateConfig, experiment: str = "default") -> 
 # ----------------------------------------------------------------------------- run level
 
 
-def comparison_table(metrics_tables: Mapping[str, pd.DataFrame], cfg: EvaluateConfig) -> pd.DataFrame:
+def comparison_table(metrics_tables: Mapping[str, pd.DataFrame], cfg: EvaluateConfig,
+                     split: str | None = None) -> pd.DataFrame:
     """Headline scores of every experiment's checkpoints beside the baselines (one row each).
 
     Parameters
     ----------
     metrics_tables : experiment -> its metrics.csv table (METRIC_COLUMNS)
     cfg : EvaluateConfig (headline metric names)
+    split : the split scored; default the headline split ('test' when present)
 
     Returns
     -------
-    DataFrame: experiment, model, checkpoint, then ``<metric>@<subset>`` columns for the
-    headline split ('test' when present).  Baselines come once, from the first
-    experiment (their ensembles do not depend on the experiment).
+    DataFrame: experiment, model, checkpoint, split, then ``<metric>@<subset>`` columns.
+    Baselines come once, from the first experiment (their ensembles do not depend on
+    the experiment).
     """
     keys = [k for k, *_ in headline_metrics(cfg)]
     rows = []
     for i, (experiment, table) in enumerate(metrics_tables.items()):
-        splits = list(dict.fromkeys(table["split"]))
-        split = "test" if "test" in splits else splits[-1]
+        if split is None:
+            splits = list(dict.fromkeys(table["split"]))
+            split = "test" if "test" in splits else splits[-1]
         t = table[(table["split"] == split) & table["metric"].isin(keys)]
         for (model, ckpt), part in t.groupby(["model", "checkpoint"], sort=False):
             if model != CVAE and i > 0:
@@ -835,12 +838,61 @@ def comparison_table(metrics_tables: Mapping[str, pd.DataFrame], cfg: EvaluateCo
     return out.assign(_o=order).sort_values("_o", kind="stable").drop(columns="_o")[cols].reset_index(drop=True)
 
 
-def compare_experiments(metrics_csvs: Mapping[str, str], cfg: EvaluateConfig, out_csv: str) -> pd.DataFrame:
-    """Run-level ``experiments_comparison.csv`` from every experiment's metrics.csv (figure:
-    :func:`precip_cvae.plots.comparison`)."""
+def compare_experiments(metrics_csvs: Mapping[str, str], cfg: EvaluateConfig, out_csv: str,
+                        settings: Mapping[str, Sequence] | None = None, seeds_csv: str | None = None) -> pd.DataFrame:
+    """Run-level ``experiments_comparison.csv`` (headline split) from every experiment's metrics.csv
+    (figure: :func:`precip_cvae.plots.comparison`), and with ``seeds_csv`` the mean and spread
+    over seeds of each setting on every evaluated split (:func:`seed_summary`; val is the split
+    to choose a setting on)."""
     tables = {name: io.read_csv(path, dtype={"checkpoint": str}) for name, path in metrics_csvs.items()}
     table = comparison_table(tables, cfg)
     io.write_csv(table, out_csv)
     log.info("compared %d experiment(s) and %d baseline(s): %s", len(tables),
              int((table["model"] != CVAE).sum()), out_csv)
+    if seeds_csv is not None:
+        splits = [s for s in EVALUATE_SPLITS if any((t["split"] == s).any() for t in tables.values())]
+        per_split = pd.concat([comparison_table(tables, cfg, split=s) for s in splits], ignore_index=True)
+        settings = settings or {name: [name, None] for name in tables}
+        seed_summary(per_split, settings, out_csv=seeds_csv)
     return table
+
+
+def seed_summary(table: pd.DataFrame, settings: Mapping[str, Sequence], out_csv: str | None = None) -> pd.DataFrame:
+    """Mean and spread over seeds of every headline score, per setting (``experiments_seeds.csv``).
+
+    Parameters
+    ----------
+    table : the :func:`comparison_table` (one row per experiment checkpoint and baseline)
+    settings : experiment -> (setting, seed); seed None when the run has no ``experiment_seeds``
+        (every experiment is then its own setting, with one seed)
+    out_csv : written when given
+
+    Returns
+    -------
+    DataFrame in long form: split, setting, model, checkpoint, metric (``<name>@<subset>``),
+    n_seeds, mean, std (ddof 1; NaN for one seed), min, max, seeds (the seeds, ``;``-joined).
+    The baselines do not depend on the seed and come once per split, with n_seeds 1.
+    """
+    metric_cols = [c for c in table.columns if "@" in c]
+    rows = []
+    frame = table.copy()
+    frame["setting"] = [settings[e][0] if m == CVAE else e for e, m in zip(frame["experiment"], frame["model"])]
+    frame["seed"] = [settings[e][1] if m == CVAE else None for e, m in zip(frame["experiment"], frame["model"])]
+    for (split, setting, model, ckpt), part in frame.groupby(["split", "setting", "model", "checkpoint"], sort=False):
+        seeds = ";".join(str(int(s)) for s in part["seed"] if s is not None and s == s)
+        for col in metric_cols:
+            v = part[col].to_numpy(dtype=float)
+            v = v[np.isfinite(v)]
+            rows.append({"split": split, "setting": setting, "model": model, "checkpoint": ckpt, "metric": col,
+                         "n_seeds": int(v.size),
+                         "mean": float(v.mean()) if v.size else np.nan,
+                         "std": float(v.std(ddof=1)) if v.size > 1 else np.nan,
+                         "min": float(v.min()) if v.size else np.nan,
+                         "max": float(v.max()) if v.size else np.nan,
+                         "seeds": seeds})
+    out = pd.DataFrame(rows, columns=["split", "setting", "model", "checkpoint", "metric", "n_seeds", "mean", "std",
+                                      "min", "max", "seeds"])
+    if out_csv is not None:
+        io.write_csv(out, out_csv)
+        log.info("scores over seeds of %d setting(s): %s", out["setting"].nunique(), out_csv)
+    return out

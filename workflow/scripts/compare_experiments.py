@@ -7,6 +7,7 @@ from precip_cvae.logs import stage_logging
 with stage_logging(snakemake.log[0], "compare_experiments"):
     cfg = EvaluateConfig.from_dict(snakemake.params.evaluate)
     table = evaluate.compare_experiments(
-        dict(zip(snakemake.params.experiments, snakemake.input.metrics)), cfg, out_csv=snakemake.output.table
+        dict(zip(snakemake.params.experiments, snakemake.input.metrics)), cfg, out_csv=snakemake.output.table,
+        settings=snakemake.params.settings, seeds_csv=snakemake.output.seeds,
     )
     plots.write_comparison(table, cfg, out_png=snakemake.output.figure)
