@@ -128,11 +128,17 @@ rule compare_experiments:
             category="Comparison",
             labels={"figure": "experiments over seeds (table)"},
         ),
+        seeds_figure=report(
+            run_dir("experiments_seeds.png"),
+            caption="../workflow/report/seeds.rst",
+            category="Comparison",
+            labels={"figure": "experiments over seeds"},
+        ),
     params:
         evaluate=evaluate_section("scoring"),
         experiments=EXPERIMENTS,
         settings=experiment_settings(),
-        code=stage_code("plots"),
+        code=[stage_code("plots"), stage_code("sweep")],
     log:
         log_path("compare_experiments"),
     script:

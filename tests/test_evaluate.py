@@ -215,6 +215,16 @@ def test_compare_experiments_summarises_seeds_on_val_and_test(tmp_path):
     assert seeds.loc[("val", "x"), "mean"] == 12.0 and seeds.loc[("test", "x"), "mean"] == 2.0
     assert seeds.loc[("test", "x"), "std"] == pytest.approx(2 ** 0.5) and seeds.loc[("test", "x"), "seeds"] == "0;1"
     assert seeds.loc[("val", "-"), "mean"] == 10.5
+    from precip_cvae import sweep
+
+    fig = sweep.seeds_figure(pd.read_csv(tmp_path / "s.csv", dtype={"checkpoint": str}), E.headline_metrics(cfg))
+    crps = fig.axes[0]
+    assert [t.get_text() for t in crps.get_yticklabels()] == ["x", "analogs"]
+    # the val/all-days series of x: mean 12 at the marker, the seeds' range 11..13 as the bar
+    marker = [ln for ln in crps.get_lines() if ln.get_label() == "val, all days"][0]
+    assert marker.get_xdata()[0] == 12.0
+    bars = crps.collections[0].get_segments()[0]
+    assert (bars[0][0], bars[1][0]) == (11.0, 13.0)
 
 
 # ----------------------------------------------------------------------------- the stage on tiny data

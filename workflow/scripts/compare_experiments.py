@@ -1,6 +1,6 @@
-"""Snakemake script of rule compare_experiments: see precip_cvae.evaluate.compare_experiments."""
+"""Snakemake script of rule compare_experiments: see precip_cvae.evaluate.compare_experiments and precip_cvae.sweep."""
 
-from precip_cvae import evaluate, plots
+from precip_cvae import evaluate, io, plots, sweep
 from precip_cvae.config import EvaluateConfig
 from precip_cvae.logs import stage_logging
 
@@ -11,3 +11,5 @@ with stage_logging(snakemake.log[0], "compare_experiments"):
         settings=snakemake.params.settings, seeds_csv=snakemake.output.seeds,
     )
     plots.write_comparison(table, cfg, out_png=snakemake.output.figure)
+    seeds = io.read_csv(snakemake.output.seeds, dtype={"checkpoint": str})
+    sweep.write_seeds_figure(seeds, cfg, out_png=snakemake.output.seeds_figure)
