@@ -98,11 +98,30 @@ def test_memorisation_flags_a_copy_and_passes_independent_fields():
     assert flagged["fraction_closer_than_real_p5"] == pytest.approx(0.3) and flagged["warning"]
 
 
+def test_memorisation_reference_is_the_sampled_kind_of_day_not_dry_pairs():
+    # 20 identical dry days among 60: over all train fields the real-to-real p5 is 0 and no copy
+    # could be flagged; against the heavy (anchor) days' own neighbour distances a copy is flagged
+    rng = np.random.default_rng(1)
+    real = rng.gamma(0.6, 5.0, size=(60, 8, 8))
+    real[:20] = 0.0
+    heavy = np.arange(50, 60)
+    copies = np.concatenate([real[heavy[:2]], rng.gamma(0.6, 5.0, size=(8, 8, 8))])
+    vacuous = generate.memorisation_check(copies, real, warn_fraction=0.05)
+    assert vacuous["real_nn_rmse_p5"] == 0.0 and vacuous["fraction_closer_than_real_p5"] == 0.0
+    checked = generate.memorisation_check(copies, real, 0.05, anchors=real[heavy], anchor_index=heavy)
+    assert checked["real_nn_rmse_p5"] > 1.0  # wet fields are far from each other
+    assert checked["per_sample_nn_rmse"][:2] == pytest.approx([0, 0], abs=1e-6)
+    assert checked["fraction_closer_than_real_p5"] >= 0.2 and checked["warning"]
+    # the anchor's own copy in the reference is skipped: its distance is to another field, not 0
+    assert generate.nearest_distances(real[heavy].reshape(10, -1), real.reshape(60, -1), exclude=heavy).min() > 0
+
+
 def test_nearest_distances_by_hand():
     a = np.array([[0.0, 0.0], [3.0, 4.0]])
     b = np.array([[0.0, 1.0], [3.0, 3.0]])
     np.testing.assert_allclose(generate.nearest_distances(a, b), [np.sqrt(0.5), np.sqrt(0.5)])
     np.testing.assert_allclose(generate.nearest_distances(a, a, exclude_self=True), [np.sqrt(12.5)] * 2)
+    np.testing.assert_allclose(generate.nearest_distances(a, a, exclude=np.array([-1, 1])), [0.0, np.sqrt(12.5)])
 
 
 def test_augmented_training_set_opens_with_the_training_loader(prepared, trained, tmp_path):
