@@ -91,28 +91,32 @@ def test_memorisation_flags_a_copy_and_passes_independent_fields():
     real[:, 0, 0] = np.nan  # masked pixel, ignored
     independent = rng.gamma(0.6, 5.0, size=(10, 8, 8))
     ok = generate.memorisation_check(independent, real, warn_fraction=0.05)
-    assert ok["fraction_closer_than_real_p5"] <= 0.1 and not ok["warning"]
+    assert ok["fraction_near_copies"] == 0.0 and not ok["warning"]
     copies = np.concatenate([real[:3], independent[:7]])
     flagged = generate.memorisation_check(copies, real, warn_fraction=0.05)
     assert flagged["per_sample_nn_rmse"][:3] == pytest.approx([0, 0, 0], abs=1e-6)
-    assert flagged["fraction_closer_than_real_p5"] == pytest.approx(0.3) and flagged["warning"]
+    assert flagged["per_sample_nn_ratio"][:3] == pytest.approx([0, 0, 0], abs=1e-6)
+    assert flagged["fraction_near_copies"] == pytest.approx(0.3) and flagged["warning"]
 
 
-def test_memorisation_reference_is_the_sampled_kind_of_day_not_dry_pairs():
-    # 20 identical dry days among 60: over all train fields the real-to-real p5 is 0 and no copy
-    # could be flagged; against the heavy (anchor) days' own neighbour distances a copy is flagged
+def test_memorisation_does_not_mistake_smooth_or_dry_fields_for_copies():
     rng = np.random.default_rng(1)
-    real = rng.gamma(0.6, 5.0, size=(60, 8, 8))
-    real[:20] = 0.0
+    real = rng.gamma(4.0, 5.0, size=(60, 8, 8))
+    real[:20] = 0.0  # 20 identical dry days
     heavy = np.arange(50, 60)
-    copies = np.concatenate([real[heavy[:2]], rng.gamma(0.6, 5.0, size=(8, 8, 8))])
-    vacuous = generate.memorisation_check(copies, real, warn_fraction=0.05)
-    assert vacuous["real_nn_rmse_p5"] == 0.0 and vacuous["fraction_closer_than_real_p5"] == 0.0
-    checked = generate.memorisation_check(copies, real, 0.05, anchors=real[heavy], anchor_index=heavy)
-    assert checked["real_nn_rmse_p5"] > 1.0  # wet fields are far from each other
-    assert checked["per_sample_nn_rmse"][:2] == pytest.approx([0, 0], abs=1e-6)
-    assert checked["fraction_closer_than_real_p5"] >= 0.2 and checked["warning"]
-    # the anchor's own copy in the reference is skipped: its distance is to another field, not 0
+    # smooth samples: means of 8 real fields each; a dry sample (equal to 20 fields); a copy of a heavy day
+    smooth = np.stack([real[rng.choice(np.arange(20, 60), 8, replace=False)].mean(0) for _ in range(8)])
+    samples = np.concatenate([smooth, np.zeros((1, 8, 8)), real[heavy[:1]] + 0.01])
+    memo = generate.memorisation_check(samples, real, 0.05, anchors=real[heavy], anchor_index=heavy)
+    # the smooth means are closer (RMSE) to real fields than real heavy days are to each other ...
+    assert memo["fraction_closer_than_real_p5"] >= 0.5
+    # ... but sit between several fields (d1/d2 near 1): only the copy is a near-copy
+    ratio = memo["per_sample_nn_ratio"]
+    assert (ratio[:8] > 0.5).all() and ratio[8] == 1.0 and ratio[9] < 0.01
+    assert memo["fraction_near_copies"] == pytest.approx(0.1) and memo["warning"]
+    # over all train days the real-to-real 5th percentile is 0 (dry pairs): no RMSE threshold could flag
+    assert generate.memorisation_check(samples, real, 0.05)["real_nn_rmse_p5"] == 0.0
+    # anchors skip their own copy in the reference
     assert generate.nearest_distances(real[heavy].reshape(10, -1), real.reshape(60, -1), exclude=heavy).min() > 0
 
 
@@ -122,6 +126,7 @@ def test_nearest_distances_by_hand():
     np.testing.assert_allclose(generate.nearest_distances(a, b), [np.sqrt(0.5), np.sqrt(0.5)])
     np.testing.assert_allclose(generate.nearest_distances(a, a, exclude_self=True), [np.sqrt(12.5)] * 2)
     np.testing.assert_allclose(generate.nearest_distances(a, a, exclude=np.array([-1, 1])), [0.0, np.sqrt(12.5)])
+    np.testing.assert_allclose(generate.nearest_distances(a, b, k=2), [[np.sqrt(0.5), 3.0]] * 2)
 
 
 def test_augmented_training_set_opens_with_the_training_loader(prepared, trained, tmp_path):
