@@ -46,7 +46,10 @@ def test_outputs_units_provenance_mask(prepared, trained, tmp_path):
     mask = ds["mask"].values.astype(bool)
     assert np.isnan(pr[:, ~mask]).all() and (pr[:, mask] >= 0).all() and np.isfinite(pr[:, mask]).all()
     assert report["nan_values"] == 0 and report["negative_values"] == 0
-    assert report["mass_error_vs_coarse_condition"]["available"]  # the tiny set has a pr_block4 channel
+    mass = report["mass_error_vs_coarse_condition"]
+    assert mass["available"]  # the tiny set has a pr_block4 channel
+    # the real heavy fields against their own 4x block means: the same domain mean, no error
+    assert mass["real_event_days"]["mean_abs"] == pytest.approx(0.0, abs=1e-3)
     back = json.loads((tmp_path / "generation_report.json").read_text())
     assert back["samples"] == report["samples"] and "memorisation" in back
     assert (tmp_path / "generation_report.md").read_text().startswith("# Generation report")
