@@ -270,6 +270,22 @@ def fss_scale(fss: Mapping[tuple[str, str], Mapping[str, object]], windows: Sequ
     return fig
 
 
+def score_panel(ax, label: str, better: str) -> None:
+    """Title (with which way is better), grid, and the line at 1 for scores best at 1."""
+    if better == "one":
+        ax.axvline(1.0, color="k", lw=0.8, ls="--")
+    goal = {"lower": "lower", "higher": "higher", "one": "closer to 1"}[better]
+    ax.set_title(f"{label} ({goal} is better)", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+
+
+def hide_unused(axes, n: int) -> None:
+    """Hide the panels after the first ``n``; the legend goes on the first."""
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7)
+
+
 def comparison(table: pd.DataFrame, metrics: Sequence[tuple[str, str, str]]) -> Figure:
     """Headline scores of every experiment and baseline side by side (one panel per metric).
 
@@ -293,16 +309,10 @@ def comparison(table: pd.DataFrame, metrics: Sequence[tuple[str, str, str]]) -> 
             values = table[col].to_numpy(float) if col in table else np.full(len(rows), np.nan)
             ax.barh(y + k * height, np.nan_to_num(values), height=height,
                     color=("tab:blue", "tab:red")[k % 2], label=SUBSET_TITLES.get(subset, subset))
-        if better == "one":
-            ax.axvline(1.0, color="k", lw=0.8, ls="--")
         ax.set_yticks(y + height * (len(subsets) - 1) / 2, rows, fontsize=8)
         ax.invert_yaxis()
-        goal = {"lower": "lower", "higher": "higher", "one": "closer to 1"}[better]
-        ax.set_title(f"{label} ({goal} is better)", fontsize=9)
-        ax.grid(alpha=0.3, axis="x")
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    axes[0].legend(fontsize=7)
+        score_panel(ax, label, better)
+    hide_unused(axes, n)
     split = table["split"].iloc[0] if len(table) else ""
     fig.suptitle(f"Experiments and baselines, headline scores ({split} split)")
     return fig

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from . import io
 from .config import EvaluateConfig
 from .evaluate import CVAE, SUBSETS, headline_metrics
+from .plots import hide_unused, score_panel
 
 SPLIT_MARKERS = {"val": "o", "test": "s"}
 SUBSET_COLOURS = {"all": "tab:blue", "heavy": "tab:red"}
@@ -55,16 +56,10 @@ def seeds_figure(seeds: pd.DataFrame, metrics: Sequence[tuple[str, str, str]], c
             ax.plot(mean, off, SPLIT_MARKERS[split], ms=4, color=SUBSET_COLOURS[subset],
                     mfc="white" if split == "val" else SUBSET_COLOURS[subset],
                     label=f"{split}, {subset} days", ls="none")
-        if better == "one":
-            ax.axvline(1.0, color="k", lw=0.8, ls="--")
         ax.set_yticks(y, rows, fontsize=8)
         ax.set_ylim(len(rows) - 0.5, -0.5)
-        goal = {"lower": "lower", "higher": "higher", "one": "closer to 1"}[better]
-        ax.set_title(f"{label} ({goal} is better)", fontsize=9)
-        ax.grid(alpha=0.3, axis="x")
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    axes[0].legend(fontsize=7)
+        score_panel(ax, label, better)
+    hide_unused(axes, n)
     fig.suptitle(f"Settings over seeds ({checkpoint} checkpoint): mean (marker) and min-max (bar); "
                  "choose on val (open), read test (filled)", fontsize=10)
     return fig
