@@ -141,7 +141,8 @@ class SplitConfig:
     ``contiguous``: three consecutive blocks with the given fractions (train first).
     ``years``: lists of years; for seasons that span a new year (DJF) the year of a
     day is that of its season's January when ``season_year`` is ``djf``.
-    ``dates``: inclusive ``[start, end]`` ISO date pairs.
+    ``dates``: inclusive ``[start, end]`` ISO date or date-time pairs (a date-only end
+    includes its whole day; date-times split sub-daily data within a day).
     """
 
     method: str = "contiguous"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict
 from typing import Sequence
 
@@ -201,12 +202,28 @@ def _season_years(index) -> np.ndarray:
     return years, months
 
 
+_ISO_STAMP = re.compile(r"^\s*(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ](\d{1,2}):(\d{2})(?::(\d{2}))?)?\s*$")
+
+
+def _split_bound(key: str, text: str, end: bool) -> tuple:
+    """A ``[start, end]`` bound of a date split as (year, month, day, hour, minute, second), so any
+    calendar compares (360_day has 30 February); a date-only end is the whole day."""
+    m = _ISO_STAMP.match(str(text))
+    if m is None:
+        raise InputError(f"{key}: {text!r} is not an ISO date or date-time (e.g. 2001-12-31 or 2020-10-31T06:00)")
+    y, mo, d, h, mi, sec = (int(v) if v is not None else None for v in m.groups())
+    if h is None:
+        return (y, mo, d, 24, 0, 0) if end else (y, mo, d, 0, 0, 0)  # 24:00: after every step of the day
+    return (y, mo, d, h, mi, sec or 0)
+
+
 def split_labels(index, cfg: SplitConfig) -> np.ndarray:
     """'train'/'val'/'test'/'' label per time stamp ('' = in no split, dropped).
 
     Contiguous blocks keep time order (train first); year lists use calendar
     years or, with ``season_year: djf``, winter years (December counts to the
-    following year); date ranges are inclusive.  Days are never shuffled.
+    following year); date ranges are inclusive, given as dates (a whole day) or
+    date-times (sub-daily data split within a day).  Steps are never shuffled.
     """
     n = len(index)
     labels = np.full(n, "", dtype=object)
@@ -223,12 +240,14 @@ def split_labels(index, cfg: SplitConfig) -> np.ndarray:
         for name, chosen in (("train", cfg.train_years), ("val", cfg.val_years), ("test", cfg.test_years)):
             labels[np.isin(years, list(chosen))] = name
     else:
-        stamps = pd.Index([pd.Timestamp(t.year, t.month, t.day) for t in index])
+        # full time stamps as tuples: sub-daily data split within a day, any calendar compares
+        stamps = [(t.year, t.month, t.day, getattr(t, "hour", 0), getattr(t, "minute", 0), getattr(t, "second", 0))
+                  for t in index]
         for name, rng in (("train", cfg.train_dates), ("val", cfg.val_dates), ("test", cfg.test_dates)):
             if len(rng) != 2:
                 raise InputError(f"preprocess.split.{name}_dates must be [start, end], got {list(rng)}")
-            lo, hi = pd.Timestamp(rng[0]), pd.Timestamp(rng[1])
-            labels[(stamps >= lo) & (stamps <= hi)] = name
+            lo, hi = (_split_bound(f"preprocess.split.{name}_dates", text, end) for text, end in zip(rng, (False, True)))
+            labels[np.array([lo <= st <= hi for st in stamps], dtype=bool)] = name
     counts = {s: int((labels == s).sum()) for s in SPLITS}
     empty = [s for s, c in counts.items() if c == 0]
     if empty:
