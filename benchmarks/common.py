@@ -116,6 +116,22 @@ def demo_inputs(root: Path, years: int = 10, size: int = 64, data: str | None = 
     return str(root / "dataset.zarr"), str(root / "thresholds.nc"), str(root / "events.csv")
 
 
+def add_child_argument(ap) -> None:
+    """``--child KIND ARGS...``: the script re-runs itself in a fresh process to measure one part."""
+    import argparse
+
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+
+
+def run_as_child(args, handlers: dict) -> bool:
+    """When ``--child KIND ARGS...`` was given, run ``handlers[KIND](*ARGS)`` and return True."""
+    if not args.child:
+        return False
+    kind, *rest = args.child
+    handlers[kind](*rest)
+    return True
+
+
 def add_data_argument(ap) -> None:
     ap.add_argument("--data", help="directory with dataset.zarr, thresholds.nc and events.csv to use "
                                    "(default: results/demo, else a demo-like set made on the fly)")

@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_data_argument, demo_inputs, emit, machine, run_child, untrained_checkpoint, verdict
+from common import (add_child_argument, add_data_argument, demo_inputs, emit, machine, run_as_child, run_child,
+                    untrained_checkpoint, verdict)
 
 RSS_FLAT = 1.25
 
@@ -74,11 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for sampling")
     add_data_argument(ap)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (the tests)")
-    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    add_child_argument(ap)
     args = ap.parse_args(argv)
-    if args.child:
-        kind, *rest = args.child
-        {"sample": child_sample, "score": child_score}[kind](*rest)
+    if run_as_child(args, {"sample": child_sample, "score": child_score}):
         return 0
     me = str(Path(__file__).resolve())
     preset, members = ("tiny", [2]) if args.smoke else (args.preset, args.members)

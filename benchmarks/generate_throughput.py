@@ -33,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_data_argument, demo_inputs, emit, machine, run_child, untrained_checkpoint, verdict
+from common import (add_child_argument, add_data_argument, demo_inputs, emit, machine, run_as_child, run_child,
+                    untrained_checkpoint, verdict)
 
 GOAL = 0.90
 RSS_FLAT = 1.25
@@ -138,11 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="timed (bare, generate) pairs; the fastest counts")
     add_data_argument(ap)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (the tests)")
-    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    add_child_argument(ap)
     args = ap.parse_args(argv)
-    if args.child:
-        kind, *rest = args.child
-        {"speed": child_speed, "memory": child_memory}[kind](*rest)
+    if run_as_child(args, {"speed": child_speed, "memory": child_memory}):
         return 0
     me = str(Path(__file__).resolve())
     preset, members = ("tiny", [2]) if args.smoke else (args.preset, args.members)

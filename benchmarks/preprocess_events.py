@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import emit, free_disk_gb, machine, run_child, table, verdict
+from common import add_child_argument, emit, free_disk_gb, machine, run_as_child, run_child, table, verdict
 
 TIME_GOAL = 2.0  # pipeline / plain read
 RSS_FLAT = 1.25  # peak RSS at 2x input / at 1x input counts as flat below this
@@ -233,11 +233,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cold", action="store_true", help="drop the inputs (and the zarr store before events) from "
                                                         "the page cache before each step: disk-bound reads")
     ap.add_argument("--smoke", action="store_true", help="2 and 4 years of 32x32 (seconds; the tests)")
-    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    add_child_argument(ap)
     args = ap.parse_args(argv)
-    if args.child:
-        kind, *rest = args.child
-        {"read": child_read, "preprocess": child_preprocess, "events": child_events}[kind](*rest)
+    if run_as_child(args, {"read": child_read, "preprocess": child_preprocess, "events": child_events}):
         return 0
     years, size = (2, 32) if args.smoke else (args.years, args.size)
     root = Path(args.root)

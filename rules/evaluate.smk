@@ -138,7 +138,7 @@ rule compare_experiments:
         evaluate=evaluate_section("scoring"),
         experiments=EXPERIMENTS,
         settings=experiment_settings(),
-        code=[stage_code("plots"), stage_code("sweep")],
+        code=stage_code("sweep"),  # sweep imports plots and evaluate
     log:
         log_path("compare_experiments"),
     script:

@@ -817,11 +817,11 @@ def comparison_table(metrics_tables: Mapping[str, pd.DataFrame], cfg: EvaluateCo
     the experiment).
     """
     keys = [k for k, *_ in headline_metrics(cfg)]
+    if split is None:  # the headline split of the first experiment, for all
+        splits = list(dict.fromkeys(next(iter(metrics_tables.values()))["split"]))
+        split = "test" if "test" in splits else splits[-1]
     rows = []
     for i, (experiment, table) in enumerate(metrics_tables.items()):
-        if split is None:
-            splits = list(dict.fromkeys(table["split"]))
-            split = "test" if "test" in splits else splits[-1]
         t = table[(table["split"] == split) & table["metric"].isin(keys)]
         for (model, ckpt), part in t.groupby(["model", "checkpoint"], sort=False):
             if model != CVAE and i > 0:
