@@ -37,7 +37,7 @@ def _defaults(props):
         (("preprocess", "split"), C.SplitConfig, set()),
         (("events",), C.EventsConfig, set()),
         (("model",), C.ModelConfig, set()),
-        (("train", "loss"), C.LossConfig, set()),
+        (("train", "loss"), C.LossConfig, {"preset"}),
         (("evaluate",), C.EvaluateConfig, set()),
         (("generate",), C.GenerateConfig, set()),
         (("downstream",), C.DownstreamConfig, set()),

@@ -35,7 +35,9 @@ from .model import CVAE
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+#: 2: map latent, fine-grid conditioning with static channels (``model_args.n_static``),
+#: the train preset; format-1 checkpoints (the vector-latent cVAE of 0.1.x) are refused.
+CHECKPOINT_FORMAT = 2
 
 
 class CheckpointError(ValueError):
@@ -82,7 +84,8 @@ def build_model(state: dict[str, Any]) -> CVAE:
     """Rebuild the model from a checkpoint dict alone."""
     cfg = ModelConfig(**state["model_config"])
     args = state["model_args"]
-    model = CVAE(cfg, int(args["n_channels"]), tuple(args["fine_shape"]), tuple(args["coarse_shape"]))
+    model = CVAE(cfg, int(args["n_channels"]), tuple(args["fine_shape"]), tuple(args["coarse_shape"]),
+                 int(args.get("n_static", 0)))
     model.load_state_dict(state["model_state"])
     return model
 

@@ -247,11 +247,20 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(base_filters=96, d_y=384, d_z=96, depth=4),
 }
 PRIORS = ("learned", "standard")
+LATENTS = ("map", "vector")
+CONDITIONINGS = ("fine", "coarse")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Size and regularisation of the cVAE. ``None`` fields take the preset's value."""
+    """Size, regularisation and structure of the cVAE. ``None`` sizes take the preset's value.
+
+    ``latent``: ``map`` (``latent_channels`` per location at 1 / 2**``latent_level`` of
+    the target resolution) or ``vector`` (``d_z`` numbers, the seed's design).
+    ``conditioning``: ``fine`` (predictors interpolated to the target grid and stacked
+    with the static channels fitted on train) or ``coarse`` (encoded on their own grid,
+    the seed's design).
+    """
 
     preset: str = "small"
     base_filters: int | None = None
@@ -261,6 +270,10 @@ class ModelConfig:
     dropout_encoder: float = 0.1
     dropout_decoder: float = 0.1
     prior: str = "learned"
+    latent: str = "map"
+    latent_level: int = 2
+    latent_channels: int = 8
+    conditioning: str = "fine"
 
     def __post_init__(self):
         preset = lookup(MODEL_PRESETS, self.preset, "model preset")
@@ -269,6 +282,14 @@ class ModelConfig:
                 object.__setattr__(self, key, value)
         if self.prior not in PRIORS:
             raise ConfigError(f"model.prior {self.prior!r}; valid names are {list(PRIORS)}")
+        if self.latent not in LATENTS:
+            raise ConfigError(f"model.latent {self.latent!r}; valid names are {list(LATENTS)}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ConfigError(f"model.conditioning {self.conditioning!r}; valid names are {list(CONDITIONINGS)}")
+        if self.latent == "map" and not 1 <= self.latent_level <= self.depth:
+            raise ConfigError(f"model.latent_level {self.latent_level} must be in 1..model.depth ({self.depth})")
+        if self.latent_channels < 1:
+            raise ConfigError("model.latent_channels must be >= 1")
         for key in ("dropout_encoder", "dropout_decoder"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be in [0, 1)")
@@ -281,49 +302,105 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- loss
 
 LOSS_SPACES = ("transformed", "mm")
+CRPS_SPACES = ("transformed", "mm", "both")
+EARLY_STOPPING_METRICS = ("MAE_all", "MAE_tail", "L_rec", "CRPS", "twCRPS")
+SCHEDULERS = ("none", "cosine", "plateau")
+AUGMENTATION_NAMES = ("flip", "rot90", "noise", "mixup")
+
+#: Named training presets: values for the ``None`` keys of ``train`` and ``train.loss``.
+#: ``seed`` is the original system's final setting, exactly; ``default`` is the setting
+#: measured best on Iberia val (docs/results-iberia.md).
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(epochs=60, lr=1e-3, patience=10, early_stopping_metric="CRPS"),
+    "seed": dict(epochs=100, lr=1e-4, patience=25, early_stopping_metric="MAE_all"),
+}
+LOSS_PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(lambda_base=1.0, lambda_ext=0.0, beta_kl=0.05, lambda_mass=0.01, warmup_epochs=5,
+                    lambda_crps=1.0, lambda_tail=0.0, kl_per_pixel=True, free_bits=0.0),
+    "seed": dict(lambda_base=1.0, lambda_ext=5.0, beta_kl=0.01, lambda_mass=0.01, warmup_epochs=15,
+                 lambda_crps=0.0, lambda_tail=0.0, kl_per_pixel=False, free_bits=0.0),
+}
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of L = base*MAE_all + ext*MAE_ext + beta(epoch)*KL + mass*L_mass."""
+    """Weights of the training loss (see :mod:`precip_cvae.losses`).
 
-    lambda_base: float = 1.0
-    lambda_ext: float = 5.0
-    beta_kl: float = 0.01
-    lambda_mass: float = 0.01
-    warmup_epochs: int = 15
+    ``L = base*MAE_all + ext*MAE_ext + beta(epoch)*KL + mass*L_mass + crps*afCRPS + tail*twCRPS``.
+    ``None`` fields take the values of ``preset`` (:data:`LOSS_PRESETS`), which
+    :class:`TrainConfig` sets to its own ``preset``.
+    """
+
+    preset: str = "default"
+    lambda_base: float | None = None
+    lambda_ext: float | None = None
+    beta_kl: float | None = None
+    lambda_mass: float | None = None
+    warmup_epochs: int | None = None
     space: str = "transformed"
+    lambda_crps: float | None = None
+    ensemble_members: int = 4
+    crps_alpha: float = 0.95
+    crps_space: str = "transformed"
+    lambda_tail: float | None = None
+    tail_percentile: float = 90.0
+    kl_per_pixel: bool | None = None
+    free_bits: float | None = None
 
     def __post_init__(self):
+        preset = lookup(LOSS_PRESETS, self.preset, "train preset")
+        for key, value in preset.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
         if self.space not in LOSS_SPACES:
             raise ConfigError(f"train.loss.space {self.space!r}; valid names are {list(LOSS_SPACES)}")
+        if self.crps_space not in CRPS_SPACES:
+            raise ConfigError(f"train.loss.crps_space {self.crps_space!r}; valid names are {list(CRPS_SPACES)}")
         if self.warmup_epochs < 0:
             raise ConfigError("train.loss.warmup_epochs must be >= 0")
+        if (self.lambda_crps > 0 or self.lambda_tail > 0) and self.ensemble_members < 2:
+            raise ConfigError("train.loss.ensemble_members must be >= 2 when lambda_crps or lambda_tail > 0")
+        if not 0 <= self.crps_alpha <= 1:
+            raise ConfigError("train.loss.crps_alpha must be in [0, 1]")
+        if not 0 < self.tail_percentile < 100:
+            raise ConfigError("train.loss.tail_percentile must be in (0, 100)")
+        if self.free_bits < 0:
+            raise ConfigError("train.loss.free_bits must be >= 0")
+
+    @property
+    def n_prior(self) -> int:
+        """Prior members decoded per training step (0 when no ensemble term is on)."""
+        return int(self.ensemble_members) if (self.lambda_crps > 0 or self.lambda_tail > 0) else 0
 
     @classmethod
-    def from_dict(cls, data, where="train.loss"):
+    def from_dict(cls, data, where="train.loss", preset: str = "default"):
+        data = dict(data or {})
+        if "preset" in data and data["preset"] != preset:
+            raise ConfigError(f"{where}.preset: set train.preset instead (got {data['preset']!r})")
+        data["preset"] = preset
         return _build(cls, data, where)
 
 
 # ----------------------------------------------------------------------------- train
 
-EARLY_STOPPING_METRICS = ("MAE_all", "MAE_tail", "L_rec", "CRPS", "twCRPS")
-SCHEDULERS = ("none", "cosine", "plateau")
-AUGMENTATION_NAMES = ("flip", "rot90", "noise", "mixup")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, validation, early stopping, sampling and augmentation."""
+    """Optimisation, validation, early stopping, sampling and augmentation.
 
-    epochs: int = 100
+    ``preset`` (:data:`TRAIN_PRESETS`) gives the values of the ``None`` fields here and
+    in ``loss``: ``default`` or ``seed`` (the original system's final setting).
+    """
+
+    preset: str = "default"
+    epochs: int | None = None
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float | None = None
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     scheduler: str = "none"
-    early_stopping_metric: str = "MAE_all"
-    patience: int = 25
+    early_stopping_metric: str | None = None
+    patience: int | None = None
     oversample_heavy: float = 1.0
     augment: tuple[str, ...] = ()
     noise_std: float = 0.05
@@ -333,9 +410,18 @@ class TrainConfig:
     device: str = "auto"
     gpus: int = 1
     num_threads: int = 0
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossConfig | None = None
 
     def __post_init__(self):
+        preset = lookup(TRAIN_PRESETS, self.preset, "train preset")
+        for key, value in preset.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.loss is None:
+            object.__setattr__(self, "loss", LossConfig(preset=self.preset))
+        if self.loss.preset != self.preset:
+            raise ConfigError(f"train.loss was resolved with preset {self.loss.preset!r} but train.preset is "
+                              f"{self.preset!r}; build the loss with LossConfig(preset={self.preset!r}, ...)")
         if self.early_stopping_metric not in EARLY_STOPPING_METRICS:
             raise ConfigError(
                 f"train.early_stopping_metric {self.early_stopping_metric!r}; valid names are {list(EARLY_STOPPING_METRICS)}"
@@ -352,7 +438,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data, where="train"):
-        return _build(cls, data, where, nested={"loss": LossConfig.from_dict})
+        data = dict(data or {})
+        preset = data.get("preset", "default")
+        lookup(TRAIN_PRESETS, preset, "train preset")
+        data["loss"] = LossConfig.from_dict(data.get("loss"), f"{where}.loss", preset=preset)
+        return _build(cls, data, where)
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict:

@@ -44,6 +44,11 @@ class FieldData:
     transform: TargetTransform
     channels: tuple[str, ...]
     attrs: dict
+    lat: np.ndarray | None = None  # (H,) fine-grid coordinate (padded)
+    lon: np.ndarray | None = None  # (W,)
+    static: torch.Tensor | None = None  # (S, H, W) user static fields (data.static), NaN-free
+    static_names: tuple[str, ...] = ()
+    thr_attrs: dict | None = None  # attributes of the thresholds map (wet threshold, min_wet_days)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -111,6 +116,11 @@ def load_fields(dataset: str, thresholds: str, events: str | None = None, splits
     thr = thr_ds["threshold"].values.astype("float32")
     if thr.shape != mask.shape:
         raise InputError(f"{thresholds}: threshold map shape {thr.shape} does not match the dataset grid {mask.shape}")
+    thr_attrs = dict(thr_ds["threshold"].attrs)
+    static, static_names = None, ()
+    if "static" in ds:
+        static = torch.from_numpy(np.nan_to_num(ds["static"].values.astype("float32"), nan=0.0))
+        static_names = tuple(str(c) for c in ds["static_channel"].values)
     dates = np.array(_format_dates(ds.indexes["time"][idx]))
     if events is not None:
         table = read_csv(events, dtype={"date": str})
@@ -131,6 +141,11 @@ def load_fields(dataset: str, thresholds: str, events: str | None = None, splits
         transform=transform,
         channels=tuple(str(c) for c in ds["channel"].values),
         attrs=dict(ds.attrs),
+        lat=np.asarray(ds["lat"].values, dtype=float),
+        lon=np.asarray(ds["lon"].values, dtype=float),
+        static=static,
+        static_names=static_names,
+        thr_attrs=thr_attrs,
     )
 
 
@@ -165,13 +180,15 @@ class Batch:
     y: torch.Tensor
     coarse_mm: torch.Tensor | None
     thr_x: torch.Tensor  # (1 or B, 1, H, W)
+    tail_x: torch.Tensor | None = None  # (1 or B, 1, H, W): the twCRPS threshold, model space
 
     @property
     def extreme(self) -> torch.Tensor:
         return (self.x > self.thr_x) & self.valid
 
 
-def make_batch(data: FieldData, index: torch.Tensor, thr_x: torch.Tensor, device) -> Batch:
+def make_batch(data: FieldData, index: torch.Tensor, thr_x: torch.Tensor, device,
+               tail_x: torch.Tensor | None = None) -> Batch:
     index = index.to(data.x.device)
     return Batch(
         x=data.x[index].to(device, non_blocking=True),
@@ -179,6 +196,7 @@ def make_batch(data: FieldData, index: torch.Tensor, thr_x: torch.Tensor, device
         y=data.y[index].to(device, non_blocking=True),
         coarse_mm=None if data.coarse_mm is None else data.coarse_mm[index].to(device, non_blocking=True),
         thr_x=thr_x.to(device),
+        tail_x=None if tail_x is None else tail_x.to(device),
     )
 
 
@@ -190,7 +208,7 @@ def _flip(batch: Batch, g: torch.Generator, settings) -> Batch:
     if not dims:
         return batch
     f = lambda t: None if t is None else torch.flip(t, dims)  # noqa: E731
-    return Batch(f(batch.x), f(batch.valid), f(batch.y), f(batch.coarse_mm), f(batch.thr_x))
+    return Batch(f(batch.x), f(batch.valid), f(batch.y), f(batch.coarse_mm), f(batch.thr_x), f(batch.tail_x))
 
 
 def _rot90(batch: Batch, g: torch.Generator, settings) -> Batch:
@@ -200,7 +218,7 @@ def _rot90(batch: Batch, g: torch.Generator, settings) -> Batch:
     if batch.x.shape[-1] != batch.x.shape[-2] or batch.y.shape[-1] != batch.y.shape[-2]:
         raise ConfigError("augmentation 'rot90' needs square fine and coarse grids; use 'flip' instead")
     r = lambda t: None if t is None else torch.rot90(t, k, (-2, -1))  # noqa: E731
-    return Batch(r(batch.x), r(batch.valid), r(batch.y), r(batch.coarse_mm), r(batch.thr_x))
+    return Batch(r(batch.x), r(batch.valid), r(batch.y), r(batch.coarse_mm), r(batch.thr_x), r(batch.tail_x))
 
 
 def _noise(batch: Batch, g: torch.Generator, settings) -> Batch:
@@ -216,7 +234,7 @@ def _mixup(batch: Batch, g: torch.Generator, settings) -> Batch:
     perm = torch.randperm(b, generator=g).to(batch.x.device)
     mix = lambda t: None if t is None else lam * t + (1 - lam) * t[perm]  # noqa: E731
     valid = batch.valid & batch.valid[perm]
-    return Batch(mix(batch.x) * valid, valid, mix(batch.y), mix(batch.coarse_mm), batch.thr_x)
+    return Batch(mix(batch.x) * valid, valid, mix(batch.y), mix(batch.coarse_mm), batch.thr_x, batch.tail_x)
 
 
 AUGMENTATIONS: dict[str, Callable] = {"flip": _flip, "rot90": _rot90, "noise": _noise, "mixup": _mixup}

@@ -1,6 +1,15 @@
 """Training loss of the cVAE.
 
-``L = lambda_base * MAE_all + lambda_ext * MAE_ext + beta(epoch) * KL + lambda_mass * L_mass``
+``L = lambda_base * MAE_all + lambda_ext * MAE_ext + beta(epoch) * KL + lambda_mass * L_mass
++ lambda_crps * afCRPS + lambda_tail * twCRPS``
+
+The ensemble terms score ``M = ensemble_members`` fields decoded from the *prior*
+p(z|y), as generation draws them: the almost-fair CRPS (afCRPS, Lang et al. 2024, the
+loss of ECMWF's AIFS-CRPS) over valid pixels, and the threshold-weighted CRPS with the
+chaining function ``v(x) = max(x, t)`` (``t`` a local train wet-day percentile), the
+proper way to emphasise the tail.  The KL can be divided by the number of valid
+pixels (``kl_per_pixel``), so ``beta_kl`` is on the scale of the per-pixel terms, and
+floored per latent unit by ``free_bits``.
 
 Every term is a per-sample quantity averaged over the samples where it is defined,
 so a sample's weight never depends on how many pixels (valid or extreme) it has,
@@ -28,6 +37,11 @@ __all__ = [
     "masked_mae",
     "extreme_mae",
     "kl_divergence",
+    "kl_units",
+    "kl_term",
+    "afcrps",
+    "masked_afcrps",
+    "tail_crps",
     "mass_loss",
     "beta_schedule",
     "warmup_finished",
@@ -122,17 +136,140 @@ def kl_divergence(
 
     Parameters
     ----------
-    mu_q, logvar_q, mu_p, logvar_p : Tensor (B, d_z)
+    mu_q, logvar_q, mu_p, logvar_p : Tensor (B, d_z) or (B, c_z, h_z, w_z)
 
     Returns
     -------
     Tensor ()
-        Summed over the latent dimensions, averaged over the batch.
+        Summed over the latent units, averaged over the batch.
     """
+    return kl_units(mu_q, logvar_q, mu_p, logvar_p).sum(dim=1).mean()
+
+
+def kl_units(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``KL(q || p)`` of diagonal Gaussians (nats), flattened to (B, U) latent units."""
     kl = 0.5 * (
         logvar_p - logvar_q + (torch.exp(logvar_q) + (mu_q - mu_p) ** 2) * torch.exp(-logvar_p) - 1.0
-    )  # (B, d_z)
-    return kl.sum(dim=1).mean()
+    )
+    return kl.flatten(1)  # (B, U)
+
+
+def kl_term(
+    mu_q: torch.Tensor,
+    logvar_q: torch.Tensor,
+    mu_p: torch.Tensor,
+    logvar_p: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    free_bits: float = 0.0,
+    per_pixel: bool = False,
+) -> torch.Tensor:
+    """The KL term of the loss (before ``beta``).
+
+    Parameters
+    ----------
+    mu_q, logvar_q, mu_p, logvar_p : Tensor (B, ...)
+        Posterior and prior of every latent unit (a vector or a map).
+    valid : Tensor (B, 1, H, W), bool, optional
+        Needed for ``per_pixel``.
+    free_bits : float
+        Nats per latent unit: each unit's batch-mean KL counts as ``max(KL_u, free_bits)``
+        (Kingma et al. 2016), so units below the floor feel no pull to the prior
+        (their gradient is 0) while units above it are penalised as usual.  0: off.
+    per_pixel : bool
+        Divide by the mean number of valid pixels per sample, so ``beta`` is on the
+        scale of a per-pixel reconstruction error.
+
+    Returns
+    -------
+    Tensor ()
+        ``sum_u max(mean_b KL_bu, free_bits) [/ mean_b n_valid_b]``; with
+        ``free_bits = 0`` the sum over units averaged over the batch, as
+        :func:`kl_divergence`.
+    """
+    per_unit = kl_units(mu_q, logvar_q, mu_p, logvar_p).mean(dim=0)  # (U,) batch mean
+    if free_bits > 0:
+        per_unit = per_unit.clamp(min=float(free_bits))
+    kl = per_unit.sum()
+    if per_pixel:
+        if valid is None:
+            raise ValueError("kl_term(per_pixel=True) needs the valid mask")
+        n_valid = valid.flatten(1).sum(dim=1).to(kl.dtype).mean().clamp(min=1.0)
+        kl = kl / n_valid
+    return kl
+
+
+def afcrps(members: torch.Tensor, target: torch.Tensor, alpha: float = 0.95) -> torch.Tensor:
+    """Almost-fair ensemble CRPS per point (Lang et al. 2024).
+
+    ``mean_i |x_i - y| - (1 - eps) / (2 M (M - 1)) * sum_{i != j} |x_i - x_j|`` with
+    ``eps = (1 - alpha) / M``: ``alpha = 1`` is the fair (unbiased) CRPS, ``alpha = 0``
+    the plain ensemble CRPS; in between the estimator stays proper and avoids the fair
+    one's degenerate optima at small ``M``.
+
+    Parameters
+    ----------
+    members : Tensor (M, ...)
+        Ensemble members (M >= 2), any trailing shape.
+    target : Tensor (...)
+        Truth, the trailing shape of ``members``.
+    alpha : float in [0, 1]
+
+    Returns
+    -------
+    Tensor (...)
+    """
+    m = members.shape[0]
+    if m < 2:
+        raise ValueError(f"afcrps needs at least 2 members, got {m}")
+    if tuple(members.shape[1:]) != tuple(target.shape):
+        raise ValueError(f"members {tuple(members.shape)} must be (M,) + target shape {tuple(target.shape)}")
+    skill = (members - target.unsqueeze(0)).abs().mean(dim=0)
+    spread = torch.zeros_like(skill)
+    for i in range(m - 1):  # sum over i < j, twice: sum_{i != j}
+        spread = spread + (members[i + 1:] - members[i].unsqueeze(0)).abs().sum(dim=0)
+    eps = (1.0 - float(alpha)) / m
+    return skill - (1.0 - eps) / (m * (m - 1)) * spread
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean over ``mask`` (B, ...), then over the samples with any masked point."""
+    zero = torch.zeros_like(values)
+    v = torch.where(mask, values, zero).flatten(1)
+    count = mask.flatten(1).sum(dim=1)
+    per_sample = v.sum(dim=1) / count.clamp(min=1).to(v.dtype)
+    return per_sample.sum() / (count > 0).sum().clamp(min=1).to(v.dtype)
+
+
+def masked_afcrps(members: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, alpha: float = 0.95) -> torch.Tensor:
+    """afCRPS over each sample's valid pixels, averaged over the samples that have any.
+
+    members (M, B, 1, H, W), target and valid (B, 1, H, W).  Invalid pixels (even NaN)
+    change neither the value nor the gradient.
+    """
+    valid = valid.bool()
+    safe_t = torch.where(valid, target, torch.zeros_like(target))
+    safe_m = torch.where(valid.unsqueeze(0), members, torch.zeros_like(members))
+    return _masked_mean(afcrps(safe_m, safe_t, alpha), valid)
+
+
+def tail_crps(members: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, threshold: torch.Tensor,
+              alpha: float = 0.95) -> torch.Tensor:
+    """Threshold-weighted afCRPS with the chaining function ``v(x) = max(x, t)``.
+
+    Parameters
+    ----------
+    members : Tensor (M, B, 1, H, W); target, valid : (B, 1, H, W)
+    threshold : Tensor (1 or B, 1, H, W)
+        ``t`` per pixel in the same space; pixels where it is not finite are left out.
+
+    Returns
+    -------
+    Tensor ()
+        0 where every member and the truth are below ``t`` (they all map to ``t``).
+    """
+    mask = valid.bool() & torch.isfinite(threshold).expand_as(valid)
+    t = torch.where(torch.isfinite(threshold), threshold, torch.zeros_like(threshold)).expand_as(target)
+    return masked_afcrps(torch.maximum(members, t.unsqueeze(0)), torch.maximum(target, t), mask, alpha)
 
 
 def mass_loss(
@@ -212,13 +349,15 @@ def compute_loss(
     epoch: int,
     transform: TargetTransform,
     coarse_mm: torch.Tensor | None = None,
+    tail_x: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The full training loss and its parts.
 
     Parameters
     ----------
     out : CVAEOutput
-        Model output; ``out.recon`` (B, 1, H, W) in model space.
+        Model output; ``out.recon`` (B, 1, H, W) in model space; ``out.prior_samples``
+        (M, B, 1, H, W) when ``cfg.lambda_crps`` or ``cfg.lambda_tail`` is on.
     x : Tensor (B, 1, H, W)
         Truth in model space.
     valid, extreme : Tensor (B, 1, H, W), bool
@@ -233,13 +372,17 @@ def compute_loss(
         Model space <-> mm/day; the mass term is always in mm/day.
     coarse_mm : Tensor (B, h, w), optional
         Coarse precipitation (mm/day) for the mass term.
+    tail_x : Tensor (1 or B, 1, H, W), optional
+        The local tail threshold ``t`` (model space) of the twCRPS term; needed when
+        ``cfg.lambda_tail > 0``.
 
     Returns
     -------
     dict of str to Tensor ()
-        ``total``, ``mae_all``, ``mae_ext``, ``kl``, ``mass``, ``beta``, with
-        ``total = lambda_base * mae_all + lambda_ext * mae_ext + beta * kl +
-        lambda_mass * mass``.
+        ``total``, ``mae_all``, ``mae_ext``, ``kl`` (nats, summed over latent units),
+        ``kl_term`` (what beta multiplies), ``mass``, ``crps``, ``tail``, ``beta``, with
+        ``total = lambda_base * mae_all + lambda_ext * mae_ext + beta * kl_term +
+        lambda_mass * mass + lambda_crps * crps + lambda_tail * tail``.
     """
     recon = out.recon
     valid = valid.bool()
@@ -254,7 +397,26 @@ def compute_loss(
     mae_all = masked_mae(pred, target, valid)
     mae_ext = extreme_mae(pred, target, extreme)
     kl = kl_divergence(out.mu_q, out.logvar_q, out.mu_p, out.logvar_p)
+    klt = kl_term(out.mu_q, out.logvar_q, out.mu_p, out.logvar_p, valid, cfg.free_bits, cfg.kl_per_pixel)
     mass = mass_loss(recon_mm, x_mm, valid, coarse_mm)
     beta = torch.tensor(beta_schedule(epoch, cfg.beta_kl, cfg.warmup_epochs), dtype=recon.dtype, device=recon.device)
-    total = cfg.lambda_base * mae_all + cfg.lambda_ext * mae_ext + beta * kl + cfg.lambda_mass * mass
-    return {"total": total, "mae_all": mae_all, "mae_ext": mae_ext, "kl": kl, "mass": mass, "beta": beta}
+    zero = recon.sum() * 0.0
+    crps, tail = zero, zero
+    if cfg.lambda_crps > 0 or cfg.lambda_tail > 0:
+        ens = out.prior_samples
+        if ens is None or ens.shape[0] < 2:
+            raise ValueError("the ensemble loss terms need >= 2 prior samples (model(..., n_prior=M))")
+        if cfg.lambda_crps > 0:
+            if cfg.crps_space in ("transformed", "both"):
+                crps = crps + masked_afcrps(ens, x, valid, cfg.crps_alpha)
+            if cfg.crps_space in ("mm", "both"):
+                ens_mm = transform.inverse(_cap_straight_through(ens, cap))
+                crps = crps + masked_afcrps(ens_mm, x_mm, valid, cfg.crps_alpha)
+        if cfg.lambda_tail > 0:
+            if tail_x is None:
+                raise ValueError("train.loss.lambda_tail > 0 needs the tail threshold map (tail_x)")
+            tail = tail_crps(ens, x, valid, tail_x, cfg.crps_alpha)
+    total = (cfg.lambda_base * mae_all + cfg.lambda_ext * mae_ext + beta * klt + cfg.lambda_mass * mass
+             + cfg.lambda_crps * crps + cfg.lambda_tail * tail)
+    return {"total": total, "mae_all": mae_all, "mae_ext": mae_ext, "kl": kl, "kl_term": klt, "mass": mass,
+            "crps": crps, "tail": tail, "beta": beta}

@@ -2,40 +2,49 @@
 
 Shapes and spaces
 -----------------
-``x``      (B, 1, H, W)  target in the transformed model space (see
-                          :class:`precip_cvae.transform.TargetTransform`), non-negative,
-                          invalid pixels hold 0.
-``valid``  (B, 1, H, W)  bool, per-pixel validity (sea / missing = False).
-``y``      (B, C, h, w)  normalised large-scale predictors on the coarse grid; ``h, w``
-                          are arbitrary (they need not be a clean factor of ``H, W``).
-``z``      (B, d_z)      latent vector.
+``x``       (B, 1, H, W)  target in the transformed model space (see
+                           :class:`precip_cvae.transform.TargetTransform`), non-negative,
+                           invalid pixels hold 0.
+``valid``   (B, 1, H, W)  bool, per-pixel validity (sea / missing = False).
+``y``       (B, C, h, w)  normalised large-scale predictors on the coarse grid; ``h, w``
+                           are arbitrary (they need not be a clean factor of ``H, W``).
+``static``  (1, S, H, W)  standardised static fields on the fine grid, fitted on the train
+                           split by the training stage and held as a buffer (so a checkpoint
+                           carries them): validity, train climatology, threshold maps,
+                           coordinates, user fields (:func:`precip_cvae.data.fit_static`).
+``z``       (B, d_z) for ``latent='vector'``; (B, latent_channels, H / 2**L, W / 2**L)
+            for ``latent='map'`` (``L = latent_level``).
 
 ``H`` and ``W`` must be multiples of ``2**depth`` (the data stage pads the grid).
 
 Architecture
 ------------
-* Condition encoder: a small conv trunk at the coarse resolution, then, for every
-  scale ``s = 0..depth`` (resolution ``H / 2**s``), a 1x1 projection resized with
-  ``F.interpolate`` (bilinear, anti-aliased when shrinking) -- the coarse/fine ratio is
-  arbitrary, so no strided layer can be assumed to line up.  Mean- and max-pooling of
-  the trunk give the global condition vector ``v_y`` (d_y); max-pooling keeps a
-  local heavy-rain signal that a mean alone would wash out.
-* Posterior ``q(z | x, y)``: strided convs over ``[x * valid, valid]`` with the
-  condition map of every scale concatenated, flattened bottleneck + ``v_y`` ->
-  ``mu_q, logvar_q``.
-* Prior ``p(z | y)``: MLP of ``v_y`` -> ``mu_p, logvar_p``; ``prior='standard'``
-  gives ``N(0, I)`` (zeros).
-* Decoder ``p(x | z, y)``: linear ``[z, v_y]`` -> a map at ``(H, W) / 2**depth``,
-  a residual block, then ``depth`` times: 1x1 channel reduction, nearest-neighbour
-  x2 upsampling, 3x3 conv over ``[h, condition map of that scale]``; a 3x3 head.
+Scales ``s = 0..depth`` have resolution ``H / 2**s``.  The condition encoder gives a
+map per scale and a global vector ``v_y`` (d_y):
 
-Channel widths per scale are ``F/2, F, 2F, ..., F * 2**(depth-1)`` (``F`` =
-``base_filters``): the full-resolution level is the costly one on CPU, so it is the
-narrowest.  The bottleneck is flattened (posterior) / produced by a linear layer
-(decoder), so a model is tied to its ``fine_shape``; the condition grid is free.
+* ``conditioning='fine'``: every predictor is interpolated (bilinear) to the fine grid
+  and stacked with the static channels; a strided conv pyramid gives the maps.  ``v_y``
+  is an MLP of the *flattened* coarse predictors (every coarse cell keeps its place)
+  plus mean/max pooling of the coarsest map.
+* ``conditioning='coarse'``: a conv trunk at the coarse resolution, 1x1 projections
+  resized to every scale; ``v_y`` from mean/max pooling (the seed's design).
 
-Normalisation is GroupNorm (batch statistics across heterogeneous days are fragile).
-``logvar`` is clamped to ``[LOGVAR_MIN, LOGVAR_MAX]``.
+Latent and prior:
+
+* ``latent='vector'``: ``q(z|x,y)`` from strided convs over ``[x * valid, valid]`` with the
+  condition maps concatenated, a flattened bottleneck + ``v_y``; ``p(z|y)`` an MLP of
+  ``v_y``; the decoder starts from a linear layer of ``[z, v_y]``.
+* ``latent='map'``: the posterior encoder stops at scale ``L`` and a 1x1 conv gives
+  per-location ``mu_q, logvar_q``; the prior is a conv net over the condition map of
+  scale ``L`` (+ ``v_y``); the decoder starts from the condition alone and takes ``z``
+  at scale ``L`` (concatenated to its features), so the local detail can differ
+  between members.
+
+``prior='standard'`` gives ``N(0, I)`` (zeros) in both cases.  Decoder: from the
+bottom, ``depth`` times a 1x1 channel reduction, nearest x2 upsampling, 3x3 conv over
+``[h, condition map of that scale]``; a 3x3 head.  Channel widths per scale are
+``F/2, F, 2F, ..., F * 2**(depth-1)`` (``F`` = ``base_filters``).  GroupNorm
+throughout; ``logvar`` is clamped to ``[LOGVAR_MIN, LOGVAR_MAX]``.
 
 Output non-negativity
 ---------------------
@@ -83,10 +92,13 @@ class CVAEOutput(NamedTuple):
     recon : Tensor (B, 1, H, W)
         Decoded from a reparameterised posterior sample; model space, >= 0,
         0 on invalid pixels.
-    mu_q, logvar_q : Tensor (B, d_z)
+    mu_q, logvar_q : Tensor (B, d_z) or (B, c_z, h_z, w_z)
         Posterior ``q(z | x, y)`` mean and log-variance.
-    mu_p, logvar_p : Tensor (B, d_z)
+    mu_p, logvar_p : Tensor, same shape
         Prior ``p(z | y)`` mean and log-variance (zeros for ``prior='standard'``).
+    prior_samples : Tensor (M, B, 1, H, W) or None
+        ``M = n_prior`` fields decoded from reparameterised prior draws (gradients flow
+        through the prior and the decoder), for the ensemble terms of the loss.
     """
 
     recon: torch.Tensor
@@ -94,6 +106,7 @@ class CVAEOutput(NamedTuple):
     logvar_q: torch.Tensor
     mu_p: torch.Tensor
     logvar_p: torch.Tensor
+    prior_samples: torch.Tensor | None = None
 
 
 class Condition(NamedTuple):
@@ -182,6 +195,11 @@ def _resize(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(a, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
+def _broadcast(v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C) -> (B, C, *size)."""
+    return v[:, :, None, None].expand(-1, -1, *size)
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -191,19 +209,25 @@ class CVAE(nn.Module):
     Parameters
     ----------
     cfg : ModelConfig
-        Sizes (``base_filters``, ``d_y``, ``d_z``, ``depth``), dropouts and prior kind.
+        Sizes (``base_filters``, ``d_y``, ``d_z``, ``depth``), dropouts, prior kind,
+        ``latent`` (map | vector), ``latent_level``, ``latent_channels`` and
+        ``conditioning`` (fine | coarse).
     n_channels : int
         Number of condition channels ``C`` in ``y``.
     fine_shape : (int, int)
         ``(H, W)`` of the target grid; both must be multiples of ``2**depth``.
     coarse_shape : (int, int)
         ``(h, w)`` of the condition grid (any size; only checked to be positive).
+    n_static : int
+        Static fine-grid channels (``conditioning='fine'`` only; set their values with
+        :meth:`set_static`, they are saved with the weights).
 
     Raises
     ------
     ValueError
         If ``fine_shape`` is not divisible by ``2**depth`` (message names the shape,
-        the depth and the required multiple) or a size is not positive.
+        the depth and the required multiple), ``latent_level`` is outside ``1..depth``
+        or a size is not positive.
     """
 
     def __init__(
@@ -212,6 +236,7 @@ class CVAE(nn.Module):
         n_channels: int,
         fine_shape: tuple[int, int],
         coarse_shape: tuple[int, int],
+        n_static: int = 0,
     ):
         super().__init__()
         depth = int(cfg.depth)
@@ -230,66 +255,105 @@ class CVAE(nn.Module):
                 f"height and width must be positive multiples of 2**depth = {multiple} "
                 f"(pad the grid, e.g. preprocess.grid_multiple: {multiple}, or lower model.depth)"
             )
+        if cfg.latent == "map" and not 1 <= int(cfg.latent_level) <= depth:
+            raise ValueError(f"model.latent_level {cfg.latent_level} must be in 1..depth ({depth})")
+        if cfg.conditioning != "fine" and n_static:
+            raise ValueError("static fine-grid channels need model.conditioning 'fine'")
 
         self.cfg = cfg
         self.n_channels = int(n_channels)
+        self.n_static = int(n_static)
         self.fine_shape = fine_shape
         self.coarse_shape = coarse_shape
         self.depth = depth
+        self.latent = cfg.latent
+        self.level = int(cfg.latent_level) if cfg.latent == "map" else depth
         self.d_z = int(cfg.d_z)
+        self.z_ch = int(cfg.latent_channels)
         self.d_y = int(cfg.d_y)
+        self.fine_condition = cfg.conditioning == "fine"
         fb = int(cfg.base_filters)
         p_enc, p_dec = float(cfg.dropout_encoder), float(cfg.dropout_decoder)
 
         # channel widths per scale s (resolution H / 2**s): F/2, F, 2F, ..., F * 2**(depth-1)
         self.widths = [max(fb // 2, 4)] + [fb * 2 ** (s - 1) for s in range(1, depth + 1)]
-        self.cond_widths = [max(4, w // 4) for w in self.widths]
+        div = 2 if self.fine_condition else 4
+        self.cond_widths = [max(4, w // div) for w in self.widths]
         self.sizes = [(fine_shape[0] >> s, fine_shape[1] >> s) for s in range(depth + 1)]
         bottom = self.widths[depth]
         hb, wb = self.sizes[depth]
-        self.latent_ch = max(8, bottom // 4)  # channels of the flattened bottleneck map
-        w, cw = self.widths, self.cond_widths
+        self.latent_ch = max(8, bottom // 4)  # channels of the decoder's first (bottom) map
+        w, cw, L = self.widths, self.cond_widths, self.level
+        self.register_buffer("static", torch.zeros(1, self.n_static, *fine_shape))
 
-        # --- condition encoder (coarse resolution) -> maps per scale + vector
-        c_trunk = fb
-        self.cond_stem = _ConvAct(n_channels, c_trunk, dropout=p_enc)
-        self.cond_block = _ResBlock(c_trunk, dropout=p_enc)
-        self.cond_proj = nn.ModuleList(nn.Conv2d(c_trunk, c, 1) for c in cw)
-        self.cond_vec = nn.Sequential(
-            nn.Linear(2 * c_trunk, self.d_y),
-            nn.SiLU(),
-            nn.Dropout(p_enc) if p_enc > 0 else nn.Identity(),
-        )
-
-        # --- posterior encoder q(z | x, y): the condition map of scale s is concatenated
-        # to the input of the strided conv that leaves scale s (and of the 1x1 reduction
-        # at the bottom), so every scale is injected once.
-        self.enc_stem = _ConvAct(2, w[0])
-        self.enc_down = nn.ModuleList(
-            _ConvAct(w[s - 1] + cw[s - 1], w[s], stride=2, dropout=p_enc) for s in range(1, depth + 1)
-        )
-        self.enc_reduce = nn.Conv2d(bottom + cw[depth], self.latent_ch, 1)
-        self.enc_head = nn.Linear(self.latent_ch * hb * wb + self.d_y, 2 * self.d_z)
-
-        # --- prior p(z | y)
-        if cfg.prior == "learned":
-            self.prior_net = nn.Sequential(
+        # --- condition encoder -> maps per scale + vector
+        if self.fine_condition:
+            c_in = n_channels + self.n_static
+            self.cond_stem = _ConvAct(c_in, cw[0], dropout=p_enc)
+            self.cond_down = nn.ModuleList(
+                _ConvAct(cw[s - 1], cw[s], stride=2, dropout=p_enc) for s in range(1, depth + 1)
+            )
+            self.cond_vec = nn.Sequential(
+                nn.Linear(n_channels * coarse_shape[0] * coarse_shape[1] + 2 * cw[depth], self.d_y),
+                nn.SiLU(),
+                nn.Dropout(p_enc) if p_enc > 0 else nn.Identity(),
                 nn.Linear(self.d_y, self.d_y),
                 nn.SiLU(),
-                nn.Linear(self.d_y, 2 * self.d_z),
             )
         else:
-            self.prior_net = None
+            c_trunk = fb
+            self.cond_stem = _ConvAct(n_channels, c_trunk, dropout=p_enc)
+            self.cond_block = _ResBlock(c_trunk, dropout=p_enc)
+            self.cond_proj = nn.ModuleList(nn.Conv2d(c_trunk, c, 1) for c in cw)
+            self.cond_vec = nn.Sequential(
+                nn.Linear(2 * c_trunk, self.d_y),
+                nn.SiLU(),
+                nn.Dropout(p_enc) if p_enc > 0 else nn.Identity(),
+            )
+
+        # --- posterior encoder q(z | x, y): the condition map of scale s is concatenated
+        # to the input of the strided conv that leaves scale s, so every scale is injected once.
+        self.enc_stem = _ConvAct(2, w[0])
+        self.enc_down = nn.ModuleList(
+            _ConvAct(w[s - 1] + cw[s - 1], w[s], stride=2, dropout=p_enc) for s in range(1, L + 1)
+        )
+        if self.latent == "map":
+            self.enc_head = nn.Sequential(
+                _ConvAct(w[L] + cw[L], w[L]),
+                nn.Conv2d(w[L], 2 * self.z_ch, 1),
+            )
+        else:
+            self.enc_reduce = nn.Conv2d(bottom + cw[depth], self.latent_ch, 1)
+            self.enc_head = nn.Linear(self.latent_ch * hb * wb + self.d_y, 2 * self.d_z)
+
+        # --- prior p(z | y)
+        self.prior_net = None
+        if cfg.prior == "learned":
+            if self.latent == "map":
+                self.prior_net = nn.Sequential(
+                    _ConvAct(cw[L] + self.d_y, w[L]),
+                    nn.Conv2d(w[L], 2 * self.z_ch, 1),
+                )
+            else:
+                self.prior_net = nn.Sequential(
+                    nn.Linear(self.d_y, self.d_y),
+                    nn.SiLU(),
+                    nn.Linear(self.d_y, 2 * self.d_z),
+                )
 
         # --- decoder p(x | z, y)
-        self.dec_in = nn.Linear(self.d_z + self.d_y, self.latent_ch * hb * wb)
-        self.dec_bottom = _ConvAct(self.latent_ch + cw[depth], bottom, dropout=p_dec)
+        if self.latent == "map":
+            self.dec_in = nn.Linear(self.d_y, self.latent_ch)  # broadcast over the bottom map
+        else:
+            self.dec_in = nn.Linear(self.d_z + self.d_y, self.latent_ch * hb * wb)
+        z_at = lambda s: self.z_ch if (self.latent == "map" and s == L) else 0  # noqa: E731
+        self.dec_bottom = _ConvAct(self.latent_ch + cw[depth] + z_at(depth), bottom, dropout=p_dec)
         self.dec_bottom_res = _ResBlock(bottom, dropout=p_dec)
         # scale s -> s-1: 1x1 channel reduction at scale s (cheap), nearest x2 upsampling,
-        # then a 3x3 conv over [h, condition map of scale s-1]
+        # then a 3x3 conv over [h, condition map of scale s-1 (, z at the latent level)]
         self.dec_reduce = nn.ModuleList(nn.Conv2d(w[s], w[s - 1], 1) for s in range(1, depth + 1))
         self.dec_up = nn.ModuleList(
-            _ConvAct(w[s - 1] + cw[s - 1], w[s - 1], dropout=p_dec) for s in range(1, depth + 1)
+            _ConvAct(w[s - 1] + cw[s - 1] + z_at(s - 1), w[s - 1], dropout=p_dec) for s in range(1, depth + 1)
         )
         self.dec_head = nn.Conv2d(w[0], 1, 3, padding=1)
         with torch.no_grad():
@@ -298,9 +362,26 @@ class CVAE(nn.Module):
 
     # ------------------------------------------------------------------ building blocks
 
+    def set_static(self, static: torch.Tensor) -> None:
+        """Set the static channels (S, H, W) or (1, S, H, W); finite values only."""
+        static = torch.as_tensor(static, dtype=self.static.dtype).reshape(self.static.shape)
+        if not bool(torch.isfinite(static).all()):
+            raise ValueError("static channels must be finite (fill invalid pixels before)")
+        with torch.no_grad():
+            self.static.copy_(static.to(self.static.device))
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's ``z``: (d_z,) or (latent_channels, H / 2**L, W / 2**L)."""
+        if self.latent == "map":
+            return (self.z_ch, *self.sizes[self.level])
+        return (self.d_z,)
+
     def _check_inputs(self, y: torch.Tensor, valid: torch.Tensor | None, x: torch.Tensor | None = None):
         if y.ndim != 4 or y.shape[1] != self.n_channels:
             raise ValueError(f"y must be (B, {self.n_channels}, h, w), got {tuple(y.shape)}")
+        if self.fine_condition and tuple(y.shape[-2:]) != self.coarse_shape:
+            raise ValueError(f"y must be on the {self.coarse_shape} grid the model was built for, got "
+                             f"{tuple(y.shape[-2:])}")
         H, W = self.fine_shape
         for name, t in (("x", x), ("valid", valid)):
             if t is None:
@@ -312,51 +393,83 @@ class CVAE(nn.Module):
 
     def encode_condition(self, y: torch.Tensor) -> Condition:
         """Encode ``y`` (B, C, h, w) into per-scale maps and the vector ``v_y`` (B, d_y)."""
+        if self.fine_condition:
+            inp = F.interpolate(y, size=self.fine_shape, mode="bilinear", align_corners=False)  # (B, C, H, W)
+            if self.n_static:
+                inp = torch.cat([inp, self.static.expand(y.shape[0], -1, -1, -1).to(y.dtype)], dim=1)
+            h = self.cond_stem(inp)  # (B, c_0, H, W)
+            maps = [h]
+            for down in self.cond_down:
+                h = down(h)  # (B, c_s, H/2**s, W/2**s)
+                maps.append(h)
+            pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # (B, 2 c_D)
+            return Condition(tuple(maps), self.cond_vec(torch.cat([y.flatten(1), pooled], dim=1)))
         t = self.cond_block(self.cond_stem(y))  # (B, F, h, w)
         maps = tuple(_resize(proj(t), size) for proj, size in zip(self.cond_proj, self.sizes))
         pooled = torch.cat([t.mean(dim=(2, 3)), t.amax(dim=(2, 3))], dim=1)  # (B, 2F)
         return Condition(maps, self.cond_vec(pooled))  # maps[s]: (B, c_s, H/2**s, W/2**s)
 
     def posterior(self, x: torch.Tensor, valid: torch.Tensor, cond: Condition):
-        """``mu_q, logvar_q`` (B, d_z) of ``q(z | x, y)``."""
+        """``mu_q, logvar_q`` of ``q(z | x, y)``: (B, d_z) or (B, c_z, h_z, w_z)."""
         v = valid.to(x.dtype)  # (B, 1, H, W)
         h = self.enc_stem(torch.cat([x * v, v], dim=1))  # (B, w_0, H, W)
-        for s in range(1, self.depth + 1):
+        for s in range(1, self.level + 1):
             h = self.enc_down[s - 1](torch.cat([h, cond.maps[s - 1]], dim=1))  # (B, w_s, H/2**s, W/2**s)
-        h = self.enc_reduce(torch.cat([h, cond.maps[self.depth]], dim=1))  # (B, latent_ch, hb, wb)
-        h = h.flatten(1)  # (B, latent_ch * hb * wb)
-        stats = self.enc_head(torch.cat([h, cond.vector], dim=1))  # (B, 2 d_z)
+        if self.latent == "map":
+            stats = self.enc_head(torch.cat([h, cond.maps[self.level]], dim=1))  # (B, 2 c_z, h_z, w_z)
+        else:
+            h = self.enc_reduce(torch.cat([h, cond.maps[self.depth]], dim=1))  # (B, latent_ch, hb, wb)
+            stats = self.enc_head(torch.cat([h.flatten(1), cond.vector], dim=1))  # (B, 2 d_z)
         mu, logvar = stats.chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def prior(self, cond: Condition):
-        """``mu_p, logvar_p`` (B, d_z) of ``p(z | y)``; zeros for the standard prior."""
+        """``mu_p, logvar_p`` of ``p(z | y)`` (shape of the posterior's); zeros for the standard prior."""
         v = cond.vector  # (B, d_y)
         if self.prior_net is None:
-            zeros = v.new_zeros(v.shape[0], self.d_z)
+            zeros = v.new_zeros(v.shape[0], *self.latent_shape())
             return zeros, zeros.clone()
-        mu, logvar = self.prior_net(v).chunk(2, dim=1)
+        if self.latent == "map":
+            size = self.sizes[self.level]
+            stats = self.prior_net(torch.cat([cond.maps[self.level], _broadcast(v, size)], dim=1))
+        else:
+            stats = self.prior_net(v)
+        mu, logvar = stats.chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def decode(self, z: torch.Tensor, cond: Condition, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Decode ``z`` (B, d_z) to a field (B, 1, H, W) >= 0, 0 where ``valid`` is False."""
+        """Decode ``z`` to a field (B, 1, H, W) >= 0, 0 where ``valid`` is False."""
         hb, wb = self.sizes[self.depth]
-        h = self.dec_in(torch.cat([z, cond.vector], dim=1))  # (B, latent_ch * hb * wb)
-        h = F.silu(h).view(z.shape[0], self.latent_ch, hb, wb)
-        h = self.dec_bottom(torch.cat([h, cond.maps[self.depth]], dim=1))  # (B, w_D, hb, wb)
-        h = self.dec_bottom_res(h)
+        B = z.shape[0]
+        if self.latent == "map":
+            base = _broadcast(F.silu(self.dec_in(cond.vector)), (hb, wb))  # (B, latent_ch, hb, wb)
+        else:
+            base = F.silu(self.dec_in(torch.cat([z, cond.vector], dim=1))).view(B, self.latent_ch, hb, wb)
+        parts = [base, cond.maps[self.depth]]
+        if self.latent == "map" and self.level == self.depth:
+            parts.append(z)
+        h = self.dec_bottom_res(self.dec_bottom(torch.cat(parts, dim=1)))  # (B, w_D, hb, wb)
         for s in range(self.depth, 0, -1):
             h = self.dec_reduce[s - 1](h)  # (B, w_{s-1}, H/2**s, W/2**s)
             h = F.interpolate(h, scale_factor=2.0, mode="nearest")  # (B, w_{s-1}, H/2**(s-1), W/2**(s-1))
-            h = self.dec_up[s - 1](torch.cat([h, cond.maps[s - 1]], dim=1))
+            parts = [h, cond.maps[s - 1]]
+            if self.latent == "map" and self.level == s - 1:
+                parts.append(z)
+            h = self.dec_up[s - 1](torch.cat(parts, dim=1))
         out = relu_leaky_grad(self.dec_head(h))  # (B, 1, H, W)
         if valid is not None:
             out = out * valid.to(out.dtype)
         return out
 
+    def _prior_draws(self, mu_p, logvar_p, n: int, z_scale: float = 1.0, generator=None) -> torch.Tensor:
+        """(n, B, *latent_shape) draws ``mu_p + z_scale * sigma_p * eps``."""
+        eps_device = generator.device if generator is not None else mu_p.device
+        eps = torch.randn((n, *mu_p.shape), generator=generator, device=eps_device, dtype=mu_p.dtype).to(mu_p.device)
+        return mu_p + z_scale * torch.exp(0.5 * logvar_p) * eps
+
     # ------------------------------------------------------------------ public API
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> CVAEOutput:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, n_prior: int = 0) -> CVAEOutput:
         """Encode, sample ``z ~ q(z | x, y)`` (reparameterised) and decode.
 
         Parameters
@@ -367,6 +480,8 @@ class CVAE(nn.Module):
             Normalised condition.
         valid : Tensor (B, 1, H, W), bool
             Pixel validity.
+        n_prior : int
+            Also decode this many reparameterised draws from the prior (0: none).
 
         Returns
         -------
@@ -376,9 +491,18 @@ class CVAE(nn.Module):
         cond = self.encode_condition(y)
         mu_q, logvar_q = self.posterior(x, valid, cond)
         mu_p, logvar_p = self.prior(cond)
-        z = mu_q + torch.exp(0.5 * logvar_q) * torch.randn_like(mu_q)  # (B, d_z)
+        z = mu_q + torch.exp(0.5 * logvar_q) * torch.randn_like(mu_q)
         recon = self.decode(z, cond, valid)
-        return CVAEOutput(recon, mu_q, logvar_q, mu_p, logvar_p)
+        prior_samples = None
+        if n_prior > 0:
+            zp = self._prior_draws(mu_p, logvar_p, n_prior)  # (M, B, *latent_shape)
+            B = x.shape[0]
+            # one decoder pass over M * B: the condition repeated member-major
+            rep = Condition(tuple(m.repeat(n_prior, *([1] * (m.ndim - 1))) for m in cond.maps),
+                            cond.vector.repeat(n_prior, 1))
+            dec = self.decode(zp.reshape(n_prior * B, *zp.shape[2:]), rep, valid.repeat(n_prior, 1, 1, 1))
+            prior_samples = dec.view(n_prior, B, *dec.shape[1:])  # (M, B, 1, H, W)
+        return CVAEOutput(recon, mu_q, logvar_q, mu_p, logvar_p, prior_samples)
 
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Decode the posterior mean: (B, 1, H, W) in model space."""
@@ -426,13 +550,9 @@ class CVAE(nn.Module):
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         self._check_inputs(y, valid)
         cond = self.encode_condition(y)
-        mu_p, logvar_p = self.prior(cond)  # (B, d_z)
-        sigma_p = torch.exp(0.5 * logvar_p)
-        eps_device = generator.device if generator is not None else mu_p.device
-        eps = torch.randn(
-            (n_samples, *mu_p.shape), generator=generator, device=eps_device, dtype=mu_p.dtype
-        ).to(mu_p.device)  # (n_samples, B, d_z)
-        out = [self.decode(mu_p + z_scale * sigma_p * eps[i], cond, valid) for i in range(n_samples)]
+        mu_p, logvar_p = self.prior(cond)
+        z = self._prior_draws(mu_p, logvar_p, n_samples, z_scale, generator)  # (n_samples, B, *latent_shape)
+        out = [self.decode(z[i], cond, valid) for i in range(n_samples)]
         return torch.stack(out, dim=0)  # (n_samples, B, 1, H, W)
 
 
@@ -449,8 +569,9 @@ def parameter_count(
     n_channels: int,
     fine_shape: tuple[int, int],
     coarse_shape: tuple[int, int],
+    n_static: int = 0,
 ) -> int:
     """Parameters of ``CVAE(cfg, ...)``, built on the meta device (no memory used)."""
     with torch.device("meta"):
-        model = CVAE(cfg, n_channels, fine_shape, coarse_shape)
+        model = CVAE(cfg, n_channels, fine_shape, coarse_shape, n_static)
     return count_parameters(model)

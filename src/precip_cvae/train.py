@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, metrics
+from .conditioning import fit_static
 from .config import ModelConfig, TrainConfig, config_hash
 from .data import FieldData, augment, check_augmentations, epoch_indices, load_fields, make_batch
 from .io import InputError, atomic_path
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 LOG_COLUMNS = [
     "epoch", "beta", "lr", "warmup_done",
-    "train_loss", "train_mae_all", "train_mae_ext", "train_kl", "train_mass",
+    "train_loss", "train_mae_all", "train_mae_ext", "train_kl", "train_mass", "train_crps", "train_tail",
     "val_MAE_all", "val_MAE_tail", "val_RMSE_ext", "val_corr", "val_freq_ratio",
     "val_CRPS", "val_twCRPS", "val_L_rec", "val_KL", "val_post_MAE_all",
     "is_best", "epoch_seconds", "samples_per_s",
@@ -249,9 +250,10 @@ def train_step(model: CVAE, opt, batch, cfg: TrainConfig, epoch: int, transform,
     """One optimisation step on ``batch``; returns the loss components, or None if the loss is not finite
     (then no update is made; under DDP every rank agrees before any backward pass)."""
     with autocast:
-        out = model(batch.x, batch.y, batch.valid)
-    out = type(out)(*(t.float() for t in out))
-    losses = compute_loss(out, batch.x, batch.valid, batch.extreme, cfg.loss, epoch, transform, batch.coarse_mm)
+        out = model(batch.x, batch.y, batch.valid, n_prior=cfg.loss.n_prior)
+    out = type(out)(*(None if t is None else t.float() for t in out))
+    losses = compute_loss(out, batch.x, batch.valid, batch.extreme, cfg.loss, epoch, transform, batch.coarse_mm,
+                          batch.tail_x)
     total = losses["total"]
     finite = bool(torch.isfinite(total))
     if dist is not None:
@@ -412,12 +414,24 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
     fine_shape = tuple(train.x.shape[-2:])
     coarse_shape = tuple(train.y.shape[-2:])
     n_channels = train.y.shape[1]
+    fine = model_cfg.conditioning == "fine"
+    if fine and any(a in ("flip", "rot90") for a in cfg.augment):
+        raise InputError(f"train.augment {list(cfg.augment)}: flip/rot90 would move the fields against the static "
+                         "fine-grid channels (model.conditioning 'fine'); drop them or use conditioning 'coarse'")
+    thr_attrs = data.thr_attrs or {}
+    static = fit_static(data, cfg.loss.tail_percentile, float(thr_attrs.get("wet_threshold_mm_day", 1.0)),
+                        int(thr_attrs.get("min_wet_days", 30)))
+    static_names = list(static.names) if fine else []
+    log.info("tail threshold (twCRPS): local P%g of wet train days; static channels %s", cfg.loss.tail_percentile,
+             static_names or "none (conditioning 'coarse')")
 
     torch.manual_seed(cfg.seed)
     try:
-        model = CVAE(model_cfg, n_channels, fine_shape, coarse_shape).to(device)
+        model = CVAE(model_cfg, n_channels, fine_shape, coarse_shape, n_static=len(static_names)).to(device)
     except ValueError as exc:  # e.g. a grid the model's depth cannot halve: name the data set
         raise InputError(f"{paths.dataset}: {exc}") from exc
+    if fine:
+        model.set_static(static.values)
     net = model  # what the training step calls: the DDP wrapper under DDP
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -458,7 +472,8 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
 
     meta = {
         "model_config": dataclasses.asdict(model_cfg),
-        "model_args": {"n_channels": n_channels, "fine_shape": list(fine_shape), "coarse_shape": list(coarse_shape)},
+        "model_args": {"n_channels": n_channels, "fine_shape": list(fine_shape), "coarse_shape": list(coarse_shape),
+                       "n_static": len(static_names)},
         "train_config": dataclasses.asdict(cfg),
         "config_hash": chash,
         "experiment": experiment,
@@ -472,6 +487,8 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
             "dataset": str(paths.dataset),
             "thresholds": str(paths.thresholds),
             "thresholds_sha256": thresholds_sha,
+            "static_channels": static_names,
+            "tail_percentile": float(cfg.loss.tail_percentile),
         },
     }
 
@@ -492,6 +509,7 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
     if dist.main:
         _write_log(history, paths.log_csv)
     thr_x = train.thr_x.to(device)
+    tail_x = static.tail_x.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     n_train = len(train)
     epoch = start_epoch - 1
@@ -501,7 +519,7 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
             net.train()
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             order = epoch_indices(train.is_event, cfg.oversample_heavy, g)
-            sums = {"total": 0.0, "mae_all": 0.0, "mae_ext": 0.0, "kl": 0.0, "mass": 0.0}
+            sums = {"total": 0.0, "mae_all": 0.0, "mae_ext": 0.0, "kl": 0.0, "mass": 0.0, "crps": 0.0, "tail": 0.0}
             beta = beta_schedule(epoch, cfg.loss.beta_kl, cfg.loss.warmup_epochs)
             n_steps = 0
             for step, start in enumerate(range(0, n_train, cfg.batch_size)):
@@ -512,7 +530,7 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
                         f"{epoch - 1} is in {paths.resume}; rerun to resume",
                     )
                 index = order[start : start + cfg.batch_size][dist.rank :: dist.world]  # this rank's share
-                batch = make_batch(train, index, thr_x, device)
+                batch = make_batch(train, index, thr_x, device, tail_x)
                 batch = augment(batch, cfg.augment, g, cfg)
                 losses = train_step(net, opt, batch, cfg, epoch, train.transform, autocast,
                                     dist if dist.world > 1 else None)
@@ -547,7 +565,8 @@ def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: i
                 "epoch": epoch, "beta": beta, "lr": lr, "warmup_done": warmup_finished(epoch, cfg.loss.warmup_epochs),
                 "train_loss": sums["total"] / n_steps, "train_mae_all": sums["mae_all"] / n_steps,
                 "train_mae_ext": sums["mae_ext"] / n_steps, "train_kl": sums["kl"] / n_steps,
-                "train_mass": sums["mass"] / n_steps, **scores, "is_best": is_best,
+                "train_mass": sums["mass"] / n_steps, "train_crps": sums["crps"] / n_steps,
+                "train_tail": sums["tail"] / n_steps, **scores, "is_best": is_best,
                 "epoch_seconds": seconds, "samples_per_s": n_train / train_seconds,
             }
             history.append({k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()})

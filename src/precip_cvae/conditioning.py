@@ -1,0 +1,119 @@
+"""Static fine-grid channels of the condition, fitted on the train split only.
+
+The model's fine-grid condition (``model.conditioning: fine``) stacks the predictors,
+interpolated to the target grid, with these static channels; the training stage fits
+them once and stores them in the model (a buffer, so every checkpoint carries them
+and evaluation or generation never refit them on other days):
+
+========================  =============================================================
+``valid_fraction``        share of train days on which the pixel is valid
+``clim_x``                train mean of the transformed target (model space)
+``wet_frequency``         share of train days with ``pr >= wet_threshold``
+``threshold_x``           the heavy-event threshold map of ``detect_events`` (model space)
+``tail_x``                the local wet-day percentile ``train.loss.tail_percentile``
+                          of the train split (model space; the twCRPS term's ``t``)
+``lat``, ``lon``          grid coordinates scaled to [-1, 1]
+``static_<name>``         user fields of ``data.static`` (orography, land fraction, ...)
+========================  =============================================================
+
+Each channel is standardised over the pixels valid on any train day (mean 0, std 1;
+a constant channel becomes 0); pixels without data are 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .config import EventsConfig
+from .data import FieldData
+from .events import wet_day_thresholds
+
+__all__ = ["StaticFields", "fit_static", "tail_threshold", "STATIC_BASE_CHANNELS"]
+
+STATIC_BASE_CHANNELS = ("valid_fraction", "clim_x", "wet_frequency", "threshold_x", "tail_x", "lat", "lon")
+
+
+@dataclass(frozen=True)
+class StaticFields:
+    """Static channels (S, H, W), standardised, and the raw tail threshold (1, 1, H, W) in model space."""
+
+    values: torch.Tensor
+    names: tuple[str, ...]
+    tail_x: torch.Tensor
+
+
+def _scaled_coord(values, n: int) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64) if values is not None else np.arange(n, dtype=np.float64)
+    lo, hi = float(np.min(v)), float(np.max(v))
+    return np.zeros(n) if hi == lo else 2.0 * (v - lo) / (hi - lo) - 1.0
+
+
+def tail_threshold(train: FieldData, percentile: float, wet_threshold: float = 1.0,
+                   min_wet_days: int = 30) -> torch.Tensor:
+    """The local wet-day ``percentile`` of the train days, (1, 1, H, W) in model space.
+
+    Pixels with fewer than ``min_wet_days`` wet days take the pooled value
+    (:func:`precip_cvae.events.wet_day_thresholds`); +inf where the pixel has no data.
+    """
+    pr = train.pr_mm[:, 0].cpu().numpy()  # (T, H, W) mm/day, NaN invalid
+    mask = xr.DataArray(np.isfinite(pr).any(axis=0).astype("int8"), dims=("lat", "lon"))
+    ecfg = EventsConfig(percentile=float(percentile), wet_threshold=float(wet_threshold),
+                        min_wet_days=int(min_wet_days))
+    thr = wet_day_thresholds(xr.DataArray(pr, dims=("time", "lat", "lon")), mask, ecfg).values  # (H, W)
+    t = torch.from_numpy(np.asarray(thr, dtype=np.float32))[None, None]
+    tx = train.transform.forward(torch.nan_to_num(t, nan=0.0))
+    return torch.where(torch.isfinite(t), tx, torch.full_like(tx, float("inf")))
+
+
+def _standardise(a: np.ndarray, region: np.ndarray) -> np.ndarray:
+    a = np.where(region & np.isfinite(a), a, np.nan)
+    if not np.isfinite(a).any():
+        return np.zeros_like(a)
+    mean, std = np.nanmean(a), np.nanstd(a)
+    out = (a - mean) / std if std > 0 else a - mean
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def fit_static(data: FieldData, tail_percentile: float = 90.0, wet_threshold: float = 1.0,
+               min_wet_days: int = 30) -> StaticFields:
+    """Fit the static channels on the train days of ``data`` (other splits are never read).
+
+    Parameters
+    ----------
+    data : FieldData
+        The data set (any splits; only ``split == 'train'`` days are used).
+    tail_percentile, wet_threshold, min_wet_days
+        The ``tail_x`` channel's local wet-day percentile and its fallback.
+
+    Returns
+    -------
+    StaticFields
+    """
+    train = data.select("train")
+    x = train.x[:, 0].double().cpu().numpy()  # (T, H, W) model space, 0 invalid
+    valid = train.valid[:, 0].cpu().numpy()  # (T, H, W)
+    pr = train.pr_mm[:, 0].double().cpu().numpy()
+    n_valid = valid.sum(axis=0)
+    region = n_valid > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        valid_fraction = n_valid / max(valid.shape[0], 1)
+        clim = np.where(region, (x * valid).sum(axis=0) / np.maximum(n_valid, 1), np.nan)
+        wet = np.where(region, (np.nan_to_num(pr, nan=0.0) >= wet_threshold).sum(axis=0) / np.maximum(n_valid, 1),
+                       np.nan)
+    thr_x = train.thr_x[0, 0].double().cpu().numpy()
+    tail_x = tail_threshold(train, tail_percentile, wet_threshold, min_wet_days)
+    H, W = x.shape[-2:]
+    lat = np.broadcast_to(_scaled_coord(data.lat, H)[:, None], (H, W))
+    lon = np.broadcast_to(_scaled_coord(data.lon, W)[None, :], (H, W))
+    channels = [valid_fraction, clim, wet, thr_x, tail_x[0, 0].double().numpy(), lat, lon]
+    names = list(STATIC_BASE_CHANNELS)
+    if data.static is not None:
+        for name, field in zip(data.static_names, data.static.double().cpu().numpy()):
+            channels.append(field)
+            names.append(f"static_{name}")
+    values = np.stack([_standardise(np.asarray(c, dtype=np.float64), region) for c in channels])
+    return StaticFields(torch.from_numpy(values.astype(np.float32)), tuple(names), tail_x)
