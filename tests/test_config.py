@@ -129,3 +129,30 @@ def test_generated_experiments_select_by_name_or_setting():
     assert C.generated_experiments(pick) == ["default_seed1", "ext0_seed0", "ext0_seed1"]
     with pytest.raises(C.ConfigError, match="generate.experiments: unknown experiment 'ext9'"):
         C.generated_experiments({**cfg, "generate": {"experiments": ["ext9"]}})
+
+
+SEED_NUMBERS = {"epochs": 100, "lr": 1e-4, "patience": 25, "early_stopping_metric": "MAE_all"}
+SEED_LOSS = {"lambda_base": 1.0, "lambda_ext": 5.0, "beta_kl": 0.01, "lambda_mass": 0.01, "warmup_epochs": 15,
+             "lambda_crps": 0.0, "lambda_tail": 0.0, "kl_per_pixel": False, "free_bits": 0.0}
+
+
+def test_seed_preset_resolves_to_exactly_the_seeds_numbers():
+    # as the workflow builds it: the schema's defaults (null for preset keys), then train.preset: seed
+    section = _defaults(_section("train"))
+    section["loss"] = _defaults(_section("train", "loss"))
+    section["preset"] = "seed"
+    cfg = C.TrainConfig.from_dict(section)
+    assert {k: getattr(cfg, k) for k in SEED_NUMBERS} == SEED_NUMBERS
+    assert {k: getattr(cfg.loss, k) for k in SEED_LOSS} == SEED_LOSS
+    assert cfg.loss.n_prior == 0  # the seed decodes no prior ensemble in training
+    # a key written out wins over the preset; the default preset is the measured one
+    assert C.TrainConfig.from_dict({"preset": "seed", "loss": {"lambda_ext": 0.25}}).loss.lambda_ext == 0.25
+    default = C.TrainConfig.from_dict({})
+    assert default.loss.lambda_crps > 0 and default.loss.lambda_ext == 0 and default.loss.kl_per_pixel
+    assert default.early_stopping_metric == "CRPS"
+    with pytest.raises(C.ConfigError, match=r"unknown train preset 'paper'; valid names are \['default', 'seed'\]"):
+        C.TrainConfig.from_dict({"preset": "paper"})
+    with pytest.raises(C.ConfigError, match="set train.preset instead"):
+        C.TrainConfig.from_dict({"loss": {"preset": "seed"}})
+    with pytest.raises(C.ConfigError, match="resolved with preset 'default' but train.preset is 'seed'"):
+        C.TrainConfig(preset="seed", loss=C.LossConfig())

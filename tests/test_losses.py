@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import numpy as np
 
 import pytest
 import torch
 
 from precip_cvae.config import LossConfig
 from precip_cvae.losses import (
+    afcrps,
+    kl_term,
+    masked_afcrps,
+    tail_crps,
     MM_CAP,
     beta_schedule,
     compute_loss,
@@ -192,10 +197,12 @@ def _fake_batch(seed=0):
 @pytest.mark.parametrize("space", ["transformed", "mm"])
 def test_compute_loss_total_is_the_weighted_sum(space):
     out, x, valid, extreme, coarse = _fake_batch()
-    cfg = LossConfig(lambda_base=1.5, lambda_ext=5.0, beta_kl=0.3, lambda_mass=0.2, warmup_epochs=15, space=space)
+    cfg = LossConfig(preset="seed", lambda_base=1.5, lambda_ext=5.0, beta_kl=0.3, lambda_mass=0.2, warmup_epochs=15,
+                     space=space)
     tf = TargetTransform("log1p", 0.8)
     parts = compute_loss(out, x, valid, extreme, cfg, epoch=5, transform=tf, coarse_mm=coarse)
-    assert set(parts) == {"total", "mae_all", "mae_ext", "kl", "mass", "beta"}
+    assert set(parts) == {"total", "mae_all", "mae_ext", "kl", "kl_term", "mass", "crps", "tail", "beta"}
+    assert parts["kl_term"].item() == parts["kl"].item() and parts["crps"].item() == parts["tail"].item() == 0
     assert parts["beta"].item() == pytest.approx(0.1)
     expected = (
         1.5 * parts["mae_all"] + 5.0 * parts["mae_ext"] + 0.1 * parts["kl"] + 0.2 * parts["mass"]
@@ -218,8 +225,8 @@ def test_compute_loss_total_is_the_weighted_sum(space):
 def test_compute_loss_spaces_differ_and_mass_is_in_mm():
     out, x, valid, extreme, _ = _fake_batch(1)
     tf = TargetTransform("log1p", 1.0)
-    a = compute_loss(out, x, valid, extreme, LossConfig(space="transformed"), 20, tf)
-    b = compute_loss(out, x, valid, extreme, LossConfig(space="mm"), 20, tf)
+    a = compute_loss(out, x, valid, extreme, LossConfig(preset="seed", space="transformed"), 20, tf)
+    b = compute_loss(out, x, valid, extreme, LossConfig(preset="seed", space="mm"), 20, tf)
     assert a["mae_all"].item() != pytest.approx(b["mae_all"].item(), rel=1e-3)
     assert a["mass"].item() == pytest.approx(b["mass"].item())
     assert a["beta"].item() == pytest.approx(0.01)
@@ -230,9 +237,130 @@ def test_compute_loss_stays_finite_for_a_huge_untrained_output():
     recon = torch.full_like(out.recon, 500.0).requires_grad_()  # expm1(500) overflows float32
     out = out._replace(recon=recon)
     tf = TargetTransform("log1p", 1.0)
-    parts = compute_loss(out, x, valid, extreme, LossConfig(space="mm"), 20, tf)
+    parts = compute_loss(out, x, valid, extreme, LossConfig(preset="seed", space="mm"), 20, tf)
     assert all(torch.isfinite(v) for v in parts.values())
     assert parts["mae_all"].item() == pytest.approx(MM_CAP, rel=1e-3)
     parts["total"].backward()
     g = recon.grad[valid]
     assert torch.isfinite(g).all() and (g > 0).all()  # still pushed down
+
+
+# ----------------------------------------------------------------------------- ensemble terms
+
+
+def test_afcrps_equals_a_hand_computation_on_three_members():
+    # one point, members 1, 2, 4, truth 3; M = 3, alpha 0.95 -> eps = 0.05 / 3
+    members = torch.tensor([1.0, 2.0, 4.0]).view(3, 1)
+    y = torch.tensor([3.0])
+    skill = (2 + 1 + 1) / 3  # mean |x_i - y|
+    pairs = 2 * (1 + 3 + 2)  # sum over i != j of |x_i - x_j|
+    eps = 0.05 / 3
+    expected = skill - (1 - eps) / (2 * 3 * 2) * pairs
+    assert afcrps(members, y, alpha=0.95).item() == pytest.approx(expected, rel=1e-6)
+    # alpha 0: the plain ensemble CRPS, mean |x - y| - 1/(2 M^2) sum |x_i - x_j|
+    assert afcrps(members, y, alpha=0.0).item() == pytest.approx(skill - pairs / 18, rel=1e-6)
+
+
+def test_afcrps_at_alpha_one_is_scoringrules_fair_crps():
+    scoringrules = pytest.importorskip("scoringrules")
+    g = torch.Generator().manual_seed(0)
+    members = torch.rand(5, 3, 4, generator=g, dtype=torch.float64) * 3
+    y = torch.rand(3, 4, generator=g, dtype=torch.float64) * 3
+    ours = afcrps(members, y, alpha=1.0).numpy()
+    ref = scoringrules.crps_ensemble(y.numpy(), np.moveaxis(members.numpy(), 0, -1), estimator="fair")
+    np.testing.assert_allclose(ours, ref, rtol=1e-10)
+
+
+def test_afcrps_gradient_reaches_every_member():
+    g = torch.Generator().manual_seed(1)
+    members = (torch.rand(4, 2, 1, 3, 3, generator=g)).requires_grad_()
+    y = torch.rand(2, 1, 3, 3, generator=g)
+    valid = torch.ones(2, 1, 3, 3, dtype=torch.bool)
+    valid[0, 0, 0, 0] = False
+    masked_afcrps(members, y, valid).backward()
+    per_member = members.grad.abs().flatten(1).sum(dim=1)
+    assert (per_member > 0).all()
+    assert (members.grad[:, 0, 0, 0, 0] == 0).all()  # an invalid pixel gets no gradient
+
+
+def test_masked_afcrps_ignores_nan_outside_the_mask_and_weighs_samples_equally():
+    members = torch.zeros(2, 2, 1, 1, 4)
+    y = torch.zeros(2, 1, 1, 4)
+    y[0, ..., 0] = 4.0  # sample 0: one pixel off by 4 (CRPS 4 at alpha 1), over 1 valid pixel
+    y[1, ..., 1:] = float("nan")
+    valid = torch.tensor([[True, False, False, False], [True, False, False, False]]).view(2, 1, 1, 4)
+    y[1, ..., 0] = 2.0  # sample 1: off by 2 at its only valid pixel
+    out = masked_afcrps(members, y, valid, alpha=1.0)
+    assert out.item() == pytest.approx((4.0 + 2.0) / 2)
+
+
+def test_tail_term_is_zero_below_the_threshold_and_positive_above():
+    t = torch.full((1, 1, 2, 2), 1.0)
+    valid = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    members = torch.rand(3, 1, 1, 2, 2) * 0.9  # all below t = 1
+    y = torch.rand(1, 1, 2, 2) * 0.9
+    members.requires_grad_()
+    below = tail_crps(members, y, valid, t)
+    assert below.item() == 0.0
+    below.backward()
+    assert (members.grad == 0).all()
+    y_high = y.clone()
+    y_high[0, 0, 0, 0] = 3.0  # the truth exceeds t at one pixel: members below t miss it by 2
+    above = tail_crps(members.detach(), y_high, valid, t, alpha=1.0)
+    assert above.item() == pytest.approx(2.0 / 4, rel=1e-6)  # one pixel of four
+    # no threshold (inf) at a pixel: that pixel is left out
+    t_inf = t.clone()
+    t_inf[0, 0, 0, 0] = float("inf")
+    assert tail_crps(members.detach(), y_high, valid, t_inf).item() == 0.0
+
+
+def test_free_bits_clamp_each_unit_and_kl_per_pixel_divides_by_valid_pixels():
+    # 2 samples, 3 units; p = N(0, 1), q = N(mu, 1): KL per unit = mu^2 / 2
+    mu_q = torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    zeros = torch.zeros(2, 3)
+    # batch means per unit: 0, 0.5, 1.0 nats
+    plain = kl_term(mu_q, zeros, zeros, zeros)
+    assert plain.item() == pytest.approx(1.5)
+    assert plain.item() == pytest.approx(kl_divergence(mu_q, zeros, zeros, zeros).item())
+    clamped = kl_term(mu_q, zeros, zeros, zeros, free_bits=0.75)
+    assert clamped.item() == pytest.approx(0.75 + 0.75 + 1.0)
+    clamped.backward()
+    # units under the floor feel no pull; the unit above it does (d/dmu of mean mu^2/2 = mu / 2)
+    assert mu_q.grad[:, :2].abs().sum().item() == 0.0
+    assert mu_q.grad[:, 2].tolist() == pytest.approx([1.0, 0.0])
+    valid = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    valid[0, :, :2] = True  # 8 valid pixels
+    valid[1, :, :3] = True  # 12 valid pixels: mean 10
+    per_pixel = kl_term(mu_q.detach(), zeros, zeros, zeros, valid, per_pixel=True)
+    assert per_pixel.item() == pytest.approx(1.5 / 10)
+    with pytest.raises(ValueError, match="valid"):
+        kl_term(mu_q, zeros, zeros, zeros, per_pixel=True)
+
+
+def test_kl_of_a_map_latent_sums_over_every_location():
+    mu_q = torch.ones(2, 3, 2, 2)
+    zeros = torch.zeros(2, 3, 2, 2)
+    assert kl_divergence(mu_q, zeros, zeros, zeros).item() == pytest.approx(12 * 0.5)
+
+
+def test_compute_loss_adds_the_ensemble_terms_with_their_weights():
+    out, x, valid, extreme, coarse = _fake_batch(3)
+    g = torch.Generator().manual_seed(3)
+    ens = (torch.rand(4, *out.recon.shape, generator=g) * 2 * valid).requires_grad_()
+    out = out._replace(prior_samples=ens)
+    tf = TargetTransform("log1p", 0.8)
+    tail_x = torch.full((1, 1, *x.shape[-2:]), 0.5)
+    cfg = LossConfig(lambda_crps=2.0, lambda_tail=3.0, crps_space="both", beta_kl=0.2, warmup_epochs=0)
+    parts = compute_loss(out, x, valid, extreme, cfg, epoch=0, transform=tf, coarse_mm=coarse, tail_x=tail_x)
+    crps = masked_afcrps(ens, x, valid) + masked_afcrps(tf.inverse(ens), tf.inverse(x), valid)
+    assert parts["crps"].item() == pytest.approx(crps.item(), rel=1e-5)
+    assert parts["tail"].item() == pytest.approx(tail_crps(ens, x, valid, tail_x).item(), rel=1e-6)
+    expected = (parts["mae_all"] + 0.2 * parts["kl_term"] + 0.01 * parts["mass"] + 2.0 * parts["crps"]
+                + 3.0 * parts["tail"])
+    assert parts["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    parts["total"].backward()
+    assert (ens.grad.abs().flatten(1).sum(dim=1) > 0).all()
+    with pytest.raises(ValueError, match="prior samples"):
+        compute_loss(out._replace(prior_samples=None), x, valid, extreme, cfg, 0, tf, tail_x=tail_x)
+    with pytest.raises(ValueError, match="tail threshold"):
+        compute_loss(out, x, valid, extreme, cfg, 0, tf)

@@ -49,8 +49,9 @@ def test_forward_shapes_every_preset(preset, fine, coarse):
     out = model(x, y, valid)
     assert isinstance(out, CVAEOutput)
     assert out.recon.shape == (2, 1, *fine)
+    assert model.latent_shape() == (cfg.latent_channels, fine[0] // 4, fine[1] // 4)  # map at 1/4
     for t in (out.mu_q, out.logvar_q, out.mu_p, out.logvar_p):
-        assert t.shape == (2, cfg.d_z)
+        assert t.shape == (2, *model.latent_shape())
         assert torch.isfinite(t).all()
     with torch.no_grad():
         s = model.eval().sample(y, valid, n_samples=3)
@@ -109,15 +110,62 @@ def test_sample_is_deterministic_given_the_generator():
     assert torch.allclose(tame[0], tame[1])  # z_scale = 0: the prior mean, twice
 
 
-def test_standard_prior_is_zero():
-    model = CVAE(ModelConfig(preset="tiny", prior="standard"), 3, (16, 16), (4, 4))
+@pytest.mark.parametrize("latent,shape", [("vector", (8,)), ("map", (8, 4, 4))])
+def test_standard_prior_is_zero(latent, shape):
+    model = CVAE(ModelConfig(preset="tiny", prior="standard", latent=latent), 3, (16, 16), (4, 4))
     x, y, valid = _batch(3, 3, (16, 16), (4, 4))
     out = model(x, y, valid)
-    assert torch.equal(out.mu_p, torch.zeros(3, 8))
-    assert torch.equal(out.logvar_p, torch.zeros(3, 8))
-    learned = CVAE(ModelConfig(preset="tiny"), 3, (16, 16), (4, 4))
+    assert torch.equal(out.mu_p, torch.zeros(3, *shape))
+    assert torch.equal(out.logvar_p, torch.zeros(3, *shape))
+    learned = CVAE(ModelConfig(preset="tiny", latent=latent), 3, (16, 16), (4, 4))
     assert count_parameters(learned) > count_parameters(model)
-    assert not torch.equal(learned(x, y, valid).mu_p, torch.zeros(3, 8))
+    assert not torch.equal(learned(x, y, valid).mu_p, torch.zeros(3, *shape))
+
+
+@pytest.mark.parametrize("conditioning", ["fine", "coarse"])
+def test_map_latent_on_the_padded_iberia_grid(conditioning):
+    """19 x 29 padded to 24 x 32 (grid_multiple 8): the map latent is 8 x (6, 8) at level 2."""
+    torch.manual_seed(6)
+    n_static = 7 if conditioning == "fine" else 0
+    model = CVAE(ModelConfig(preset="small", base_filters=16, conditioning=conditioning), 4, (24, 32), (5, 7),
+                 n_static=n_static)
+    x, y, valid = _batch(3, 4, (24, 32), (5, 7))
+    out = model(x, y, valid, n_prior=4)
+    assert out.mu_q.shape == out.mu_p.shape == (3, 8, 6, 8)
+    assert out.prior_samples.shape == (4, 3, 1, 24, 32)
+    assert (out.prior_samples[:, ~valid] == 0).all()
+    # prior samples are differentiable: the ensemble loss reaches the prior network
+    out.prior_samples.sum().backward()
+    assert model.prior_net[-1].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        s = model.eval().sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (2, 3, 1, 24, 32) and not torch.allclose(s[0], s[1])
+
+
+def test_latent_level_and_static_checks():
+    with pytest.raises(Exception, match="latent_level"):
+        ModelConfig(preset="tiny", latent_level=3)  # tiny has depth 2
+    with pytest.raises(ValueError, match="conditioning 'fine'"):
+        CVAE(ModelConfig(preset="tiny", conditioning="coarse"), 3, (16, 16), (4, 4), n_static=2)
+
+
+def test_static_channels_are_saved_with_the_weights_and_change_the_output():
+    torch.manual_seed(7)
+    model = CVAE(ModelConfig(preset="tiny"), 3, (16, 16), (4, 4), n_static=2).eval()
+    static = torch.randn(2, 16, 16)
+    model.set_static(static)
+    assert torch.equal(model.state_dict()["static"][0], static)
+    x, y, valid = _batch(2, 3, (16, 16), (4, 4))
+    rebuilt = CVAE(ModelConfig(preset="tiny"), 3, (16, 16), (4, 4), n_static=2).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        a = model.sample(y, valid, generator=torch.Generator().manual_seed(1))
+        b = rebuilt.sample(y, valid, generator=torch.Generator().manual_seed(1))
+        model.set_static(torch.zeros(2, 16, 16))
+        c = model.sample(y, valid, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="finite"):
+        model.set_static(torch.full((2, 16, 16), float("nan")))
 
 
 @pytest.mark.parametrize("fine", [(20, 16), (16, 12), (4, 4), (0, 16)])
@@ -148,12 +196,17 @@ def test_arbitrary_coarse_shapes(coarse):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_logvar_is_clamped():
+@pytest.mark.parametrize("latent", ["vector", "map"])
+def test_logvar_is_clamped(latent):
     torch.manual_seed(4)
-    model = CVAE(ModelConfig(preset="tiny"), 3, (16, 16), (4, 4))
+    model = CVAE(ModelConfig(preset="tiny", latent=latent), 3, (16, 16), (4, 4))
     with torch.no_grad():
-        model.enc_head.bias[model.d_z :].fill_(1e3)
-        model.prior_net[-1].bias[model.d_z :].fill_(-1e3)
+        if latent == "vector":
+            model.enc_head.bias[model.d_z :].fill_(1e3)
+            model.prior_net[-1].bias[model.d_z :].fill_(-1e3)
+        else:
+            model.enc_head[-1].bias[model.z_ch :].fill_(1e3)
+            model.prior_net[-1].bias[model.z_ch :].fill_(-1e3)
     out = model(*_batch(2, 3, (16, 16), (4, 4)))
     assert torch.all(out.logvar_q == LOGVAR_MAX) and torch.all(out.logvar_p == LOGVAR_MIN)
 
@@ -193,7 +246,7 @@ def test_overfits_a_tiny_batch():
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
         out = model(x, y, valid)
-        loss = masked_mae(out.recon, x, valid) + 1e-3 * kl_divergence(*out[1:])
+        loss = masked_mae(out.recon, x, valid) + 1e-3 * kl_divergence(*out[1:5])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import dask
@@ -11,8 +12,8 @@ import pytest
 import xarray as xr
 
 from conftest import make_field_da, write_nc
-from precip_cvae import io, preprocess
-from precip_cvae.config import DataConfig, PreprocessConfig, SplitConfig, VariableSource
+from precip_cvae import data as D, io, preprocess
+from precip_cvae.config import DataConfig, PreprocessConfig, SplitConfig, StaticSource, VariableSource
 from precip_cvae.io import InputError
 from precip_cvae.transform import TargetTransform
 
@@ -288,3 +289,58 @@ def test_target_transform_roundtrip_torch():
     x = t.forward(torch.tensor([0.0, 4.0, 16.0]))
     torch.testing.assert_close(x, torch.tensor([0.0, 1.0, 2.0]))
     torch.testing.assert_close(t.inverse(torch.tensor([-1.0, 1.0])), torch.tensor([0.0, 4.0]))
+
+
+def _static_file(path, lat, lon, values=None, name="orog", with_time=False):
+    values = np.add.outer(np.asarray(lat) * 100.0, np.asarray(lon) * 10.0) if values is None else values
+    da = xr.DataArray(values.astype("float32"), dims=("lat", "lon"), coords={"lat": lat, "lon": lon}, name=name,
+                      attrs={"units": "m"})
+    if with_time:
+        da = da.expand_dims(time=pd.to_datetime(["2000-01-01"]))
+    return write_nc(da, path)
+
+
+def test_static_fields_are_regridded_to_the_target_grid(small_inputs):
+    root, _, _ = small_inputs
+    # a finer static grid (0.25 deg) over the 6 x 5 target (lat 40..42.5, lon -5..-3): bilinear is exact
+    # on a field linear in lat and lon
+    lat, lon = np.arange(39.5, 43.01, 0.25), np.arange(-5.5, -2.49, 0.25)
+    _static_file(root / "static" / "orog.nc", lat, lon, with_time=True)
+    data = dataclasses.replace(_data_cfg(root), static=StaticSource(str(root / "static" / "*.nc"), ("orog",)))
+    out = root / "dataset.zarr"
+    preprocess.run(data, PreprocessConfig(grid_multiple=4, chunk_time=100), str(out))
+    ds = xr.open_zarr(out)
+    st = preprocess.crop_to_original(ds["static"], ds.attrs).sel(static_channel="orog")
+    expected = np.add.outer(st["lat"].values * 100.0, st["lon"].values * 10.0)
+    land = preprocess.crop_to_original(ds["mask"], ds.attrs).values.astype(bool)
+    np.testing.assert_allclose(st.values[land], expected[land], rtol=1e-5)
+    assert np.isnan(st.values[~land]).all()  # the sea cell
+    fields = D.load_fields(str(out), _thresholds_for(ds, root))
+    assert fields.static_names == ("orog",) and fields.static.shape == (1, 8, 8)
+
+
+def _thresholds_for(ds, root):
+    thr = xr.DataArray(np.full((ds.sizes["lat"], ds.sizes["lon"]), 5.0, "float32"), dims=("lat", "lon"),
+                       coords={"lat": ds["lat"].values, "lon": ds["lon"].values}, name="threshold")
+    return str(write_nc(thr, root / "thresholds.nc"))
+
+
+def test_static_field_that_does_not_cover_the_target_is_refused(small_inputs):
+    root, _, _ = small_inputs
+    lat, lon = np.arange(40.0, 41.01, 0.5), np.arange(-5.0, -2.99, 0.5)  # stops at 41 N: target reaches 42.5 N
+    path = _static_file(root / "static" / "orog.nc", lat, lon)
+    data = dataclasses.replace(_data_cfg(root), static=StaticSource(str(path), ("orog",)))
+    with pytest.raises(InputError, match=r"orog.nc: static variable 'orog'.*lat 40\.\.41 does not cover"):
+        preprocess.run(data, PreprocessConfig(grid_multiple=4), str(root / "dataset.zarr"))
+    assert not (root / "dataset.zarr").exists()
+    data = dataclasses.replace(_data_cfg(root), static=StaticSource(str(path), ("orog", "sftlf")))
+    with pytest.raises(InputError, match=r"\['sftlf'\] not found.*hold \['orog'\]"):
+        preprocess.run(data, PreprocessConfig(grid_multiple=4), str(root / "dataset.zarr"))
+    # a field with a hole over land
+    values = np.ones((6, 5), "float32")
+    values[2, 2] = np.nan
+    hole = _static_file(root / "static" / "holey.nc", np.linspace(40, 42.5, 6), np.linspace(-5, -3, 5), values,
+                        name="sftlf")
+    data = dataclasses.replace(_data_cfg(root), static=StaticSource(str(hole), ("sftlf",)))
+    with pytest.raises(InputError, match="missing at 1 valid target cells"):
+        preprocess.run(data, PreprocessConfig(grid_multiple=4), str(root / "dataset.zarr"))

@@ -45,13 +45,18 @@ def test_training_writes_log_and_checkpoints_and_resumes_exactly(prepared, tmp_p
     assert [r["epoch"] for r in full] == [0, 1, 2, 3]
     log = pd.read_csv(tmp_path / "full" / "train" / "train_log.csv")
     assert list(log["epoch"]) == [0, 1, 2, 3]
-    assert log["beta"].tolist() == pytest.approx([0.0, 0.01, 0.01, 0.01])
+    assert log["beta"].tolist() == pytest.approx([0.0, 0.05, 0.05, 0.05])  # the default preset's beta_kl
+    assert (log["train_crps"] > 0).all() and (log["train_tail"] == 0).all()  # afCRPS on, twCRPS off by default
     assert not log["is_best"].iloc[0]  # warm-up epoch is never best
     for col in ("val_MAE_all", "val_MAE_tail", "val_RMSE_ext", "val_corr", "val_freq_ratio", "val_CRPS", "samples_per_s"):
         assert np.isfinite(log[col]).all(), col
     best = checkpoint.load(tmp_path / "full" / "train" / "best.pt")
     assert best["epoch"] == int(log.loc[log["is_best"], "epoch"].iloc[-1]) >= 1
     assert best["parameter_count"] > 0 and best["data"]["channels"] == ["psl", "hus850", "pr_block4"]
+    # the static channels fitted on train travel with the weights
+    assert best["data"]["static_channels"][:3] == ["valid_fraction", "clim_x", "wet_frequency"]
+    assert best["model_state"]["static"].shape == (1, best["model_args"]["n_static"], 16, 16)
+    assert best["model_state"]["static"].abs().sum() > 0
     assert not (tmp_path / "full" / "resume" / "resume.pt").exists()  # cleaned after success
 
     # interrupted mid-epoch 2 by SIGTERM, then rerun: the same 4 epochs, the same weights
@@ -165,6 +170,11 @@ def test_checkpoint_refuses_pickles_truncation_and_other_formats(tmp_path):
     torch.save({"model_state": {}, "format": 999, "package_version": "9.9"}, tmp_path / "future.pt")
     with pytest.raises(checkpoint.CheckpointError, match="format 999"):
         checkpoint.load(tmp_path / "future.pt")
+    # a checkpoint of the vector-latent cVAE before the map latent (format 1, package 0.1.0) is refused clearly
+    torch.save({"model_state": {}, "format": 1, "package_version": "0.1.0"}, tmp_path / "old.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"format 1 \(package 0.1.0\) is not this package's format 2 "
+                                                         r"\(package .*\); retrain"):
+        checkpoint.load(tmp_path / "old.pt")
 
 
 def test_checkpoint_rebuilds_the_model_alone(prepared, tmp_path):

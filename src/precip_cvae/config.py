@@ -85,9 +85,35 @@ class VariableSource:
 
 
 @dataclass(frozen=True)
+class StaticSource:
+    """Time-invariant fields (orography, land fraction, ...) for the fine-grid condition.
+
+    ``paths``: a glob of NetCDF files; ``variables``: the names to read (each a
+    (lat, lon) field, a length-1 time or level axis is dropped), regridded to the
+    target grid by preprocess.
+    """
+
+    paths: str
+    variables: tuple[str, ...]
+
+    def __post_init__(self):
+        if not self.variables:
+            raise ConfigError("data.static.variables is empty; name the static fields to read")
+
+    @classmethod
+    def from_dict(cls, data, where="data.static"):
+        data = dict(data or {})
+        for key in ("paths", "variables"):
+            if key not in data:
+                raise ConfigError(f"{where}: needs {key!r}")
+        return _build(cls, data, where)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     target: VariableSource
     predictors: tuple[VariableSource, ...]
+    static: StaticSource | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "data") -> "DataConfig":
@@ -101,6 +127,7 @@ class DataConfig:
                 VariableSource.from_dict(p, f"{where}.predictors[{i}]")
                 for i, p in enumerate(data.get("predictors") or [])
             ),
+            static=None if not data.get("static") else StaticSource.from_dict(data["static"], f"{where}.static"),
         )
 
 

@@ -539,6 +539,7 @@ def score(ens, obs, thresholds: Mapping[str, np.ndarray], windows: Sequence[int]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.log10(p_ens / p_obs)
     out["rapsd_log_ratio"] = float(np.nanmean(ratio[np.isfinite(ratio)])) if np.isfinite(ratio).any() else float("nan")
+    out.update(metrics.rapsd_band_log_ratios(k, p_ens, p_obs))
     curves = {
         "rank_counts": counts,
         "rapsd_k": k, "rapsd_ens": p_ens, "rapsd_obs": p_obs,
@@ -702,6 +703,7 @@ def summary_markdown(ev: Evaluation, headline: pd.DataFrame, cfg: EvaluateConfig
         wins = sum(best_source(part_h[label].to_dict(), b) == primary for label, b in proper)
         text += [f"{primary} is best on {wins} of {len(proper)} proper / two-sided headline scores on "
                  f"{title.lower()}.", ""]
+    text += spectrum_table(ev)
     w = headline_window(cfg)
     text += [
         "## How to read this",
@@ -723,6 +725,28 @@ def summary_markdown(ev: Evaluation, headline: pd.DataFrame, cfg: EvaluateConfig
         "",
     ]
     return "\n".join(text)
+
+
+def spectrum_table(ev: Evaluation) -> list[str]:
+    """Markdown lines: the RAPSD log ratio (members vs truth) per wavelength band, per source and subset."""
+    split = headline_split(ev.meta)
+    bands = [f"rapsd_log_ratio_{name}" for name, _, _ in metrics.RAPSD_BANDS]
+    sources = [ev.meta["primary"]] + [s for s in ev.meta["sources"] if not s.startswith(CVAE + "_")]
+    rows = []
+    for subset in SUBSETS:
+        if (split, subset) not in ev.n_days:
+            continue
+        for source in sources:
+            row = {"source": source_label(source), "subset": subset}
+            row.update({f"{name} (wavelength)": ev.value(source, key, split, subset)
+                        for (name, _, _), key in zip(metrics.RAPSD_BANDS, bands)})
+            rows.append(row)
+    if not rows:
+        return []
+    return [f"## Power spectrum of the members against the truth ({split} split)", "",
+            "log10 of the members' mean RAPSD over the truth's, averaged over each band of wavelengths in pixels "
+            "(0: the truth's power; < 0: too smooth; > 0: too rough).", "",
+            pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f"), ""]
 
 
 def metrics_json(ev: Evaluation, cfg: EvaluateConfig) -> dict:

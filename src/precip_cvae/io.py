@@ -207,6 +207,38 @@ def open_variable(source: VariableSource, chunks_time: int = 128) -> xr.DataArra
     return da
 
 
+def open_static(paths: str, variables) -> dict[str, xr.DataArray]:
+    """Read time-invariant fields (``data.static``): name -> DataArray (loaded; small).
+
+    Raises
+    ------
+    InputError
+        Empty glob, unreadable file, or a variable that is in none of the files
+        (the message lists what the files hold).
+    """
+    files = expand_glob(paths, "data.static")
+    found: dict[str, xr.DataArray] = {}
+    held: set[str] = set()
+    for f in files:
+        try:
+            with xr.open_dataset(f, decode_timedelta=False) as ds:
+                held |= {str(v) for v in ds.data_vars}
+                for name in variables:
+                    if name in ds.data_vars and name not in found:
+                        da = ds[name].load()
+                        da.attrs = dict(da.attrs) | {"source_files": json.dumps([f])}
+                        found[name] = da
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{f}: cannot be read as NetCDF ({type(exc).__name__}: {exc})") from exc
+    missing = [v for v in variables if v not in found]
+    if missing:
+        raise InputError(f"{_describe(files)}: static variable(s) {missing} not found (data.static.variables); "
+                         f"the files hold {sorted(held)}")
+    return {name: found[name] for name in variables}
+
+
 def _check_combinable(grids: dict[str, tuple], pattern: str) -> None:
     """Refuse files of one glob on different grids (combined, they would make a union grid
     full of NaN) or with overlapping time stamps; the message names the two files."""

@@ -54,6 +54,8 @@ __all__ = [
     "spread_skill_ratio",
     "rapsd",
     "mean_rapsd",
+    "rapsd_band_log_ratios",
+    "RAPSD_BANDS",
     "tail_quantiles",
     "mass_error",
     "score_ensemble",
@@ -608,6 +610,38 @@ def mean_rapsd(fields, spacing: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     for x in f[1:]:
         acc += rapsd(x, spacing)[1]
     return k, acc / f.shape[0]
+
+
+#: Wavelength bands (pixels) of :func:`rapsd_band_log_ratios`: (name, shortest, longest).
+RAPSD_BANDS = (("gt8px", 8.0, np.inf), ("4to8px", 4.0, 8.0), ("2to4px", 2.0, 4.0))
+
+
+def rapsd_band_log_ratios(k, p_ens, p_obs) -> dict[str, float]:
+    """Mean over each wavelength band of ``log10(p_ens / p_obs)``.
+
+    Parameters
+    ----------
+    k : ndarray (K,), cycles per pixel (wavelength 1 / k pixels)
+    p_ens, p_obs : ndarray (K,), power of the members and of the truth
+
+    Returns
+    -------
+    dict ``rapsd_log_ratio_<band>`` -> float for the bands of :data:`RAPSD_BANDS`
+    (``gt8px``: wavelengths above 8 pixels, ``4to8px``, ``2to4px``: the finest); 0 is the
+    truth's power, < 0 too smooth, > 0 too rough; NaN when the grid has no wavenumber
+    in a band.
+    """
+    k = np.asarray(k, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.log10(np.asarray(p_ens, dtype=float) / np.asarray(p_obs, dtype=float))
+        wavelength = 1.0 / k
+    out = {}
+    for name, lo, hi in RAPSD_BANDS:
+        pick = (wavelength > lo) & (wavelength <= hi) & np.isfinite(ratio)
+        if name == "2to4px":
+            pick = (wavelength >= lo) & (wavelength <= hi) & np.isfinite(ratio)
+        out[f"rapsd_log_ratio_{name}"] = float(ratio[pick].mean()) if pick.any() else float("nan")
+    return out
 
 
 # ----------------------------------------------------------------------------- distributions

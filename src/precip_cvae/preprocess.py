@@ -16,6 +16,9 @@ Data contract of ``dataset.zarr`` (read by every later stage through
 * ``mask`` (lat, lon) int8: 1 = a cell with data (land / radar coverage).
 * ``split`` (time) str: 'train' | 'val' | 'test'.
 * ``cond_mean``, ``cond_std`` (channel): the normalisation statistics.
+* ``static`` (static_channel, lat, lon) float32, only with ``data.static``: the user's
+  time-invariant fields bilinearly regridded to the target grid (raw units; the
+  training stage standardises them), NaN outside the valid cells.
 * ``channel`` (channel) str coordinate: predictor names.
 * attributes: ``target_transform``/``target_transform_scale`` (fitted on train),
   ``pad_lat``/``pad_lon`` (cells added before/after on each axis) and
@@ -37,7 +40,7 @@ import xarray as xr
 
 from . import __version__
 from .config import DataConfig, PreprocessConfig, SplitConfig
-from .io import InputError, open_variable, source_files, write_zarr
+from .io import InputError, open_static, open_variable, source_files, write_zarr
 from .transform import TargetTransform
 from .units import MM_PER_DAY, UnitsError, factor_to_mm_per_day
 
@@ -275,6 +278,42 @@ def regrid(da: xr.DataArray, lat: xr.DataArray, lon: xr.DataArray) -> xr.DataArr
     return out.assign_coords(lat=lat_v, lon=lon_v)
 
 
+def static_on_target(fields: dict, lat: xr.DataArray, lon: xr.DataArray, mask: xr.DataArray) -> xr.DataArray:
+    """User static fields on the target grid: (static_channel, lat, lon), float32.
+
+    Each field is a (lat, lon) array on its own grid (any names :func:`standardise_coords`
+    knows; a length-1 time or level axis is dropped), interpolated bilinearly.  A field
+    whose grid does not cover the target grid (beyond half a cell of its own spacing),
+    or that is missing at a valid target cell, is refused with the file and variable
+    named.
+    """
+    out = []
+    for name, da in fields.items():
+        where = f"{source_files(da)}: static variable {name!r}"
+        if "time" not in da.dims:
+            da = da.expand_dims(time=[0])
+        da = standardise_coords(da, f"static field {name!r}")
+        if da.sizes["time"] != 1:
+            raise InputError(f"{where}: has {da.sizes['time']} time steps; expected a time-invariant field")
+        da = da.isel(time=0, drop=True).astype("float64")
+        for dim, target in (("lat", lat), ("lon", lon)):
+            src = np.asarray(da[dim].values, float)
+            half = 0.5 * float(np.median(np.diff(src))) if src.size > 1 else 0.0
+            t = np.asarray(target.values, float)
+            if t.min() < src.min() - half - 1e-9 or t.max() > src.max() + half + 1e-9:
+                raise InputError(
+                    f"{where}: its {dim} {src.min():g}..{src.max():g} does not cover the target grid's "
+                    f"{t.min():g}..{t.max():g}; expected a field over the whole target domain"
+                )
+        on = regrid(da.expand_dims(time=[0]), lat, lon).isel(time=0, drop=True)
+        gaps = int((on.isnull() & mask.astype(bool)).sum())
+        if gaps:
+            raise InputError(f"{where}: missing at {gaps} valid target cells after regridding; expected values over "
+                             "every cell of the target's mask")
+        out.append(on.where(mask.astype(bool)).astype("float32"))
+    return xr.concat(out, dim="static_channel").assign_coords(static_channel=("static_channel", list(fields)))
+
+
 def select_region(da: xr.DataArray, region) -> xr.DataArray:
     """Cut ``[lat_min, lat_max, lon_min, lon_max]`` (coordinate units: degrees, or km on projected grids)."""
     if len(region) != 4:
@@ -482,6 +521,7 @@ def build_dataset(
     predictors: Sequence[xr.DataArray],
     cfg: PreprocessConfig,
     precipitation_predictors: Sequence[bool] | None = None,
+    static: dict | None = None,
 ) -> xr.Dataset:
     """Checked, aligned, split and normalised dataset (lazy where it matters).
 
@@ -492,6 +532,8 @@ def build_dataset(
     cfg : PreprocessConfig
     precipitation_predictors : which predictors are precipitation (converted to
         mm/day and also stored raw as ``coarse_pr``)
+    static : dict name -> xr.DataArray (lat, lon), optional
+        Time-invariant fields (``data.static``), regridded to the target grid.
     """
     flags = list(precipitation_predictors or [False] * len(predictors))
     if not predictors and not (cfg.target_coarse_factor and cfg.target_coarse_factor > 1):
@@ -589,6 +631,10 @@ def build_dataset(
             "cond_std": std_da.astype("float64"),
         }
     )
+    if static:
+        ds["static"] = static_on_target(static, pr["lat"], pr["lon"], mask)
+        ds["static"].attrs = {"long_name": "user static fields on the target grid (data.static)"}
+        log.info("static fields %s regridded to the target grid", list(static))
     if coarse_pr is not None:
         ds["coarse_pr"] = coarse_pr.rename({"lat": "clat", "lon": "clon"}).astype("float32")
         ds["coarse_pr"].attrs = {"units": MM_PER_DAY, "long_name": "coarse precipitation condition (raw)"}
@@ -621,7 +667,8 @@ def run(data: DataConfig, cfg: PreprocessConfig, out: str) -> xr.Dataset:
     target = open_variable(data.target, cfg.chunk_time)
     predictors = [open_variable(p, cfg.chunk_time) for p in data.predictors]
     flags = [bool(getattr(p, "precipitation", False)) for p in data.predictors]
-    ds = build_dataset(target, predictors, cfg, flags)
+    static = open_static(data.static.paths, data.static.variables) if data.static is not None else None
+    ds = build_dataset(target, predictors, cfg, flags, static)
     ds = ds.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1, "channel": -1})
     write_zarr(ds, out)
     log.info(
