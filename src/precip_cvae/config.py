@@ -286,7 +286,8 @@ class ModelConfig:
     the target resolution) or ``vector`` (``d_z`` numbers, the seed's design).
     ``conditioning``: ``fine`` (predictors interpolated to the target grid and stacked
     with the static channels fitted on train) or ``coarse`` (encoded on their own grid,
-    the seed's design).
+    the seed's design).  ``noise_channels``: fresh N(0, 1) channels (no KL) fed to every
+    decoder scale finer than the map latent's, for small-scale variability between members.
     """
 
     preset: str = "small"
@@ -298,9 +299,10 @@ class ModelConfig:
     dropout_decoder: float = 0.1
     prior: str = "learned"
     latent: str = "map"
-    latent_level: int = 2
+    latent_level: int = 1
     latent_channels: int = 8
     conditioning: str = "fine"
+    noise_channels: int = 0
 
     def __post_init__(self):
         preset = lookup(MODEL_PRESETS, self.preset, "model preset")
@@ -315,8 +317,8 @@ class ModelConfig:
             raise ConfigError(f"model.conditioning {self.conditioning!r}; valid names are {list(CONDITIONINGS)}")
         if self.latent == "map" and not 1 <= self.latent_level <= self.depth:
             raise ConfigError(f"model.latent_level {self.latent_level} must be in 1..model.depth ({self.depth})")
-        if self.latent_channels < 1:
-            raise ConfigError("model.latent_channels must be >= 1")
+        if self.latent_channels < 1 or self.noise_channels < 0:
+            raise ConfigError("model.latent_channels must be >= 1 and model.noise_channels >= 0")
         for key in ("dropout_encoder", "dropout_decoder"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be in [0, 1)")

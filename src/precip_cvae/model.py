@@ -272,6 +272,7 @@ class CVAE(nn.Module):
         self.z_ch = int(cfg.latent_channels)
         self.d_y = int(cfg.d_y)
         self.fine_condition = cfg.conditioning == "fine"
+        self.noise_ch = int(getattr(cfg, "noise_channels", 0))
         fb = int(cfg.base_filters)
         p_enc, p_dec = float(cfg.dropout_encoder), float(cfg.dropout_decoder)
 
@@ -346,7 +347,9 @@ class CVAE(nn.Module):
             self.dec_in = nn.Linear(self.d_y, self.latent_ch)  # broadcast over the bottom map
         else:
             self.dec_in = nn.Linear(self.d_z + self.d_y, self.latent_ch * hb * wb)
-        z_at = lambda s: self.z_ch if (self.latent == "map" and s == L) else 0  # noqa: E731
+        # a map latent enters at scale L; fresh N(0, 1) noise channels (no KL) at every finer scale
+        z_at = lambda s: (self.z_ch if (self.latent == "map" and s == L) else 0) + (  # noqa: E731
+            self.noise_ch if s < L else 0)
         self.dec_bottom = _ConvAct(self.latent_ch + cw[depth] + z_at(depth), bottom, dropout=p_dec)
         self.dec_bottom_res = _ResBlock(bottom, dropout=p_dec)
         # scale s -> s-1: 1x1 channel reduction at scale s (cheap), nearest x2 upsampling,
@@ -437,8 +440,13 @@ class CVAE(nn.Module):
         mu, logvar = stats.chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
-    def decode(self, z: torch.Tensor, cond: Condition, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Decode ``z`` to a field (B, 1, H, W) >= 0, 0 where ``valid`` is False."""
+    def decode(self, z: torch.Tensor, cond: Condition, valid: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decode ``z`` to a field (B, 1, H, W) >= 0, 0 where ``valid`` is False.
+
+        With ``noise_channels`` > 0, fresh N(0, 1) noise (from ``generator`` when given) is
+        concatenated at every decoder scale finer than the latent's.
+        """
         hb, wb = self.sizes[self.depth]
         B = z.shape[0]
         if self.latent == "map":
@@ -455,6 +463,10 @@ class CVAE(nn.Module):
             parts = [h, cond.maps[s - 1]]
             if self.latent == "map" and self.level == s - 1:
                 parts.append(z)
+            if self.noise_ch and s - 1 < self.level:
+                shape = (B, self.noise_ch, *self.sizes[s - 1])
+                device = generator.device if generator is not None else h.device
+                parts.append(torch.randn(shape, generator=generator, device=device, dtype=h.dtype).to(h.device))
             h = self.dec_up[s - 1](torch.cat(parts, dim=1))
         out = relu_leaky_grad(self.dec_head(h))  # (B, 1, H, W)
         if valid is not None:
@@ -552,7 +564,7 @@ class CVAE(nn.Module):
         cond = self.encode_condition(y)
         mu_p, logvar_p = self.prior(cond)
         z = self._prior_draws(mu_p, logvar_p, n_samples, z_scale, generator)  # (n_samples, B, *latent_shape)
-        out = [self.decode(z[i], cond, valid) for i in range(n_samples)]
+        out = [self.decode(z[i], cond, valid, generator) for i in range(n_samples)]
         return torch.stack(out, dim=0)  # (n_samples, B, 1, H, W)
 
 
