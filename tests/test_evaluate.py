@@ -328,6 +328,10 @@ def test_every_output_is_written_and_sane(evaluated):
     header = next(line for line in summary.splitlines() if line.startswith("| source"))
     cols = [c.strip() for c in header.strip("|").split("|")]
     assert cols.index("MAE_tail P99 (improper) ↓") == cols.index("freq. bias P99 →1") + 1
+    # one number per wavelength band for the spectrum, as in metrics.csv
+    assert "## Power spectrum of the members against the truth" in summary and "2to4px (wavelength)" in summary
+    band = ev.value(ev.meta["primary"], "rapsd_log_ratio_2to4px", "test")
+    assert np.isfinite(band) and f"{band:.2f}" in summary
     head = pd.read_csv(paths.output("headline"))
     assert list(head["source"][:4]) == ["cVAE (best)", "climatology", "analogs", "interpolation"]
 

@@ -271,6 +271,17 @@ def test_rapsd_sinusoid_peak():
     np.testing.assert_allclose(pm, p)
 
 
+def test_rapsd_band_log_ratios_by_hand():
+    k = 1.0 / np.array([32.0, 16.0, 8.0, 6.0, 4.0, 3.0, 2.0])  # wavelengths in pixels
+    p_obs = np.ones(7)
+    p_ens = np.array([10.0, 10.0, 1.0, 0.1, 0.1, 0.01, 0.001])  # log10 ratios 1, 1, 0, -1, -1, -2, -3
+    out = m.rapsd_band_log_ratios(k, p_ens, p_obs)
+    assert out["rapsd_log_ratio_gt8px"] == pytest.approx(1.0)  # wavelengths 32, 16
+    assert out["rapsd_log_ratio_4to8px"] == pytest.approx((0 - 1) / 2)  # 8, 6 (4 < wavelength <= 8)
+    assert out["rapsd_log_ratio_2to4px"] == pytest.approx((-1 - 2 - 3) / 3)  # 4, 3, 2
+    assert np.isnan(m.rapsd_band_log_ratios(k[:2], p_ens[:2], p_obs[:2])["rapsd_log_ratio_2to4px"])
+
+
 def test_tail_quantiles():
     vals = np.concatenate([np.zeros(500), np.arange(1.0, 102.0), [np.nan]])  # wet: 1..101
     q = m.tail_quantiles(vals, (0.5, 0.99))

@@ -177,6 +177,15 @@ def test_checkpoint_refuses_pickles_truncation_and_other_formats(tmp_path):
         checkpoint.load(tmp_path / "old.pt")
 
 
+def test_flip_with_fine_conditioning_is_refused(prepared, tmp_path):
+    from precip_cvae.io import InputError
+
+    with pytest.raises(InputError, match=r"train.augment \['flip'\]: flip/rot90 would move the fields against the "
+                                         "static fine-grid channels"):
+        train.run(_paths(prepared, tmp_path), TINY, _cfg(epochs=1, augment=("flip",)))
+    assert not (tmp_path / "train" / "best.pt").exists()
+
+
 def test_checkpoint_rebuilds_the_model_alone(prepared, tmp_path):
     train.run(_paths(prepared, tmp_path), TINY, _cfg(epochs=1, loss=LossConfig(warmup_epochs=0)))
     model, state = checkpoint.load_model(tmp_path / "train" / "best.pt")
