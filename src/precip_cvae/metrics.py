@@ -627,8 +627,7 @@ def rapsd_band_log_ratios(k, p_ens, p_obs) -> dict[str, float]:
     Returns
     -------
     dict ``rapsd_log_ratio_<band>`` -> float for the bands of :data:`RAPSD_BANDS`
-    (``gt8px``: wavelengths above 8 pixels, ``4to8px``: above 4 up to 8, ``2to4px``: 2 to 4,
-    the finest the grid resolves); 0 is the
+    (``gt8px``: wavelengths above 8 pixels, ``4to8px``, ``2to4px``: the finest); 0 is the
     truth's power, < 0 too smooth, > 0 too rough; NaN when the grid has no wavenumber
     in a band.
     """
