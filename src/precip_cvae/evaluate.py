@@ -621,6 +621,12 @@ def headline_table(ev: Evaluation, cfg: EvaluateConfig) -> pd.DataFrame:
     -------
     DataFrame with columns source, subset and one per :func:`headline_metrics` label.
     """
+    return pd.DataFrame(_headline_rows(ev, [(key, label) for key, label, _ in headline_metrics(cfg)]))
+
+
+def _headline_rows(ev: Evaluation, columns) -> list[dict]:
+    """One row per (subset, source) of the headline split: the primary checkpoint and the baselines,
+    with ``label: value`` for each ``(metric key, label)`` of ``columns``."""
     split = headline_split(ev.meta)
     sources = [ev.meta["primary"]] + [s for s in ev.meta["sources"] if not s.startswith(CVAE + "_")]
     rows = []
@@ -629,9 +635,9 @@ def headline_table(ev: Evaluation, cfg: EvaluateConfig) -> pd.DataFrame:
             continue
         for source in sources:
             row = {"source": source_label(source), "subset": subset}
-            row.update({label: ev.value(source, key, split, subset) for key, label, _ in headline_metrics(cfg)})
+            row.update({label: ev.value(source, key, split, subset) for key, label in columns})
             rows.append(row)
-    return pd.DataFrame(rows)
+    return rows
 
 
 def best_source(values: Mapping[str, float], better: str) -> str | None:
@@ -730,17 +736,8 @@ def summary_markdown(ev: Evaluation, headline: pd.DataFrame, cfg: EvaluateConfig
 def spectrum_table(ev: Evaluation) -> list[str]:
     """Markdown lines: the RAPSD log ratio (members vs truth) per wavelength band, per source and subset."""
     split = headline_split(ev.meta)
-    bands = [f"rapsd_log_ratio_{name}" for name, _, _ in metrics.RAPSD_BANDS]
-    sources = [ev.meta["primary"]] + [s for s in ev.meta["sources"] if not s.startswith(CVAE + "_")]
-    rows = []
-    for subset in SUBSETS:
-        if (split, subset) not in ev.n_days:
-            continue
-        for source in sources:
-            row = {"source": source_label(source), "subset": subset}
-            row.update({f"{name} (wavelength)": ev.value(source, key, split, subset)
-                        for (name, _, _), key in zip(metrics.RAPSD_BANDS, bands)})
-            rows.append(row)
+    bands = [(f"rapsd_log_ratio_{name}", f"{name} (wavelength)") for name, _, _ in metrics.RAPSD_BANDS]
+    rows = _headline_rows(ev, bands)
     if not rows:
         return []
     return [f"## Power spectrum of the members against the truth ({split} split)", "",
