@@ -33,7 +33,8 @@ def _defaults(props):
     "path, cls, skip",
     [
         (("demo",), C.DemoConfig, {"enabled"}),
-        (("preprocess",), C.PreprocessConfig, {"split"}),
+        (("preprocess",), C.PreprocessConfig, {"split", "min_split_days"}),
+        (("preprocess", "min_split_days"), C.MinSplitDays, set()),
         (("preprocess", "split"), C.SplitConfig, set()),
         (("events",), C.EventsConfig, set()),
         (("model",), C.ModelConfig, set()),

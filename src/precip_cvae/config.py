@@ -158,6 +158,18 @@ class DemoConfig:
 
 SPLIT_METHODS = ("contiguous", "years", "dates")
 MISSING_POLICIES = ("mask", "refuse")
+PREDICTOR_MISSING_POLICIES = ("refuse", "drop_days", "fill_climatology")
+PREDICTOR_AGGREGATIONS = ("mean", "min", "max", "sum")
+
+
+def parse_step(text: str, key: str) -> float:
+    """Seconds of a time step written as pandas does ('1D', '24h', '6h', '30min', '0h')."""
+    import pandas as pd
+
+    try:
+        return float(pd.to_timedelta(str(text)).total_seconds())
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: {text!r} is not a time step (e.g. '1D', '6h', '30min')") from exc
 TARGET_TRANSFORMS = ("log1p", "sqrt", "none")
 
 
@@ -199,6 +211,24 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class MinSplitDays:
+    """The fewest time steps each split may hold (``preprocess.min_split_days``)."""
+
+    train: int = 30
+    val: int = 10
+    test: int = 10
+
+    def __post_init__(self):
+        for name in ("train", "val", "test"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"preprocess.min_split_days.{name} must be >= 1")
+
+    @classmethod
+    def from_dict(cls, data, where="preprocess.min_split_days"):
+        return _build(cls, data, where)
+
+
+@dataclass(frozen=True)
 class PreprocessConfig:
     """Checks and normalisation of the raw inputs (see :mod:`precip_cvae.preprocess`)."""
 
@@ -213,8 +243,27 @@ class PreprocessConfig:
     transform: str = "log1p"
     chunk_time: int = 128
     region: tuple[float, ...] = ()
+    min_split_days: MinSplitDays = field(default_factory=MinSplitDays)
+    predictor_missing_policy: str = "refuse"
+    predictor_missing_cells: float = 0.0
+    time_step: str | None = None
+    predictor_aggregation: str | None = None
+    aggregation_offset: str = "0h"
 
     def __post_init__(self):
+        if self.predictor_missing_policy not in PREDICTOR_MISSING_POLICIES:
+            raise ConfigError(f"preprocess.predictor_missing_policy {self.predictor_missing_policy!r}; "
+                              f"valid: {list(PREDICTOR_MISSING_POLICIES)}")
+        if not 0 <= self.predictor_missing_cells < 1:
+            raise ConfigError("preprocess.predictor_missing_cells must be in [0, 1)")
+        if self.predictor_aggregation is not None and self.predictor_aggregation not in PREDICTOR_AGGREGATIONS:
+            raise ConfigError(f"preprocess.predictor_aggregation {self.predictor_aggregation!r}; "
+                              f"valid: {list(PREDICTOR_AGGREGATIONS)} or null")
+        if self.time_step is not None and not parse_step(self.time_step, "preprocess.time_step") > 0:
+            raise ConfigError(f"preprocess.time_step {self.time_step!r} must be a positive time step")
+        offset = parse_step(self.aggregation_offset, "preprocess.aggregation_offset")
+        if offset < 0:
+            raise ConfigError(f"preprocess.aggregation_offset {self.aggregation_offset!r} must not be negative")
         if self.missing_policy not in MISSING_POLICIES:
             raise ConfigError(
                 f"preprocess.missing_policy {self.missing_policy!r}; valid: {list(MISSING_POLICIES)}"
@@ -228,7 +277,8 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, data, where="preprocess"):
-        return _build(cls, data, where, nested={"split": SplitConfig.from_dict})
+        return _build(cls, data, where, nested={"split": SplitConfig.from_dict,
+                                                "min_split_days": MinSplitDays.from_dict})
 
 
 # ----------------------------------------------------------------------------- events
@@ -252,6 +302,7 @@ class EventsConfig:
     criterion: str = "exceedance"
     min_exceed_fraction: float = 0.05
     domain_mean_percentile: float = 99.0
+    require_train_events: bool = True
 
     def __post_init__(self):
         if self.criterion not in EVENT_CRITERIA:

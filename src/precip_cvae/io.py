@@ -44,18 +44,35 @@ def expand_glob(pattern: str, what: str = "input") -> list[str]:
 TIME_NAMES = ("time", "valid_time", "t")
 
 
+def _cf_time_names(ds: xr.Dataset) -> list[str]:
+    """Names of the time variable: the usual names, then any variable with CF ``standard_name: time`` or ``axis: T``."""
+    names = [n for n in TIME_NAMES if n in ds.variables or n in ds.dims]
+    for name, var in ds.variables.items():
+        attrs = {**var.attrs, **var.encoding}
+        if str(name) not in names and (attrs.get("standard_name") == "time" or str(attrs.get("axis", "")).upper() == "T"):
+            names.append(str(name))
+    return names
+
+
 def _ensure_time_dim(ds: xr.Dataset) -> xr.Dataset:
-    """Give a single-time-step file (e.g. a radar scan) a length-1 ``time`` dimension."""
+    """Name the time dimension ``time``; give a single-time-step file (e.g. a radar scan) a length-1 one.
+
+    Raises
+    ------
+    InputError
+        The file has no time coordinate at all (named by its source).
+    """
     if "time" in ds.dims:
         return ds
-    for name in TIME_NAMES:
+    for name in _cf_time_names(ds):
         if name in ds.variables and ds[name].ndim == 0:
             value = ds[name].values
             ds = ds.drop_vars(name)
             return ds.expand_dims(time=[value])
         if name in ds.dims:
             return ds.rename({name: "time"})
-    return ds
+    raise InputError(f"{ds.encoding.get('source', '<file>')}: no time coordinate; expected a CF time variable "
+                     "(standard_name time or axis T)")
 
 
 def _describe(files: list[str]) -> str:
@@ -177,6 +194,8 @@ def open_variable(source: VariableSource, chunks_time: int = 128) -> xr.DataArra
             parallel=False,
             decode_timedelta=False,
         )
+    except InputError:
+        raise
     except Exception as exc:  # find which file is at fault and say so
         for f in files:
             try:
