@@ -128,3 +128,91 @@ def test_unknown_baseline_lists_valid_names():
     assert "persistence" in msg
     for name in ("analogs", "climatology", "interpolation"):
         assert name in msg
+
+
+# ----------------------------------------------------------------------------- a coastline (issue 18)
+
+COAST = np.array([[1.0, 2.0, np.nan],
+                  [3.0, 4.0, np.nan],
+                  [5.0, np.nan, np.nan]])  # (lat 0, 1, 2) x (lon 0, 1, 2): sea to the south-east
+
+
+def test_interpolation_uses_valid_coarse_cells_only():
+    """Weights of missing neighbours are dropped and the rest renormalised; no weighted valid
+    neighbour: the nearest valid coarse value.  Values by hand."""
+    c = np.arange(3.0)
+    out = b.interpolation(COAST[None], c, c, np.array([0.5, 1.5, 0.25, 2.0]), np.array([0.5, 1.5, 2.0]))[0]
+    # (0.5, 0.5): four valid corners, 1/4 each: (1 + 2 + 3 + 4) / 4
+    assert out[0, 0] == pytest.approx(2.5)
+    # (1.5, 1.5): only (1, 1) = 4 is valid of its four corners
+    assert out[1, 1] == pytest.approx(4.0)
+    # (1.5, 0.5): corners 3, 4, 5 valid (1/4 each), (2, 1) sea: (3 + 4 + 5) / 3
+    assert out[1, 0] == pytest.approx(4.0)
+    # (0.25, 1.5): (0, 1) = 2 with weight 0.75 * 0.5, (1, 1) = 4 with 0.25 * 0.5, the rest sea
+    assert out[2, 1] == pytest.approx((2 * 0.375 + 4 * 0.125) / 0.5)
+    # (2, 2): its one weighted corner (2, 2) is sea; nearest valid cell (1, 1) at sqrt(2), value 4
+    assert out[3, 2] == pytest.approx(4.0)
+    assert np.isfinite(out).all()
+    # a day with no valid coarse cell stays missing
+    assert np.isnan(b.interpolation(np.full((1, 3, 3), np.nan), c, c, c, c)).all()
+
+
+def test_interpolation_without_missing_values_equals_scipy_bilinear():
+    from scipy.interpolate import RegularGridInterpolator
+
+    rng = np.random.default_rng(4)
+    clat, clon = np.array([0.0, 1.0, 2.5, 3.0]), np.array([10.0, 12.0, 13.0])
+    coarse = rng.gamma(1.0, 3.0, size=(3, 4, 3))
+    flat, flon = np.linspace(-0.5, 3.5, 9), np.linspace(9.0, 14.0, 11)
+    out = b.interpolation(coarse, clat, clon, flat, flon)
+    interp = RegularGridInterpolator((clat, clon), np.moveaxis(coarse, 0, -1))
+    la, lo = np.meshgrid(np.clip(flat, 0.0, 3.0), np.clip(flon, 10.0, 13.0), indexing="ij")
+    expect = np.moveaxis(interp(np.stack([la.ravel(), lo.ravel()], -1)).reshape(9, 11, 3), -1, 0)
+    np.testing.assert_allclose(out, expect, rtol=1e-12)
+
+
+def test_interpolation_baseline_scores_are_finite_on_a_coastline(tmp_path):
+    """No predictors, the block-averaged target as condition (target_blocks) on a grid with sea:
+    the blocks average their land cells, and the interpolation baseline's MAE, CRPS and twCRPS
+    are finite (they were NaN: the all-sea blocks spread NaN onto the coastal land cells)."""
+    import pandas as pd
+
+    from conftest import make_field_da, write_nc
+    from precip_cvae import evaluate, events, preprocess
+    from precip_cvae.config import DataConfig, EvaluateConfig, EventsConfig, PreprocessConfig, VariableSource
+
+    times = pd.date_range("2000-01-01", periods=400, freq="D")
+    pr = np.random.default_rng(0).gamma(0.6, 5.0, size=(400, 8, 8)).astype("float32")
+    sea = np.add.outer(np.arange(8), np.arange(8)) >= 8  # the south-east half: block (1, 1) is all sea
+    pr[:, sea] = np.nan
+    write_nc(make_field_da(pr, times), tmp_path / "target" / "pr.nc")
+    data = DataConfig(target=VariableSource(str(tmp_path / "target" / "*.nc"), "pr"), predictors=())
+    cfg = PreprocessConfig(target_coarse_factor=4, condition_grid="target_blocks", grid_multiple=1)
+    ds = preprocess.run(data, cfg, str(tmp_path / "d.zarr"))
+    blocks = ds["coarse_pr"].values  # (T, 2, 2)
+    assert np.isnan(blocks[:, 1, 1]).all()  # block of cells 4..7 x 4..7: all sea
+    land = ~sea[4:, :4]  # block (1, 0): 10 of its 16 cells are land
+    np.testing.assert_allclose(blocks[:, 1, 0], np.nanmean(pr[:, 4:, :4][:, land], axis=1), rtol=1e-5)
+
+    events.run(str(tmp_path / "d.zarr"), EventsConfig(min_exceed_fraction=0.02), str(tmp_path / "t.nc"),
+               str(tmp_path / "e.csv"))
+    ecfg = EvaluateConfig(members=2, baselines=("climatology", "interpolation"), fss_windows=(1, 3))
+    evaluate.sample_ensembles(evaluate.SamplePaths(str(tmp_path / "d.zarr"), str(tmp_path / "t.nc"),
+                                                   str(tmp_path / "e.csv"), {}, str(tmp_path / "ens.zarr")), ecfg)
+    ens = xr_open(tmp_path / "ens.zarr", "test/interpolation")
+    truth = xr_open(tmp_path / "ens.zarr", "test/truth")["pr"].values
+    assert np.isfinite(ens["pr"].values[:, np.isfinite(truth)]).all()
+    table = evaluate.score_cache(str(tmp_path / "ens.zarr"), evaluate.tail_thresholds(str(tmp_path / "d.zarr"), ecfg),
+                                 ecfg).table
+    rows = table[(table.model == "interpolation") & (table.subset == "all")].set_index(["split", "metric"])["value"]
+    for split in ("val", "test"):
+        for metric in ("mae_all", "crps", "twcrps_p95", "twcrps_p99", "fss_p95_w1", "mass_error_mae"):
+            assert np.isfinite(rows[(split, metric)]), (split, metric)
+        # deterministic: its CRPS is its MAE
+        assert rows[(split, "crps")] == pytest.approx(rows[(split, "mae_all")], rel=1e-6)
+
+
+def xr_open(store, group):
+    from precip_cvae import io
+
+    return io.open_zarr_group(store, group)

@@ -8,7 +8,8 @@ Three baselines, each usable directly with its own arguments:
 * :func:`analogs` -- the train days whose (normalised, flattened) large-scale
   condition is nearest in Euclidean distance;
 * :func:`interpolation` -- bilinear interpolation of the coarse precipitation
-  to the fine grid (deterministic).
+  to the fine grid over valid coarse cells (deterministic; finite wherever a
+  day's coarse field has a finite value).
 
 Common calling convention (what the evaluate stage uses)
 --------------------------------------------------------
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from scipy.interpolate import RegularGridInterpolator
 
 from .config import lookup
 
@@ -143,17 +143,32 @@ def analogs(train_cond, target_cond, train_pr, n_members: int,
     return train_pr[indices.T], indices
 
 
-def interpolation(coarse_pr, coarse_lat, coarse_lon, fine_lat, fine_lon) -> np.ndarray:
-    """Bilinear interpolation of coarse precipitation onto the fine grid.
+def _axis_weights(coarse: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower neighbour, upper neighbour and the upper one's linear weight of each fine coordinate
+    (clipped to the coarse range) on an ascending coarse axis."""
+    f = np.clip(fine, coarse[0], coarse[-1])
+    if coarse.size == 1:
+        zero = np.zeros(f.size, dtype=np.int64)
+        return zero, zero, np.zeros(f.size)
+    lo = np.clip(np.searchsorted(coarse, f, side="right") - 1, 0, coarse.size - 2)
+    return lo, lo + 1, (f - coarse[lo]) / (coarse[lo + 1] - coarse[lo])
 
-    ``scipy.interpolate.RegularGridInterpolator`` (linear) in (lat, lon);
-    outside the coarse hull the nearest edge value is used (fine coordinates
-    are clipped to the coarse range).  Coordinates may be ascending or
-    descending; longitudes are not wrapped (regional grids).
+
+def interpolation(coarse_pr, coarse_lat, coarse_lon, fine_lat, fine_lon) -> np.ndarray:
+    """Bilinear interpolation of coarse precipitation onto the fine grid, over valid coarse cells only.
+
+    Each fine value is the bilinear combination of its four coarse neighbours whose values
+    are finite, with their weights renormalised to sum to 1 (the plain bilinear value when all
+    four are finite, equal to ``scipy.interpolate.RegularGridInterpolator``'s linear one).  A fine
+    cell whose neighbours with non-zero weight are all missing (beside a coast of all-sea
+    blocks) takes the nearest finite coarse value of that day, in coordinate units.  Outside
+    the coarse hull the fine coordinates are clipped to it (the nearest edge value).
+    Coordinates may be ascending or descending; longitudes are not wrapped (regional grids).
+    A day whose coarse field is all missing stays missing.
 
     Parameters
     ----------
-    coarse_pr : ndarray (N, h, w), mm day-1
+    coarse_pr : ndarray (N, h, w), mm day-1, NaN where missing (e.g. blocks of sea)
     coarse_lat : ndarray (h,), coarse_lon : ndarray (w,)
     fine_lat : ndarray (H,), fine_lon : ndarray (W,)
 
@@ -170,16 +185,44 @@ def interpolation(coarse_pr, coarse_lat, coarse_lon, fine_lat, fine_lon) -> np.n
         raise ValueError(
             f"coarse_pr must be (N, {clat.size}, {clon.size}) to match the coordinates, got {pr.shape}"
         )
-    # ascending coordinates for the interpolator
+    # ascending coordinates
     if clat.size > 1 and clat[0] > clat[-1]:
         clat, pr = clat[::-1], pr[:, ::-1]
     if clon.size > 1 and clon[0] > clon[-1]:
         clon, pr = clon[::-1], pr[:, :, ::-1]
-    interp = RegularGridInterpolator((clat, clon), np.moveaxis(pr, 0, -1), method="linear")
-    la, lo = np.meshgrid(np.clip(flat, clat[0], clat[-1]), np.clip(flon, clon[0], clon[-1]),
-                         indexing="ij")
-    out = interp(np.stack([la.ravel(), lo.ravel()], axis=-1))  # (H*W, N)
-    return np.moveaxis(out.reshape(flat.size, flon.size, pr.shape[0]), -1, 0)
+    i0, i1, t = _axis_weights(clat, flat)
+    j0, j1, u = _axis_weights(clon, flon)
+    numer = np.zeros((pr.shape[0], flat.size, flon.size))
+    denom = np.zeros_like(numer)
+    for rows, wr in ((i0, 1.0 - t), (i1, t)):
+        for cols, wc in ((j0, 1.0 - u), (j1, u)):
+            v = pr[:, rows][:, :, cols]  # (N, H, W)
+            w = wr[:, None] * wc[None, :]  # (H, W)
+            ok = np.isfinite(v) & (w > 0)
+            numer += np.where(ok, v, 0.0) * w
+            denom += ok * w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(denom > 1e-12, numer / denom, np.nan)
+    gaps = np.isnan(out)
+    if gaps.any():  # no valid neighbour: the nearest valid coarse value of that day
+        from scipy.spatial import cKDTree
+
+        la, lo = np.meshgrid(clat, clon, indexing="ij")
+        coarse_xy = np.stack([la.ravel(), lo.ravel()], axis=-1)
+        fla, flo = np.meshgrid(np.clip(flat, clat[0], clat[-1]), np.clip(flon, clon[0], clon[-1]), indexing="ij")
+        fine_xy = np.stack([fla.ravel(), flo.ravel()], axis=-1)
+        trees: dict[bytes, cKDTree] = {}
+        for n in np.flatnonzero(gaps.reshape(len(out), -1).any(axis=1)):
+            valid = np.isfinite(pr[n]).ravel()
+            if not valid.any():
+                continue
+            key = np.packbits(valid).tobytes()
+            if key not in trees:
+                trees[key] = cKDTree(coarse_xy[valid])
+            where = np.flatnonzero(gaps[n].ravel())
+            _, nearest = trees[key].query(fine_xy[where])
+            out[n].flat[where] = pr[n].ravel()[valid][nearest]
+    return out
 
 
 # ----------------------------------------------------------------------------- registry
