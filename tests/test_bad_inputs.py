@@ -259,13 +259,33 @@ def test_a_dataset_without_val_days_is_refused_by_training(prepared, tmp_path):
         train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, num_threads=1))
 
 
+def test_no_heavy_day_in_train_is_refused_by_default_naming_criterion_threshold_and_closest_day(prepared, tmp_path):
+    """events.require_train_events (default true): an error naming the criterion, its threshold and the
+    train day that came closest (computed here from the stage's own daily statistics); nothing written."""
+    thr, table = tmp_path / "thr.nc", tmp_path / "events.csv"
+    ds = xr.open_zarr(prepared["dataset"])
+    train_days = ds["split"].values.astype(str) == "train"
+    ref = xr.open_dataset(prepared["thresholds"])["threshold"]
+    stats = events.daily_statistics(ds["pr"], ref, ds["mask"])
+    best = int(np.argmax(np.where(train_days, stats["exceed_fraction"].values, -1.0)))
+    day = str(ds.indexes["time"][best])[:10]
+    with pytest.raises(InputError) as err:
+        events.run(prepared["dataset"], EventsConfig(min_exceed_fraction=1.0), str(thr), str(table))
+    msg = str(err.value)
+    assert msg.startswith(f"{prepared['dataset']}: no heavy day in the train split: criterion 'exceedance': ")
+    assert ">= 100.0% of the valid pixels above their local P99 of wet days (events.min_exceed_fraction)" in msg
+    assert f"the closest train day, {day}, has {stats['exceed_fraction'].values[best]:.1%}" in msg
+    assert "events.require_train_events: false" in msg
+    assert not thr.exists() and not table.exists()
+
+
 def test_no_heavy_day_in_train_warns_trains_and_generation_refuses(prepared, tmp_path, caplog):
-    """events: a warning; training: runs (plain MAE, no oversampling), with a warning naming the table;
-    generate (splits: train): an error naming the table and the splits."""
+    """events.require_train_events false: a warning; training: runs (plain MAE, no oversampling), with a
+    warning naming the table; generate (splits: train): an error naming the table and the splits."""
     thr, table = str(tmp_path / "thr.nc"), str(tmp_path / "events.csv")
     with caplog.at_level(logging.WARNING):
-        events.run(prepared["dataset"], EventsConfig(min_exceed_fraction=1.0), thr, table)
-        assert f"{prepared['dataset']}: no heavy day in the train split under criterion 'exceedance'" in caplog.text
+        events.run(prepared["dataset"], EventsConfig(min_exceed_fraction=1.0, require_train_events=False), thr, table)
+        assert f"{prepared['dataset']}: no heavy day in the train split: criterion 'exceedance'" in caplog.text
         paths = train.TrainPaths(prepared["dataset"], thr, table, str(tmp_path / "train"), str(tmp_path / "resume"))
         history = train.run(paths, ModelConfig(preset="tiny"),
                             TrainConfig(epochs=1, num_threads=1, val_members=2, loss=LossConfig(warmup_epochs=0)))

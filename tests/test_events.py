@@ -130,3 +130,16 @@ def test_streamed_thresholds_equal_numpy_on_both_ends(percentile):
     np.testing.assert_allclose(thr.values, np.nanpercentile(wet, percentile, axis=0), rtol=1e-6)
     pooled = events.wet_day_thresholds(pr, mask, EventsConfig(percentile=percentile, min_wet_days=10**6))
     np.testing.assert_allclose(pooled.values, np.percentile(wet[np.isfinite(wet)], percentile), rtol=1e-6)
+
+
+def test_closest_to_heavy_names_the_criterion_its_threshold_and_the_closest_train_day():
+    table = pd.DataFrame({"date": ["2001-01-01", "2001-01-02", "2001-01-03", "2001-01-04"],
+                          "split": ["train", "train", "train", "val"],
+                          "domain_mean": [1.0, 4.5, 2.0, 9.0], "exceed_fraction": [0.01, 0.02, 0.031, 0.5]})
+    limits = {"domain_mean_threshold_mm_day": 5.0}
+    text = events.closest_to_heavy(table, EventsConfig(criterion="either", min_exceed_fraction=0.05), limits)
+    # the val day is closer on both counts but is not a train day
+    assert text == ("criterion 'either': exceedance needs >= 5.0% of the valid pixels above their local P99 of wet "
+                    "days (events.min_exceed_fraction); the closest train day, 2001-01-03, has 3.1%; domain_mean "
+                    "needs a domain mean above 5 mm/day (train P99, events.domain_mean_percentile); the closest "
+                    "train day, 2001-01-02, has 4.5 mm/day")

@@ -241,6 +241,23 @@ def event_table(ds: xr.Dataset, thr: xr.DataArray, cfg: EventsConfig) -> tuple[p
     return table, info
 
 
+def closest_to_heavy(table: pd.DataFrame, cfg: EventsConfig, limits: dict) -> str:
+    """The criterion, its threshold and the train day that came closest to it, in words."""
+    train = table[table["split"] == "train"]
+    parts = []
+    if cfg.criterion in ("exceedance", "either"):
+        day = train.loc[train["exceed_fraction"].idxmax()]
+        parts.append(f"exceedance needs >= {cfg.min_exceed_fraction:.1%} of the valid pixels above their local "
+                     f"P{cfg.percentile:g} of wet days (events.min_exceed_fraction); the closest train day, "
+                     f"{day['date']}, has {day['exceed_fraction']:.1%}")
+    if cfg.criterion in ("domain_mean", "either"):
+        day = train.loc[train["domain_mean"].idxmax()]
+        parts.append(f"domain_mean needs a domain mean above {limits['domain_mean_threshold_mm_day']:.3g} mm/day "
+                     f"(train P{cfg.domain_mean_percentile:g}, events.domain_mean_percentile); the closest train day, "
+                     f"{day['date']}, has {day['domain_mean']:.3g} mm/day")
+    return f"criterion {cfg.criterion!r}: " + "; ".join(parts)
+
+
 def format_times(index) -> list[str]:
     """ISO strings: 'YYYY-MM-DD' for daily stamps at midnight, else 'YYYY-MM-DDTHH:MM'."""
     stamps = [(t.year, t.month, t.day, t.hour, t.minute) for t in index]
@@ -270,10 +287,11 @@ def run(dataset: str, cfg: EventsConfig, thresholds_out: str, events_out: str) -
     table, info = event_table(ds, thr, cfg)
     n_train_events = int(table.loc[table["split"] == "train", "is_event"].sum())
     if n_train_events == 0:
-        log.warning(
-            "%s: no heavy day in the train split under criterion %r; later stages have no event to learn from",
-            dataset, cfg.criterion,
-        )
+        message = f"{dataset}: no heavy day in the train split: {closest_to_heavy(table, cfg, info)}"
+        if cfg.require_train_events:
+            raise InputError(f"{message}; expected at least one to learn from (a longer record, a lower "
+                             "events.min_exceed_fraction or percentile, or events.require_train_events: false)")
+        log.warning("%s; later stages have no event to learn from (events.require_train_events: false)", message)
     thr.attrs.update({k: v for k, v in info.items()})
     thr.attrs["criterion"] = cfg.criterion
     thr_ds = thr.to_dataset()
