@@ -19,8 +19,8 @@ import xarray as xr
 
 from conftest import copy_workflow, make_field_da, snakemake, write_nc
 from precip_cvae import checkpoint, evaluate, events, generate, io, preprocess, train
-from precip_cvae.config import (DataConfig, EventsConfig, GenerateConfig, LossConfig, ModelConfig, PreprocessConfig,
-                                SplitConfig, TrainConfig, VariableSource)
+from precip_cvae.config import (DataConfig, EventsConfig, GenerateConfig, LossConfig, MinSplitDays, ModelConfig,
+                                PreprocessConfig, SplitConfig, TrainConfig, VariableSource)
 from precip_cvae.data import load_fields
 from precip_cvae.io import InputError
 from precip_cvae.model import CVAE
@@ -406,3 +406,195 @@ def test_two_runs_side_by_side_share_nothing_writable(tiny_run):
     # by file times the tiny run is still complete (code edits made meanwhile would trigger reruns by provenance)
     proc = snakemake(tiny_run, "-n", "--rerun-triggers", "mtime", "--configfile", "config/tiny.yaml")
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- issue 18: never silent
+
+# 731 days split 0.7/0.15/0.15: train 0..511 (to 2001-05-26), val 512..620, test 621..730
+MISSING_DATES = ["2000-03-01", "2000-03-02", "2001-06-01"]  # two train days, one val day
+
+
+def _gappy_predictor() -> xr.DataArray:
+    z = _predictor()
+    z.loc[{"time": MISSING_DATES}] = np.nan
+    return z
+
+
+def test_file_without_a_time_coordinate_says_so(tmp_path):
+    """An HDF5 radar composite with no time at all (it was 'cannot be combined along time')."""
+    root = _case(tmp_path)
+    (root / "target" / "pr.nc").unlink()
+    for k in range(2):
+        field = xr.DataArray(np.ones((6, 5), "float32"), dims=("y", "x"),
+                             coords={"y": np.arange(6.0), "x": np.arange(5.0)}, name="pr", attrs={"units": "mm/h"})
+        write_nc(field, root / "target" / f"scan_{k}.nc", format="NETCDF4")  # HDF5-based
+    _refused(root, re.escape(f"{root / 'target' / 'scan_0.nc'}: no time coordinate; expected a CF time variable "
+                             "(standard_name time or axis T)"))
+
+
+def test_a_predictor_missing_on_some_days_is_refused_by_default(tmp_path):
+    root = _case(tmp_path, predictor=_gappy_predictor())
+    _refused(root, re.escape(f"{root / 'pred' / 'z500.nc'}: predictor 'z500' is missing on 3 day(s) (more than 0% "
+                             f"of its cells NaN), first {MISSING_DATES}"),
+             r"preprocess\.predictor_missing_policy: refuse; 'drop_days' .* 'fill_climatology'")
+
+
+def test_predictor_missing_days_dropped_are_counted_per_split(tmp_path, caplog):
+    root = _case(tmp_path, predictor=_gappy_predictor())
+    with caplog.at_level(logging.INFO):
+        ds = _run(root, predictor_missing_policy="drop_days")
+    assert (ds.attrs["n_train"], ds.attrs["n_val"], ds.attrs["n_test"]) == (512 - 2, 109 - 1, 110)
+    assert [ds.attrs[f"n_predictor_missing_days_{s}"] for s in ("train", "val", "test")] == [2, 1, 0]
+    back = xr.open_zarr(root / "dataset.zarr")
+    assert back.attrs["n_predictor_missing_days_train"] == 2 and back.attrs["predictor_missing_policy"] == "drop_days"
+    assert not back.indexes["time"].isin(pd.to_datetime(MISSING_DATES)).any()
+    assert back.sizes["time"] == 731 - 3
+    assert "predictor_missing_policy drop_days: 3 days left out (train 2, val 1, test 0)" in caplog.text
+    assert "first ['2000-03-01', '2000-03-02', '2001-06-01']" in caplog.text
+
+
+def test_predictor_missing_days_filled_with_the_train_mean_are_counted(tmp_path, caplog):
+    root = _case(tmp_path, predictor=_gappy_predictor())
+    with caplog.at_level(logging.WARNING):
+        ds = _run(root, predictor_missing_policy="fill_climatology")
+    assert "predictor 'z500' is missing on 3 days (train 2, val 1, test 0)" in caplog.text
+    assert "filled with the train mean (fill_climatology)" in caplog.text
+    assert ds.sizes["time"] == 731 and ds.attrs["n_predictor_missing_days_val"] == 1
+    cond = ds["condition"].sel(channel="z500")
+    assert (cond.sel(time=MISSING_DATES).values == 0).all()  # 0 = the train mean after normalisation
+    # the train mean and std skip the missing days: by hand from the file's values
+    z = _gappy_predictor().values[:512]
+    assert float(ds["cond_mean"].sel(channel="z500")) == pytest.approx(np.nanmean(z), rel=1e-6)
+    assert float(ds["cond_std"].sel(channel="z500")) == pytest.approx(np.nanstd(z), rel=1e-4)
+    assert json_loads(ds.attrs["n_condition_filled"]) == {"z500": 3 * 9}
+
+
+def test_a_few_missing_predictor_cells_follow_the_threshold(tmp_path, caplog):
+    """One cell of nine missing on one day: a missing day under the default threshold (0), a filled
+    cell under predictor_missing_cells 0.2 (counted in the log and the attributes)."""
+    z = _predictor()
+    z[10, 1, 2] = np.nan  # 2000-01-11, a train day
+    root = _case(tmp_path, predictor=z)
+    _refused(root, r"missing on 1 day\(s\) \(more than 0% of its cells NaN\), first \['2000-01-11'\]")
+    with caplog.at_level(logging.WARNING):
+        ds = _run(root, predictor_missing_cells=0.2)
+    assert "predictor 'z500' has 1 missing cells on days with at most 20% of its cells missing" in caplog.text
+    assert ds.attrs["n_predictor_partial_cells"] == 1 and ds.attrs["n_predictor_missing_days_train"] == 0
+    cond = ds["condition"].sel(channel="z500").values
+    assert cond[10, 1, 2] == 0.0
+    zv = z.values
+    mean, std = np.nanmean(zv[:512]), np.nanstd(zv[:512])
+    np.testing.assert_allclose(cond[10, 0, 0], (zv[10, 0, 0] - mean) / std, rtol=1e-4)
+
+
+def json_loads(text):
+    import json
+
+    return json.loads(text)
+
+
+def test_splits_too_short_to_learn_from_are_refused(tmp_path):
+    """30 days pass min_overlap_days (30) and split 21/5/4: each split is checked against min_split_days."""
+    days = pd.date_range("2000-01-01", periods=30)
+    root = _case(tmp_path, target=_target(times=days), predictor=_predictor(times=days))
+    counts = "(counts {'train': 21, 'val': 5, 'test': 4}"
+    _refused(root, re.escape(f"{root / 'target' / 'pr.nc'}: target 'pr' (time stamps shared with the predictors): "
+                             "split 'train' holds 21 time steps; expected at least 30 (preprocess.min_split_days.train)"),
+             re.escape(counts), r"data span 2000-01-01 00:00:00 \.\. 2000-01-30")
+    _refused(root, re.escape("split 'val' holds 5 time steps; expected at least 10 (preprocess.min_split_days.val)"),
+             min_split_days=MinSplitDays(train=20))
+    _refused(root, re.escape("split 'test' holds 4 time steps; expected at least 5 (preprocess.min_split_days.test)"),
+             min_split_days=MinSplitDays(train=20, val=5, test=5))
+    ds = _run(root, min_split_days=MinSplitDays(train=21, val=5, test=4))
+    assert (ds.attrs["n_train"], ds.attrs["n_val"], ds.attrs["n_test"]) == (21, 5, 4)
+
+
+def _six_hourly(days: pd.DatetimeIndex, calendar: str | None = None) -> xr.DataArray:
+    """z500 every 6 h from the first day 00 UTC to the day after the last, 00 UTC; the value at step k
+    is 5000 + k + 0.1 * (cell number), so the mean over any interval is known by hand."""
+    n = 4 * len(days) + 1
+    if calendar is None:
+        times = pd.date_range(days[0], periods=n, freq="6h")
+    else:
+        times = xr.date_range(str(days[0])[:10], periods=n, freq="6h", calendar=calendar, use_cftime=True)
+    k = np.arange(n, dtype="float32")[:, None, None]
+    values = 5000.0 + k + 0.1 * np.arange(9, dtype="float32").reshape(1, 3, 3)
+    return make_field_da(values.astype("float32"), times, name="z500", lat=PRED_LAT, lon=PRED_LON, units="m")
+
+
+def _raw_condition(ds: xr.Dataset, channel: str) -> np.ndarray:
+    c = ds["condition"].sel(channel=channel)
+    return (c * ds["cond_std"].sel(channel=channel) + ds["cond_mean"].sel(channel=channel)).values
+
+
+def test_finer_predictors_are_refused_without_an_aggregation(tmp_path):
+    days = pd.date_range("2000-01-01", periods=100)
+    root = _case(tmp_path, target=_target(times=days), predictor=_six_hourly(days))
+    _refused(root, re.escape(f"{root / 'pred' / 'z500.nc'}: predictor 'z500' has a time step of 6 h but the target "
+                             f"({root / 'target' / 'pr.nc'}) has 1 day; matching their time stamps would keep 1 in 4 "
+                             "predictor fields"),
+             r"Set preprocess\.predictor_aggregation \(mean, min, max or sum", r"preprocess\.aggregation_offset",
+             r"preprocess\.time_step")
+
+
+@pytest.mark.parametrize("how, offset, expect", [
+    ("mean", "6h", 2.5),   # day d: steps 4d+1 .. 4d+4 (06, 12, 18 UTC and 00 UTC of the next day)
+    ("mean", "0h", 1.5),   # steps 4d .. 4d+3
+    ("max", "6h", 4.0),
+    ("min", "0h", 0.0),
+])
+@pytest.mark.parametrize("calendar", [None, "360_day"])
+def test_six_hourly_predictors_are_aggregated_over_each_target_day(tmp_path, how, offset, expect, calendar):
+    if calendar is None:
+        days = pd.date_range("2000-01-01", periods=100)
+    else:
+        days = xr.date_range("2000-01-01", periods=100, freq="D", calendar=calendar, use_cftime=True)
+    target = _target(times=days)
+    root = _case(tmp_path, target=target, predictor=_six_hourly(pd.DatetimeIndex(pd.date_range("2000-01-01", periods=100))
+                                                                 if calendar is None else days, calendar))
+    ds = _run(root, predictor_aggregation=how, aggregation_offset=offset)
+    # complete intervals only: with offset 0 the step at the day after the last is left over, with 6h it completes it
+    assert ds.sizes["time"] == 100
+    d = np.arange(100, dtype=float)[:, None, None]
+    cells = 0.1 * np.arange(9).reshape(1, 3, 3)
+    np.testing.assert_allclose(_raw_condition(ds, "z500"), 5000.0 + 4 * d + expect + cells, rtol=1e-6)
+
+
+def test_an_incomplete_predictor_interval_drops_that_day(tmp_path, caplog):
+    days = pd.date_range("2000-01-01", periods=100)
+    z = _six_hourly(days)
+    z = z.isel(time=[i for i in range(z.sizes["time"]) if i != 4 * 50 + 2])  # 2000-02-20 12 UTC is missing
+    root = _case(tmp_path, target=_target(times=days), predictor=z)
+    with caplog.at_level(logging.INFO):
+        ds = _run(root, predictor_aggregation="mean", aggregation_offset="6h")
+    assert ds.sizes["time"] == 99 and np.datetime64("2000-02-20") not in ds["time"].values
+    assert "1 incomplete 1 day intervals" in caplog.text
+
+
+@pytest.mark.parametrize("units, scale", [("mm", 1.0), ("mm/h", 1.0), ("kg m-2 s-1", 1.0 / 3600.0)])
+def test_hourly_rain_is_summed_to_a_daily_step(tmp_path, units, scale):
+    """Hourly rain summed to days (preprocess.time_step 1D, offset 6h: days run 06-06 UTC), given as
+    amounts per hour (mm), as rates (mm/h), or as SI rates: the daily total in mm/day either way."""
+    hours = pd.date_range("2000-01-01", periods=24 * 102, freq="h")
+    rng = np.random.default_rng(3)
+    mm_per_hour = (rng.gamma(0.3, 1.0, size=(len(hours), 6, 5)) * (rng.random((len(hours), 1, 1)) < 0.3)).astype(
+        "float32")
+    root = _case(tmp_path, target=_target(values=mm_per_hour * np.float32(scale), times=hours, units=units),
+                 predictor=_predictor(times=pd.date_range("2000-01-01", periods=102)))
+    ds = _run(root, time_step="1D", aggregation_offset="6h")
+    # day d runs from 06 UTC of day d to 06 UTC of day d + 1; the first 6 hours and the last 18 are left over
+    assert ds.sizes["time"] == 101
+    assert ds.indexes["time"][0] == pd.Timestamp("2000-01-01") and ds.indexes["time"][-1] == pd.Timestamp("2000-04-10")
+    expect = mm_per_hour[6:6 + 24 * 101].reshape(101, 24, 6, 5).sum(axis=1)
+    np.testing.assert_allclose(ds["pr"].values, expect, rtol=1e-5, atol=1e-5)
+    assert ds["pr"].attrs["units"] == "mm day-1" and ds["pr"].attrs["aggregated_from_step_seconds"] == 3600.0
+
+
+def test_aggregation_stays_lazy(tmp_path):
+    days = pd.date_range("2000-01-01", periods=40)
+    z = _six_hourly(days).chunk({"time": 16})
+    out = preprocess.aggregate_intervals(z, pd.DatetimeIndex(days), 86400.0, 6 * 3600.0, "mean", 8, "z500")
+    import dask.array as dsa
+
+    assert isinstance(out.data, dsa.Array)
+    np.testing.assert_allclose(out.values[:, 0, 0], 5000.0 + 4 * np.arange(40) + 2.5)  # computed only here

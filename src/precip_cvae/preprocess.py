@@ -39,7 +39,7 @@ import pandas as pd
 import xarray as xr
 
 from . import __version__
-from .config import DataConfig, PreprocessConfig, SplitConfig
+from .config import DataConfig, PreprocessConfig, SplitConfig, parse_step
 from .io import InputError, open_static, open_variable, source_files, write_zarr
 from .transform import TargetTransform
 from .units import MM_PER_DAY, UnitsError, factor_to_mm_per_day
@@ -161,6 +161,18 @@ def convert_target_units(da: xr.DataArray, negative_tolerance: float) -> xr.Data
     return out
 
 
+def check_calendars(target: xr.DataArray, predictors: Sequence[xr.DataArray]) -> None:
+    """Refuse predictors whose calendar differs from the target's (standard/gregorian/proleptic are one)."""
+    cal = calendar_of(target)
+    for p in predictors:
+        pcal = calendar_of(p)
+        if pcal != cal and {pcal, cal} - {"standard", "gregorian", "proleptic_gregorian"}:
+            raise InputError(
+                f"{source_files(p)}: predictor {p.name!r} uses calendar {pcal!r} but the target "
+                f"({source_files(target)}) uses {cal!r}; expected one calendar"
+            )
+
+
 def align_time(target: xr.DataArray, predictors: Sequence[xr.DataArray], min_days: int):
     """Restrict target and predictors to their common time stamps.
 
@@ -169,15 +181,9 @@ def align_time(target: xr.DataArray, predictors: Sequence[xr.DataArray], min_day
     InputError
         Calendars differ, or the intersection is empty / shorter than ``min_days``.
     """
-    cal = calendar_of(target)
+    check_calendars(target, predictors)
     common = target.indexes["time"]
     for p in predictors:
-        pcal = calendar_of(p)
-        if pcal != cal and {pcal, cal} - {"standard", "gregorian", "proleptic_gregorian"}:
-            raise InputError(
-                f"{source_files(p)}: predictor {p.name!r} uses calendar {pcal!r} but the target "
-                f"({source_files(target)}) uses {cal!r}; expected one calendar"
-            )
         common = common.intersection(p.indexes["time"])
     n = len(common)
     if n < max(min_days, 1):
@@ -194,6 +200,158 @@ def align_time(target: xr.DataArray, predictors: Sequence[xr.DataArray], min_day
     if dropped:
         log.info("time alignment: kept %d common steps, dropped %d target steps", n, dropped)
     return target.sel(time=common), [p.sel(time=common) for p in predictors]
+
+
+# ----------------------------------------------------------------------------- time steps
+
+
+def describe_step(seconds: float) -> str:
+    """A time step for messages: '1 day', '6 h', '30 min', '600 s'."""
+    for unit, size in (("day", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size and abs(seconds / size - round(seconds / size)) < 1e-9:
+            n = int(round(seconds / size))
+            return f"{n} {unit}{'s' if unit == 'day' and n != 1 else ''}"
+    return f"{seconds:g} s"
+
+
+def _seconds_since(index, ref) -> np.ndarray:
+    """Seconds from ``ref`` to each stamp of a time index (numpy or cftime; any calendar)."""
+    if isinstance(index, pd.DatetimeIndex):
+        return np.asarray((index - pd.Timestamp(ref)).total_seconds(), dtype=np.float64)
+    return np.array([(t - ref).total_seconds() for t in index], dtype=np.float64)
+
+
+def _stamps_after(ref, seconds: np.ndarray, like):
+    """The time index ``ref + seconds`` of the same kind (numpy or cftime) as ``like``."""
+    if isinstance(like, pd.DatetimeIndex):
+        return pd.DatetimeIndex(pd.Timestamp(ref) + pd.to_timedelta(np.round(seconds).astype(np.int64), unit="s"))
+    import datetime
+
+    return xr.CFTimeIndex([ref + datetime.timedelta(seconds=float(x)) for x in seconds])
+
+
+def aggregate_intervals(da: xr.DataArray, labels, step: float, offset: float, how: str, chunk_time: int,
+                        what: str) -> xr.DataArray:
+    """Reduce ``da`` over the interval [t + offset, t + offset + step) of each label ``t`` (lazy).
+
+    Only complete intervals are kept (every step of ``da``'s own time step present); the others
+    (the record's ends, gaps) are dropped with a log line.  A missing value inside an interval
+    makes the reduction missing there (no NaN is skipped), so a policy downstream sees it.
+
+    Parameters
+    ----------
+    da : xr.DataArray (time, lat, lon) at a regular step finer than ``step``
+    labels : time index of the same kind as ``da``'s (numpy or cftime, one calendar)
+    step, offset : seconds
+    how : 'mean', 'min', 'max' or 'sum'
+    what : for messages, e.g. "<file>: predictor 'z500'"
+
+    Returns
+    -------
+    xr.DataArray (time, lat, lon) with time = the labels of the complete intervals.
+    """
+    index = da.indexes["time"]
+    native = time_step_seconds(da)
+    per = int(round(step / native))
+    if per < 1 or abs(per * native - step) > 1e-6 * step:
+        raise InputError(f"{what}: its time step ({describe_step(native)}) does not divide the target interval "
+                         f"({describe_step(step)}); expected a step that fits a whole number of times")
+    ref = labels[0]
+    s = _seconds_since(index, ref)
+    starts = _seconds_since(labels, ref) + offset
+    k = np.searchsorted(starts, s, side="right") - 1
+    inside = (k >= 0) & (s < starts[np.maximum(k, 0)] + step - 1e-6)
+    counts = np.bincount(k[inside], minlength=len(labels))
+    complete = counts == per
+    take = np.flatnonzero(inside & complete[np.maximum(k, 0)])
+    if take.size == 0:
+        raise InputError(f"{what}: no complete {describe_step(step)} interval (offset {describe_step(offset)}) "
+                         f"of {per} steps of {describe_step(native)} in {index[0]} .. {index[-1]}")
+    partial = int(((counts > 0) & ~complete).sum())
+    if partial or (~inside).any():
+        log.info("%s: %d incomplete %s intervals and %d steps outside every interval dropped", what, partial,
+                 describe_step(step), int((~inside).sum()))
+    contiguous = take[-1] - take[0] + 1 == take.size
+    sub = da.isel(time=slice(int(take[0]), int(take[-1]) + 1) if contiguous else take)
+    if sub.chunks is not None:
+        sub = sub.chunk({"time": per * max(1, chunk_time // per)})
+    windows = sub.drop_vars("time").coarsen(time=per).construct(time=("time", "step"))  # (interval, step, ...)
+    out = getattr(windows, how)("step", skipna=False)
+    out = out.assign_coords(time=labels[np.flatnonzero(complete)])
+    out.attrs = dict(da.attrs)
+    out.name = da.name
+    log.info("%s: %s over %d steps of %s per %s interval (offset %s): %d intervals", what, how, per,
+             describe_step(native), describe_step(step), describe_step(offset), out.sizes["time"])
+    return out
+
+
+def aggregate_target(pr: xr.DataArray, cfg: PreprocessConfig, where: str) -> xr.DataArray:
+    """Sum a finer target to ``cfg.time_step`` (lazy); the input is a rate in mm/day.
+
+    Amounts were divided by their own step on reading (:func:`convert_target_units`), so the
+    mean of the rates over an interval is its total amount divided by the interval: a sum of
+    amounts and a mean of rates are one operation.  Labels: midnight of the first day plus
+    whole steps; the interval of label ``t`` is [t + offset, t + offset + step).
+    """
+    step = parse_step(cfg.time_step, "preprocess.time_step")
+    offset = parse_step(cfg.aggregation_offset, "preprocess.aggregation_offset")
+    native = time_step_seconds(pr)
+    if abs(native - step) <= 1e-6 * step:
+        return pr
+    if native > step:
+        raise InputError(f"{where}: its time step ({describe_step(native)}) is longer than preprocess.time_step "
+                         f"{cfg.time_step!r}; expected a finer target to sum (or time_step: null)")
+    index = pr.indexes["time"]
+    origin = index[0].replace(hour=0, minute=0, second=0, microsecond=0)
+    s = _seconds_since(index, origin)
+    first, last = np.floor((s[[0, -1]] - offset) / step)
+    labels = _stamps_after(origin, np.arange(first, last + 1) * step, index)
+    out = aggregate_intervals(pr, labels, step, offset, "mean", cfg.chunk_time, where)
+    out.attrs = dict(pr.attrs) | {
+        "aggregated_from_step_seconds": float(native),
+        "aggregation": f"mean rate over [t + {cfg.aggregation_offset}, t + {cfg.aggregation_offset} + {cfg.time_step})",
+    }
+    return out
+
+
+def match_predictor_steps(pr: xr.DataArray, preds: Sequence[xr.DataArray], flags: Sequence[bool],
+                          cfg: PreprocessConfig) -> list[xr.DataArray]:
+    """Bring predictors finer in time than the target to the target's stamps (``predictor_aggregation``).
+
+    A predictor at the target's step is unchanged.  A finer one is reduced over each target
+    interval [t + offset, t + offset + step) with ``cfg.predictor_aggregation`` (a precipitation
+    predictor, a rate by then, always with the mean); with no aggregation configured it is an
+    error naming both steps and the keys, since the time intersection would silently keep one
+    predictor field per target step.  A coarser predictor is an error.
+    """
+    if not preds:
+        return list(preds)
+    target_step = time_step_seconds(pr)
+    offset = parse_step(cfg.aggregation_offset, "preprocess.aggregation_offset")
+    out = []
+    for p, is_pr in zip(preds, flags):
+        step = time_step_seconds(p)
+        what = f"{source_files(p)}: predictor {p.name!r}"
+        if abs(step - target_step) <= 1e-6 * target_step:
+            out.append(p)
+            continue
+        if step > target_step:
+            raise InputError(
+                f"{what} has a time step of {describe_step(step)}, longer than the target's "
+                f"({source_files(pr)}: {describe_step(target_step)}); expected predictors at the target's step or "
+                "finer (preprocess.time_step sums a finer target)")
+        if cfg.predictor_aggregation is None:
+            raise InputError(
+                f"{what} has a time step of {describe_step(step)} but the target ({source_files(pr)}) has "
+                f"{describe_step(target_step)}; matching their time stamps would keep 1 in "
+                f"{int(round(target_step / step))} predictor fields. Set preprocess.predictor_aggregation (mean, min, "
+                "max or sum over each target interval) and preprocess.aggregation_offset (where the interval starts, "
+                "e.g. '6h' for E-OBS days that run 06-06 UTC), or preprocess.time_step to sum a finer target")
+        how = "mean" if is_pr else cfg.predictor_aggregation
+        if is_pr and cfg.predictor_aggregation != "mean":
+            log.info("%s: a precipitation rate; averaged over the interval (not %s)", what, cfg.predictor_aggregation)
+        out.append(aggregate_intervals(p, pr.indexes["time"], target_step, offset, how, cfg.chunk_time, what))
+    return out
 
 
 # ----------------------------------------------------------------------------- split
@@ -331,8 +489,9 @@ def select_region(da: xr.DataArray, region) -> xr.DataArray:
 
 
 def block_mean(da: xr.DataArray, factor: int) -> xr.DataArray:
-    """Block-average a (time, lat, lon) field by ``factor`` (NaN-aware; ragged edges trimmed)."""
-    return da.coarsen(lat=factor, lon=factor, boundary="trim").mean()
+    """Block-average a (time, lat, lon) field by ``factor``: the mean over the valid (finite) cells of
+    each block, NaN where a block has none (all sea); ragged edges trimmed."""
+    return da.coarsen(lat=factor, lon=factor, boundary="trim").mean()  # skips NaN (floats' default)
 
 
 def pad_amount(n: int, multiple: int) -> tuple[int, int]:
@@ -428,15 +587,34 @@ def apply_value_policy(counts: dict, cfg: PreprocessConfig, where: str) -> dict:
 
 def fit_channel_stats(cond: xr.DataArray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std over train days and all cells (NaN skipped)."""
-    sub = cond.isel(time=np.flatnonzero(train))
-    mean = sub.mean(("time", "clat", "clon"), skipna=True)
-    std = sub.std(("time", "clat", "clon"), skipna=True)
+    mean, std, _, _ = channel_stats(cond, train)
+    return mean, std
+
+
+def channel_stats(cond: xr.DataArray, train: np.ndarray):
+    """Per-channel train mean and std (NaN skipped) and missing counts, in one dask pass.
+
+    Parameters
+    ----------
+    cond : xr.DataArray (time, channel, clat, clon)
+    train : bool (time,)
+
+    Returns
+    -------
+    mean, std : float64 (channel,); a std of 0 becomes 1
+    n_missing : int (channel,): NaN values over all days and cells
+    n_always : int (channel,): cells missing on every day (a fixed mask, e.g. all-sea blocks)
+    """
     import dask
 
-    mean, std = dask.compute(mean, std)
+    sub = cond.isel(time=np.flatnonzero(train))
+    nan = cond.isnull()
+    mean, std, n_missing, n_always = dask.compute(
+        sub.mean(("time", "clat", "clon"), skipna=True), sub.std(("time", "clat", "clon"), skipna=True),
+        nan.sum(("time", "clat", "clon")), nan.all("time").sum(("clat", "clon")))
     mean, std = mean.values.astype("float64"), std.values.astype("float64")
     std = np.where(std > 0, std, 1.0)
-    return mean, std
+    return mean, std, n_missing.values.astype(int), n_always.values.astype(int)
 
 
 def transform_moments(pr: xr.DataArray, train: np.ndarray, kind: str) -> tuple:
@@ -513,6 +691,93 @@ def scan_target(pr: xr.DataArray, train: np.ndarray, cfg: PreprocessConfig, wher
     return mask, counts, transform_from_moments(cfg.transform, moments, valid_cell)
 
 
+def _format_stamps(index) -> list[str]:
+    """ISO stamps for messages: a date, with the time of day when one is not midnight."""
+    return [f"{t.year:04d}-{t.month:02d}-{t.day:02d}" + (f"T{t.hour:02d}:{t.minute:02d}" if t.hour or t.minute else "")
+            for t in index]
+
+
+def check_split_sizes(labels: np.ndarray, index, cfg: PreprocessConfig, where: str) -> None:
+    """Refuse a split with fewer than ``cfg.min_split_days`` time steps (per split)."""
+    counts = {s: int((labels == s).sum()) for s in SPLITS}
+    for name in SPLITS:
+        need = getattr(cfg.min_split_days, name)
+        if counts[name] < need:
+            raise InputError(
+                f"{where}: split {name!r} holds {counts[name]} time steps; expected at least {need} "
+                f"(preprocess.min_split_days.{name}) to learn from or score (counts {counts}; data span "
+                f"{index[0]} .. {index[-1]}); give a longer record or change preprocess.split")
+
+
+def predictor_missing_days(preds: Sequence[xr.DataArray], keep: np.ndarray, cfg: PreprocessConfig):
+    """Per predictor, which days count as missing (one dask pass over the predictors).
+
+    A day is missing for a predictor when more than ``cfg.predictor_missing_cells`` of its
+    cells are NaN; on the other days, NaN cells are few and are later filled with the
+    train mean.
+
+    Parameters
+    ----------
+    preds : predictors (time, lat, lon) on their own grids, on the common time stamps
+    keep : bool (time,): the days in a split (the others are ignored)
+
+    Returns
+    -------
+    missing : bool (predictor, time), False where ``keep`` is False
+    partial_cells : int (predictor,): NaN cells on the days that are not missing
+    """
+    import dask
+
+    if not preds:
+        return np.zeros((0, keep.size), bool), np.zeros(0, int)
+    frac, count = zip(*dask.compute(*[(p.isnull().mean(("lat", "lon")), p.isnull().sum(("lat", "lon")))
+                                      for p in preds]))
+    frac = np.stack([np.asarray(f.values, float) for f in frac])
+    count = np.stack([np.asarray(c.values, int) for c in count])
+    missing = (frac > cfg.predictor_missing_cells) & keep[None]
+    partial = np.where(~missing & keep[None], count, 0).sum(axis=1)
+    return missing, partial
+
+
+def apply_predictor_policy(preds: Sequence[xr.DataArray], missing: np.ndarray, labels: np.ndarray, dates: list[str],
+                           cfg: PreprocessConfig) -> tuple[np.ndarray, dict]:
+    """Apply ``cfg.predictor_missing_policy`` to the missing predictor days.
+
+    Returns
+    -------
+    drop : bool (time,): days to leave out (``drop_days``), else all False
+    counts : dict split -> number of days with a missing predictor field
+
+    Raises
+    ------
+    InputError
+        ``refuse``: names the file, the variable, the number of days and the first dates.
+    """
+    any_missing = missing.any(axis=0) if missing.size else np.zeros(labels.size, bool)
+    counts = {s: int((any_missing & (labels == s)).sum()) for s in SPLITS}
+    if cfg.predictor_missing_policy == "refuse":
+        for p, row in zip(preds, missing):
+            if row.any():
+                first = [dates[i] for i in np.flatnonzero(row)[:5]]
+                raise InputError(
+                    f"{source_files(p)}: predictor {p.name!r} is missing on {int(row.sum())} day(s) (more than "
+                    f"{cfg.predictor_missing_cells:.0%} of its cells NaN), first {first}; expected complete fields "
+                    "(preprocess.predictor_missing_policy: refuse; 'drop_days' leaves those days out, "
+                    "'fill_climatology' fills them with the train mean; preprocess.predictor_missing_cells sets "
+                    "the fraction of cells that may be missing)")
+        return np.zeros(labels.size, bool), counts
+    for p, row in zip(preds, missing):
+        if row.any():
+            log.warning("%s: predictor %r is missing on %d days (%s), first %s: %s", source_files(p), p.name,
+                        int(row.sum()), ", ".join(f"{s} {int((row & (labels == s)).sum())}" for s in SPLITS),
+                        [dates[i] for i in np.flatnonzero(row)[:5]],
+                        "left out (drop_days)" if cfg.predictor_missing_policy == "drop_days"
+                        else "filled with the train mean (fill_climatology)")
+    if cfg.predictor_missing_policy == "drop_days":
+        return any_missing, counts
+    return np.zeros(labels.size, bool), counts
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -553,6 +818,10 @@ def build_dataset(
             name = p.name
             p = convert_target_units(p, cfg.negative_tolerance).rename(name)
         preds.append(p)
+    check_calendars(pr, preds)
+    if cfg.time_step is not None:
+        pr = aggregate_target(pr, cfg, where)
+    preds = match_predictor_steps(pr, preds, flags, cfg)
     pr, preds = align_time(pr, preds, cfg.min_overlap_days)
     pr = pr.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1})
 
@@ -560,6 +829,20 @@ def build_dataset(
         labels = split_labels(pr.indexes["time"], cfg.split)
     except InputError as exc:  # name the data: the split sees the target/predictor time intersection
         raise InputError(f"{where} (time stamps shared with the predictors): {exc}") from exc
+    missing, partial_cells = predictor_missing_days(preds, labels != "", cfg)
+    drop, missing_days = apply_predictor_policy(preds, missing, labels, _format_stamps(pr.indexes["time"]), cfg)
+    for p, n in zip(preds, partial_cells):
+        if n:
+            log.warning("%s: predictor %r has %d missing cells on days with at most %.0f%% of its cells missing "
+                        "(preprocess.predictor_missing_cells); filled with the train mean", source_files(p), p.name,
+                        int(n), 100 * cfg.predictor_missing_cells)
+    if drop.any():
+        log.info("predictor_missing_policy drop_days: %d days left out (%s)", int(drop.sum()),
+                 ", ".join(f"{s} {missing_days[s]}" for s in SPLITS))
+        pr = pr.isel(time=np.flatnonzero(~drop))
+        preds = [p.isel(time=np.flatnonzero(~drop)) for p in preds]
+        labels = labels[~drop]
+    check_split_sizes(labels, pr.indexes["time"], cfg, f"{where} (time stamps shared with the predictors)")
     # one pass over the target: mask, value checks and the transform's train statistics
     mask, counts, transform = scan_target(pr, labels == "train", cfg, where)
     log.info(
@@ -611,11 +894,17 @@ def build_dataset(
     cond = xr.concat([c.drop_attrs() if hasattr(c, "drop_attrs") else c for c in channels], dim="channel")
     cond = cond.assign_coords(channel=("channel", names)).rename({"lat": "clat", "lon": "clon"})
     cond = cond.transpose("time", "channel", "clat", "clon")
-    mean, std = fit_channel_stats(cond, train)
+    mean, std, n_filled, n_fixed = channel_stats(cond, train)
     mean_da = xr.DataArray(mean, dims="channel", coords={"channel": names})
     std_da = xr.DataArray(std, dims="channel", coords={"channel": names})
+    # the missing values left (a fixed mask such as all-sea blocks, a few cells under predictor_missing_cells,
+    # whole days under fill_climatology) become the train mean: 0 after normalisation; counted, never silent
     cond_n = ((cond - mean_da) / std_da).fillna(0.0).astype("float32")
-    cond_n.attrs = {"long_name": "normalised condition (train mean/std per channel)", "units": "1"}
+    cond_n.attrs = {"long_name": "normalised condition (train mean/std per channel); missing values are 0 (the "
+                    "train mean)", "units": "1"}
+    if n_filled.any():
+        log.info("condition: missing values set to the train mean per channel %s (cells missing on every day: %s)",
+                 dict(zip(names, n_filled.tolist())), dict(zip(names, n_fixed.tolist())))
     log.info("condition: channels %s on a %dx%d grid; train mean %s std %s", names, clat.size, clon.size,
              np.round(mean, 4).tolist(), np.round(std, 4).tolist())
 
@@ -652,6 +941,10 @@ def build_dataset(
             "preprocess_config": json.dumps(asdict(cfg), sort_keys=True),
             "package_version": __version__,
             "n_sporadic_missing": counts["sporadic_missing"],
+            "predictor_missing_policy": cfg.predictor_missing_policy,
+            **{f"n_predictor_missing_days_{s}": missing_days[s] for s in SPLITS},
+            "n_predictor_partial_cells": int(np.sum(partial_cells)),
+            "n_condition_filled": json.dumps(dict(zip(names, n_filled.tolist()))),
             "source_target": target.attrs.get("source_files", ""),
             "source_predictors": json.dumps([p.attrs.get("source_files", "") for p in predictors]),
             **transform.to_attrs(),
