@@ -94,3 +94,42 @@ def test_iberia_config_runs_every_stage(iberia, tmp_path):
         assert (exp / "evaluate" / name).exists()
     assert (exp / "downstream" / "comparison.csv").exists()
     assert (res / "experiments_seeds.csv").exists()
+
+
+def test_iberia_30_days_are_refused_and_6_hourly_predictors_aggregated(iberia, capsys):
+    """Issue 18 on the real files: 30 days of E-OBS with the NCEP predictors pass min_overlap_days but are
+    refused by min_split_days; the same predictors given 6-hourly (each daily mean at 06, 12, 18 UTC and
+    00 UTC of the next day, E-OBS days running 06-06 UTC) are refused without an aggregation, and with
+    predictor_aggregation mean / aggregation_offset 6h give back the daily condition exactly."""
+    import pandas as pd
+
+    from precip_cvae.io import InputError, open_variable
+
+    rr = open_variable(VariableSource(str(iberia / "eobs_rr_*.nc"), "rr"))
+    psl = open_variable(VariableSource(str(iberia / "ncep_predictors_*.nc"), "psl"))
+    first = slice(0, 30)
+    with pytest.raises(InputError) as err:
+        preprocess.build_dataset(rr.isel(time=first), [psl.isel(time=first)], PreprocessConfig())
+    msg = str(err.value)
+    assert "eobs_rr_iberia_djf_1983-2002.nc: target 'rr' (time stamps shared with the predictors)" in msg
+    assert "split 'train' holds 21 time steps; expected at least 30 (preprocess.min_split_days.train)" in msg
+    with capsys.disabled():
+        print(f"\nIberia, 30 days: {msg}")
+
+    # two winters (180 days: train 126, val 27, test 27) given 6-hourly
+    days = slice(0, 180)
+    daily = psl.isel(time=days).load()
+    stamps = pd.DatetimeIndex(daily["time"].values)
+    six = xr.concat([daily.assign_coords(time=stamps + pd.Timedelta(hours=h)) for h in (6, 12, 18, 24)], "time")
+    six = six.sortby("time")
+    six.attrs = dict(psl.attrs)
+    target = rr.isel(time=days)
+    with pytest.raises(InputError, match=r"predictor 'psl' has a time step of 6 h but the target .* has 1 day"):
+        preprocess.build_dataset(target, [six], PreprocessConfig())
+    got = preprocess.build_dataset(target, [six], PreprocessConfig(predictor_aggregation="mean",
+                                                                   aggregation_offset="6h"))
+    ref = preprocess.build_dataset(target, [daily], PreprocessConfig())
+    # every day's four stamps lie in its own 06-06 interval, the last day of a winter too (00 UTC of 1 March)
+    assert got.sizes["time"] == ref.sizes["time"] == 180
+    np.testing.assert_allclose(got["condition"].values, ref["condition"].values, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["cond_mean"].values, ref["cond_mean"].values, rtol=1e-6)
