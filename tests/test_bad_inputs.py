@@ -499,7 +499,8 @@ def test_splits_too_short_to_learn_from_are_refused(tmp_path):
     root = _case(tmp_path, target=_target(times=days), predictor=_predictor(times=days))
     counts = "(counts {'train': 21, 'val': 5, 'test': 4}"
     _refused(root, re.escape(f"{root / 'target' / 'pr.nc'}: target 'pr' (time stamps shared with the predictors): "
-                             "split 'train' holds 21 time steps; expected at least 30 (preprocess.min_split_days.train)"),
+                             "split 'train' holds 21 time steps; expected at least 30 "
+                             "(preprocess.min_split_days.train)"),
              re.escape(counts), r"data span 2000-01-01 00:00:00 \.\. 2000-01-30")
     _refused(root, re.escape("split 'val' holds 5 time steps; expected at least 10 (preprocess.min_split_days.val)"),
              min_split_days=MinSplitDays(train=20))
@@ -509,7 +510,7 @@ def test_splits_too_short_to_learn_from_are_refused(tmp_path):
     assert (ds.attrs["n_train"], ds.attrs["n_val"], ds.attrs["n_test"]) == (21, 5, 4)
 
 
-def _six_hourly(days: pd.DatetimeIndex, calendar: str | None = None) -> xr.DataArray:
+def _six_hourly(days, calendar: str | None = None) -> xr.DataArray:
     """z500 every 6 h from the first day 00 UTC to the day after the last, 00 UTC; the value at step k
     is 5000 + k + 0.1 * (cell number), so the mean over any interval is known by hand."""
     n = 4 * len(days) + 1
@@ -549,9 +550,7 @@ def test_six_hourly_predictors_are_aggregated_over_each_target_day(tmp_path, how
         days = pd.date_range("2000-01-01", periods=100)
     else:
         days = xr.date_range("2000-01-01", periods=100, freq="D", calendar=calendar, use_cftime=True)
-    target = _target(times=days)
-    root = _case(tmp_path, target=target, predictor=_six_hourly(pd.DatetimeIndex(pd.date_range("2000-01-01", periods=100))
-                                                                 if calendar is None else days, calendar))
+    root = _case(tmp_path, target=_target(times=days), predictor=_six_hourly(days, calendar))
     ds = _run(root, predictor_aggregation=how, aggregation_offset=offset)
     # complete intervals only: with offset 0 the step at the day after the last is left over, with 6h it completes it
     assert ds.sizes["time"] == 100

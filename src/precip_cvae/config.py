@@ -230,7 +230,15 @@ class MinSplitDays:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Checks and normalisation of the raw inputs (see :mod:`precip_cvae.preprocess`)."""
+    """Checks and normalisation of the raw inputs (see :mod:`precip_cvae.preprocess`).
+
+    ``min_split_days``: fewest steps per split.  ``predictor_missing_policy``: a predictor day
+    with more than ``predictor_missing_cells`` of its cells missing is refused, dropped
+    (``drop_days``) or filled with the train mean (``fill_climatology``), counted either way.
+    ``time_step`` (pandas notation, '1D'): sum a finer target to this step first.
+    ``predictor_aggregation`` (mean/min/max/sum): reduce predictors finer than the target over
+    each target interval [t + ``aggregation_offset``, t + offset + step); None refuses them.
+    """
 
     split: SplitConfig = field(default_factory=SplitConfig)
     condition_grid: str = "first"

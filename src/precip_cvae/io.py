@@ -49,7 +49,8 @@ def _cf_time_names(ds: xr.Dataset) -> list[str]:
     names = [n for n in TIME_NAMES if n in ds.variables or n in ds.dims]
     for name, var in ds.variables.items():
         attrs = {**var.attrs, **var.encoding}
-        if str(name) not in names and (attrs.get("standard_name") == "time" or str(attrs.get("axis", "")).upper() == "T"):
+        cf_time = attrs.get("standard_name") == "time" or str(attrs.get("axis", "")).upper() == "T"
+        if str(name) not in names and cf_time:
             names.append(str(name))
     return names
 

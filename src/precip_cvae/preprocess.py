@@ -8,7 +8,10 @@ Data contract of ``dataset.zarr`` (read by every later stage through
   ``mask`` missing-value policy and excluded from losses and metrics by the
   per-sample validity ``mask & isfinite(pr)``).
 * ``condition`` (time, channel, clat, clon) float32, normalised with train-only
-  mean/std per channel; missing predictor values are 0 (the train mean).
+  mean/std per channel; missing values are 0 (the train mean): all-sea blocks of the
+  block-mean channel, a few predictor cells under ``predictor_missing_cells``, and whole
+  days under ``predictor_missing_policy: fill_climatology`` (counted in the log and in
+  ``n_condition_filled``; the default policy ``refuse`` stops on a missing predictor day).
 * ``coarse_pr`` (time, clat, clon) float32 mm day-1, only when a condition
   channel is precipitation (a predictor flagged ``precipitation: true`` or the
   block-averaged target); used by the mass-conservation checks and the
@@ -23,7 +26,15 @@ Data contract of ``dataset.zarr`` (read by every later stage through
 * attributes: ``target_transform``/``target_transform_scale`` (fitted on train),
   ``pad_lat``/``pad_lon`` (cells added before/after on each axis) and
   ``orig_nlat``/``orig_nlon`` so :func:`crop_to_original` can return to the input
-  grid, ``preprocess_config`` (JSON), ``source_*`` file lists.
+  grid, ``preprocess_config`` (JSON), ``source_*`` file lists,
+  ``predictor_missing_policy``, ``n_predictor_missing_days_{train,val,test}`` (days with a
+  missing predictor field: left out under ``drop_days``, filled under ``fill_climatology``),
+  ``n_predictor_partial_cells``.
+
+Time steps: a target finer than ``time_step`` is averaged as a rate over each interval
+[t + offset, t + offset + step) (an amount was divided by its own step on reading, so this is
+the interval's total per day); predictors finer than the target are reduced over the same
+intervals by ``predictor_aggregation``; only complete intervals are kept.
 """
 
 from __future__ import annotations
