@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from . import cf
 from .config import VariableSource
 
 log = logging.getLogger(__name__)
@@ -321,14 +322,17 @@ def atomic_path(path: str | Path):
 
 
 def _clean_encoding(ds: xr.Dataset) -> xr.Dataset:
-    """Drop encodings inherited from NetCDF sources that zarr cannot take."""
-    ds = ds.copy()
+    """Drop encodings inherited from NetCDF sources that zarr cannot take, and give the data set the
+    CF types and encoding of :mod:`precip_cvae.cf` (no fill value on coordinates, float64 times)."""
+    ds = cf.conform(ds)
     for name in ds.variables:
         enc = ds[name].encoding
         keep = {k: enc[k] for k in ("units", "calendar", "dtype", "_FillValue") if k in enc}
         if "dtype" in keep and ds[name].dtype.kind == "f":
             keep.pop("dtype")
         ds[name].encoding = keep
+    for name, enc in cf.encoding(ds).items():
+        ds[name].encoding.update(enc)
     return ds
 
 

@@ -1,0 +1,95 @@
+"""CF-1.8 conventions of what the workflow writes (one owner: ``io``'s writers call :func:`conform`).
+
+What the IOOS compliance checker (``compliance-checker --test cf:1.8``) and CDO ask of a file, made
+true here once for every NetCDF and zarr store the workflow writes:
+
+* data types are CF types: an ``int64`` variable is stored as ``int32`` (refused when its values do
+  not fit), times as ``float64`` with CF units and calendar;
+* coordinate variables carry no ``_FillValue`` (CF 2.5.1), integer flag variables neither;
+* ``flag_values`` / ``flag_masks`` / ``valid_range`` have the data type of their variable (CF 3.5);
+* the global attributes hold ``Conventions`` and a non-empty ``history`` (CF 2.6.2).
+
+Ensembles (synthetic samples, evaluation members) are laid out as CF realizations:
+``pr(time, realization, lat, lon)`` with ``realization`` an int32 coordinate of standard_name
+``realization`` (:func:`realization_coord`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+import numpy as np
+import xarray as xr
+
+from . import __version__
+
+CONVENTIONS = "CF-1.8"
+TIME_UNITS = "days since 1970-01-01"  # when a time variable brings no units of its own
+_SAME_TYPE_ATTRS = ("flag_values", "flag_masks", "valid_range", "valid_min", "valid_max")
+
+
+def now_iso() -> str:
+    """The current UTC time as ``YYYY-MM-DDTHH:MM:SSZ`` (history lines, creation times)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def history_line(stage: str, text: str, when: str | None = None) -> str:
+    """One line of the ``history`` attribute: ``<time> precip-cvae <version> <stage>: <text>``."""
+    return f"{when or now_iso()} precip-cvae {__version__} {stage}: {text}"
+
+
+def append_history(attrs: dict, line: str) -> dict:
+    """``attrs`` with ``line`` appended to its ``history`` (newest last, one line per step, as NCO does)."""
+    old = str(attrs.get("history", "")).strip()
+    return {**attrs, "history": f"{old}\n{line}" if old else line}
+
+
+def realization_coord(n: int) -> xr.DataArray:
+    """The CF ensemble axis: ``realization`` 0..n-1, int32, standard_name ``realization``."""
+    return xr.DataArray(np.arange(n, dtype="int32"), dims="realization", attrs={
+        "standard_name": "realization", "long_name": "ensemble member (sample) index", "units": "1"})
+
+
+def _is_time(var: xr.Variable) -> bool:
+    if np.issubdtype(var.dtype, np.datetime64):
+        return True
+    return var.dtype == object and var.size > 0 and hasattr(np.ravel(var.values)[0], "calendar")
+
+
+def conform(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with CF data types, attribute types and ``Conventions`` (values unchanged).
+
+    Raises ``ValueError`` naming the variable when an int64 variable does not fit in int32.
+    """
+    ds = ds.copy()
+    for name in list(ds.variables):
+        var = ds[name].variable
+        if var.dtype == np.int64 or var.dtype == np.uint64:
+            values = var.values
+            if values.size and (values.min() < np.iinfo("int32").min or values.max() > np.iinfo("int32").max):
+                raise ValueError(f"variable {name!r}: int64 values outside the int32 range; CF-1.8 has no int64")
+            ds[name] = var.astype("int32") if name not in ds.dims else ds[name].astype("int32")
+            var = ds[name].variable
+        for key in _SAME_TYPE_ATTRS:
+            if key in var.attrs and var.dtype.kind in "iuf":
+                ds[name].attrs[key] = np.asarray(var.attrs[key]).astype(var.dtype)
+    ds.attrs.setdefault("Conventions", CONVENTIONS)
+    return ds
+
+
+def encoding(ds: xr.Dataset) -> dict:
+    """Per-variable encoding for ``to_netcdf`` / ``to_zarr``: no ``_FillValue`` on coordinates and
+    integer or text variables, times as float64 with CF units (the variable's own units/calendar kept)."""
+    enc: dict[str, dict] = {}
+    for name, var in ds.variables.items():
+        e: dict = {}
+        if name in ds.coords or var.dtype.kind in "iubSUO":
+            e["_FillValue"] = None
+        if _is_time(var):
+            e["units"] = var.encoding.get("units", TIME_UNITS)
+            if "calendar" in var.encoding:
+                e["calendar"] = var.encoding["calendar"]
+            e["dtype"] = "float64"
+        if e:
+            enc[name] = e
+    return enc
