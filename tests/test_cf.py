@@ -170,3 +170,36 @@ def test_cdo_field_means_equal_xarray(outputs, tmp_path):
     assert checked == n
     info = subprocess.run(["cdo", "-s", "sinfon", str(path)], capture_output=True, text=True, check=True).stdout
     assert f"time : {ds.sizes['time']} steps" in " ".join(info.split())
+
+
+@pytest.mark.workflow
+def test_evaluated_ensembles_export_in_the_realization_layout(tiny_run, tmp_path):
+    from precip_cvae import export
+
+    store = tiny_run / "results" / "tiny" / "experiments" / "default" / "evaluate" / "ensembles.zarr"
+    out = tmp_path / "cvae_best.nc"
+    assert export.main([str(store), "test", "cvae_best", str(out)]) == 0
+    assert_cf_clean(out)
+    ds = xr.open_dataset(out)
+    cached = xr.open_zarr(store, group="test/cvae_best")["pr"].values  # (member, time, lat, lon)
+    assert ds["pr"].dims == ("time", "realization", "lat", "lon") and ds["realization"].dtype == np.int32
+    np.testing.assert_array_equal(ds["pr"].values[5, 2], cached[2, 5])
+    truth = xr.open_zarr(store, group="test/truth")
+    np.testing.assert_array_equal(ds["pr_observed"].values, truth["pr"].values)
+    assert ds["is_heavy_day"].values.tolist() == truth["is_event"].values.tolist()
+    assert "best.pt" in ds.attrs["source"] and "export:" in ds.attrs["history"]
+    assert export.main([str(store), "test", "nosuch", str(tmp_path / "x.nc")]) == 2
+    assert not (tmp_path / "x.nc").exists()
+    with pytest.raises(io.InputError, match="split 'val' was not evaluated; expected one of \\['test'\\]"):
+        export.ensemble_dataset(store, "val", "cvae_best")
+
+
+def test_cache_dates_become_cf_times_in_their_calendar():
+    from precip_cvae.export import cf_time
+
+    t = cf_time(np.array(["2001-02-29", "2001-02-30", "2001-03-01T06:00"]), "360_day")
+    # 360_day: 2001-01-01 is 31 years x 360 days after 1970-01-01; Feb 29 is day 58 of the year
+    np.testing.assert_allclose(t.values, [31 * 360 + 58, 31 * 360 + 59, 31 * 360 + 60.25])
+    assert t.attrs["calendar"] == "360_day" and t.attrs["units"] == "days since 1970-01-01"
+    std = cf_time(np.array(["2001-01-01"]), "standard")
+    assert std.values.tolist() == [11323.0]
