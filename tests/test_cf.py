@@ -73,7 +73,7 @@ def test_written_netcdf_has_no_fill_value_on_coordinates_and_float_times(tmp_pat
     with netCDF4.Dataset(tmp_path / "a.nc") as nc:
         assert "_FillValue" not in nc["lat"].ncattrs() and "_FillValue" not in nc["time"].ncattrs()
         assert "_FillValue" not in nc["count"].ncattrs() and "_FillValue" not in nc["flag"].ncattrs()
-        assert "_FillValue" in nc["pr"].ncattrs()  # data keep theirs: NaN is missing
+        assert nc["pr"]._FillValue == np.float32(1e20)  # numeric, not NaN: NCO's averages skip it
         assert nc["time"].dtype == np.float64 and nc["time"].units == "days since 1970-01-01"
         assert nc["count"].dtype == np.int32
         np.testing.assert_array_equal(nc["time"][:], [11323.0, 11324.0])  # 2001-01-01 is day 11323
@@ -144,10 +144,7 @@ def test_cf_xarray_finds_the_axes_by_their_attributes(outputs):
 
 @pytest.mark.workflow
 def test_cdo_field_means_equal_xarray(outputs, tmp_path):
-    if shutil.which("cdo") is None:
-        if os.environ.get("PRECIP_CVAE_REQUIRE_CDO"):
-            pytest.fail("cdo is not installed but PRECIP_CVAE_REQUIRE_CDO is set (.ci/run installs it)")
-        pytest.skip("cdo not installed (Debian package cdo; .ci/run installs it)")
+    _require("cdo", "cdo")
     path = outputs["augmented"]
     proc = subprocess.run(["cdo", "-s", "outputtab,date,lev,value", "-fldmean", "-selname,pr", str(path)],
                           capture_output=True, text=True, check=True)
@@ -203,3 +200,25 @@ def test_cache_dates_become_cf_times_in_their_calendar():
     assert t.attrs["calendar"] == "360_day" and t.attrs["units"] == "days since 1970-01-01"
     std = cf_time(np.array(["2001-01-01"]), "standard")
     assert std.values.tolist() == [11323.0]
+
+
+def _require(tool: str, package: str):
+    if shutil.which(tool) is None:
+        if os.environ.get("PRECIP_CVAE_REQUIRE_CDO"):
+            pytest.fail(f"{tool} is not installed but PRECIP_CVAE_REQUIRE_CDO is set (.ci/run installs {package})")
+        pytest.skip(f"{tool} not installed (Debian package {package}; .ci/run installs it)")
+
+
+@pytest.mark.workflow
+def test_nco_ensemble_mean_skips_missing_realizations_and_masked_cells(outputs, tmp_path):
+    _require("ncwa", "nco")
+    ds = xr.open_dataset(outputs["augmented"]).load()
+    ds["pr"][0, -1] = np.nan  # a day short of one sample (as the heavy filter leaves it)
+    ds["pr"][:, :, 0, 0] = np.nan  # a masked cell
+    io.write_netcdf(ds, tmp_path / "a.nc")
+    subprocess.run(["ncwa", "-O", "-a", "realization", "-v", "pr", str(tmp_path / "a.nc"), str(tmp_path / "m.nc")],
+                   check=True, capture_output=True)
+    got = xr.open_dataset(tmp_path / "m.nc")["pr"].values
+    expected = np.nanmean(ds["pr"].values, axis=1)  # NaN only at the masked cell
+    assert np.isnan(got[:, 0, 0]).all() and np.isfinite(got[:, 1:, 1:]).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, equal_nan=True)

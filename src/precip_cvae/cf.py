@@ -25,6 +25,9 @@ from . import __version__
 
 CONVENTIONS = "CF-1.8"
 TIME_UNITS = "days since 1970-01-01"  # when a time variable brings no units of its own
+#: The fill value of float data in NetCDF files (CMIP's). NaN is not one: NCO's ncwa/ncra average it
+#: into every cell instead of skipping it, while CDO, NCO and xarray all honour a numeric _FillValue.
+NETCDF_FILL = 1.0e20
 _SAME_TYPE_ATTRS = ("flag_values", "flag_masks", "valid_range", "valid_min", "valid_max")
 
 
@@ -77,14 +80,17 @@ def conform(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
-def encoding(ds: xr.Dataset) -> dict:
+def encoding(ds: xr.Dataset, float_fill: float | None = None) -> dict:
     """Per-variable encoding for ``to_netcdf`` / ``to_zarr``: no ``_FillValue`` on coordinates and
-    integer or text variables, times as float64 with CF units (the variable's own units/calendar kept)."""
+    integer or text variables, times as float64 with CF units (the variable's own units/calendar kept),
+    and ``float_fill`` (e.g. :data:`NETCDF_FILL`) as the fill value of float data when given."""
     enc: dict[str, dict] = {}
     for name, var in ds.variables.items():
         e: dict = {}
         if name in ds.coords or var.dtype.kind in "iubSUO":
             e["_FillValue"] = None
+        elif float_fill is not None and var.dtype.kind == "f":
+            e["_FillValue"] = var.dtype.type(float_fill)
         if _is_time(var):
             e["units"] = var.encoding.get("units", TIME_UNITS)
             if "calendar" in var.encoding:

@@ -321,7 +321,7 @@ def atomic_path(path: str | Path):
         raise
 
 
-def _clean_encoding(ds: xr.Dataset) -> xr.Dataset:
+def _clean_encoding(ds: xr.Dataset, float_fill: float | None = None) -> xr.Dataset:
     """Drop encodings inherited from NetCDF sources that zarr cannot take, and give the data set the
     CF types and encoding of :mod:`precip_cvae.cf` (no fill value on coordinates, float64 times)."""
     ds = cf.conform(ds)
@@ -331,7 +331,7 @@ def _clean_encoding(ds: xr.Dataset) -> xr.Dataset:
         if "dtype" in keep and ds[name].dtype.kind == "f":
             keep.pop("dtype")
         ds[name].encoding = keep
-    for name, enc in cf.encoding(ds).items():
+    for name, enc in cf.encoding(ds, float_fill).items():
         ds[name].encoding.update(enc)
     return ds
 
@@ -347,7 +347,8 @@ def write_zarr(ds: xr.Dataset, path: str | Path, chunks: dict | None = None) -> 
 
 
 def write_netcdf(ds: xr.Dataset, path: str | Path) -> Path:
-    ds = _clean_encoding(ds)
+    """Write ``ds`` as a CF-1.8 netCDF4 file atomically (float data filled with ``cf.NETCDF_FILL``)."""
+    ds = _clean_encoding(ds, cf.NETCDF_FILL)
     with atomic_path(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4")
     return Path(path)
