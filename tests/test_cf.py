@@ -222,3 +222,22 @@ def test_nco_ensemble_mean_skips_missing_realizations_and_masked_cells(outputs, 
     expected = np.nanmean(ds["pr"].values, axis=1)  # NaN only at the masked cell
     assert np.isnan(got[:, 0, 0]).all() and np.isfinite(got[:, 1:, 1:]).all()
     np.testing.assert_allclose(got, expected, rtol=1e-5, equal_nan=True)
+
+
+def test_a_projected_grid_is_written_under_its_own_axis_names(tmp_path):
+    """lat/lon that hold projection_y/x_coordinate values (a radar grid in km) leave as y/x in a NetCDF
+    file; a bounds attribute whose variable was not kept is dropped; geographic axes keep their names."""
+    ds = xr.Dataset(
+        {"pr": (("lat", "lon"), np.ones((2, 3), "float32"), {"units": "mm day-1"})},
+        coords={"lat": ("lat", [-0.25, 0.25], {"standard_name": "projection_y_coordinate", "units": "km",
+                                               "original_name": "y", "bounds": "y_bounds"}),
+                "lon": ("lon", [-0.5, 0.0, 0.5], {"standard_name": "projection_x_coordinate", "units": "km"})})
+    io.write_netcdf(ds, tmp_path / "p.nc")
+    back = xr.open_dataset(tmp_path / "p.nc")
+    assert back["pr"].dims == ("y", "x") and back["y"].attrs["axis"] == "Y" and back["x"].attrs["axis"] == "X"
+    assert "bounds" not in back["y"].attrs and "original_name" not in back["y"].attrs
+    assert_cf_clean(tmp_path / "p.nc")
+    geo = ds.assign_coords(lat=("lat", [40.0, 40.5], {"standard_name": "latitude", "units": "degrees_north"}),
+                           lon=("lon", [0.0, 0.5, 1.0], {"standard_name": "longitude", "units": "degrees_east"}))
+    io.write_netcdf(geo, tmp_path / "g.nc")
+    assert xr.open_dataset(tmp_path / "g.nc")["pr"].dims == ("lat", "lon")

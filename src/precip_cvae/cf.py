@@ -80,6 +80,50 @@ def conform(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
+_PROJECTED = {"projection_y_coordinate": ("y", "Y"), "projection_x_coordinate": ("x", "X")}
+
+
+def drop_dangling_references(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` without ``bounds`` / ``grid_mapping`` attributes that name a variable it does not hold
+    (carried over from an input file whose bounds were not kept; CDO and the checker look for them)."""
+    ds = ds.copy()
+    for name in ds.variables:
+        for key in ("bounds", "grid_mapping"):
+            ref = ds[name].attrs.get(key)
+            if isinstance(ref, str) and ref.split(":")[0].strip() not in ds.variables:
+                ds[name].attrs.pop(key)
+    return ds
+
+
+def projected_names(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with a projected grid's axes under their own names in a file for users.
+
+    The workflow calls its fine grid's axes ``lat``/``lon`` (and the condition grid's ``clat``/``clon``)
+    whatever the grid; on a projected grid they hold ``projection_y/x_coordinate`` values (km, m), and
+    CF and the checker refuse a coordinate named ``lat`` that is not a latitude. Such an axis gets back
+    its ``original_name`` from the input (else ``y``/``x``; ``cy``/``cx`` for the condition grid) and
+    an ``axis`` attribute. Geographic grids are left as they are.
+    """
+    renames = {}
+    for dim in ("lat", "lon", "clat", "clon"):
+        if dim not in ds.dims or dim not in ds.variables:
+            continue
+        kind = _PROJECTED.get(str(ds[dim].attrs.get("standard_name", "")))
+        if kind is None:
+            continue
+        target = str(ds[dim].attrs.get("original_name") or kind[0])
+        if dim.startswith("c") and not ds[dim].attrs.get("original_name"):
+            target = "c" + target
+        if target in ds.variables or target in ds.dims or target in renames.values():
+            continue
+        renames[dim] = target
+    ds = ds.rename(renames)
+    for dim, target in renames.items():
+        ds[target].attrs = {**ds[target].attrs, "axis": _PROJECTED[ds[target].attrs["standard_name"]][1]}
+        ds[target].attrs.pop("original_name", None)
+    return ds
+
+
 def encoding(ds: xr.Dataset, float_fill: float | None = None) -> dict:
     """Per-variable encoding for ``to_netcdf`` / ``to_zarr``: no ``_FillValue`` on coordinates and
     integer or text variables, times as float64 with CF units (the variable's own units/calendar kept),

@@ -232,10 +232,13 @@ def condition_dataset(data, days: np.ndarray, ds: xr.Dataset, attrs: dict) -> xr
         variables[str(name)] = (("time", "clat", "clon"), y[:, c], {
             "long_name": f"{name}, normalised with its train mean and standard deviation", "units": "1",
             "normalisation_mean": float(mean[c]), "normalisation_std": float(std[c])})
+    # a condition grid made of target blocks may have lost its coordinates' attributes: the fine grid's apply
+    cattrs = {c: dict(ds[c].attrs) or {k: v for k, v in ds[f].attrs.items() if k not in ("bounds", "original_name")}
+              for c, f in (("clat", "lat"), ("clon", "lon"))}
     return xr.Dataset(variables, coords={
         "time": t,
-        "clat": ("clat", ds["clat"].values, dict(ds["clat"].attrs)),
-        "clon": ("clon", ds["clon"].values, dict(ds["clon"].attrs)),
+        "clat": ("clat", ds["clat"].values, cattrs["clat"]),
+        "clon": ("clon", ds["clon"].values, cattrs["clon"]),
     }, attrs={**attrs, "title": "precip-cvae conditions of the synthetic samples"})
 
 
