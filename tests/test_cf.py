@@ -228,7 +228,7 @@ def test_a_projected_grid_is_written_under_its_own_axis_names(tmp_path):
     """lat/lon that hold projection_y/x_coordinate values (a radar grid in km) leave as y/x in a NetCDF
     file; a bounds attribute whose variable was not kept is dropped; geographic axes keep their names."""
     ds = xr.Dataset(
-        {"pr": (("lat", "lon"), np.ones((2, 3), "float32"), {"units": "mm day-1"})},
+        {"pr": (("lat", "lon"), np.ones((2, 3), "float32"), {"units": "mm day-1", "long_name": "rain"})},
         coords={"lat": ("lat", [-0.25, 0.25], {"standard_name": "projection_y_coordinate", "units": "km",
                                                "original_name": "y", "bounds": "y_bounds"}),
                 "lon": ("lon", [-0.5, 0.0, 0.5], {"standard_name": "projection_x_coordinate", "units": "km"})})
