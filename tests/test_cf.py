@@ -231,7 +231,8 @@ def test_a_projected_grid_is_written_under_its_own_axis_names(tmp_path):
         {"pr": (("lat", "lon"), np.ones((2, 3), "float32"), {"units": "mm day-1", "long_name": "rain"})},
         coords={"lat": ("lat", [-0.25, 0.25], {"standard_name": "projection_y_coordinate", "units": "km",
                                                "original_name": "y", "bounds": "y_bounds"}),
-                "lon": ("lon", [-0.5, 0.0, 0.5], {"standard_name": "projection_x_coordinate", "units": "km"})})
+                "lon": ("lon", [-0.5, 0.0, 0.5], {"standard_name": "projection_x_coordinate", "units": "km"})},
+        attrs={"title": "radar", "history": cf.history_line("test", "projected grid")})
     io.write_netcdf(ds, tmp_path / "p.nc")
     back = xr.open_dataset(tmp_path / "p.nc")
     assert back["pr"].dims == ("y", "x") and back["y"].attrs["axis"] == "Y" and back["x"].attrs["axis"] == "X"
