@@ -242,3 +242,40 @@ def test_a_projected_grid_is_written_under_its_own_axis_names(tmp_path):
                            lon=("lon", [0.0, 0.5, 1.0], {"standard_name": "longitude", "units": "degrees_east"}))
     io.write_netcdf(geo, tmp_path / "g.nc")
     assert xr.open_dataset(tmp_path / "g.nc")["pr"].dims == ("lat", "lon")
+
+
+def test_a_projected_target_keeps_its_grid_mapping_so_cdo_can_average_it(tmp_path):
+    """An equal-area radar grid (x/y in km with a CF grid-mapping variable) through preprocess and
+    detect_events: thresholds.nc carries the mapping as ``crs``, passes the checker, and CDO's field mean
+    of the threshold map is the plain mean over valid cells (equal-area: constant cell weights)."""
+    from conftest import write_nc
+    from precip_cvae import events, preprocess
+    from precip_cvae.config import DataConfig, EventsConfig, PreprocessConfig, VariableSource
+
+    rng = np.random.default_rng(3)
+    times = pd.date_range("2001-01-01", periods=400, freq="D")
+    values = rng.gamma(0.6, 6.0, size=(400, 8, 8)).astype("float32")
+    values[:, 0, :2] = np.nan  # outside the radar's range
+    proj = {"grid_mapping_name": "albers_conical_equal_area", "standard_parallel": [-26.2, -29.3],
+            "longitude_of_central_meridian": 153.24, "latitude_of_projection_origin": -27.7,
+            "false_easting": 0.0, "false_northing": 0.0}
+    src = xr.Dataset(
+        {"rain": (("time", "y", "x"), values, {"units": "mm/day", "grid_mapping": "proj"}),
+         "proj": ((), np.int8(0), proj)},
+        coords={"time": times,
+                "y": ("y", np.arange(8) * 2.0, {"standard_name": "projection_y_coordinate", "units": "km"}),
+                "x": ("x", np.arange(8) * 2.0, {"standard_name": "projection_x_coordinate", "units": "km"})})
+    write_nc(src, tmp_path / "radar.nc")
+    data = DataConfig(target=VariableSource(str(tmp_path / "radar.nc"), "rain"), predictors=())
+    preprocess.run(data, PreprocessConfig(target_coarse_factor=2, condition_grid="target_blocks"),
+                   str(tmp_path / "dataset.zarr"))
+    events.run(str(tmp_path / "dataset.zarr"), EventsConfig(min_exceed_fraction=0.05), str(tmp_path / "thr.nc"),
+               str(tmp_path / "events.csv"))
+    thr = xr.open_dataset(tmp_path / "thr.nc")
+    assert thr["threshold"].dims == ("y", "x") and thr["threshold"].attrs["grid_mapping"] == "crs"
+    assert thr["crs"].attrs["grid_mapping_name"] == "albers_conical_equal_area"
+    assert_cf_clean(tmp_path / "thr.nc")
+    _require("cdo", "cdo")
+    out = subprocess.run(["cdo", "-s", "outputtab,value", "-fldmean", "-selname,threshold", str(tmp_path / "thr.nc")],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert float(out[-1]) == pytest.approx(float(np.nanmean(thr["threshold"].values)), rel=1e-5)

@@ -124,6 +124,35 @@ def projected_names(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
+GRID_MAPPING = "crs"  # the name of the grid-mapping variable in what the workflow writes
+
+
+def attach_grid_mapping(ds: xr.Dataset, grid_mapping_attrs: str, variables) -> xr.Dataset:
+    """``ds`` with the target's CF grid mapping (``crs``) referenced by ``variables``.
+
+    ``grid_mapping_attrs`` is the JSON of the input's grid-mapping variable (``io.open_variable`` keeps
+    it as the target's attribute ``grid_mapping_attrs``); empty or absent: ``ds`` unchanged. Only
+    variables on a projected grid (an axis of standard_name ``projection_y_coordinate``) get it, so that
+    CDO can compute cell positions and areas (its ``fldmean`` refuses a bare projected grid).
+    """
+    if not grid_mapping_attrs:
+        return ds
+    import json
+
+    ds = ds.copy()
+    tagged = False
+    for name in variables:
+        if name not in ds:
+            continue
+        if any(str(ds[d].attrs.get("standard_name", "")).startswith("projection_") for d in ds[name].dims
+               if d in ds.variables):
+            ds[name].attrs = {**ds[name].attrs, "grid_mapping": GRID_MAPPING}
+            tagged = True
+    if tagged:
+        ds[GRID_MAPPING] = xr.DataArray(np.int32(0), attrs=json.loads(grid_mapping_attrs))
+    return ds
+
+
 def encoding(ds: xr.Dataset, float_fill: float | None = None) -> dict:
     """Per-variable encoding for ``to_netcdf`` / ``to_zarr``: no ``_FillValue`` on coordinates and
     integer or text variables, times as float64 with CF units (the variable's own units/calendar kept),

@@ -196,7 +196,7 @@ def samples_dataset(block: np.ndarray, counts: np.ndarray, time: xr.DataArray, l
     t = time.variable.copy()
     t.attrs = {"standard_name": "time", "long_name": "date of the condition the samples were drawn for", "axis": "T"}
     t.encoding = {k: time.encoding[k] for k in ("units", "calendar") if k in time.encoding}
-    return xr.Dataset(
+    out = xr.Dataset(
         {
             "pr": (("time", "realization", "lat", "lon"), block, {
                 "units": "mm day-1", "standard_name": "lwe_precipitation_rate", "cell_methods": "time: mean",
@@ -213,6 +213,7 @@ def samples_dataset(block: np.ndarray, counts: np.ndarray, time: xr.DataArray, l
         },
         attrs=attrs,
     )
+    return cf.attach_grid_mapping(out, ds["pr"].attrs.get("grid_mapping_attrs", ""), ["pr"])
 
 
 def condition_dataset(data, days: np.ndarray, ds: xr.Dataset, attrs: dict) -> xr.Dataset:
@@ -235,11 +236,12 @@ def condition_dataset(data, days: np.ndarray, ds: xr.Dataset, attrs: dict) -> xr
     # a condition grid made of target blocks may have lost its coordinates' attributes: the fine grid's apply
     cattrs = {c: dict(ds[c].attrs) or {k: v for k, v in ds[f].attrs.items() if k not in ("bounds", "original_name")}
               for c, f in (("clat", "lat"), ("clon", "lon"))}
-    return xr.Dataset(variables, coords={
+    out = xr.Dataset(variables, coords={
         "time": t,
         "clat": ("clat", ds["clat"].values, cattrs["clat"]),
         "clon": ("clon", ds["clon"].values, cattrs["clon"]),
     }, attrs={**attrs, "title": "precip-cvae conditions of the synthetic samples"})
+    return cf.attach_grid_mapping(out, ds["pr"].attrs.get("grid_mapping_attrs", ""), list(variables))
 
 
 def _hand_over(writer: ThreadPoolExecutor, pending, pieces: list, store: Path, first: bool, message: tuple):

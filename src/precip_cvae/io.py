@@ -200,6 +200,11 @@ def open_variable(source: VariableSource, chunks_time: int = 128) -> xr.DataArra
     if "time" not in da.dims:
         raise InputError(f"{_describe(files)}: variable {source.variable!r} has no time dimension (dims {da.dims})")
     da.attrs = dict(da.attrs)
+    mapping = da.attrs.get("grid_mapping")
+    if isinstance(mapping, str) and mapping in ds.variables:  # a projected grid: keep its CF grid mapping
+        da.attrs["grid_mapping_attrs"] = json.dumps(
+            {str(k): (v.tolist() if isinstance(v, np.ndarray | np.generic) else v) for k, v in ds[mapping].attrs.items()},
+            default=str)
     if source.units is not None:
         da.attrs["units"] = source.units
     da.attrs["source_files"] = json.dumps(files)
