@@ -85,10 +85,10 @@ def test_iberia_config_runs_every_stage(iberia, tmp_path):
     assert np.isnan(truth.values[:, sea]).all()
     # generated samples: nothing over the sea, non-negative mm/day of a plausible size on land
     gen = xr.open_zarr(exp / "generate" / "augmented.zarr")
-    pr = gen["pr"].values  # written on the original (unpadded) grid
-    assert pr.shape[1:] == (19, 29) and gen["pr"].attrs["units"] in ("mm day-1", "mm/day")
-    assert np.isnan(pr[:, sea]).all()
-    land = pr[:, ~sea]
+    pr = gen["pr"].values  # (time, realization, lat, lon) on the original (unpadded) grid
+    assert pr.shape[2:] == (19, 29) and gen["pr"].attrs["units"] in ("mm day-1", "mm/day")
+    assert np.isnan(pr[..., sea]).all()
+    land = pr[..., ~sea]
     assert np.isfinite(land).any() and np.nanmin(land) >= 0 and np.nanmax(land) < 2000
     for name in ("metrics.csv", "summary.md"):
         assert (exp / "evaluate" / name).exists()

@@ -84,7 +84,7 @@ def make_demo_fields(cfg: DemoConfig) -> DemoFields:
     clat, clon = cell_centres(LAT0, LAT1, cfg.nclat), cell_centres(LON0, LON1, cfg.nclon)
 
     # --- latent large-scale state
-    phase = 2 * np.pi * (time.dayofyear.values - 15) / 365.25
+    phase = 2 * np.pi * (time.day_of_year.values - 15) / 365.25
     winter = 0.5 * (1 + np.cos(phase))  # 1 in mid-January, 0 in mid-July
     a = _ar1(rng, nt, 0.7) + 0.8 * (winter - 0.5)
     score = a + 0.5 * rng.standard_normal(nt)

@@ -221,6 +221,9 @@ class Grid:
     clon: np.ndarray
     mask: np.ndarray  # (h, w) bool
     attrs: dict = field(default_factory=dict)  # pad_lat / pad_lon of the padded grid
+    coord_attrs: dict = field(default_factory=dict)  # CF attributes of lat, lon (units, standard_name, ...)
+    calendar: str = "standard"  # of the time axis (the cache stores dates as ISO strings)
+    grid_mapping_attrs: str = ""  # JSON of a projected target grid's CF grid mapping (io.open_variable)
 
 
 def read_grid(dataset: str) -> Grid:
@@ -232,6 +235,9 @@ def read_grid(dataset: str) -> Grid:
         clat=ds["clat"].values, clon=ds["clon"].values,
         mask=fine["mask"].values.astype(bool),
         attrs={k: [int(v) for v in np.atleast_1d(ds.attrs.get(k, [0, 0]))] for k in ("pad_lat", "pad_lon")},
+        coord_attrs={k: dict(ds[k].attrs) for k in ("lat", "lon")},
+        calendar=str(ds.attrs.get("calendar", "standard")),
+        grid_mapping_attrs=str(ds["pr"].attrs.get("grid_mapping_attrs", "")),
     )
 
 
@@ -401,11 +407,14 @@ def sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, threads: int = 1, 
         "primary": sources[0], "seed": cfg.seed, "skipped_baselines": skipped,
         "checkpoints": {label: m[2] for label, m in models.items()},
         "sampling_config": {k: v for k, v in asdict(cfg).items() if k in EVALUATE_SAMPLING_KEYS},
-        "package_version": __version__, "units": "mm day-1",
+        "package_version": __version__, "units": "mm day-1", "calendar": grid.calendar,
     }
-    root = xr.Dataset({"mask": (("lat", "lon"), grid.mask.astype("int8"))},
-                      coords={"lat": grid.lat, "lon": grid.lon},
-                      attrs={"title": "precip-cvae evaluated ensembles", "evaluate_meta": json.dumps(meta)})
+    root = xr.Dataset({"mask": (("lat", "lon"), grid.mask.astype("int8"), {
+                          "long_name": "cell has data (1) or is masked (0)", "flag_values": np.array([0, 1], "int8"),
+                          "flag_meanings": "masked valid"})},
+                      coords={k: (k, getattr(grid, k), grid.coord_attrs.get(k, {})) for k in ("lat", "lon")},
+                      attrs={"title": "precip-cvae evaluated ensembles", "evaluate_meta": json.dumps(meta),
+                             "grid_mapping_attrs": grid.grid_mapping_attrs})
     with io.atomic_path(paths.out) as store:
         io.write_zarr_group(root, store)
         for split in cfg.splits:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from . import cf
 from .config import EventsConfig, lookup
 from .io import InputError, open_zarr, write_csv, write_netcdf
 
@@ -281,6 +282,7 @@ def run(dataset: str, cfg: EventsConfig, thresholds_out: str, events_out: str) -
     train = np.flatnonzero(ds["split"].values.astype(str) == "train")
     if train.size == 0:
         raise InputError(f"{dataset}: no train days; cannot fit thresholds")
+    n_train = int(train.size)
     if train[-1] - train[0] + 1 == train.size:  # contiguous: a slice keeps the store's chunks (an index array copies)
         train = slice(int(train[0]), int(train[-1]) + 1)
     thr = wet_day_thresholds(ds["pr"].isel(time=train), ds["mask"], cfg)
@@ -296,8 +298,13 @@ def run(dataset: str, cfg: EventsConfig, thresholds_out: str, events_out: str) -
     thr.attrs["criterion"] = cfg.criterion
     thr_ds = thr.to_dataset()
     thr_ds["mask"] = ds["mask"]
-    thr_ds.attrs = {"title": "precip-cvae heavy-precipitation thresholds", "Conventions": "CF-1.8",
-                    "source_dataset": str(dataset), **{k: ds.attrs[k] for k in ("pad_lat", "pad_lon") if k in ds.attrs}}
+    thr_ds.attrs = cf.append_history(
+        {"title": "precip-cvae heavy-precipitation thresholds", "Conventions": cf.CONVENTIONS,
+         "source_dataset": str(dataset), "history": ds.attrs.get("history", ""),
+         **{k: ds.attrs[k] for k in ("pad_lat", "pad_lon") if k in ds.attrs}},
+        cf.history_line("detect_events", f"local P{cfg.percentile:g} of wet days (>= {cfg.wet_threshold:g} mm/day) "
+                        f"fitted on the {n_train} train days of {dataset}"))
+    thr_ds = cf.attach_grid_mapping(thr_ds, ds["pr"].attrs.get("grid_mapping_attrs", ""), ["threshold", "mask"])
     for k in ("pad_lat", "pad_lon"):
         if k in thr_ds.attrs:
             thr_ds.attrs[k] = np.asarray(thr_ds.attrs[k], dtype="int32")

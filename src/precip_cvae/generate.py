@@ -16,7 +16,6 @@ optionally ``augmented.nc``, and ``generation_report.json`` / ``.md``.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,12 +25,12 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from . import __version__, checkpoint
+from . import __version__, cf, checkpoint
 from .config import EventsConfig, GenerateConfig, config_hash
 from .data import load_fields
 from .events import apply_criterion
-from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, write_json, write_netcdf,
-                 write_text)
+from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, open_zarr_group, write_json,
+                 write_netcdf, write_text, write_zarr_group)
 from .provenance import file_sha256
 
 log = logging.getLogger(__name__)
@@ -178,27 +177,94 @@ def _crop(a: np.ndarray, pad_lat, pad_lon) -> np.ndarray:
 
 
 WRITE_BYTES = 16 * 2**20  # batches are written in blocks of about this many bytes of fields
-CHUNK_BYTES = 4 * 2**20  # zarr chunks of augmented.zarr along `sample`: about this many bytes of fields
+CHUNK_BYTES = 4 * 2**20  # zarr chunks of augmented.zarr along `time`: about this many bytes of fields
+
+
+CONDITION_GROUP = "condition"  # the group of augmented.zarr that holds the conditions (own grid: clat, clon)
+
+
+def samples_dataset(block: np.ndarray, counts: np.ndarray, time: xr.DataArray, lat: np.ndarray, lon: np.ndarray,
+                    ds: xr.Dataset, attrs: dict) -> xr.Dataset:
+    """Samples of some days as a CF ensemble.
+
+    Parameters
+    ----------
+    block : ndarray (D, R, h, w) float32, mm day-1; NaN past each day's count and outside the mask
+    counts : ndarray (D,) int32, the realizations of each day that hold data
+    time : xr.DataArray (D,), the days' time stamps in the data set (their CF encoding is kept)
+    """
+    t = time.variable.copy()
+    t.attrs = {"standard_name": "time", "long_name": "date of the condition the samples were drawn for", "axis": "T"}
+    t.encoding = {k: time.encoding[k] for k in ("units", "calendar") if k in time.encoding}
+    out = xr.Dataset(
+        {
+            "pr": (("time", "realization", "lat", "lon"), block, {
+                "units": "mm day-1", "standard_name": "lwe_precipitation_rate", "cell_methods": "time: mean",
+                "long_name": "synthetic precipitation (one field per realization)"}),
+            "n_realizations": (("time",), counts.astype("int32"), {
+                "long_name": "number of realizations of the date that hold a sample (the first n; the rest are "
+                             "fill values)", "units": "1"}),
+        },
+        coords={
+            "time": t,
+            "realization": cf.realization_coord(block.shape[1]),
+            "lat": ("lat", lat, dict(ds["lat"].attrs) or {"units": "degrees_north", "standard_name": "latitude"}),
+            "lon": ("lon", lon, dict(ds["lon"].attrs) or {"units": "degrees_east", "standard_name": "longitude"}),
+        },
+        attrs=attrs,
+    )
+    return cf.attach_grid_mapping(out, ds["pr"].attrs.get("grid_mapping_attrs", ""), ["pr"])
+
+
+def condition_dataset(data, days: np.ndarray, ds: xr.Dataset, attrs: dict) -> xr.Dataset:
+    """The normalised condition of each sampled day, one variable per channel on the predictor grid
+    (``<channel>(time, clat, clon)``, dimensionless; ``value * normalisation_std + normalisation_mean``
+    gives the channel back in its units)."""
+    time = ds["time"].isel(time=days)
+    t = time.variable.copy()
+    t.attrs = {"standard_name": "time", "long_name": "date of the condition", "axis": "T"}
+    t.encoding = {k: time.encoding[k] for k in ("units", "calendar") if k in time.encoding}
+    y = data.y[days].numpy()  # (D, C, clat, clon)
+    mean, std = ds["cond_mean"].values, ds["cond_std"].values
+    variables = {}
+    for c, name in enumerate(data.channels):
+        if name in ("time", "clat", "clon"):
+            raise InputError(f"condition channel {name!r} has the name of a coordinate; rename the variable")
+        variables[str(name)] = (("time", "clat", "clon"), y[:, c], {
+            "long_name": f"{name}, normalised with its train mean and standard deviation", "units": "1",
+            "normalisation_mean": float(mean[c]), "normalisation_std": float(std[c])})
+    # a condition grid made of target blocks may have lost its coordinates' attributes: the fine grid's apply
+    cattrs = {c: dict(ds[c].attrs) or {k: v for k, v in ds[f].attrs.items() if k not in ("bounds", "original_name")}
+              for c, f in (("clat", "lat"), ("clon", "lon"))}
+    out = xr.Dataset(variables, coords={
+        "time": t,
+        "clat": ("clat", ds["clat"].values, cattrs["clat"]),
+        "clon": ("clon", ds["clon"].values, cattrs["clon"]),
+    }, attrs={**attrs, "title": "precip-cvae conditions of the synthetic samples"})
+    return cf.attach_grid_mapping(out, ds["pr"].attrs.get("grid_mapping_attrs", ""), list(variables))
 
 
 def _hand_over(writer: ThreadPoolExecutor, pending, pieces: list, store: Path, first: bool, message: tuple):
-    """Queue ``pieces`` (batches of samples) as one block for the writer thread, once the block
+    """Queue ``pieces`` (batches of days) as one block for the writer thread, once the block
     before it is on disk (its error is raised here); return the new block's future."""
     if pending is not None:
         pending.result()
-    block = pieces[0] if len(pieces) == 1 else xr.concat(pieces, dim="sample", coords="minimal", compat="override")
+    block = pieces[0] if len(pieces) == 1 else xr.concat(pieces, dim="time", data_vars="minimal", coords="minimal",
+                                                         compat="override")
     return writer.submit(_append, block, store, first, message)
 
 
 def _append(piece: xr.Dataset, store: Path, first: bool, message: tuple) -> None:
-    """Write one block of samples to ``store`` (the first creates it; metadata consolidated at the end), then log."""
+    """Write one block of days to ``store`` (the first creates it; metadata consolidated at the end), then log."""
     if first:
         per_chunk = max(1, CHUNK_BYTES // piece["pr"][0].nbytes)  # readers (the training set, users) load little
-        encoding = {v: {"chunks": (per_chunk, *piece[v].shape[1:])} for v in ("pr", "condition")}
+        encoding = {name: enc for name, enc in cf.encoding(piece).items()}
+        encoding["pr"] = {"chunks": (per_chunk, *piece["pr"].shape[1:])}
+        encoding["n_realizations"] = {**encoding.get("n_realizations", {}), "chunks": (per_chunk,)}
         piece.to_zarr(store, mode="w", consolidated=False, zarr_format=2, encoding=encoding)
     else:
-        piece.drop_vars(["lat", "lon", "channel", "clat", "clon"]).to_zarr(
-            store, append_dim="sample", consolidated=False, zarr_format=2)
+        piece.drop_vars(["lat", "lon", "realization"]).to_zarr(
+            store, append_dim="time", consolidated=False, zarr_format=2)
     log.info(*message)
 
 
@@ -230,13 +296,16 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
     ckpt_sha = file_sha256(checkpoint_path)
     chash = config_hash({"generate": dataclasses.asdict(cfg), "checkpoint": state.get("config_hash"),
                          "events": dataclasses.asdict(events_cfg)})
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    attrs = {
-        "Conventions": "CF-1.8",
+    now = cf.now_iso()
+    attrs = cf.append_history({
+        "Conventions": cf.CONVENTIONS,
         "title": "precip-cvae synthetic heavy-precipitation samples",
         "institution": "precip-cvae workflow",
         "source": f"conditional VAE ({state['model_config']['preset']} preset, epoch {state['epoch']}) sampled "
                   f"from its prior p(z|y)",
+        "comment": "pr(time, realization, lat, lon): time is the date of the condition (a real heavy day), each "
+                   "realization one synthetic field drawn for it; n_realizations(time) counts those that hold data "
+                   "(the rest are fill values). The conditions are in the group 'condition' (augmented_condition.nc).",
         "checkpoint": str(checkpoint_path),
         "checkpoint_sha256": ckpt_sha,
         "config_hash": chash,
@@ -246,16 +315,17 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
         "members_per_condition": int(cfg.members),
         "filter_heavy": int(cfg.filter_heavy),
         "creation_time": now,
-        "history": f"{now} precip-cvae {__version__} generate: {cfg.members} members per heavy day of splits "
-                   f"{list(cfg.splits)} from {checkpoint_path}",
-    }
+        "history": str(ds.attrs.get("history", "")),
+    }, cf.history_line("generate", f"{cfg.members} members per heavy day of splits {list(cfg.splits)} from "
+                                   f"{checkpoint_path}", when=now))
     log.info("generating %d members for each of %d heavy days (splits %s, z_scale %g, filter %s) from %s",
              cfg.members, chosen.size, list(cfg.splits), cfg.z_scale, cfg.filter_heavy, checkpoint_path)
 
     g = torch.Generator().manual_seed(int(cfg.seed))
     transform = data.transform
     store = out / "augmented.zarr"
-    n_written, n_drawn, n_bad = 0, 0, {"nan": 0, "negative": 0}
+    n_written, n_days_written, n_drawn, n_bad = 0, 0, 0, {"nan": 0, "negative": 0}
+    source_days: list[int] = []  # dataset index of each day written, in the order of `time`
     short_days = 0
     stats_rows, mass_rows, kept_fields_for_memo = [], [], []
     memo_budget = cfg.memorisation_max_samples
@@ -285,61 +355,42 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
                         ok = apply_criterion(st, events_cfg, limits)
                         cand = cand[ok]
                     accepted[j].extend(list(cand[: need[j]]))
-            batch_fields, src, member = [], [], []
-            for j, day in enumerate(days):
-                if len(accepted[j]) < cfg.members:
-                    short_days += 1
-                for m, f in enumerate(accepted[j]):
-                    batch_fields.append(f)
-                    src.append(day)
-                    member.append(m)
-            if not batch_fields:
+            kept = [j for j in range(len(days)) if accepted[j]]
+            short_days += sum(len(a) < cfg.members for a in accepted)
+            if not kept:
                 continue
-            fields = np.stack(batch_fields).astype("float32")  # (S, h, w) original grid
-            inside = fields[:, mask]
+            # (D, R, h, w) original grid: realization r of day d; fill (NaN) past the day's accepted count
+            block = np.full((len(kept), cfg.members, *mask.shape), np.nan, dtype="float32")
+            for k, j in enumerate(kept):
+                block[k, : len(accepted[j])] = np.stack(accepted[j])
+            counts = np.array([len(accepted[j]) for j in kept], dtype="int32")
+            filled = np.arange(cfg.members)[None, :] < counts[:, None]  # (D, R) realizations that hold data
+            inside = block[filled][:, mask]
             n_bad["nan"] += int(np.isnan(inside).sum())
             n_bad["negative"] += int((inside < 0).sum())
-            fields[:, ~mask] = np.nan
-            src = np.asarray(src)
+            block[:, :, ~mask] = np.nan
+            src = days[kept]
+            fields = block[filled]  # (S, h, w) the accepted samples, day by day
             st = field_statistics(fields, thr, events_cfg.wet_threshold)
-            st["source_date"] = data.dates[src]
+            st["source_date"] = np.repeat(data.dates[src], counts)
             stats_rows.append(st)
             if data.coarse_mm is not None:
                 coarse = data.coarse_mm[src].numpy()
-                cmean = np.nanmean(coarse, axis=(1, 2))
+                cmean = np.repeat(np.nanmean(coarse, axis=(1, 2)), counts)
                 mass_rows.append((st["domain_mean"].values - cmean) / np.maximum(cmean, 0.1))
             if memo_budget > 0:
                 kept_fields_for_memo.append(fields[:memo_budget])
                 memo_budget -= min(memo_budget, fields.shape[0])
-            piece = xr.Dataset(
-                {
-                    "pr": (("sample", "lat", "lon"), fields, {
-                        "units": "mm day-1", "standard_name": "lwe_precipitation_rate",
-                        "long_name": "synthetic daily precipitation", "grid_mapping_note": "same grid as the input"}),
-                    "condition": (("sample", "channel", "clat", "clon"), data.y[src].numpy(), {
-                        "long_name": "normalised condition the sample was drawn for", "units": "1"}),
-                    "source_date": (("sample",), data.dates[src].astype(str), {"long_name": "date of the condition"}),
-                    "member": (("sample",), np.asarray(member, "int32"), {"long_name": "member index for the date"}),
-                    "synthetic": (("sample",), np.ones(len(src), "int8"), {
-                        "long_name": "sample is synthetic", "flag_values": [0, 1], "flag_meanings": "real synthetic"}),
-                },
-                coords={
-                    "sample": ("sample", np.arange(n_written, n_written + len(src), dtype="int64")),
-                    "lat": ("lat", lat, dict(ds["lat"].attrs) or {"units": "degrees_north"}),
-                    "lon": ("lon", lon, dict(ds["lon"].attrs) or {"units": "degrees_east"}),
-                    "channel": ("channel", np.asarray(data.channels, dtype=str)),
-                    "clat": ("clat", ds["clat"].values, dict(ds["clat"].attrs)),
-                    "clon": ("clon", ds["clon"].values, dict(ds["clon"].attrs)),
-                },
-                attrs=attrs,
-            )
+            source_days.extend(src.tolist())
+            piece = samples_dataset(block, counts, ds["time"].isel(time=src), lat, lon, ds, attrs)
             pieces.append(piece)
-            n_written += len(src)
-            if (n_written - n_queued) * fields[0].nbytes >= WRITE_BYTES:  # few large appends: less overhead
+            n_written += int(counts.sum())
+            n_days_written += len(src)
+            if (n_days_written - n_queued) * block[0].nbytes >= WRITE_BYTES:  # few large appends: less overhead
                 pending = _hand_over(writer, pending, pieces, tmp, n_queued == 0, (
                     "written %d samples (%d of %d heavy days)", n_written, min(start + len(days), chosen.size),
                     chosen.size))
-                pieces, n_queued = [], n_written
+                pieces, n_queued = [], n_days_written
         if pieces:
             pending = _hand_over(writer, pending, pieces, tmp, n_queued == 0, (
                 "written %d samples (%d of %d heavy days)", n_written, chosen.size, chosen.size))
@@ -352,6 +403,7 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
             )
         if n_written == 0:
             raise GenerationError("no sample was accepted; lower the filter's demands or raise generate.max_rounds")
+        write_zarr_group(condition_dataset(data, np.asarray(source_days), ds, attrs), tmp, CONDITION_GROUP)
         consolidate_zarr(tmp)
 
     acceptance = n_written / max(n_drawn, 1)
@@ -361,6 +413,7 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
     _write_training_set(ds, store, out / "augmented_training_set.zarr", cfg, attrs)
     if cfg.netcdf:
         write_netcdf(open_zarr(store), out / "augmented.nc")  # dask writes it chunk by chunk: memory flat in samples
+        write_netcdf(open_zarr_group(store, CONDITION_GROUP), out / "augmented_condition.nc")
     write_json(report, out / "generation_report.json")
     write_text(_report_md(report), out / "generation_report.md")
     return report
@@ -463,21 +516,33 @@ def _report_md(r: dict) -> str:
 
 
 def _write_training_set(ds: xr.Dataset, augmented: Path, path: Path, cfg: GenerateConfig, attrs: dict) -> None:
-    """Real train days + synthetic samples in the layout of ``dataset.zarr`` (padded grid, ``time`` dim)."""
+    """Real train days + synthetic samples in the layout of ``dataset.zarr``, which the training loader reads.
+
+    One entry of ``time`` per field: the real train days first, then every realization that holds a
+    sample (day by day), stamped with its condition's date and paired with that day's condition; the
+    grid is padded as in ``dataset.zarr``. ``synthetic`` (0 real, 1 synthetic) and ``sample_weight``
+    (1 for real days, ``generate.synthetic_weight`` for samples) tell them apart; ``realization`` is
+    the sample's index in ``augmented.zarr`` (-1 for real days).
+    """
     train = ds.isel(time=np.flatnonzero(ds["split"].values.astype(str) == "train"))
     aug = open_zarr(augmented)
     pad_lat, pad_lon = list(ds.attrs.get("pad_lat", [0, 0])), list(ds.attrs.get("pad_lon", [0, 0]))
-    synth_pr = aug["pr"].pad(lat=tuple(pad_lat), lon=tuple(pad_lon)).data  # NaN padding, dask
+    counts = aug["n_realizations"].values.astype(int)
+    day_of_row = np.repeat(np.arange(counts.size), counts)  # (S,) the realizations that hold data, day by day
+    real_of_row = np.concatenate([np.arange(n) for n in counts]).astype("int32")
+    pr = aug["pr"].data.reshape(-1, *aug["pr"].shape[2:])  # (T * R, h, w) dask
+    synth = xr.DataArray(pr[day_of_row * aug.sizes["realization"] + real_of_row], dims=("time", "lat", "lon"))
+    synth_pr = synth.pad(lat=tuple(pad_lat), lon=tuple(pad_lon)).data  # NaN padding, dask
     from .events import format_times
 
     position = {d: i for i, d in enumerate(format_times(ds.indexes["time"]))}
-    src_index = np.array([position[str(d)] for d in aug["source_date"].values])
+    src_index = np.array([position[d] for d in format_times(aug.indexes["time"])])[day_of_row]
     synth_time = ds["time"].values[src_index]
-    n_syn = aug.sizes["sample"]
+    n_syn = int(counts.sum())
     synthetic = xr.Dataset(
         {
             "pr": (("time", "lat", "lon"), synth_pr),
-            "condition": (("time", "channel", "clat", "clon"), aug["condition"].data),
+            "condition": (("time", "channel", "clat", "clon"), ds["condition"].values[src_index]),
             "split": (("time",), np.full(n_syn, "train")),
         },
         coords={"time": synth_time, "lat": train["lat"].values, "lon": train["lon"].values,
@@ -490,7 +555,10 @@ def _write_training_set(ds: xr.Dataset, augmented: Path, path: Path, cfg: Genera
                          join="override")
     n_real = real.sizes["time"]
     combined["synthetic"] = (("time",), np.r_[np.zeros(n_real, "int8"), np.ones(n_syn, "int8")],
-                             {"flag_values": [0, 1], "flag_meanings": "real synthetic"})
+                             {"long_name": "field is synthetic", "flag_values": np.array([0, 1], "int8"),
+                              "flag_meanings": "real synthetic"})
+    combined["realization"] = (("time",), np.r_[np.full(n_real, -1, "int32"), real_of_row], {
+        "long_name": "realization of the sample in augmented.zarr (-1: a real day)"})
     combined["sample_weight"] = (("time",), np.r_[np.ones(n_real), np.full(n_syn, cfg.synthetic_weight)].astype(
         "float32"), {"long_name": "suggested training weight"})
     combined["mask"] = ds["mask"]
@@ -499,6 +567,9 @@ def _write_training_set(ds: xr.Dataset, augmented: Path, path: Path, cfg: Genera
     combined["pr"].attrs = dict(ds["pr"].attrs)
     combined.attrs = {**dict(ds.attrs), **{f"generation_{k}": v for k, v in attrs.items()},
                       "title": "precip-cvae augmented training set (real train days + synthetic samples)"}
+    combined.attrs = cf.append_history({**combined.attrs, "history": attrs.get("history", "")}, cf.history_line(
+        "generate", f"training set: {n_real} real train days + {n_syn} synthetic samples from {augmented}"))
+    combined.attrs.pop("generation_history", None)
     # one chunk along space: the padding of the synthetic fields must not leave ragged spatial chunks
     combined = combined.chunk({"time": 256, "lat": -1, "lon": -1, "channel": -1, "clat": -1, "clon": -1})
     from .io import write_zarr

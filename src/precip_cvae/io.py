@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from . import cf
 from .config import VariableSource
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,11 @@ def open_variable(source: VariableSource, chunks_time: int = 128) -> xr.DataArra
     if "time" not in da.dims:
         raise InputError(f"{_describe(files)}: variable {source.variable!r} has no time dimension (dims {da.dims})")
     da.attrs = dict(da.attrs)
+    mapping = da.attrs.get("grid_mapping")
+    if isinstance(mapping, str) and mapping in ds.variables:  # a projected grid: keep its CF grid mapping
+        da.attrs["grid_mapping_attrs"] = json.dumps(
+            {str(k): (v.tolist() if isinstance(v, np.ndarray | np.generic) else v) for k, v in ds[mapping].attrs.items()},
+            default=str)
     if source.units is not None:
         da.attrs["units"] = source.units
     da.attrs["source_files"] = json.dumps(files)
@@ -340,15 +346,18 @@ def atomic_path(path: str | Path):
         raise
 
 
-def _clean_encoding(ds: xr.Dataset) -> xr.Dataset:
-    """Drop encodings inherited from NetCDF sources that zarr cannot take."""
-    ds = ds.copy()
+def _clean_encoding(ds: xr.Dataset, float_fill: float | None = None) -> xr.Dataset:
+    """Drop encodings inherited from NetCDF sources that zarr cannot take, and give the data set the
+    CF types and encoding of :mod:`precip_cvae.cf` (no fill value on coordinates, float64 times)."""
+    ds = cf.conform(ds)
     for name in ds.variables:
         enc = ds[name].encoding
         keep = {k: enc[k] for k in ("units", "calendar", "dtype", "_FillValue") if k in enc}
         if "dtype" in keep and ds[name].dtype.kind == "f":
             keep.pop("dtype")
         ds[name].encoding = keep
+    for name, enc in cf.encoding(ds, float_fill).items():
+        ds[name].encoding.update(enc)
     return ds
 
 
@@ -363,7 +372,9 @@ def write_zarr(ds: xr.Dataset, path: str | Path, chunks: dict | None = None) -> 
 
 
 def write_netcdf(ds: xr.Dataset, path: str | Path) -> Path:
-    ds = _clean_encoding(ds)
+    """Write ``ds`` as a CF-1.8 netCDF4 file atomically (float data filled with ``cf.NETCDF_FILL``; a
+    projected grid's axes under their own names, see :func:`precip_cvae.cf.projected_names`)."""
+    ds = _clean_encoding(cf.projected_names(cf.drop_dangling_references(ds)), cf.NETCDF_FILL)
     with atomic_path(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4")
     return Path(path)

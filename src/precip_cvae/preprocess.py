@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from . import __version__
+from . import __version__, cf
 from .config import DataConfig, PreprocessConfig, SplitConfig, parse_step
 from .io import InputError, open_static, open_variable, source_files, write_zarr
 from .transform import TargetTransform
@@ -974,6 +974,9 @@ def run(data: DataConfig, cfg: PreprocessConfig, out: str) -> xr.Dataset:
     static = open_static(data.static.paths, data.static.variables) if data.static is not None else None
     ds = build_dataset(target, predictors, cfg, flags, static)
     ds = ds.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1, "channel": -1})
+    ds.attrs = cf.append_history(ds.attrs, cf.history_line(
+        "preprocess", f"target {data.target.variable!r} from {data.target.paths}, "
+        f"{len(data.predictors)} predictor(s); split, transform and normalisation fitted on train"))
     write_zarr(ds, out)
     log.info(
         "wrote %s: %d time steps (train %d, val %d, test %d), fine grid %dx%d, condition %s",
