@@ -103,6 +103,61 @@ def test_code_fingerprint_follows_imports():
     assert len(code_fingerprint("precip_cvae.events")) == 16
 
 
+def test_code_digest_ignores_docstrings_comments_and_formatting(tmp_path):
+    from precip_cvae.provenance import code_digest
+
+    variants = {
+        "base": 'def f(x):\n    return x + 1\n',
+        "docstring": '"""Module doc."""\n\ndef f(x):\n    """Add one (mm/day)."""\n    return x + 1\n',
+        "comment": '# a comment\ndef f(x):  # why\n    return x + 1  # plus one\n',
+        "format": '\n\ndef f(\n    x,\n):\n    return (x\n            + 1)\n',
+        "behaviour": 'def f(x):\n    return x + 2\n',
+        "string": 'def f(x):\n    y = "a string that is not a docstring"\n    return x + 1\n',
+    }
+    digest = {}
+    for name, text in variants.items():
+        path = tmp_path / f"{name}.py"
+        path.write_text(text)
+        digest[name] = code_digest(path)
+    assert digest["docstring"] == digest["comment"] == digest["format"] == digest["base"]
+    assert digest["behaviour"] != digest["base"] and digest["string"] != digest["base"]
+    # a function whose only statement is its docstring still parses to code (``pass``)
+    (tmp_path / "only.py").write_text('def g():\n    """Nothing."""\n')
+    (tmp_path / "pass.py").write_text('def g():\n    pass\n')
+    assert code_digest(tmp_path / "only.py") == code_digest(tmp_path / "pass.py")
+
+
+def test_a_docstring_edit_of_a_package_module_keeps_every_stage_fingerprint(tmp_path, monkeypatch):
+    """The package copied, one docstring and one comment edited in io.py (imported by every stage): every
+    fingerprint is unchanged; a changed constant changes those of the stages that import it."""
+    import shutil
+
+    from precip_cvae import provenance
+
+    src = provenance._package_dir()
+    stages = ["preprocess", "events", "train", "evaluate", "generate", "downstream"]
+
+    def fingerprints(pkg):
+        monkeypatch.setattr(provenance, "_package_dir", lambda: pkg)
+        provenance.module_closure.cache_clear()
+        provenance.code_digest.cache_clear()
+        out = {s: provenance.code_fingerprint(f"precip_cvae.{s}") for s in stages}
+        provenance.module_closure.cache_clear()
+        return out
+
+    copy = tmp_path / "precip_cvae"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = fingerprints(copy)
+    io_py = copy / "io.py"
+    text = io_py.read_text()
+    io_py.write_text(text.replace('"""', '"""Edited. ', 1).replace("\nimport json\n", "\nimport json  # edited\n", 1))
+    assert io_py.read_text() != text
+    assert fingerprints(copy) == before
+    io_py.write_text(text.replace("def write_csv(", "EXTRA = 1\n\n\ndef write_csv(", 1))
+    after = fingerprints(copy)
+    assert all(after[s] != before[s] for s in stages)  # every stage imports io
+
+
 def test_experiment_seeds_expand_every_setting():
     cfg = {"train": {"seed": 9, "lr": 1e-3, "loss": {"lambda_ext": 5.0, "beta_kl": 0.01}},
            "model": {"preset": "small"},

@@ -2,9 +2,13 @@
 
 Snakemake's ``code`` rerun trigger sees only a rule's own script.  Each rule
 therefore carries ``code_fingerprint('precip_cvae.<stage>')`` in its params: a
-hash of the source of that module and of every package module it imports,
+hash of the code of that module and of every package module it imports,
 directly or transitively.  Editing ``events.py`` changes the fingerprint of
 ``detect_events`` (and of stages that import it) and of nothing else.
+
+The code is hashed, not the text (:func:`code_digest`): the syntax tree without
+docstrings, line numbers or comments, so a comment, docstring or formatting edit
+reruns nothing while any change of behaviour does.
 
 This module imports nothing heavy: the Snakefile calls it at parse time.
 """
@@ -81,13 +85,32 @@ def module_closure(module: str) -> tuple[str, ...]:
     return tuple(sorted(seen))
 
 
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """``tree`` with the docstring of the module and of every class and function removed."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+@lru_cache(maxsize=None)
+def code_digest(path: Path) -> str:
+    """SHA-256 of the code of the Python file ``path``: ``ast.dump`` of its syntax tree without
+    docstrings (no comments, no line numbers), so only a change of behaviour changes it."""
+    tree = _without_docstrings(ast.parse(Path(path).read_text(), filename=str(path)))
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
 def code_fingerprint(*modules: str) -> str:
-    """SHA-256 (16 hex digits) of the source of ``modules`` and their package imports."""
+    """SHA-256 (16 hex digits) of the code (:func:`code_digest`) of ``modules`` and their package imports."""
     digest = hashlib.sha256()
     names = sorted({m for mod in modules for m in module_closure(mod)})
     for name in names:
         digest.update(name.encode())
-        digest.update(_module_file(name).read_bytes())
+        digest.update(code_digest(_module_file(name)).encode())
     return digest.hexdigest()[:16]
 
 
