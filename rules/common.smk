@@ -5,7 +5,7 @@ import os
 import re
 
 from precip_cvae.config import experiment_names, experiment_sections, experiment_setting, generated_experiments
-from precip_cvae.provenance import code_fingerprint
+from precip_cvae.provenance import script_fingerprint
 
 RUN = config["run"]
 
@@ -36,9 +36,9 @@ def raw_inputs(wildcards):
     return {"files": files}
 
 
-def stage_code(module):
-    """Fingerprint of a package module and everything it imports (rerun trigger)."""
-    return code_fingerprint(f"precip_cvae.{module}")
+def script_code(script):
+    """Fingerprint of the package code that ``workflow/scripts/<script>.py`` imports (rerun trigger)."""
+    return script_fingerprint(os.path.join(workflow.basedir, "workflow", "scripts", f"{script}.py"))
 
 
 EXPERIMENTS = experiment_names(config)  # <setting>_seed<N> when experiment_seeds is set

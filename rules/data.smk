@@ -3,7 +3,7 @@ rule make_demo_data:
         directory(config["demo"]["outdir"]),
     params:
         demo=config["demo"],
-        code=stage_code("demo"),
+        code=script_code("make_demo_data"),
     log:
         "logs/make_demo_data.log",
     script:

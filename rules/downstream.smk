@@ -21,7 +21,7 @@ rule downstream:
         ),
     params:
         downstream=config["downstream"],
-        code=stage_code("downstream"),
+        code=script_code("downstream"),
     log:
         exp_dir("logs", "downstream.log"),
     benchmark:

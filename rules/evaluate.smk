@@ -15,7 +15,7 @@ rule sample_ensembles:
         ensembles=directory(exp_dir("evaluate", "ensembles.zarr")),
     params:
         evaluate=evaluate_section("sampling"),
-        code=stage_code("evaluate"),
+        code=script_code("sample_ensembles"),
     log:
         exp_dir("logs", "sample_ensembles.log"),
     benchmark:
@@ -94,7 +94,7 @@ rule evaluate:
         ),
     params:
         evaluate=evaluate_section("scoring"),
-        code=stage_code("plots"),
+        code=script_code("evaluate"),
     log:
         exp_dir("logs", "evaluate.log"),
     benchmark:
@@ -138,7 +138,7 @@ rule compare_experiments:
         evaluate=evaluate_section("scoring"),
         experiments=EXPERIMENTS,
         settings=experiment_settings(),
-        code=stage_code("sweep"),  # sweep imports plots and evaluate
+        code=script_code("compare_experiments"),
     log:
         log_path("compare_experiments"),
     script:

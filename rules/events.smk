@@ -6,7 +6,7 @@ rule detect_events:
         events=run_dir("events", "events.csv"),
     params:
         events=config["events"],
-        code=stage_code("events"),
+        code=script_code("detect_events"),
     log:
         log_path("detect_events"),
     benchmark:

@@ -12,7 +12,7 @@ rule generate:
     params:
         generate=generate_section(),
         events=config["events"],
-        code=stage_code("generate"),
+        code=script_code("generate"),
     log:
         exp_dir("logs", "generate.log"),
     benchmark:

@@ -6,7 +6,7 @@ rule preprocess:
     params:
         data=config["data"],
         preprocess=config["preprocess"],
-        code=stage_code("preprocess"),
+        code=script_code("preprocess"),
     log:
         log_path("preprocess"),
     benchmark:

@@ -11,7 +11,7 @@ rule train_cvae:
         model=experiment_model,
         train=experiment_train,
         resume_dir=train_resume_dir,
-        code=stage_code("train"),
+        code=script_code("train_cvae"),
     log:
         exp_dir("logs", "train_cvae.log"),
     benchmark:

@@ -212,3 +212,32 @@ def test_seed_preset_resolves_to_exactly_the_seeds_numbers():
         C.TrainConfig.from_dict({"loss": {"preset": "seed"}})
     with pytest.raises(C.ConfigError, match="resolved with preset 'default' but train.preset is 'seed'"):
         C.TrainConfig(preset="seed", loss=C.LossConfig())
+
+
+def test_every_rule_is_fingerprinted_by_its_own_script():
+    """Each rule's code param is the fingerprint of the script it runs, and that covers the script's whole
+    import closure (downstream's script imports plots: a figure change reruns it)."""
+    import re
+    from pathlib import Path
+
+    from precip_cvae.provenance import module_closure, script_modules
+
+    repo = Path(__file__).resolve().parents[1]
+    rules = 0
+    for smk in sorted((repo / "rules").glob("*.smk")):
+        for block in re.split(r"^rule ", smk.read_text(), flags=re.M)[1:]:
+            script = re.search(r'script:\s*\n\s*"\.\./workflow/scripts/(\w+)\.py"', block)
+            if script is None:
+                continue
+            code = re.search(r'code=script_code\("(\w+)"\)', block)
+            assert code is not None and code.group(1) == script.group(1), (smk.name, block.split(":")[0])
+            rules += 1
+    assert rules == 9
+    downstream = script_modules(repo / "workflow" / "scripts" / "downstream.py")
+    assert "precip_cvae.plots" in downstream and set(module_closure("precip_cvae.downstream")) < set(downstream)
+    # every package module the script names is in its closure
+    for script in (repo / "workflow" / "scripts").glob("*.py"):
+        named = set(re.findall(r"from (precip_cvae(?:\.\w+)?) import", script.read_text()))
+        named |= {f"precip_cvae.{m.strip()}" for line in re.findall(r"from precip_cvae import ([\w, ]+)",
+                                                                      script.read_text()) for m in line.split(",")}
+        assert named - {"precip_cvae"} <= set(script_modules(script)), script.name

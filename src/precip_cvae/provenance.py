@@ -114,6 +114,20 @@ def code_fingerprint(*modules: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def script_modules(script: str | Path) -> tuple[str, ...]:
+    """The package modules a workflow script imports, and theirs, transitively (sorted): what the
+    rule that runs ``script`` depends on."""
+    path = Path(script)
+    direct = _imports(path, "__script__")  # scripts import the package absolutely
+    return tuple(sorted({m for name in direct for m in module_closure(name)}))
+
+
+def script_fingerprint(script: str | Path) -> str:
+    """:func:`code_fingerprint` of everything ``script`` imports from the package (a rule's rerun trigger;
+    derived from the script so that the two cannot drift)."""
+    return code_fingerprint(*script_modules(script))
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """Full SHA-256 of a file."""
     digest = hashlib.sha256()
