@@ -3,13 +3,21 @@
 
 from snakemake.utils import min_version, validate
 
+from precip_cvae.provenance import canonicalise_config
+
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# config/config.yaml (the demo) is the config when none is given. A config given with --configfile is
+# the whole story: keys it leaves out take the schema's defaults, nothing comes from the demo config.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+
+validate(config, "workflow/schemas/config.schema.yaml")  # fills in the schema's defaults
+canonicalise_config(config)  # keys sorted: key order and spelled-out defaults rerun nothing
 
 
 include: "rules/common.smk"

@@ -128,6 +128,43 @@ def test_choosing_experiments_to_generate_reruns_nothing(tiny_run):
     assert chosen == plain and "generate" not in chosen and "train_cvae" not in chosen
 
 
+def test_key_order_and_spelled_out_defaults_rerun_nothing(tiny_run):
+    import yaml
+
+    cfg = yaml.safe_load((tiny_run / "config" / "tiny.yaml").read_text())
+    sorted_path = tiny_run / "config" / "tiny_sorted.yaml"
+    sorted_path.write_text(yaml.safe_dump(cfg, sort_keys=True))  # every key in another order
+    assert sorted_path.read_text().splitlines()[0].startswith("data:")
+    explicit = dict(cfg, events={**cfg["events"], "wet_threshold": 1.0, "criterion": "exceedance"})  # defaults
+    explicit_path = tiny_run / "config" / "tiny_explicit.yaml"
+    explicit_path.write_text(yaml.safe_dump(explicit, sort_keys=False))
+    # the same plan as the unchanged config (other tests may have left the comparison stale)
+    plain = planned_jobs(snakemake(tiny_run, "-n", "--configfile", "config/tiny.yaml"))
+    for path in (sorted_path, explicit_path):
+        jobs = planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(path)))
+        assert jobs == plain and "make_demo_data" not in jobs and "preprocess" not in jobs, (path.name, jobs)
+
+
+def test_a_given_config_is_the_whole_story(tiny_run):
+    """Nothing leaks from config/config.yaml (the demo) into a config given with --configfile."""
+    import yaml
+
+    cfg = yaml.safe_load((tiny_run / "config" / "tiny.yaml").read_text())
+    one = dict(cfg, experiments={"only": {"train": {"lr": 5.0e-4}}})
+    path = tiny_run / "config" / "one_experiment.yaml"
+    path.write_text(yaml.safe_dump(one))
+    proc = snakemake(tiny_run, "-n", "--configfile", str(path))
+    jobs = planned_jobs(proc)
+    assert jobs["train_cvae"] == 1 and "experiments/only/train/best.pt" in proc.stdout
+    assert "experiments/default/" not in proc.stdout  # the demo's `default` experiment is not there
+    # without a demo section the data are read where the config says (the tiny run wrote them), never made
+    no_demo = {k: v for k, v in cfg.items() if k != "demo"}
+    path = tiny_run / "config" / "no_demo.yaml"
+    path.write_text(yaml.safe_dump(no_demo))
+    proc = snakemake(tiny_run, "-n", "--configfile", str(path))
+    assert "make_demo_data" not in planned_jobs(proc) and "make_demo_data" not in proc.stdout
+
+
 def test_schema_rejects_a_typo_at_dry_run(tiny_run):
     bad = tiny_run / "config" / "typo.yaml"
     bad.write_text((tiny_run / "config" / "tiny.yaml").read_text() + "\nevnets: {percentile: 95}\n")

@@ -128,6 +128,28 @@ def script_fingerprint(script: str | Path) -> str:
     return code_fingerprint(*script_modules(script))
 
 
+def canonical(value):
+    """``value`` with every mapping's keys sorted, recursively (lists keep their order)."""
+    if isinstance(value, dict):
+        return {str(k): canonical(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    return value
+
+
+def canonicalise_config(config: dict) -> dict:
+    """Put ``config`` (validated, so the schema's defaults are filled in) in canonical form in place.
+
+    Snakemake compares a rule's ``params`` in their serialised form, so the same values with keys in
+    another order, or a default written out (which the schema validation appends at the end), would
+    rerun the rule. With every mapping sorted, neither changes anything.
+    """
+    sorted_config = canonical(config)
+    config.clear()
+    config.update(sorted_config)
+    return config
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """Full SHA-256 of a file."""
     digest = hashlib.sha256()
