@@ -83,6 +83,29 @@ def test_daily_statistics_by_hand():
     assert stats["domain_max"].tolist() == pytest.approx([10.0, 50.0])
 
 
+def test_field_statistics_by_hand_and_the_same_for_chunked_days():
+    """One definition for real days and samples: the numpy function by hand, and daily_statistics over a
+    dask-chunked field (chunk boundaries inside the record) equal to it."""
+    vals = np.array([[[0.0, 10.0], [5.0, np.nan]], [[1.0, 1.0], [0.5, 50.0]], [[np.nan] * 2] * 2], "float32")
+    thr = np.array([[4.0, 4.0], [4.0, np.nan]])
+    mask = np.array([[True, True], [True, False]])  # the last cell is masked: never valid
+    st = events.field_statistics(vals, thr, wet_threshold=1.0, mask=mask)
+    assert st["n_valid"].tolist() == [3, 3, 0]
+    assert st["domain_mean"].tolist()[:2] == pytest.approx([5.0, 2.5 / 3]) and np.isnan(st["domain_mean"][2])
+    assert st["domain_max"].tolist()[:2] == [10.0, 1.0] and np.isnan(st["domain_max"][2])
+    assert st["exceed_fraction"].tolist() == pytest.approx([2 / 3, 0.0, 0.0])
+    assert st["wet_fraction"].tolist() == pytest.approx([2 / 3, 2 / 3, 0.0])  # 0 mm and 0.5 mm are dry
+    rng = np.random.default_rng(0)
+    many = rng.gamma(0.5, 6.0, size=(23, 3, 4)).astype("float32")
+    many[5, 1, 1] = np.nan
+    pr = make_field_da(many, pd.date_range("2000-01-01", periods=23)).chunk({"time": 7})
+    thr_da = xr.DataArray(rng.uniform(2, 8, size=(3, 4)), dims=("lat", "lon"))
+    mask_da = xr.DataArray(np.ones((3, 4), "int8"), dims=("lat", "lon"))
+    chunked = events.daily_statistics(pr, thr_da, mask_da, wet_threshold=1.0)
+    whole = events.field_statistics(many, thr_da.values, 1.0, np.ones((3, 4), bool))
+    pd.testing.assert_frame_equal(chunked, whole)
+
+
 def test_unknown_criterion_lists_valid_names():
     with pytest.raises(ConfigError, match=r"valid names are \['exceedance', 'domain_mean', 'either'\]"):
         EventsConfig(criterion="peaks")

@@ -168,28 +168,66 @@ def wet_day_thresholds(pr: xr.DataArray, mask: xr.DataArray, cfg: EventsConfig) 
     return thr
 
 
-def daily_statistics(pr: xr.DataArray, thr: xr.DataArray, mask: xr.DataArray) -> pd.DataFrame:
-    """Per-day domain mean, domain max and exceedance fraction over valid pixels.
+def field_statistics(fields: np.ndarray, thr: np.ndarray, wet_threshold: float = 1.0,
+                     mask: np.ndarray | None = None) -> pd.DataFrame:
+    """Per-field domain mean, domain max, exceedance and wet fractions over the valid pixels.
+
+    The one definition of a day's statistics: real days (:func:`daily_statistics`, the events table)
+    and generated samples (``generate``'s heavy filter and report) are judged by this code.
+
+    Parameters
+    ----------
+    fields : ndarray (N, H, W), mm day-1, NaN where missing
+    thr : ndarray (H, W), mm day-1, the local heavy threshold (NaN where masked)
+    wet_threshold : a pixel is wet at >= this (mm day-1)
+    mask : ndarray (H, W) bool, optional; a pixel is valid where it is in the mask and not missing
+
+    Returns
+    -------
+    DataFrame with domain_mean, domain_max (NaN for a field without valid pixel), exceed_fraction,
+    wet_fraction and n_valid.
+    """
+    fields = np.asarray(fields)
+    valid = np.isfinite(fields)
+    if mask is not None:
+        valid &= np.asarray(mask, dtype=bool)
+    n_valid = valid.sum(axis=(1, 2))
+    per = np.maximum(n_valid, 1)
+    with np.errstate(invalid="ignore"):
+        exceed = ((fields > thr) & valid).sum(axis=(1, 2)) / per
+        wet = ((fields >= wet_threshold) & valid).sum(axis=(1, 2)) / per
+    inside = np.where(valid, fields, 0.0).astype(np.float64)
+    total = inside.sum(axis=(1, 2))
+    peak = np.where(valid, fields, -np.inf).max(axis=(1, 2)) if fields.size else np.zeros(len(fields))
+    some = n_valid > 0
+    return pd.DataFrame(
+        {
+            "domain_mean": np.where(some, total / per, np.nan),
+            "domain_max": np.where(some, peak, np.nan).astype(float),
+            "exceed_fraction": exceed.astype(float),
+            "wet_fraction": wet.astype(float),
+            "n_valid": n_valid.astype(int),
+        }
+    )
+
+
+def daily_statistics(pr: xr.DataArray, thr: xr.DataArray, mask: xr.DataArray, wet_threshold: float = 1.0
+                     ) -> pd.DataFrame:
+    """:func:`field_statistics` of every day of ``pr`` (time, lat, lon), chunk by chunk along time
+    (dask computes the chunks in parallel; memory is one chunk per worker).
 
     A pixel is valid on a day when it is in the mask and not missing that day.
     """
-    valid = pr.notnull() & mask.astype(bool)
-    n_valid = valid.sum(("lat", "lon"))
-    exceed = ((pr > thr) & valid).sum(("lat", "lon"))
-    mean = pr.where(valid).mean(("lat", "lon"))
-    peak = pr.where(valid).max(("lat", "lon"))
     import dask
 
-    n_valid, exceed, mean, peak = dask.compute(n_valid, exceed, mean, peak)
-    frac = exceed.values / np.maximum(n_valid.values, 1)
-    return pd.DataFrame(
-        {
-            "domain_mean": mean.values.astype(float),
-            "domain_max": peak.values.astype(float),
-            "exceed_fraction": frac.astype(float),
-            "n_valid": n_valid.values.astype(int),
-        }
-    )
+    pr = pr.transpose("time", "lat", "lon")
+    thr_v = np.asarray(thr.transpose("lat", "lon").values)
+    mask_v = np.asarray(mask.transpose("lat", "lon").values).astype(bool)
+    sizes = pr.chunksizes.get("time", (pr.sizes["time"],)) if pr.chunks is not None else (pr.sizes["time"],)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    parts = [dask.delayed(field_statistics)(pr.data[a:b], thr_v, wet_threshold, mask_v)
+             for a, b in zip(starts[:-1], starts[1:])]
+    return pd.concat(dask.compute(*parts), ignore_index=True)
 
 
 def _by_exceedance(stats: pd.DataFrame, cfg: EventsConfig, limits: dict) -> np.ndarray:
@@ -233,11 +271,11 @@ def classify_days(stats: pd.DataFrame, split: np.ndarray, cfg: EventsConfig) -> 
 
 def event_table(ds: xr.Dataset, thr: xr.DataArray, cfg: EventsConfig) -> tuple[pd.DataFrame, dict]:
     """The events table: date, split, domain_mean, domain_max, exceed_fraction, is_event."""
-    stats = daily_statistics(ds["pr"], thr, ds["mask"])
+    stats = daily_statistics(ds["pr"], thr, ds["mask"], cfg.wet_threshold)
     split = ds["split"].values.astype(str)
     flags, info = classify_days(stats, split, cfg)
     dates = format_times(ds.indexes["time"])
-    table = pd.DataFrame({"date": dates, "split": split}).join(stats.drop(columns="n_valid"))
+    table = pd.DataFrame({"date": dates, "split": split}).join(stats.drop(columns=["n_valid", "wet_fraction"]))
     table["is_event"] = flags.astype(bool)
     return table, info
 

@@ -28,7 +28,7 @@ import xarray as xr
 from . import __version__, cf, checkpoint
 from .config import EventsConfig, GenerateConfig, config_hash
 from .data import load_fields
-from .events import apply_criterion
+from .events import apply_criterion, field_statistics
 from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, open_zarr_group, write_json,
                  write_netcdf, write_text, write_zarr_group)
 from .provenance import file_sha256
@@ -41,29 +41,6 @@ class GenerationError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- checks on arrays
-
-
-def field_statistics(fields: np.ndarray, thr: np.ndarray, wet_threshold: float) -> pd.DataFrame:
-    """Per-field domain mean/max, exceedance fraction and wet fraction over valid pixels.
-
-    Parameters
-    ----------
-    fields : ndarray (N, H, W), mm day-1, NaN where invalid
-    thr : ndarray (H, W), mm day-1, the local heavy threshold
-    """
-    valid = np.isfinite(fields)
-    n_valid = np.maximum(valid.sum(axis=(1, 2)), 1)
-    with np.errstate(invalid="ignore"):
-        exceed = ((fields > thr) & valid).sum(axis=(1, 2)) / n_valid
-        wet = ((fields >= wet_threshold) & valid).sum(axis=(1, 2)) / n_valid
-    return pd.DataFrame(
-        {
-            "domain_mean": np.nanmean(fields, axis=(1, 2)),
-            "domain_max": np.nanmax(fields, axis=(1, 2)),
-            "exceed_fraction": exceed,
-            "wet_fraction": wet,
-        }
-    )
 
 
 #: A sample is a near-copy when its nearest real train field is closer than this fraction of the
