@@ -15,6 +15,7 @@ from conftest import make_field_da, write_nc
 from precip_cvae import data as D, io, preprocess
 from precip_cvae.config import DataConfig, PreprocessConfig, SplitConfig, StaticSource, VariableSource
 from precip_cvae.io import InputError
+from precip_cvae.split import split_labels
 from precip_cvae.transform import TargetTransform
 
 
@@ -141,13 +142,13 @@ def test_split_by_djf_years_and_dates():
     times = pd.date_range("1999-12-01", "2002-02-28", freq="D")
     times = times[times.month.isin([12, 1, 2])]
     cfg = SplitConfig(method="years", season_year="djf", train_years=(2000,), val_years=(2001,), test_years=(2002,))
-    labels = preprocess.split_labels(times, cfg)
+    labels = split_labels(times, cfg)
     # December 1999 belongs to winter 2000
     assert labels[0] == "train" and labels[list(times).index(pd.Timestamp("2000-12-01"))] == "val"
     assert (labels == "train").sum() == 31 + 31 + 29
     cfg = SplitConfig(method="dates", train_dates=("1999-12-01", "2000-12-31"), val_dates=("2001-01-01", "2001-12-31"),
                       test_dates=("2002-01-01", "2002-12-31"))
-    labels = preprocess.split_labels(times, cfg)
+    labels = split_labels(times, cfg)
     assert (labels == "test").sum() == 31 + 28
 
 
@@ -155,7 +156,7 @@ def test_split_by_date_times_within_a_day():
     times = pd.date_range("2020-10-31T00:00", "2020-10-31T23:50", freq="10min")  # 144 steps
     cfg = SplitConfig(method="dates", train_dates=("2020-10-31", "2020-10-31T05:50"),
                       val_dates=("2020-10-31T06:00", "2020-10-31T07:50"), test_dates=("2020-10-31T08:00", "2020-10-31"))
-    labels = preprocess.split_labels(times, cfg)
+    labels = split_labels(times, cfg)
     # 00:00-05:50: 36 steps; 06:00-07:50: 12; 08:00 to the end of the day (a date-only end): 96
     assert [(labels == s).sum() for s in ("train", "val", "test")] == [36, 12, 96]
     assert labels[35] == "train" and labels[36] == "val" and labels[-1] == "test"
@@ -165,9 +166,9 @@ def test_split_by_date_times_within_a_day():
     days = [cftime.Datetime360Day(2001, 2, d) for d in range(1, 31)]
     cfg360 = SplitConfig(method="dates", train_dates=("2001-02-01", "2001-02-20"), val_dates=("2001-02-21", "2001-02-25"),
                          test_dates=("2001-02-26", "2001-02-30"))
-    assert [(preprocess.split_labels(days, cfg360) == s).sum() for s in ("train", "val", "test")] == [20, 5, 5]
+    assert [(split_labels(days, cfg360) == s).sum() for s in ("train", "val", "test")] == [20, 5, 5]
     with pytest.raises(InputError, match=r"preprocess.split.val_dates: 'noon' is not an ISO date"):
-        preprocess.split_labels(times, SplitConfig(method="dates", train_dates=("2020-10-31", "2020-10-31"),
+        split_labels(times, SplitConfig(method="dates", train_dates=("2020-10-31", "2020-10-31"),
                                                    val_dates=("noon", "2020-10-31"), test_dates=("2020-10-31", "2020-10-31")))
 
 
@@ -175,7 +176,7 @@ def test_split_with_an_empty_part_is_an_error():
     times = pd.date_range("2000-01-01", periods=100)
     cfg = SplitConfig(method="years", train_years=(2000,), val_years=(2001,), test_years=(2002,))
     with pytest.raises(InputError, match=r"no days in \['val', 'test'\]"):
-        preprocess.split_labels(times, cfg)
+        split_labels(times, cfg)
 
 
 def test_descending_latitude_is_flipped_and_unsorted_time_sorted(caplog):

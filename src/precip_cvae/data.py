@@ -24,6 +24,7 @@ import torch
 
 from .config import ConfigError, lookup
 from .io import InputError, open_netcdf, open_zarr, read_csv
+from .split import format_times
 from .transform import TargetTransform
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,6 @@ def load_fields(dataset: str, thresholds: str, events: str | None = None, splits
 
 
 def _format_dates(index) -> list[str]:
-    from .events import format_times
-
     return format_times(index)
 
 

@@ -27,6 +27,7 @@ import xarray as xr
 from . import cf
 from .config import EventsConfig, lookup
 from .io import InputError, open_zarr, write_csv, write_netcdf
+from .split import format_times
 
 log = logging.getLogger(__name__)
 
@@ -295,14 +296,6 @@ def closest_to_heavy(table: pd.DataFrame, cfg: EventsConfig, limits: dict) -> st
                      f"(train P{cfg.domain_mean_percentile:g}, events.domain_mean_percentile); the closest train day, "
                      f"{day['date']}, has {day['domain_mean']:.3g} mm/day")
     return f"criterion {cfg.criterion!r}: " + "; ".join(parts)
-
-
-def format_times(index) -> list[str]:
-    """ISO strings: 'YYYY-MM-DD' for daily stamps at midnight, else 'YYYY-MM-DDTHH:MM'."""
-    stamps = [(t.year, t.month, t.day, t.hour, t.minute) for t in index]
-    if all(h == 0 and m == 0 for *_, h, m in stamps):
-        return [f"{y:04d}-{mo:02d}-{d:02d}" for y, mo, d, _, _ in stamps]
-    return [f"{y:04d}-{mo:02d}-{d:02d}T{h:02d}:{m:02d}" for y, mo, d, h, m in stamps]
 
 
 def summarise(table: pd.DataFrame) -> list[str]:

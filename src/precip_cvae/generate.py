@@ -29,6 +29,7 @@ from . import __version__, cf, checkpoint
 from .config import EventsConfig, GenerateConfig, config_hash
 from .data import load_fields
 from .events import apply_criterion, field_statistics
+from .split import format_times
 from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, open_zarr_group, write_json,
                  write_netcdf, write_text, write_zarr_group)
 from .provenance import file_sha256
@@ -510,8 +511,6 @@ def _write_training_set(ds: xr.Dataset, augmented: Path, path: Path, cfg: Genera
     pr = aug["pr"].data.reshape(-1, *aug["pr"].shape[2:])  # (T * R, h, w) dask
     synth = xr.DataArray(pr[day_of_row * aug.sizes["realization"] + real_of_row], dims=("time", "lat", "lon"))
     synth_pr = synth.pad(lat=tuple(pad_lat), lon=tuple(pad_lon)).data  # NaN padding, dask
-    from .events import format_times
-
     position = {d: i for i, d in enumerate(format_times(ds.indexes["time"]))}
     src_index = np.array([position[d] for d in format_times(aug.indexes["time"])])[day_of_row]
     synth_time = ds["time"].values[src_index]
