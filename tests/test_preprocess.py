@@ -12,7 +12,7 @@ import pytest
 import xarray as xr
 
 from conftest import make_field_da, write_nc
-from precip_cvae import data as D, io, preprocess
+from precip_cvae import data as D, grid, io, preprocess
 from precip_cvae.config import DataConfig, PreprocessConfig, SplitConfig, StaticSource, VariableSource
 from precip_cvae.io import InputError
 from precip_cvae.split import split_labels
@@ -271,17 +271,17 @@ def test_bad_inputs_name_file_and_variable(small_inputs):
 def test_regrid_and_block_mean_by_hand():
     times = pd.date_range("2000-01-01", periods=1)
     da = make_field_da(np.array([[[0.0, 2.0], [4.0, 6.0]]]), times, lat=[0.0, 1.0], lon=[0.0, 1.0])
-    out = preprocess.regrid(da, xr.DataArray([0.5, 2.0]), xr.DataArray([0.5]))
+    out = grid.regrid(da, xr.DataArray([0.5, 2.0]), xr.DataArray([0.5]))
     # bilinear at the centre = 3; beyond the hull: nearest-value fill along lat (row lat=1: 4..6 -> 5)
     np.testing.assert_allclose(out.values[0, :, 0], [3.0, 5.0])
-    bm = preprocess.block_mean(make_field_da(np.arange(16.0).reshape(1, 4, 4), times), 2)
+    bm = grid.block_mean(make_field_da(np.arange(16.0).reshape(1, 4, 4), times), 2)
     np.testing.assert_allclose(bm.values[0], [[2.5, 4.5], [10.5, 12.5]])
 
 
 def test_pad_amount():
-    assert preprocess.pad_amount(19, 8) == (2, 3)
-    assert preprocess.pad_amount(64, 8) == (0, 0)
-    assert preprocess.pad_amount(29, 8) == (1, 2)
+    assert grid.pad_amount(19, 8) == (2, 3)
+    assert grid.pad_amount(64, 8) == (0, 0)
+    assert grid.pad_amount(29, 8) == (1, 2)
 
 
 def test_target_transform_roundtrip_torch():

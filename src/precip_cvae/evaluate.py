@@ -78,7 +78,7 @@ from .checkpoint import check_matches_data, load_model
 from .config import EVALUATE_SAMPLING_KEYS, EVALUATE_SPLITS, EvaluateConfig, EventsConfig
 from .data import FieldData, load_fields
 from .events import wet_day_thresholds
-from .preprocess import crop_to_original
+from .grid import crop_array as crop, crop_to_original
 from .transform import TargetTransform
 
 log = logging.getLogger(__name__)
@@ -239,13 +239,6 @@ def read_grid(dataset: str) -> Grid:
         calendar=str(ds.attrs.get("calendar", "standard")),
         grid_mapping_attrs=str(ds["pr"].attrs.get("grid_mapping_attrs", "")),
     )
-
-
-def crop(a, attrs: Mapping) -> np.ndarray:
-    """Drop the padding of the last two (lat, lon) axes of ``a`` (numpy or torch)."""
-    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-    dims = [f"dim_{i}" for i in range(a.ndim - 2)] + ["lat", "lon"]
-    return crop_to_original(xr.DataArray(a, dims=dims), dict(attrs)).values
 
 
 # ----------------------------------------------------------------------------- step 1: sampling

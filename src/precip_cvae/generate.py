@@ -29,6 +29,7 @@ from . import __version__, cf, checkpoint
 from .config import EventsConfig, GenerateConfig, config_hash
 from .data import load_fields
 from .events import apply_criterion, field_statistics
+from .grid import crop_array
 from .split import format_times
 from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, open_zarr_group, write_json,
                  write_netcdf, write_text, write_zarr_group)
@@ -150,10 +151,6 @@ def _summary(values: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- the stage
 
 
-def _crop(a: np.ndarray, pad_lat, pad_lon) -> np.ndarray:
-    return a[..., pad_lat[0] : a.shape[-2] - pad_lat[1], pad_lon[0] : a.shape[-1] - pad_lon[1]]
-
-
 WRITE_BYTES = 16 * 2**20  # batches are written in blocks of about this many bytes of fields
 CHUNK_BYTES = 4 * 2**20  # zarr chunks of augmented.zarr along `time`: about this many bytes of fields
 
@@ -260,10 +257,11 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
     limits = {"domain_mean_threshold_mm_day": float(thr_ds["threshold"].attrs.get("domain_mean_threshold_mm_day",
                                                                                      np.inf))}
     pad_lat, pad_lon = list(ds.attrs.get("pad_lat", [0, 0])), list(ds.attrs.get("pad_lon", [0, 0]))
-    lat = _crop(ds["lat"].values[:, None], pad_lat, [0, 0])[:, 0]
-    lon = _crop(ds["lon"].values[None, :], [0, 0], pad_lon)[0]
-    mask = _crop(ds["mask"].values.astype(bool), pad_lat, pad_lon)
-    thr = _crop(data.thr_mm[0, 0].numpy(), pad_lat, pad_lon)
+    pads = {"pad_lat": pad_lat, "pad_lon": pad_lon}
+    lat = crop_array(ds["lat"].values[:, None], {"pad_lat": pad_lat})[:, 0]
+    lon = crop_array(ds["lon"].values[None, :], {"pad_lon": pad_lon})[0]
+    mask = crop_array(ds["mask"].values.astype(bool), pads)
+    thr = crop_array(data.thr_mm[0, 0].numpy(), pads)
 
     chosen = np.flatnonzero(np.isin(data.split, list(cfg.splits)) & data.is_event.numpy())
     if chosen.size == 0:
@@ -322,7 +320,7 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
                     s = model.sample(y, valid, n_samples=cfg.members, z_scale=cfg.z_scale, generator=g)
                 mm = transform.inverse(s[:, :, 0].float()).cpu().numpy()  # (K, B, H, W)
                 mm = np.where(valid[:, 0].cpu().numpy()[None], mm, np.nan)
-                mm = _crop(mm, pad_lat, pad_lon)
+                mm = crop_array(mm, pads)
                 n_drawn += int(sum(max(n, 0) for n in need))
                 for j in range(len(days)):
                     if need[j] <= 0:
@@ -408,7 +406,7 @@ def _real_mass_error(data, chosen, real_stats) -> dict:
 def _report(data, chosen, synth, mass_rows, memo_fields, thr, mask, pad_lat, pad_lon, cfg, events_cfg, attrs,
             n_written, acceptance, short_days, n_bad) -> dict:
     train_idx = np.flatnonzero(data.split == "train")
-    real = _crop(data.pr_mm[:, 0].numpy(), pad_lat, pad_lon)
+    real = crop_array(data.pr_mm[:, 0].numpy(), {"pad_lat": pad_lat, "pad_lon": pad_lon})
     real_events = real[chosen]
     real_stats = field_statistics(real_events, thr, events_cfg.wet_threshold)
     reference = real[train_idx]

@@ -51,6 +51,7 @@ import xarray as xr
 from . import __version__, cf
 from .config import DataConfig, PreprocessConfig, parse_step
 from .io import InputError, open_static, open_variable, source_files, write_zarr
+from .grid import block_mean, crop_to_original, pad_grid, regrid  # noqa: F401 (crop_to_original: API)
 from .split import SPLITS, split_labels
 from .transform import TargetTransform
 from .units import MM_PER_DAY, UnitsError, factor_to_mm_per_day
@@ -370,20 +371,6 @@ def match_predictor_steps(pr: xr.DataArray, preds: Sequence[xr.DataArray], flags
 # ----------------------------------------------------------------------------- grids
 
 
-def regrid(da: xr.DataArray, lat: xr.DataArray, lon: xr.DataArray) -> xr.DataArray:
-    """Bilinear interpolation onto (lat, lon); beyond the source hull the target
-    coordinates are clamped to it (edge values, linear along the other axis)."""
-    lat_v, lon_v = np.asarray(lat.values, float), np.asarray(lon.values, float)
-    if da.sizes["lat"] == lat_v.size and da.sizes["lon"] == lon_v.size:
-        if np.allclose(da["lat"].values, lat_v) and np.allclose(da["lon"].values, lon_v):
-            return da.assign_coords(lat=lat_v, lon=lon_v)
-    src_lat, src_lon = da["lat"].values, da["lon"].values
-    clamped_lat = np.clip(lat_v, src_lat.min(), src_lat.max())
-    clamped_lon = np.clip(lon_v, src_lon.min(), src_lon.max())
-    out = da.interp(lat=clamped_lat, lon=clamped_lon, method="linear")
-    return out.assign_coords(lat=lat_v, lon=lon_v)
-
-
 def static_on_target(fields: dict, lat: xr.DataArray, lon: xr.DataArray, mask: xr.DataArray) -> xr.DataArray:
     """User static fields on the target grid: (static_channel, lat, lon), float32.
 
@@ -434,58 +421,6 @@ def select_region(da: xr.DataArray, region) -> xr.DataArray:
     log.info("region %s: %dx%d of %dx%d cells", list(region), out.sizes["lat"], out.sizes["lon"],
              da.sizes["lat"], da.sizes["lon"])
     return out
-
-
-def block_mean(da: xr.DataArray, factor: int) -> xr.DataArray:
-    """Block-average a (time, lat, lon) field by ``factor``: the mean over the valid (finite) cells of
-    each block, NaN where a block has none (all sea); ragged edges trimmed."""
-    return da.coarsen(lat=factor, lon=factor, boundary="trim").mean()  # skips NaN (floats' default)
-
-
-def pad_amount(n: int, multiple: int) -> tuple[int, int]:
-    """Cells to add (before, after) so that ``n`` becomes a multiple of ``multiple``."""
-    total = (-n) % multiple
-    return total // 2, total - total // 2
-
-
-def _extend_coord(values: np.ndarray, before: int, after: int) -> np.ndarray:
-    step = float(np.median(np.diff(values))) if len(values) > 1 else 1.0
-    head = values[0] - step * np.arange(before, 0, -1)
-    tail = values[-1] + step * np.arange(1, after + 1)
-    return np.concatenate([head, values, tail])
-
-
-def pad_grid(ds: xr.Dataset, multiple: int) -> xr.Dataset:
-    """Pad the fine (lat, lon) grid with NaN / masked cells to a multiple of ``multiple``."""
-    plat = pad_amount(ds.sizes["lat"], multiple)
-    plon = pad_amount(ds.sizes["lon"], multiple)
-    attrs = dict(ds.attrs) | {
-        "pad_lat": list(plat),
-        "pad_lon": list(plon),
-        "orig_nlat": int(ds.sizes["lat"]),
-        "orig_nlon": int(ds.sizes["lon"]),
-    }
-    if plat == (0, 0) and plon == (0, 0):
-        return ds.assign_attrs(attrs)
-    lat = _extend_coord(ds["lat"].values, *plat)
-    lon = _extend_coord(ds["lon"].values, *plon)
-    out = ds.pad(lat=plat, lon=plon)  # NaN for floats
-    out = out.assign_coords(lat=("lat", lat, ds["lat"].attrs), lon=("lon", lon, ds["lon"].attrs))
-    if "mask" in out:
-        out["mask"] = out["mask"].fillna(0).astype("int8")
-    log.info("padded fine grid %s -> %s (lat %s, lon %s)", (ds.sizes["lat"], ds.sizes["lon"]), (lat.size, lon.size), plat, plon)
-    return out.assign_attrs(attrs)
-
-
-def crop_to_original(obj, attrs: dict | None = None):
-    """Undo :func:`pad_grid` on a Dataset/DataArray with (lat, lon) dims."""
-    attrs = attrs if attrs is not None else obj.attrs
-    plat = list(attrs.get("pad_lat", [0, 0]))
-    plon = list(attrs.get("pad_lon", [0, 0]))
-    return obj.isel(
-        lat=slice(plat[0], obj.sizes["lat"] - plat[1]),
-        lon=slice(plon[0], obj.sizes["lon"] - plon[1]),
-    )
 
 
 # ----------------------------------------------------------------------------- masks and values
