@@ -36,8 +36,8 @@ Cache layout (``ensembles.zarr``, zarr format 2, consolidated)
   ``source`` is ``cvae_<checkpoint>`` or a baseline name (interpolation has one
   member).
 
-Scores (names as :func:`precip_cvae.metrics.score_ensemble`)
-------------------------------------------------------------
+Scores (:func:`score`, from the functions of :mod:`precip_cvae.metrics`)
+------------------------------------------------------------------------
 ``pNN`` in a name is the local threshold of that percentile.  CRPS and twCRPS are
 fair and averaged over valid points; FSS uses the exceedance probability of the
 members; frequency bias and the contingency scores (CSI, POD, FAR at the upper
@@ -472,10 +472,9 @@ def score(ens, obs, thresholds: Mapping[str, np.ndarray], windows: Sequence[int]
           chunk_days: int = 16) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Every score of one ensemble against the truth, and the curves the figures need.
 
-    The same scores, under the same names, as :func:`precip_cvae.metrics.score_ensemble`
-    (a test checks it), built from the same metric functions; the per-point CRPS and
-    twCRPS are averaged day-chunk by day-chunk, because the fair estimator holds an
-    (M, M) array per point.
+    Built from the metric functions of :mod:`precip_cvae.metrics` (names in the module
+    docstring); the per-point CRPS and twCRPS are averaged day-chunk by day-chunk,
+    because the fair estimator holds an (M, M) array per point.
 
     Parameters
     ----------
