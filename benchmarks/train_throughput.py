@@ -51,6 +51,10 @@ from precip_cvae.model import CVAE, count_parameters
 from precip_cvae.train import build_optimizer, train_step
 
 GOAL = 1.05
+# tests/test_model.py used to assert that one forward + backward of `small` on a batch of 32 64x64 fields takes
+# under 1.5 s; a busy CI machine can fail that, so the figure is printed here instead, for a whole
+# ``train_step`` (loss with its prior members, backward and optimizer step: more work than that test's).
+SMALL_STEP_BOUND_S = 1.5
 PRESETS = ("tiny", "small", "medium", "seed")
 
 
@@ -140,7 +144,7 @@ def bench(preset: str, data, steps: int, batch: int, device, repeats: int, augme
             "samples_per_s": steps * batch / best["real"], "premade_samples_per_s": steps * batch / best["premade"],
             "overhead": best["real"] / best["premade"], "overhead_median": med["real"] / med["premade"],
             "overhead_cpu": cpu["real"] / cpu["premade"], "pipeline_ms": 1e3 * pipe / steps,
-            "overhead_direct": 1 + pipe / best["premade"]}
+            "overhead_direct": 1 + pipe / best["premade"], "step_s": best["premade"] / steps}
 
 
 def main(argv=None) -> int:
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
         print(f"training throughput, device {device}, {torch.get_num_threads()} threads ({machine()}); "
               f"{len(data)} train fields of {tuple(data.x.shape[-2:])} from {ds}")
         print(f"{'preset':8} {'params':>10} {'batch':>5} {'steps':>5} {'samples/s':>10} {'pre-made/s':>10} "
-              f"{'overhead':>9} {'(median)':>9} {'(CPU s)':>8} {'pipeline ms/step':>16} {'(direct)':>9}   "
+              f"{'overhead':>9} {'(median)':>9} {'(CPU s)':>8} {'pipeline ms/step':>16} {'(direct)':>9} {'step s':>7}   "
               f"goal <= {GOAL}")
         worst = worst_cpu = worst_direct = 0.0
         for preset in presets:
@@ -177,7 +181,14 @@ def main(argv=None) -> int:
             worst_direct = max(worst_direct, r["overhead_direct"])
             print(f"{r['preset']:8} {r['params']:>10,} {r['batch']:>5} {r['steps']:>5} {r['samples_per_s']:>10.1f} "
                   f"{r['premade_samples_per_s']:>10.1f} {r['overhead']:>9.3f} {r['overhead_median']:>9.3f} "
-                  f"{r['overhead_cpu']:>8.3f} {r['pipeline_ms']:>16.2f} {r['overhead_direct']:>9.4f}", flush=True)
+                  f"{r['overhead_cpu']:>8.3f} {r['pipeline_ms']:>16.2f} {r['overhead_direct']:>9.4f} {r['step_s']:>7.3f}",
+                  flush=True)
+            if preset == "small":
+                grid = tuple(data.x.shape[-2:])
+                same = r["batch"] == 32 and grid == (64, 64)
+                print(f"small: one train_step of {r['batch']} fields of {grid} takes {r['step_s']:.3f} s (pre-made "
+                      f"batches, fastest run); bound {SMALL_STEP_BOUND_S} s for 32 fields of (64, 64) -> "
+                      f"{verdict(r['step_s'] <= SMALL_STEP_BOUND_S) if same else 'not compared (other size)'}")
         print(f"input-pipeline overhead (worst preset): {worst:.3f} by wall time, {worst_cpu:.3f} by CPU time, "
               f"{worst_direct:.4f} timed directly -> {verdict(worst <= GOAL)} (wall), {verdict(worst_cpu <= GOAL)} "
               f"(CPU), {verdict(worst_direct <= GOAL)} (direct) (goal <= {GOAL})")

@@ -1,4 +1,4 @@
-"""The evaluate stage: scores against hand values and score_ensemble, the cache, every output, the report."""
+"""The evaluate stage: scores against hand and numpy values, the cache, every output, the report."""
 
 from __future__ import annotations
 
@@ -31,18 +31,103 @@ def _fields(seed=0, m=5, n=6, h=8, w=9):
     return ens, obs, thr
 
 
-def test_score_equals_score_ensemble_and_does_not_depend_on_chunking():
+def _fair_crps(ens, obs):
+    """Per-point fair CRPS written out: mean |X - y| - sum |X - X'| / (2 M (M - 1))."""
+    m = ens.shape[0]
+    skill = np.abs(ens - obs[None]).mean(axis=0)
+    spread = np.abs(ens[:, None] - ens[None, :]).sum(axis=(0, 1)) / (2 * m * (m - 1))
+    return skill - spread
+
+
+def _fractions_by_loop(field, valid, w):
+    """Window means of ``field`` over the valid pixels of each w x w window (outside = invalid), by loops."""
+    n, h, wd = field.shape
+    r = w // 2
+    out = np.zeros_like(field, dtype=float)
+    for d in range(n):
+        for i in range(h):
+            for j in range(wd):
+                win = (d, slice(max(i - r, 0), i + r + 1), slice(max(j - r, 0), j + r + 1))
+                k = valid[win].sum()
+                out[d, i, j] = (field[win] * valid[win]).sum() / k if k else 0.0
+    return out
+
+
+def test_score_gives_each_name_its_score_computed_by_hand():
+    """E.score, what evaluate writes, on 5 members x 6 days of 8 x 9 continuous fields (no ties), each score
+    written out again in numpy from its definition in the module docstring; day chunks change nothing."""
+    rng = np.random.default_rng(4)
+    m, n, h, w = 5, 6, 8, 9
+    obs = rng.gamma(0.5, 6.0, (n, h, w))
+    obs[:, 0, :3] = np.nan
+    ens = rng.gamma(0.5, 6.0, (m, n, h, w))
+    coarse = rng.gamma(2.0, 2.0, (n, h, w))
+    thr = {"p95": np.full((h, w), 8.0), "p99": np.full((h, w), 14.0)}
+    thr["p99"][2:4, 2:4] = 20.0
+    got, curves = E.score(ens, obs, thr, windows=(1, 3), coarse_ref=coarse, rng=0, chunk_days=4)
+
+    v = np.isfinite(obs)
+    mean = ens.mean(axis=0)
+    err = (mean - obs)[v]
+    want = {"n_members": 5.0, "n_days": 6.0, "mae_all": np.abs(err).mean(),
+            "corr": np.corrcoef(mean[v], obs[v])[0, 1]}
+    want["crps"] = _fair_crps(ens[:, v], obs[v]).mean()
+    for name, t in thr.items():
+        tb = np.broadcast_to(t, obs.shape)
+        ext = v & (obs > tb)
+        want[f"mae_tail_{name}"] = np.abs(mean - obs)[ext].mean()
+        want[f"rmse_ext_{name}"] = np.sqrt(((mean - obs)[ext] ** 2).mean())
+        want[f"freq_bias_{name}"] = np.mean([((e > tb) & v).sum() for e in ens]) / ext.sum()
+        want[f"twcrps_{name}"] = _fair_crps(np.maximum(ens, tb)[:, v], np.maximum(obs, tb)[v]).mean()
+        po = (obs > tb).astype(float)
+        pf = (ens > tb).mean(axis=0)
+        for win in (1, 3):
+            ff, fo = _fractions_by_loop(pf, v, win), _fractions_by_loop(po, v, win)
+            want[f"fss_{name}_w{win}"] = 1 - ((ff - fo) ** 2)[v].sum() / (ff ** 2 + fo ** 2)[v].sum()
+        want[f"fss_useful_{name}"] = 0.5 + ext.sum() / v.sum() / 2
+    t99 = np.broadcast_to(thr["p99"], obs.shape)
+    o99 = v & (obs > t99)
+    hits = np.mean([((e > t99) & o99).sum() for e in ens])
+    misses = np.mean([(~(e > t99) & o99).sum() for e in ens])
+    false_alarms = np.mean([((e > t99) & v & ~o99).sum() for e in ens])
+    want |= {"pod_p99": hits / (hits + misses), "far_p99": false_alarms / (hits + false_alarms),
+             "csi_p99": hits / (hits + misses + false_alarms)}
+    want["spread_skill"] = np.sqrt(6 / 5) * np.sqrt(ens[:, v].var(axis=0, ddof=1).mean()) / np.sqrt((err ** 2).mean())
+    ranks = np.bincount((ens[:, v] < obs[v]).sum(axis=0), minlength=m + 1)  # continuous: no ties to break
+    expected_count = v.sum() / (m + 1)
+    want["rank_flatness"] = ((ranks - expected_count) ** 2 / expected_count).sum() / m
+    wet_ens, wet_obs = ens[:, v][ens[:, v] >= 1.0], obs[v][obs[v] >= 1.0]
+    for q, key in ((0.99, "q99"), (0.999, "q99.9")):
+        want[f"tail_{key}_ens"], want[f"tail_{key}_obs"] = np.quantile(wet_ens, q), np.quantile(wet_obs, q)
+    for ref, key in ((obs, "mass_error"), (np.where(v, coarse, np.nan), "mass_error_coarse")):
+        ref_mean = np.array([ref[d][v[d]].mean() for d in range(n)])  # (N,)
+        ens_mean = np.array([[e[d][v[d]].mean() for d in range(n)] for e in ens])  # (M, N)
+        rel = (ens_mean - ref_mean) / np.maximum(ref_mean, 0.1)
+        want[f"{key}_mae"], want[f"{key}_bias"] = np.abs(rel).mean(), rel.mean()
+    # the spectra themselves are tested by hand in test_metrics; here only that they are the members' and the truth's
+    k, p_ens = metrics.mean_rapsd(ens)
+    _, p_obs = metrics.mean_rapsd(obs)
+    want["rapsd_log_ratio"] = np.log10(p_ens / p_obs).mean()
+    want |= metrics.rapsd_band_log_ratios(k, p_ens, p_obs)
+
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), key
+    np.testing.assert_array_equal(curves["rank_counts"], ranks)
+    np.testing.assert_allclose(curves["qq_obs"], np.quantile(wet_obs, E.QQ_LEVELS))
+    np.testing.assert_allclose(curves["qq_ens"], np.quantile(wet_ens, E.QQ_LEVELS))
+    for chunk in (1, 6, 16):
+        again, _ = E.score(ens, obs, thr, windows=(1, 3), coarse_ref=coarse, rng=0, chunk_days=chunk)
+        assert again["crps"] == pytest.approx(got["crps"], rel=1e-12)
+        assert again["twcrps_p99"] == pytest.approx(got["twcrps_p99"], rel=1e-12)
+
+
+def test_score_of_one_member_crps_is_mae_and_no_spread():
     ens, obs, thr = _fields()
-    ref = metrics.score_ensemble(ens, obs, thr["p95"], thr["p99"], windows=(1, 3, 5), rng=0)
-    got, curves = E.score(ens, obs, thr, windows=(1, 3, 5), rng=0, chunk_days=4)
-    assert set(ref) <= set(got)
-    for key, value in ref.items():
-        assert got[key] == pytest.approx(value, rel=1e-12, nan_ok=True), key
-    one_day, _ = E.score(ens, obs, thr, windows=(1, 3, 5), rng=0, chunk_days=1)
-    assert one_day["crps"] == pytest.approx(got["crps"], rel=1e-12)
-    assert one_day["twcrps_p99"] == pytest.approx(got["twcrps_p99"], rel=1e-12)
-    assert got["n_days"] == 6 and curves["rank_counts"].sum() == np.isfinite(obs).sum()
-    assert curves["rank_counts"].shape == (6,) and curves["qq_levels"].shape == curves["qq_obs"].shape
+    s, curves = E.score(ens[:1], obs, thr, windows=(1,))
+    assert s["n_members"] == 1.0 and s["crps"] == pytest.approx(s["mae_all"])
+    assert math.isnan(s["spread_skill"]) and curves["rank_counts"].shape == (2,)
+    assert curves["rank_counts"].sum() == np.isfinite(obs).sum()
 
 
 def test_a_perfect_ensemble_scores_perfectly():

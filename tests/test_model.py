@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -258,15 +256,20 @@ def test_overfits_a_tiny_batch():
     assert after < before / 5, (before, after)
 
 
-def test_small_preset_train_step_is_fast():
-    """One batch-32 forward + backward of `small` at 64x64 (generous bound for shared CI)."""
+def test_small_preset_forward_backward_at_64x64():
+    """`small` at the demo's 64x64 (16x16 condition): the reconstruction has the target's shape and is
+    zero off the valid pixels, the loss reaches the encoder, the condition network and the decoder,
+    and every gradient is finite.  (Its speed is a benchmark: benchmarks/train_throughput.py.)"""
     torch.manual_seed(0)
     model = CVAE(ModelConfig(preset="small"), 3, (64, 64), (16, 16))
-    x, y, valid = _batch(32, 3, (64, 64), (16, 16))
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        out = model(x, y, valid)
-        masked_mae(out.recon, x, valid).backward()
-        best = min(best, time.perf_counter() - t0)
-    assert best < 1.5, best
+    x, y, valid = _batch(8, 3, (64, 64), (16, 16))
+    out = model(x, y, valid)
+    assert out.recon.shape == (8, 1, 64, 64)
+    assert (out.recon[~valid] == 0).all()
+    loss = masked_mae(out.recon, x, valid)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    for part in ("enc_stem", "cond_stem", "dec_head"):
+        assert any(n.startswith(part) and g.abs().sum() > 0 for n, g in grads.items()), part

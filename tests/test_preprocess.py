@@ -93,14 +93,23 @@ def test_normalisation_sees_no_val_or_test_day(small_inputs):
     np.testing.assert_allclose(a["condition"].values[tr], b["condition"].values[tr], rtol=1e-6)
 
 
-def test_transform_scale_is_std_of_log1p_on_train():
+def test_transform_scale_is_std_of_log1p_on_train_days_of_the_mask_cells():
+    """scan_target (what build_dataset calls) fits the scale on the train days of the cells in the mask:
+    the cell missing on 7 of 10 days is out of the mask, so its huge values on train days do not count."""
     times = pd.date_range("2000-01-01", periods=10)
-    pr = make_field_da(np.arange(10 * 4, dtype="float32").reshape(10, 2, 2), times)
+    vals = np.arange(10 * 4, dtype="float32").reshape(10, 2, 2)
+    vals[:3, 1, 1] = 1e6  # on train days
+    vals[3:, 1, 1] = np.nan
+    pr = make_field_da(vals, times)
     train = np.array([True] * 6 + [False] * 4)
-    t = preprocess.fit_target_transform(pr, train, "log1p")
-    assert t.scale == pytest.approx(np.log1p(np.arange(24.0)).std())
+    mask, _, t = preprocess.scan_target(pr, train, PreprocessConfig(transform="log1p"), "t.nc")
+    assert mask.values.tolist() == [[1, 1], [1, 0]]
+    kept = np.arange(24.0).reshape(6, 4)[:, :3]  # train days x the three cells of the mask
+    assert t.kind == "log1p" and t.scale == pytest.approx(np.log1p(kept).std())
     x = t.forward(np.array([0.0, 10.0]))
     np.testing.assert_allclose(t.inverse(x), [0.0, 10.0], rtol=1e-6)
+    _, _, t = preprocess.scan_target(pr, train, PreprocessConfig(transform="sqrt"), "t.nc")
+    assert t.scale == pytest.approx(np.sqrt(kept).std())
 
 
 @pytest.mark.parametrize("calendar", ["noleap", "360_day"])
@@ -230,23 +239,32 @@ def test_negative_precipitation_beyond_tolerance(small_inputs):
     assert float(pr.values[0, 0, 0]) == 0.0
     vals[1, 1, 1] = -3.0
     pr = preprocess.convert_target_units(make_field_da(vals, times), 0.01)
-    mask = xr.ones_like(pr.isel(time=0), dtype="int8")
-    with pytest.raises(InputError, match=r"1 negative precipitation values \(minimum -3"):
-        preprocess.check_target_values(pr, mask, PreprocessConfig(), "target.nc")
+    with pytest.raises(InputError, match=r"target.nc: 1 negative precipitation values \(minimum -3"):
+        preprocess.scan_target(pr, np.ones(4, bool), PreprocessConfig(), "target.nc")
 
 
 def test_missing_values_mask_and_policy():
+    """scan_target: a cell missing on more than mask_missing_fraction of days leaves the mask; a sporadic
+    NaN inside it is counted (policy mask) or refused (policy refuse); NaN in masked cells count for neither."""
     times = pd.date_range("2000-01-01", periods=10)
     vals = np.ones((10, 2, 3), "float32")
     vals[:8, 0, 0] = np.nan  # missing on 80 % of days -> masked
+    vals[:5, 0, 2] = np.nan  # missing on 50 % of days: still in the mask at 0.5, 5 sporadic NaN
     vals[2, 1, 1] = np.nan  # sporadic
+    vals[3, 1, 2] = 2.0
     pr = make_field_da(vals, times)
-    mask = preprocess.missing_mask(pr, 0.5)
-    assert mask.values.tolist() == [[0, 1, 1], [1, 1, 1]]
-    counts = preprocess.check_target_values(pr, mask, PreprocessConfig(missing_policy="mask"), "t.nc")
-    assert counts["sporadic_missing"] == 1 and counts["masked_cells"] == 1
-    with pytest.raises(InputError, match="1 missing values in cells that are not part of the fixed mask"):
-        preprocess.check_target_values(pr, mask, PreprocessConfig(missing_policy="refuse"), "t.nc")
+    train = np.ones(10, bool)
+    mask, counts, _ = preprocess.scan_target(pr, train, PreprocessConfig(missing_policy="mask"), "t.nc")
+    assert mask.values.tolist() == [[0, 1, 1], [1, 1, 1]] and mask.dtype == np.int8
+    assert counts == {"cells": 5, "masked_cells": 1, "sporadic_missing": 6, "negative": 0, "minimum": 1.0}
+    mask, counts, _ = preprocess.scan_target(pr, train, PreprocessConfig(mask_missing_fraction=0.4), "t.nc")
+    assert mask.values.tolist() == [[0, 1, 0], [1, 1, 1]] and counts["sporadic_missing"] == 1
+    with pytest.raises(InputError, match="t.nc: 6 missing values in cells that are not part of the fixed mask"):
+        preprocess.scan_target(pr, train, PreprocessConfig(missing_policy="refuse"), "t.nc")
+    vals[:, :, :] = np.nan
+    vals[:4] = 1.0
+    with pytest.raises(InputError, match="t.nc: every cell is missing on more than 50% of days"):
+        preprocess.scan_target(make_field_da(vals, times), train, PreprocessConfig(), "t.nc")
 
 
 def test_units_are_checked_with_file_and_variable_named(small_inputs):

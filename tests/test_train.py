@@ -115,33 +115,110 @@ def test_oversampling_draws_heavy_days_more_often():
     assert share == pytest.approx(100 / 1090, rel=0.15)  # 10 x 10 / (10 x 10 + 990)
 
 
-def _batch():
-    x = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+def _batch(b=2):
+    """A batch whose every field has distinct values, so any flip or rotation of it shows."""
+    x = torch.arange(b * 4 * 4, dtype=torch.float32).reshape(b, 1, 4, 4)
     valid = torch.ones_like(x, dtype=torch.bool)
     valid[:, :, 0, 0] = False
-    y = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
-    thr = torch.full((1, 1, 4, 4), 20.0)
-    thr[..., :, 0] = 5.0
-    return D.Batch(x, valid, y, None, thr)
+    valid[1 % b, :, 0, 1] = False  # the second day also misses the pixel next to the corner
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(b, 3, 2, 2, generator=g)  # no day an affine copy of another (mixup reads lam back from y)
+    coarse_mm = 10 * torch.rand(b, 2, 2, generator=g)
+    thr = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4) + 0.5
+    tail = -torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
+    return D.Batch(x * valid, valid, y, coarse_mm, thr, tail)
 
 
-def test_flip_moves_field_mask_condition_and_thresholds_together():
+_FIELDS = ("x", "valid", "y", "coarse_mm", "thr_x", "tail_x")
+
+
+def _geometric_candidates(name):
+    """The transforms ``name`` may draw, written with numpy on the last two axes."""
+    if name == "flip":
+        return {"none": lambda a: a, "lat": lambda a: np.flip(a, -2), "lon": lambda a: np.flip(a, -1),
+                "both": lambda a: np.flip(a, (-2, -1))}
+    return {f"k={k}": (lambda a, k=k: np.rot90(a, k, axes=(-2, -1))) for k in range(4)}
+
+
+@pytest.mark.parametrize("name", ["flip", "rot90"])
+def test_flip_and_rot90_move_field_mask_condition_and_thresholds_together(name):
+    """Each draw applies one and the same flip (rotation) to x, valid, the coarse condition y, the coarse
+    rain and both threshold maps: the one that x shows, found among the numpy candidates; over 40 draws
+    every candidate occurs."""
     b = _batch()
+    before = {f: getattr(b, f).numpy() for f in _FIELDS}
+    candidates = _geometric_candidates(name)
+    seen = set()
     g = torch.Generator().manual_seed(0)
-    for _ in range(8):
-        out = D.augment(b, ["flip"], g, _cfg())
-        # the extreme mask is the flipped extreme mask: the same pixels stay extreme
-        assert int(out.extreme.sum()) == int(b.extreme.sum())
-        assert out.valid.sum() == b.valid.sum() and out.x.sum() == b.x.sum()
+    for _ in range(40):
+        out = D.augment(b, [name], g, _cfg())
+        after = {f: getattr(out, f).numpy() for f in _FIELDS}
+        which = [k for k, t in candidates.items() if np.array_equal(after["x"], t(before["x"]))]
+        assert len(which) == 1, which  # x has distinct values: exactly one candidate matches
+        t = candidates[which[0]]
+        for f in _FIELDS:
+            np.testing.assert_array_equal(after[f], t(before[f]), err_msg=f"{name} {which[0]}: {f}")
+        # the same pixels stay extreme, moved with the field
+        np.testing.assert_array_equal(out.extreme.numpy(), t(b.extreme.numpy()))
+        seen.add(which[0])
+    assert seen == set(candidates)
 
 
-def test_noise_and_mixup():
+def test_noise_perturbs_only_the_condition():
     b = _batch()
     g = torch.Generator().manual_seed(0)
     out = D.augment(b, ["noise"], g, _cfg(noise_std=0.5))
-    assert torch.equal(out.x, b.x) and 0.2 < (out.y - b.y).std().item() < 0.8
-    out = D.augment(b, ["mixup"], g, _cfg(mixup_alpha=0.4))
-    assert out.x.shape == b.x.shape and not out.valid[:, :, 0, 0].any()
+    assert torch.equal(out.x, b.x) and torch.equal(out.valid, b.valid)
+    assert 0.2 < (out.y - b.y).std().item() < 0.8
+
+
+def test_mixup_is_the_documented_convex_combination_of_pairs():
+    """For each draw, lam and each day's partner are read back from the mixed condition y: a day left
+    unchanged drew itself; otherwise y[i] -> lam y[i] + (1 - lam) y[j] fits one j != i only (random
+    values).  Then, with that lam and pairing: x (model space) = (lam x[i] + (1 - lam) x[j]) * valid,
+    valid = valid[i] & valid[j], the coarse rain mixes the same way, the threshold maps are kept, and
+    the pairing is a permutation.  Over 300 draws lam has the mean and variance of Beta(alpha, alpha).
+    alpha = 2 keeps lam away from 0 and 1, where the read-back would be ill-conditioned."""
+    alpha, n = 2.0, 4
+    b = _batch(n)
+    x, valid, y, cmm = b.x.double().numpy(), b.valid.numpy(), b.y.double().numpy(), b.coarse_mm.double().numpy()
+    g = torch.Generator().manual_seed(0)
+    lams, pairs_seen = [], set()
+    for _ in range(300):
+        out = D.augment(b, ["mixup"], g, _cfg(mixup_alpha=alpha))
+        oy = out.y.double().numpy()
+        partner, lam = [], None
+        for i in range(n):
+            if np.allclose(oy[i], y[i], atol=1e-6):
+                partner.append(i)
+                continue
+            fits = []
+            for j in set(range(n)) - {i}:
+                d = (y[i] - y[j]).ravel()
+                lj = float(d @ (oy[i] - y[j]).ravel() / (d @ d))
+                if np.allclose(oy[i], lj * y[i] + (1 - lj) * y[j], atol=1e-5):
+                    fits.append((j, lj))
+            assert len(fits) == 1, (i, fits)
+            j, lj = fits[0]
+            assert 0 < lj < 1 and (lam is None or lj == pytest.approx(lam, abs=1e-5)), (lj, lam)
+            partner.append(j)
+            lam = lj
+        if lam is None:  # every day drew itself: nothing mixed, lam unseen
+            torch.testing.assert_close(out.x, b.x)
+            assert torch.equal(out.valid, b.valid)
+            continue
+        assert sorted(partner) == list(range(n)), partner  # a permutation of the batch
+        pairs_seen.update((i, j) for i, j in enumerate(partner) if i != j)
+        lams.append(lam)
+        v = valid & valid[partner]
+        np.testing.assert_array_equal(out.valid.numpy(), v)
+        np.testing.assert_allclose(out.x.numpy(), (lam * x + (1 - lam) * x[partner]) * v, atol=1e-4)
+        np.testing.assert_allclose(out.coarse_mm.numpy(), lam * cmm + (1 - lam) * cmm[partner], atol=1e-5)
+        assert out.thr_x is b.thr_x and out.tail_x is b.tail_x
+    assert len(lams) > 250 and len(pairs_seen) == n * (n - 1)
+    lams = np.array(lams)
+    assert lams.mean() == pytest.approx(0.5, abs=0.03)
+    assert lams.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.2)  # Beta(a, a): 1 / (4 (2a + 1))
 
 
 def test_unknown_augmentation_lists_valid_names():

@@ -36,8 +36,8 @@ Cache layout (``ensembles.zarr``, zarr format 2, consolidated)
   ``source`` is ``cvae_<checkpoint>`` or a baseline name (interpolation has one
   member).
 
-Scores (names as :func:`precip_cvae.metrics.score_ensemble`)
-------------------------------------------------------------
+Scores (:func:`score`, from the functions of :mod:`precip_cvae.metrics`)
+------------------------------------------------------------------------
 ``pNN`` in a name is the local threshold of that percentile.  CRPS and twCRPS are
 fair and averaged over valid points; FSS uses the exceedance probability of the
 members; frequency bias and the contingency scores (CSI, POD, FAR at the upper
@@ -465,8 +465,7 @@ def score(ens, obs, thresholds: Mapping[str, np.ndarray], windows: Sequence[int]
           chunk_days: int = 16) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Every score of one ensemble against the truth, and the curves the figures need.
 
-    The same scores, under the same names, as :func:`precip_cvae.metrics.score_ensemble`
-    (a test checks it), built from the same metric functions; the per-point CRPS and
+    Built from the metric functions of :mod:`precip_cvae.metrics`; the per-point CRPS and
     twCRPS are averaged day-chunk by day-chunk, because the fair estimator holds an
     (M, M) array per point.
 
@@ -486,6 +485,15 @@ def score(ens, obs, thresholds: Mapping[str, np.ndarray], windows: Sequence[int]
     Returns
     -------
     scores : dict[str, float]
+        ``n_members``, ``n_days``; of the ensemble mean: ``mae_all``, ``mae_tail_<p>``,
+        ``rmse_ext_<p>``, ``corr``; ``freq_bias_<p>`` (member-mean counts / observed);
+        ``crps``, ``twcrps_<p>`` (fair, mean over valid points); ``fss_<p>_w<w>`` (exceedance
+        probability of the members), ``fss_useful_<p>``; ``pod_<hi>``, ``far_<hi>``, ``csi_<hi>``
+        (member-pooled table at the upper threshold); ``spread_skill``; ``rank_flatness``;
+        ``tail_q99_ens`` / ``_obs``, ``tail_q99.9_ens`` / ``_obs`` (wet values, mm day-1);
+        ``mass_error_mae`` / ``_bias``, ``mass_error_coarse_mae`` / ``_bias`` (with
+        ``coarse_ref``); ``rapsd_log_ratio`` and ``rapsd_log_ratio_<band>``.  ``<p>`` runs over
+        the keys of ``thresholds``.
     curves : dict[str, ndarray]
         ``rank_counts`` (M + 1,), ``rapsd_k``, ``rapsd_ens``, ``rapsd_obs``,
         ``qq_levels``, ``qq_ens``, ``qq_obs`` (mm day-1).

@@ -429,10 +429,6 @@ def read_csv(path: str | Path, **kwargs) -> pd.DataFrame:
     return pd.read_csv(path, **kwargs)
 
 
-def read_json(path: str | Path):
-    return json.loads(Path(path).read_text())
-
-
 def append_zarr(ds: xr.Dataset, path: str | Path, group: str | None = None, dim: str = "time") -> Path:
     """Write ``ds`` to ``group`` of the zarr store at ``path``, appending along ``dim``.
 

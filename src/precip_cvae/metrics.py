@@ -58,7 +58,6 @@ __all__ = [
     "RAPSD_BANDS",
     "tail_quantiles",
     "mass_error",
-    "score_ensemble",
 ]
 
 
@@ -698,79 +697,3 @@ def mass_error(pred, ref, floor: float = 0.1) -> np.ndarray:
         mr = np.sum(np.where(v, ref, 0.0), axis=(-2, -1)) / n
         out = (mp - mr) / np.maximum(mr, floor)
     return np.where(n > 0, out, np.nan)
-
-
-# ----------------------------------------------------------------------------- all at once
-
-
-def _qkey(q: float) -> str:
-    return f"q{100 * q:g}"
-
-
-def score_ensemble(ens, obs, thr_p95, thr_p99, windows: Sequence[int] = (1, 3, 9, 27),
-                   quantiles: Sequence[float] = (0.99, 0.999), wet_threshold: float = 1.0,
-                   rng: np.random.Generator | int | None = None) -> dict[str, float]:
-    """All scores of an ensemble in one call.
-
-    A deterministic forecast is passed as an ensemble of one member
-    (``pred[None]``): CRPS then equals MAE, spread_skill is NaN.
-
-    Parameters
-    ----------
-    ens : ndarray (M, N, H, W), mm day-1 (member axis first)
-    obs : ndarray (N, H, W), mm day-1; NaN = excluded pixel
-    thr_p95, thr_p99 : scalar or ndarray (H, W), mm day-1
-    windows : FSS neighbourhood sizes in pixels
-    quantiles, wet_threshold : see :func:`tail_quantiles`
-    rng : for the rank-histogram tie breaking
-
-    Returns
-    -------
-    dict[str, float]
-        ``n_members``;
-        ``mae_all``, ``mae_tail_p95``, ``mae_tail_p99``, ``rmse_ext_p95``,
-        ``rmse_ext_p99``, ``corr`` -- of the ensemble mean (the tail ones are
-        improper alone, see module docstring);
-        ``freq_bias_p95``, ``freq_bias_p99`` -- member-mean counts / observed;
-        ``crps``, ``twcrps_p95``, ``twcrps_p99`` -- fair, mean over valid points;
-        ``fss_p95_w{w}``, ``fss_p99_w{w}`` -- :func:`fss_ensemble` per window;
-        ``fss_useful_p95``, ``fss_useful_p99``;
-        ``pod_p99``, ``far_p99``, ``csi_p99`` -- member-pooled table;
-        ``spread_skill``; ``rank_flatness`` (chi2 / M, ~1 flat);
-        ``tail_q99_ens``, ``tail_q99_obs``, ``tail_q99.9_ens``, ... -- wet-value
-        quantiles of all members vs the truth, valid pixels only;
-        ``mass_error_mae`` -- mean |mass error| over members and days.
-    """
-    ens, obs = _ens_and_obs(ens, obs)
-    v = _valid(obs)
-    mean = ens.mean(axis=0)
-    out: dict[str, float] = {"n_members": float(ens.shape[0])}
-    out["mae_all"] = mae(mean, obs)
-    for name, thr in (("p95", thr_p95), ("p99", thr_p99)):
-        out[f"mae_tail_{name}"] = mae_tail(mean, obs, thr)
-        out[f"rmse_ext_{name}"] = rmse_ext(mean, obs, thr)
-    out["corr"] = pearson(mean, obs)
-    for name, thr in (("p95", thr_p95), ("p99", thr_p99)):
-        out[f"freq_bias_{name}"] = frequency_bias(ens, obs, thr, member_axis=0)
-    out["crps"] = float(np.mean(crps_ensemble(ens, obs)[v])) if v.any() else float("nan")
-    for name, thr in (("p95", thr_p95), ("p99", thr_p99)):
-        tw = twcrps_ensemble(ens, obs, thr)
-        out[f"twcrps_{name}"] = float(np.mean(tw[v])) if v.any() else float("nan")
-    for name, thr in (("p95", thr_p95), ("p99", thr_p99)):
-        for w in windows:
-            out[f"fss_{name}_w{int(w)}"] = fss_ensemble(ens, obs, thr, int(w))
-        out[f"fss_useful_{name}"] = fss_useful(obs, thr)
-    table = contingency(ens, obs, thr_p99, member_axis=0)
-    out["pod_p99"] = pod(table)
-    out["far_p99"] = far(table)
-    out["csi_p99"] = csi(table)
-    out["spread_skill"] = spread_skill_ratio(ens, obs)
-    out["rank_flatness"] = rank_histogram_flatness(rank_histogram(ens, obs, rng))
-    q_ens = tail_quantiles(ens[:, v], quantiles, wet_threshold)
-    q_obs = tail_quantiles(obs[v], quantiles, wet_threshold)
-    for q, qe, qo in zip(quantiles, q_ens, q_obs):
-        out[f"tail_{_qkey(q)}_ens"] = float(qe)
-        out[f"tail_{_qkey(q)}_obs"] = float(qo)
-    me = mass_error(ens, obs)
-    out["mass_error_mae"] = float(np.nanmean(np.abs(me))) if np.isfinite(me).any() else float("nan")
-    return out

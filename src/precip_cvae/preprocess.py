@@ -145,7 +145,7 @@ def convert_target_units(da: xr.DataArray, negative_tolerance: float) -> xr.Data
     """Convert precipitation to mm/day (lazy) and set CF attributes.
 
     Negative values within ``-negative_tolerance`` mm/day are set to 0; the
-    check for larger negatives happens in :func:`check_target_values`.
+    check for larger negatives happens in :func:`scan_target`.
     """
     units = da.attrs.get("units")
     where = f"{source_files(da)}: variable {da.name!r}"
@@ -426,33 +426,6 @@ def select_region(da: xr.DataArray, region) -> xr.DataArray:
 # ----------------------------------------------------------------------------- masks and values
 
 
-def missing_mask(pr: xr.DataArray, max_missing_fraction: float) -> xr.DataArray:
-    """(lat, lon) int8: 1 where the cell is missing on at most ``max_missing_fraction`` of days."""
-    frac = pr.isnull().mean("time")
-    return (frac <= max_missing_fraction).astype("int8").rename("mask")
-
-
-def check_target_values(pr: xr.DataArray, mask: xr.DataArray, cfg: PreprocessConfig, where: str) -> dict:
-    """Count sporadic missing values and negatives (one dask pass); apply the policy.
-
-    Returns counts for the log.  Raises on negatives beyond the tolerance and,
-    with ``missing_policy: refuse``, on any NaN inside the mask.
-    """
-    valid_cell = mask.astype(bool)
-    sporadic = (pr.isnull() & valid_cell).sum()
-    negative = (pr < -cfg.negative_tolerance).sum()
-    minimum = pr.min()
-    sporadic, negative, minimum = (x.compute() for x in (sporadic, negative, minimum))
-    counts = {
-        "cells": int(valid_cell.sum()),
-        "masked_cells": int((~valid_cell).sum()),
-        "sporadic_missing": int(sporadic),
-        "negative": int(negative),
-        "minimum": float(minimum),
-    }
-    return apply_value_policy(counts, cfg, where)
-
-
 def apply_value_policy(counts: dict, cfg: PreprocessConfig, where: str) -> dict:
     """Raise on negatives beyond the tolerance and (policy ``refuse``) on sporadic NaN; return ``counts``."""
     if counts["negative"]:
@@ -466,12 +439,6 @@ def apply_value_policy(counts: dict, cfg: PreprocessConfig, where: str) -> dict:
             "expected none (preprocess.missing_policy: refuse; use 'mask' to keep them as NaN)"
         )
     return counts
-
-
-def fit_channel_stats(cond: xr.DataArray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std over train days and all cells (NaN skipped)."""
-    mean, std, _, _ = channel_stats(cond, train)
-    return mean, std
 
 
 def channel_stats(cond: xr.DataArray, train: np.ndarray):
@@ -532,13 +499,6 @@ def transform_from_moments(kind: str, moments: tuple, cells: np.ndarray | None =
     return TargetTransform(kind=kind, scale=scale)
 
 
-def fit_target_transform(pr: xr.DataArray, train: np.ndarray, kind: str) -> TargetTransform:
-    """Scale = std of f(pr) over valid train pixels (one dask pass)."""
-    import dask
-
-    return transform_from_moments(kind, dask.compute(*transform_moments(pr, train, kind)))
-
-
 def scan_target(pr: xr.DataArray, train: np.ndarray, cfg: PreprocessConfig, where: str):
     """One pass over the target for the mask, the value checks and the transform.
 
@@ -549,10 +509,13 @@ def scan_target(pr: xr.DataArray, train: np.ndarray, cfg: PreprocessConfig, wher
 
     Returns
     -------
-    mask : xr.DataArray (lat, lon) int8 (as :func:`missing_mask`)
-    counts : dict (as :func:`check_target_values`, whose policy it applies)
-    transform : TargetTransform fitted on the train days of the mask's cells (as
-        :func:`fit_target_transform` of the masked field)
+    mask : xr.DataArray (lat, lon) int8: 1 where the cell is missing on at most
+        ``cfg.mask_missing_fraction`` of days
+    counts : dict for the log: cells, masked_cells, sporadic_missing (NaN inside the mask),
+        negative (below ``-cfg.negative_tolerance``), minimum (mm day-1); the policy of
+        :func:`apply_value_policy` is applied to them
+    transform : TargetTransform whose scale is the std of f(pr) over the train days of the
+        mask's cells
     """
     import dask
 

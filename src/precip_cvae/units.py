@@ -78,12 +78,6 @@ def _parse(units: str) -> tuple[float, dict[str, int]]:
     return factor, {k: v for k, v in dims.items() if v != 0}
 
 
-def is_amount(units: str) -> bool:
-    """True when ``units`` is an amount per time step (mm, kg m-2, m), not a rate."""
-    _, dims = _parse(units)
-    return "T" not in dims
-
-
 def factor_to_mm_per_day(units: str, dt_seconds: float | None = None) -> float:
     """Multiplicative factor that converts values in ``units`` to mm/day.
 
