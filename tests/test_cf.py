@@ -269,7 +269,7 @@ def test_a_projected_target_keeps_its_grid_mapping_so_cdo_can_average_it(tmp_pat
     data = DataConfig(target=VariableSource(str(tmp_path / "radar.nc"), "rain"), predictors=())
     preprocess.run(data, PreprocessConfig(target_coarse_factor=2, condition_grid="target_blocks"),
                    str(tmp_path / "dataset.zarr"))
-    events.run(str(tmp_path / "dataset.zarr"), EventsConfig(min_exceed_fraction=0.05), str(tmp_path / "thr.nc"),
+    events.run(str(tmp_path / "dataset.zarr"), EventsConfig(min_exceed_fraction=0.02), str(tmp_path / "thr.nc"),
                str(tmp_path / "events.csv"))
     thr = xr.open_dataset(tmp_path / "thr.nc")
     assert thr["threshold"].dims == ("y", "x") and thr["threshold"].attrs["grid_mapping"] == "crs"
