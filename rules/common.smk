@@ -69,7 +69,7 @@ def experiment_gpus(wildcards):
 
 
 def device_gpus(section):
-    """GPUs a rule asks the scheduler for: 1 unless the section's device is cpu (auto uses one when given)."""
+    """The gpu resource of generate and downstream (1 unless the section's device is cpu; auto uses one when given)."""
     return 0 if config[section]["device"] == "cpu" else 1
 
 
