@@ -68,6 +68,11 @@ def experiment_gpus(wildcards):
     return int(experiment_train(wildcards).get("gpus", 1))
 
 
+def device_gpus(section):
+    """The gpu resource of generate and downstream (1 unless the section's device is cpu; auto uses one when given)."""
+    return 0 if config[section]["device"] == "cpu" else 1
+
+
 def train_resume_dir(wildcards):
     """Resume state of train_cvae: not a declared output, so it survives a failed job."""
     return os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train_resume")

@@ -6,5 +6,9 @@ rule make_demo_data:
         code=script_code("make_demo_data"),
     log:
         "logs/make_demo_data.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     script:
         "../workflow/scripts/make_demo_data.py"

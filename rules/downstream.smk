@@ -26,8 +26,9 @@ rule downstream:
         exp_dir("logs", "downstream.log"),
     benchmark:
         exp_dir("benchmarks", "downstream.tsv")
-    threads: 4
+    threads: 4  # torch training of the downscalers (BLAS/OpenMP too)
     resources:
+        gpu=device_gpus("downstream"),  # 1 unless downstream.device is cpu
         mem_mb=8000,
         runtime=240,
     script:

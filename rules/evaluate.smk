@@ -99,6 +99,7 @@ rule evaluate:
         exp_dir("logs", "evaluate.log"),
     benchmark:
         exp_dir("benchmarks", "evaluate.tsv")
+    threads: 2  # numpy/scipy scores (BLAS/OpenMP) and dask reads of the cached ensembles
     resources:
         mem_mb=8000,
         runtime=60,
@@ -141,5 +142,9 @@ rule compare_experiments:
         code=script_code("compare_experiments"),
     log:
         log_path("compare_experiments"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
     script:
         "../workflow/scripts/compare_experiments.py"

@@ -11,6 +11,7 @@ rule detect_events:
         log_path("detect_events"),
     benchmark:
         benchmark_path("detect_events")
+    threads: 2  # dask workers of the per-pixel percentiles (one pass over the train split)
     resources:
         mem_mb=8000,
         runtime=60,

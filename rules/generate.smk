@@ -17,8 +17,9 @@ rule generate:
         exp_dir("logs", "generate.log"),
     benchmark:
         exp_dir("benchmarks", "generate.tsv")
-    threads: 4
+    threads: 4  # torch sampling, the zarr writer and dask (BLAS/OpenMP too)
     resources:
+        gpu=device_gpus("generate"),  # 1 unless generate.device is cpu
         mem_mb=8000,
         runtime=120,
     script:

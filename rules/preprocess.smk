@@ -11,6 +11,7 @@ rule preprocess:
         log_path("preprocess"),
     benchmark:
         benchmark_path("preprocess")
+    threads: 4  # dask workers of the lazy read, regrid and zarr write (and BLAS/OpenMP)
     resources:
         mem_mb=8000,
         runtime=120,

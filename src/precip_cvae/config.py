@@ -15,6 +15,9 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+# the `device` key of train, evaluate, generate and downstream (precip_cvae.resources.select_device)
+DEVICES = ("auto", "cpu", "cuda")
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong kind."""
@@ -519,8 +522,8 @@ class TrainConfig:
         for name in self.augment:
             if name not in AUGMENTATION_NAMES:
                 raise ConfigError(f"unknown augmentation {name!r}; valid names are {sorted(AUGMENTATION_NAMES)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"train.device {self.device!r}; valid names are ['auto', 'cpu', 'cuda']")
+        if self.device not in DEVICES:
+            raise ConfigError(f"train.device {self.device!r}; valid names are {list(DEVICES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.val_members < 1:
             raise ConfigError("train.epochs, train.batch_size and train.val_members must be >= 1")
 
@@ -624,8 +627,11 @@ class GenerateConfig:
     memorisation_max_reference: int = 5000
     memorisation_max_samples: int = 5000
     experiments: tuple[str, ...] = ()
+    device: str = "auto"
 
     def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ConfigError(f"generate.device {self.device!r}; valid names are {list(DEVICES)}")
         if self.checkpoint not in ("best", "last"):
             raise ConfigError(f"generate.checkpoint {self.checkpoint!r}; valid names are ['best', 'last']")
         for s in self.splits:
@@ -644,7 +650,6 @@ class GenerateConfig:
 # ----------------------------------------------------------------------------- evaluate
 
 EVALUATE_SPLITS = ("val", "test")
-EVALUATE_DEVICES = ("auto", "cpu", "cuda")
 # keys of the evaluate section that the sampling rule depends on (a change resamples);
 # the other keys only change the scores and plots, recomputed from the cached ensembles
 EVALUATE_SAMPLING_KEYS = ("members", "splits", "checkpoints", "baselines", "seed", "batch_size", "device")
@@ -698,8 +703,8 @@ class EvaluateConfig:
             raise ConfigError(
                 f"evaluate.percentiles must be two increasing numbers in (0, 100), got {list(self.percentiles)}"
             )
-        if self.device not in EVALUATE_DEVICES:
-            raise ConfigError(f"evaluate.device {self.device!r}; valid names are {list(EVALUATE_DEVICES)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"evaluate.device {self.device!r}; valid names are {list(DEVICES)}")
 
     def checkpoint_labels(self) -> tuple[str, ...]:
         """Short names of ``checkpoints``: 'best', 'last', or a path's file stem (made unique)."""
@@ -735,9 +740,11 @@ class DownstreamConfig:
     lr: float = 1e-3
     filters: int = 16
     bootstrap: int = 1000
-    threads: int = 0
+    device: str = "auto"
 
     def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ConfigError(f"downstream.device {self.device!r}; valid names are {list(DEVICES)}")
         for name in self.losses:
             if name not in DOWNSTREAM_LOSSES:
                 raise ConfigError(f"unknown downstream loss {name!r}; valid names are {list(DOWNSTREAM_LOSSES)}")

@@ -65,13 +65,15 @@ LOSSES = {"mae": _mae, "quantile": _pinball}  # names also listed in config.DOWN
 
 
 def fit(data: FieldData, weights: torch.Tensor, cfg: DownstreamConfig, seed: int, steps: int,
-        loss: str) -> Downscaler:
+        loss: str, device: torch.device | str = "cpu") -> Downscaler:
     """Train a downscaler for exactly ``steps`` steps (the shared budget) on ``data``.
 
-    ``weights`` (T,) are per-sample loss weights (``sample_weight``).
+    ``weights`` (T,) are per-sample loss weights (``sample_weight``). The model lives on
+    ``device``; ``data`` stays where it is and each batch is moved there (the initial weights
+    and the batch order come from CPU generators, the same on every device).
     """
     torch.manual_seed(seed)
-    model = Downscaler(data.y.shape[1], tuple(data.x.shape[-2:]), cfg.filters)
+    model = Downscaler(data.y.shape[1], tuple(data.x.shape[-2:]), cfg.filters).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loss_fn = LOSSES[loss]
     g = torch.Generator().manual_seed(seed)
@@ -84,9 +86,9 @@ def fit(data: FieldData, weights: torch.Tensor, cfg: DownstreamConfig, seed: int
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos : pos + cfg.batch_size]
         pos += cfg.batch_size
-        pred = model(data.y[idx])
-        per_sample = loss_fn(pred, data.x[idx], valid[idx], cfg.quantile)
-        w = weights[idx]
+        pred = model(data.y[idx].to(device))  # (B, 1, H, W)
+        per_sample = loss_fn(pred, data.x[idx].to(device), valid[idx].to(device), cfg.quantile)  # (B,)
+        w = weights[idx].to(device)
         loss = (per_sample * w).sum() / w.sum().clamp(min=1e-8)
         opt.zero_grad()
         loss.backward()
@@ -98,7 +100,8 @@ def fit(data: FieldData, weights: torch.Tensor, cfg: DownstreamConfig, seed: int
 def predict(model: Downscaler, data: FieldData, batch: int = 256) -> np.ndarray:
     """(N, H, W) mm/day, NaN where invalid."""
     model.eval()
-    out = torch.cat([model(data.y[i : i + batch]) for i in range(0, len(data), batch)])
+    device = next(model.parameters()).device
+    out = torch.cat([model(data.y[i : i + batch].to(device)).cpu() for i in range(0, len(data), batch)])
     mm = data.transform.inverse(out)
     return torch.where(data.valid, mm, torch.full_like(mm, float("nan")))[:, 0].numpy()
 
@@ -159,20 +162,18 @@ def bootstrap(a: pd.DataFrame, b: pd.DataFrame | None, n: int, seed: int) -> dic
 
 
 def compare(real: FieldData, augmented: FieldData, aug_weights: torch.Tensor, test: FieldData,
-            cfg: DownstreamConfig) -> pd.DataFrame:
+            cfg: DownstreamConfig, device: torch.device | str = "cpu") -> pd.DataFrame:
     """:func:`compare_one` for every loss in ``cfg.losses``, concatenated."""
-    return pd.concat([compare_one(real, augmented, aug_weights, test, cfg, loss) for loss in cfg.losses],
+    return pd.concat([compare_one(real, augmented, aug_weights, test, cfg, loss, device) for loss in cfg.losses],
                      ignore_index=True)
 
 
 def compare_one(real: FieldData, augmented: FieldData, aug_weights: torch.Tensor, test: FieldData,
-                cfg: DownstreamConfig, loss: str) -> pd.DataFrame:
+                cfg: DownstreamConfig, loss: str, device: torch.device | str = "cpu") -> pd.DataFrame:
     """Train both variants for every seed and score them on ``test`` (all days and heavy days).
 
     Returns rows: training_set, loss, seed ('all' for pooled), subset, metric, value, ci_low, ci_high.
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     steps = cfg.epochs * max(1, len(real) // cfg.batch_size)  # the shared budget
     obs = test.pr_mm[:, 0].numpy()
     thr = test.thr_mm[0, 0].numpy()
@@ -181,7 +182,7 @@ def compare_one(real: FieldData, augmented: FieldData, aug_weights: torch.Tensor
     per_day: dict[str, list[pd.DataFrame]] = {"real": [], "augmented": []}
     for seed in range(cfg.seeds):
         for name, data, w in (("real", real, torch.ones(len(real))), ("augmented", augmented, aug_weights)):
-            model = fit(data, w, cfg, seed, steps, loss)
+            model = fit(data, w, cfg, seed, steps, loss, device)
             scores = day_scores(predict(model, test), obs, thr, cfg.quantile)
             per_day[name].append(scores)
             for subset, m in subsets.items():
@@ -210,9 +211,15 @@ def compare_one(real: FieldData, augmented: FieldData, aug_weights: torch.Tensor
 
 def run(dataset: str, thresholds: str, events: str, training_set: str, cfg: DownstreamConfig,
         out_csv: str) -> pd.DataFrame:
-    """Read the real splits and the augmented training set, compare, write ``comparison.csv``."""
+    """Read the real splits and the augmented training set, compare, write ``comparison.csv``.
+
+    The downscalers train on ``cfg.device`` (:func:`precip_cvae.resources.select_device`).
+    """
     from .data import load_fields
     from .io import open_zarr, write_csv
+    from .resources import select_device
+
+    device = select_device(cfg.device, "downstream.device")
 
     real = load_fields(dataset, thresholds, events, splits=("train",))
     test = load_fields(dataset, thresholds, events, splits=("test",))
@@ -220,9 +227,9 @@ def run(dataset: str, thresholds: str, events: str, training_set: str, cfg: Down
     weights = torch.from_numpy(open_zarr(training_set)["sample_weight"].values.astype("float32"))
     n_syn = int(open_zarr(training_set)["synthetic"].values.sum())
     log.info("downstream: %d real train fields, augmented set %d (+%d synthetic), %d test days (%d heavy); "
-             "losses %s, %d seeds", len(real), len(augmented), n_syn, len(test), int(test.is_event.sum()),
-             list(cfg.losses), cfg.seeds)
-    table = compare(real, augmented, weights, test, cfg)
+             "losses %s, %d seeds, device %s", len(real), len(augmented), n_syn, len(test),
+             int(test.is_event.sum()), list(cfg.losses), cfg.seeds, device)
+    table = compare(real, augmented, weights, test, cfg, device)
     write_csv(table, out_csv)
     diff = table[(table.training_set == "augmented_minus_real") & (table.metric.isin(["MAE_tail", "CSI_p99",
                                                                                         "quantile_loss"]))]

@@ -79,6 +79,7 @@ from .config import EVALUATE_SAMPLING_KEYS, EVALUATE_SPLITS, EvaluateConfig, Eve
 from .data import FieldData, load_fields
 from .events import wet_day_thresholds
 from .grid import crop_array as crop, crop_to_original
+from .resources import limit_threads, select_device
 from .transform import TargetTransform
 
 log = logging.getLogger(__name__)
@@ -197,15 +198,6 @@ def check_baselines(names: Sequence[str]) -> tuple[str, ...]:
     for name in names:
         get_baseline(name)
     return tuple(names)
-
-
-def select_device(name: str) -> torch.device:
-    """'auto': CUDA when visible, else CPU; 'cuda' without a GPU is an error."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("evaluate.device is 'cuda' but no CUDA device is visible")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
 
 
 # ----------------------------------------------------------------------------- grids
@@ -358,7 +350,7 @@ def sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, threads: int = 1, 
     ----------
     paths : SamplePaths
     cfg : EvaluateConfig
-    threads : torch CPU threads
+    threads : the rule's threads, for dask, torch and BLAS (:func:`precip_cvae.resources.limit_threads`)
     experiment : name recorded in the cache
 
     Returns
@@ -373,9 +365,12 @@ def sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, threads: int = 1, 
         A checkpoint that is unreadable or trained on other channels or another grid.
     """
     baselines = check_baselines(cfg.baselines)
-    if threads:
-        torch.set_num_threads(int(threads))
-    device = select_device(cfg.device)
+    with limit_threads(max(1, int(threads))):
+        return _sample_ensembles(paths, cfg, baselines, select_device(cfg.device, "evaluate.device"), experiment)
+
+
+def _sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, baselines: tuple[str, ...], device,
+                      experiment: str) -> Path:
     data = load_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", *cfg.splits))
     grid = read_grid(paths.dataset)
     train_days = data.select("train")

@@ -34,6 +34,7 @@ from .split import format_times
 from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, open_zarr_group, write_json,
                  write_netcdf, write_text, write_zarr_group)
 from .provenance import file_sha256
+from .resources import select_device
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +245,16 @@ def _append(piece: xr.Dataset, store: Path, first: bool, message: tuple) -> None
 
 
 def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: GenerateConfig,
-        events_cfg: EventsConfig, out_dir: str, device: str = "cpu") -> dict:
-    """Generate samples for the heavy days of ``cfg.splits`` and write the outputs to ``out_dir``."""
+        events_cfg: EventsConfig, out_dir: str) -> dict:
+    """Generate samples for the heavy days of ``cfg.splits`` and write the outputs to ``out_dir``.
+
+    Samples on ``cfg.device`` (:func:`precip_cvae.resources.select_device`: CUDA when present
+    for ``auto``); the noise comes from a CPU generator, so a seed gives the same draws
+    on either device up to floating point.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    device = select_device(cfg.device, "generate.device")
     model, state = checkpoint.load_model(checkpoint_path, device)
     data = load_fields(dataset, thresholds, events)
     fine_shape = tuple(data.x.shape[-2:])
@@ -294,8 +301,9 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
         "history": str(ds.attrs.get("history", "")),
     }, cf.history_line("generate", f"{cfg.members} members per heavy day of splits {list(cfg.splits)} from "
                                    f"{checkpoint_path}", when=now))
-    log.info("generating %d members for each of %d heavy days (splits %s, z_scale %g, filter %s) from %s",
-             cfg.members, chosen.size, list(cfg.splits), cfg.z_scale, cfg.filter_heavy, checkpoint_path)
+    log.info("generating %d members for each of %d heavy days (splits %s, z_scale %g, filter %s) from %s "
+             "on device %s", cfg.members, chosen.size, list(cfg.splits), cfg.z_scale, cfg.filter_heavy, checkpoint_path,
+             device)
 
     g = torch.Generator().manual_seed(int(cfg.seed))
     transform = data.transform

@@ -45,6 +45,7 @@ from .io import InputError, atomic_path
 from .losses import beta_schedule, compute_loss, extreme_mae, kl_divergence, masked_mae, warmup_finished
 from .model import CVAE, count_parameters
 from .provenance import file_sha256
+from .resources import limit_threads, select_device
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,6 @@ class TrainPaths:
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def select_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible (CUDA_VISIBLE_DEVICES, driver)")
-    if cfg.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -382,6 +375,10 @@ def run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: in
     With ``cfg.gpus > 1`` training runs data-parallel in ``cfg.gpus`` processes (DDP:
     NCCL on GPUs, gloo on CPU), each taking its share of every global batch of
     ``batch_size``; only rank 0 validates, writes checkpoints and logs.
+
+    ``threads`` (the rule's) reach dask, torch and BLAS through
+    :func:`precip_cvae.resources.limit_threads`; ``train.num_threads``, when set, replaces
+    it; with DDP each process gets ``threads // gpus`` (at least 1).
     """
     check_augmentations(cfg.augment)
     world = max(1, int(cfg.gpus))
@@ -392,9 +389,13 @@ def run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: in
 
 
 def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: int, experiment: str, dist: Dist):
-    if cfg.num_threads or threads:
-        torch.set_num_threads(int(threads if dist.world > 1 else (cfg.num_threads or threads)))
-    device = select_device(cfg)
+    """One training process on ``threads`` cores (a DDP rank: its share of the rule's threads)."""
+    with limit_threads(max(1, int(threads if dist.world > 1 else (cfg.num_threads or threads)))):
+        return _train(paths, model_cfg, cfg, experiment, dist)
+
+
+def _train(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experiment: str, dist: Dist):
+    device = select_device(cfg.device, "train.device")
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.rank)
     data = load_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", "val"))

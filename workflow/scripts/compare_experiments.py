@@ -3,8 +3,9 @@
 from precip_cvae import evaluate, io, plots, sweep
 from precip_cvae.config import EvaluateConfig
 from precip_cvae.logs import stage_logging
+from precip_cvae.resources import limit_threads
 
-with stage_logging(snakemake.log[0], "compare_experiments"):
+with stage_logging(snakemake.log[0], "compare_experiments"), limit_threads(snakemake.threads):
     cfg = EvaluateConfig.from_dict(snakemake.params.evaluate)
     table = evaluate.compare_experiments(
         dict(zip(snakemake.params.experiments, snakemake.input.metrics)), cfg, out_csv=snakemake.output.table,

@@ -5,8 +5,9 @@ from pathlib import Path
 from precip_cvae import evaluate, plots
 from precip_cvae.config import EvaluateConfig
 from precip_cvae.logs import stage_logging
+from precip_cvae.resources import limit_threads
 
-with stage_logging(snakemake.log[0], "evaluate"):
+with stage_logging(snakemake.log[0], "evaluate"), limit_threads(snakemake.threads):
     cfg = EvaluateConfig.from_dict(snakemake.params.evaluate)
     paths = evaluate.ScorePaths(
         ensembles=snakemake.input.ensembles,

@@ -5,8 +5,9 @@ import os
 from precip_cvae import generate
 from precip_cvae.config import EventsConfig, GenerateConfig
 from precip_cvae.logs import stage_logging
+from precip_cvae.resources import limit_threads
 
-with stage_logging(snakemake.log[0], "generate"):
+with stage_logging(snakemake.log[0], "generate"), limit_threads(snakemake.threads):
     generate.run(
         snakemake.input.checkpoint,
         snakemake.input.dataset,

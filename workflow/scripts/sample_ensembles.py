@@ -3,8 +3,9 @@
 from precip_cvae import evaluate
 from precip_cvae.config import EvaluateConfig
 from precip_cvae.logs import stage_logging
+from precip_cvae.resources import limit_threads
 
-with stage_logging(snakemake.log[0], "sample_ensembles"):
+with stage_logging(snakemake.log[0], "sample_ensembles"), limit_threads(snakemake.threads):
     cfg = EvaluateConfig.from_dict(snakemake.params.evaluate)
     paths = evaluate.SamplePaths(
         dataset=snakemake.input.dataset,

@@ -5,8 +5,9 @@ import sys
 from precip_cvae import train
 from precip_cvae.config import ModelConfig, TrainConfig
 from precip_cvae.logs import stage_logging
+from precip_cvae.resources import limit_threads
 
-with stage_logging(snakemake.log[0], "train_cvae"):
+with stage_logging(snakemake.log[0], "train_cvae"), limit_threads(snakemake.threads):
     paths = train.TrainPaths(
         dataset=snakemake.input.dataset,
         thresholds=snakemake.input.thresholds,
