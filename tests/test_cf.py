@@ -187,8 +187,8 @@ def test_evaluated_ensembles_export_in_the_realization_layout(tiny_run, tmp_path
     assert "best.pt" in ds.attrs["source"] and "export:" in ds.attrs["history"]
     assert export.main([str(store), "test", "nosuch", str(tmp_path / "x.nc")]) == 2
     assert not (tmp_path / "x.nc").exists()
-    with pytest.raises(io.InputError, match="split 'val' was not evaluated; expected one of \\['test'\\]"):
-        export.ensemble_dataset(store, "val", "cvae_best")
+    with pytest.raises(io.InputError, match="split 'train' was not evaluated; expected one of \\["):
+        export.ensemble_dataset(store, "train", "cvae_best")
 
 
 def test_cache_dates_become_cf_times_in_their_calendar():

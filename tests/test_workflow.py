@@ -109,7 +109,11 @@ def test_experiment_seeds_plan_one_training_per_seed_and_generate_only_the_chose
     path.write_text(text + "\nexperiment_seeds: [0, 1, 2]\nexperiments:\n  default: {}\n"
                     "  no_ext: {train: {loss: {lambda_ext: 0.0}}}\n")
     chosen = tiny_run / "config" / "seeds_chosen.yaml"
-    chosen.write_text(path.read_text() + "generate: {experiments: [no_ext_seed1]}\n")
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    cfg["generate"] = {**cfg.get("generate", {}), "experiments": ["no_ext_seed1"]}  # the rest of generate kept
+    chosen.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(chosen)))
     assert jobs["train_cvae"] == 6 and jobs["sample_ensembles"] == 6 and jobs["evaluate"] == 6
     assert jobs["generate"] == 1 and jobs["downstream"] == 1 and "preprocess" not in jobs
@@ -120,8 +124,12 @@ def test_experiment_seeds_plan_one_training_per_seed_and_generate_only_the_chose
 
 
 def test_choosing_experiments_to_generate_reruns_nothing(tiny_run):
+    import yaml
+
+    cfg = yaml.safe_load((tiny_run / "config" / "tiny.yaml").read_text())
+    cfg["generate"] = {**cfg.get("generate", {}), "experiments": ["default"]}
     path = tiny_run / "config" / "generate_default.yaml"
-    path.write_text((tiny_run / "config" / "tiny.yaml").read_text() + "\ngenerate: {experiments: [default]}\n")
+    path.write_text(yaml.safe_dump(cfg))
     # the same plan as the unchanged config (other tests may have left the comparison stale): no generate
     plain = planned_jobs(snakemake(tiny_run, "-n", "--configfile", "config/tiny.yaml"))
     chosen = planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(path)))
