@@ -53,6 +53,20 @@ def realization_coord(n: int) -> xr.DataArray:
         "standard_name": "realization", "long_name": "ensemble member (sample) index", "units": "1"})
 
 
+#: CF attributes of the fine grid's axes when the input gave none
+COORD_DEFAULTS = {"lat": {"units": "degrees_north", "standard_name": "latitude", "axis": "Y"},
+                  "lon": {"units": "degrees_east", "standard_name": "longitude", "axis": "X"}}
+
+
+def time_variable(time: xr.DataArray, long_name: str) -> xr.Variable:
+    """``time`` (a data set's time stamps) as a CF time coordinate: standard_name, axis, ``long_name``,
+    and the data set's units and calendar kept as its encoding."""
+    t = time.variable.copy()
+    t.attrs = {"standard_name": "time", "long_name": long_name, "axis": "T"}
+    t.encoding = {k: time.encoding[k] for k in ("units", "calendar") if k in time.encoding}
+    return t
+
+
 def _is_time(var: xr.Variable) -> bool:
     if np.issubdtype(var.dtype, np.datetime64):
         return True
@@ -71,7 +85,7 @@ def conform(ds: xr.Dataset) -> xr.Dataset:
             values = var.values
             if values.size and (values.min() < np.iinfo("int32").min or values.max() > np.iinfo("int32").max):
                 raise ValueError(f"variable {name!r}: int64 values outside the int32 range; CF-1.8 has no int64")
-            ds[name] = var.astype("int32") if name not in ds.dims else ds[name].astype("int32")
+            ds[name] = ds[name].astype("int32")
             var = ds[name].variable
         for key in _SAME_TYPE_ATTRS:
             if key in var.attrs and var.dtype.kind in "iuf":

@@ -24,10 +24,6 @@ import xarray as xr
 from . import __version__, cf, io
 from .io import InputError
 
-_DEFAULT_COORD_ATTRS = {"lat": {"units": "degrees_north", "standard_name": "latitude", "axis": "Y"},
-                        "lon": {"units": "degrees_east", "standard_name": "longitude", "axis": "X"}}
-
-
 def cf_time(iso: np.ndarray, calendar: str) -> xr.Variable:
     """ISO dates ('YYYY-MM-DD' or 'YYYY-MM-DDTHH:MM', as the ensemble cache stores them) as a CF time
     variable in ``calendar``: float64 days since 1970-01-01 (360_day and noleap dates included)."""
@@ -62,7 +58,7 @@ def ensemble_dataset(store: str | Path, split: str, source: str) -> xr.Dataset:
         raise InputError(f"{store}: source {source!r} is not in the store; expected one of {meta['sources']}")
     ens = io.open_zarr_group(store, f"{split}/{source}")
     truth = io.open_zarr_group(store, f"{split}/truth")
-    coords = {k: (k, root[k].values, {**_DEFAULT_COORD_ATTRS[k], **root[k].attrs}) for k in ("lat", "lon")}
+    coords = {k: (k, root[k].values, {**cf.COORD_DEFAULTS[k], **root[k].attrs}) for k in ("lat", "lon")}
     time = cf_time(ens["time"].values.astype(str), meta.get("calendar", "standard"))
     pr = ens["pr"].data.transpose(1, 0, 2, 3)  # (member, time, lat, lon) -> (time, realization, lat, lon)
     out = xr.Dataset(

@@ -29,7 +29,7 @@ from . import __version__, cf, checkpoint
 from .config import EventsConfig, GenerateConfig, config_hash
 from .data import load_fields
 from .events import apply_criterion, field_statistics
-from .grid import crop_array
+from .grid import crop_array, crop_to_original
 from .split import format_times
 from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, open_zarr_group, write_json,
                  write_netcdf, write_text, write_zarr_group)
@@ -169,9 +169,7 @@ def samples_dataset(block: np.ndarray, counts: np.ndarray, time: xr.DataArray, l
     counts : ndarray (D,) int32, the realizations of each day that hold data
     time : xr.DataArray (D,), the days' time stamps in the data set (their CF encoding is kept)
     """
-    t = time.variable.copy()
-    t.attrs = {"standard_name": "time", "long_name": "date of the condition the samples were drawn for", "axis": "T"}
-    t.encoding = {k: time.encoding[k] for k in ("units", "calendar") if k in time.encoding}
+    t = cf.time_variable(time, "date of the condition the samples were drawn for")
     out = xr.Dataset(
         {
             "pr": (("time", "realization", "lat", "lon"), block, {
@@ -184,8 +182,8 @@ def samples_dataset(block: np.ndarray, counts: np.ndarray, time: xr.DataArray, l
         coords={
             "time": t,
             "realization": cf.realization_coord(block.shape[1]),
-            "lat": ("lat", lat, dict(ds["lat"].attrs) or {"units": "degrees_north", "standard_name": "latitude"}),
-            "lon": ("lon", lon, dict(ds["lon"].attrs) or {"units": "degrees_east", "standard_name": "longitude"}),
+            "lat": ("lat", lat, dict(ds["lat"].attrs) or cf.COORD_DEFAULTS["lat"]),
+            "lon": ("lon", lon, dict(ds["lon"].attrs) or cf.COORD_DEFAULTS["lon"]),
         },
         attrs=attrs,
     )
@@ -197,9 +195,7 @@ def condition_dataset(data, days: np.ndarray, ds: xr.Dataset, attrs: dict) -> xr
     (``<channel>(time, clat, clon)``, dimensionless; ``value * normalisation_std + normalisation_mean``
     gives the channel back in its units)."""
     time = ds["time"].isel(time=days)
-    t = time.variable.copy()
-    t.attrs = {"standard_name": "time", "long_name": "date of the condition", "axis": "T"}
-    t.encoding = {k: time.encoding[k] for k in ("units", "calendar") if k in time.encoding}
+    t = cf.time_variable(time, "date of the condition")
     y = data.y[days].numpy()  # (D, C, clat, clon)
     mean, std = ds["cond_mean"].values, ds["cond_std"].values
     variables = {}
@@ -234,7 +230,7 @@ def _append(piece: xr.Dataset, store: Path, first: bool, message: tuple) -> None
     """Write one block of days to ``store`` (the first creates it; metadata consolidated at the end), then log."""
     if first:
         per_chunk = max(1, CHUNK_BYTES // piece["pr"][0].nbytes)  # readers (the training set, users) load little
-        encoding = {name: enc for name, enc in cf.encoding(piece).items()}
+        encoding = cf.encoding(piece)
         encoding["pr"] = {"chunks": (per_chunk, *piece["pr"].shape[1:])}
         encoding["n_realizations"] = {**encoding.get("n_realizations", {}), "chunks": (per_chunk,)}
         piece.to_zarr(store, mode="w", consolidated=False, zarr_format=2, encoding=encoding)
@@ -263,11 +259,9 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
     thr_ds = open_netcdf(thresholds)
     limits = {"domain_mean_threshold_mm_day": float(thr_ds["threshold"].attrs.get("domain_mean_threshold_mm_day",
                                                                                      np.inf))}
-    pad_lat, pad_lon = list(ds.attrs.get("pad_lat", [0, 0])), list(ds.attrs.get("pad_lon", [0, 0]))
-    pads = {"pad_lat": pad_lat, "pad_lon": pad_lon}
-    lat = crop_array(ds["lat"].values[:, None], {"pad_lat": pad_lat})[:, 0]
-    lon = crop_array(ds["lon"].values[None, :], {"pad_lon": pad_lon})[0]
-    mask = crop_array(ds["mask"].values.astype(bool), pads)
+    pads = dict(ds.attrs)  # pad_lat / pad_lon of the padded grid
+    fine = crop_to_original(ds[["mask"]], pads)  # the original grid
+    lat, lon, mask = fine["lat"].values, fine["lon"].values, fine["mask"].values.astype(bool)
     thr = crop_array(data.thr_mm[0, 0].numpy(), pads)
 
     chosen = np.flatnonzero(np.isin(data.split, list(cfg.splits)) & data.is_event.numpy())
@@ -392,7 +386,7 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
 
     acceptance = n_written / max(n_drawn, 1)
     synth_stats = pd.concat(stats_rows, ignore_index=True)
-    report = _report(data, chosen, synth_stats, mass_rows, kept_fields_for_memo, thr, mask, pad_lat, pad_lon,
+    report = _report(data, chosen, synth_stats, mass_rows, kept_fields_for_memo, thr, mask, pads,
                      cfg, events_cfg, attrs, n_written, acceptance, short_days, n_bad)
     _write_training_set(ds, store, out / "augmented_training_set.zarr", cfg, attrs)
     if cfg.netcdf:
@@ -411,10 +405,10 @@ def _real_mass_error(data, chosen, real_stats) -> dict:
     return {"mean_abs": float(np.mean(np.abs(rel))), **_summary(rel)}
 
 
-def _report(data, chosen, synth, mass_rows, memo_fields, thr, mask, pad_lat, pad_lon, cfg, events_cfg, attrs,
+def _report(data, chosen, synth, mass_rows, memo_fields, thr, mask, pads, cfg, events_cfg, attrs,
             n_written, acceptance, short_days, n_bad) -> dict:
     train_idx = np.flatnonzero(data.split == "train")
-    real = crop_array(data.pr_mm[:, 0].numpy(), {"pad_lat": pad_lat, "pad_lon": pad_lon})
+    real = crop_array(data.pr_mm[:, 0].numpy(), pads)
     real_events = real[chosen]
     real_stats = field_statistics(real_events, thr, events_cfg.wet_threshold)
     reference = real[train_idx]
@@ -547,11 +541,12 @@ def _write_training_set(ds: xr.Dataset, augmented: Path, path: Path, cfg: Genera
     for name in ("cond_mean", "cond_std"):
         combined[name] = ds[name]
     combined["pr"].attrs = dict(ds["pr"].attrs)
-    combined.attrs = {**dict(ds.attrs), **{f"generation_{k}": v for k, v in attrs.items()},
-                      "title": "precip-cvae augmented training set (real train days + synthetic samples)"}
-    combined.attrs = cf.append_history({**combined.attrs, "history": attrs.get("history", "")}, cf.history_line(
-        "generate", f"training set: {n_real} real train days + {n_syn} synthetic samples from {augmented}"))
-    combined.attrs.pop("generation_history", None)
+    combined.attrs = cf.append_history(
+        {**dict(ds.attrs), **{f"generation_{k}": v for k, v in attrs.items() if k != "history"},
+         "title": "precip-cvae augmented training set (real train days + synthetic samples)",
+         "history": attrs.get("history", "")},
+        cf.history_line("generate", f"training set: {n_real} real train days + {n_syn} synthetic samples from "
+                                    f"{augmented}"))
     # one chunk along space: the padding of the synthetic fields must not leave ragged spatial chunks
     combined = combined.chunk({"time": 256, "lat": -1, "lon": -1, "channel": -1, "clat": -1, "clon": -1})
     from .io import write_zarr
