@@ -363,3 +363,34 @@ def test_static_field_that_does_not_cover_the_target_is_refused(small_inputs):
     data = dataclasses.replace(_data_cfg(root), static=StaticSource(str(hole), ("sftlf",)))
     with pytest.raises(InputError, match="missing at 1 valid target cells"):
         preprocess.run(data, PreprocessConfig(grid_multiple=4), str(root / "dataset.zarr"))
+
+
+def test_bilinear_one_implementation_two_missing_policies():
+    """grid.bilinear by hand on a 2x2 field with one missing corner: 'propagate' loses every target
+    cell that leans on it, 'skip' renormalises the finite neighbours' weights."""
+    v = np.array([[0.0, 2.0], [4.0, np.nan]])
+    lat, lon = np.array([0.0, 1.0]), np.array([0.0, 1.0])
+    dlat, dlon = np.array([0.0, 0.5]), np.array([0.0, 0.5])
+    prop = grid.bilinear(v, lat, lon, dlat, dlon, missing="propagate")
+    # (0, 0) is the corner itself (weight 1 on 0.0); (0, 0.5) = (0 + 2) / 2; (0.5, 0) = (0 + 4) / 2
+    np.testing.assert_allclose(prop, [[0.0, 1.0], [2.0, np.nan]])
+    skip = grid.bilinear(v, lat, lon, dlat, dlon, missing="skip")
+    np.testing.assert_allclose(skip, [[0.0, 1.0], [2.0, (0.0 + 2.0 + 4.0) / 3.0]])
+    with pytest.raises(ValueError, match="missing must be one of"):
+        grid.bilinear(v, lat, lon, dlat, dlon, missing="zero")
+
+
+def test_regrid_is_lazy_keeps_dims_and_dtype_and_equals_xarray_interp():
+    rng = np.random.default_rng(0)
+    times = pd.date_range("2000-01-01", periods=6)
+    values = rng.gamma(2.0, 1.0, (6, 4, 5)).astype("float32")
+    da = make_field_da(values, times, lat=[43.0, 42.0, 41.0, 40.0], lon=[-9.0, -8.0, -7.0, -6.0, -5.0])
+    lazy = da.chunk({"time": 2})
+    lat, lon = xr.DataArray(np.linspace(40.2, 42.8, 7)), xr.DataArray(np.linspace(-8.7, -5.3, 9))
+    out = grid.regrid(lazy, lat, lon)
+    assert out.chunks is not None and out.dims == da.dims and out.dtype == np.float32
+    expected = da.astype("float64").interp(lat=lat.values, lon=lon.values, method="linear")
+    np.testing.assert_allclose(out.values, expected.values, rtol=1e-6)
+    # a missing source cell spreads to the target cells that lean on it (the strict checks count them)
+    holed = da.copy(data=np.where(np.arange(5) == 2, np.nan, values))
+    assert np.isnan(grid.regrid(holed, lat, lon).values).any()

@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 from .config import lookup
+from .grid import bilinear
 
 __all__ = [
     "BaselineInputs",
@@ -143,28 +144,16 @@ def analogs(train_cond, target_cond, train_pr, n_members: int,
     return train_pr[indices.T], indices
 
 
-def _axis_weights(coarse: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lower neighbour, upper neighbour and the upper one's linear weight of each fine coordinate
-    (clipped to the coarse range) on an ascending coarse axis."""
-    f = np.clip(fine, coarse[0], coarse[-1])
-    if coarse.size == 1:
-        zero = np.zeros(f.size, dtype=np.int64)
-        return zero, zero, np.zeros(f.size)
-    lo = np.clip(np.searchsorted(coarse, f, side="right") - 1, 0, coarse.size - 2)
-    return lo, lo + 1, (f - coarse[lo]) / (coarse[lo + 1] - coarse[lo])
-
-
 def interpolation(coarse_pr, coarse_lat, coarse_lon, fine_lat, fine_lon) -> np.ndarray:
     """Bilinear interpolation of coarse precipitation onto the fine grid, over valid coarse cells only.
 
-    Each fine value is the bilinear combination of its four coarse neighbours whose values
-    are finite, with their weights renormalised to sum to 1 (the plain bilinear value when all
-    four are finite, equal to ``scipy.interpolate.RegularGridInterpolator``'s linear one).  A fine
-    cell whose neighbours with non-zero weight are all missing (beside a coast of all-sea
-    blocks) takes the nearest finite coarse value of that day, in coordinate units.  Outside
-    the coarse hull the fine coordinates are clipped to it (the nearest edge value).
-    Coordinates may be ascending or descending; longitudes are not wrapped (regional grids).
-    A day whose coarse field is all missing stays missing.
+    :func:`precip_cvae.grid.bilinear` with ``missing="skip"``: each fine value is the bilinear
+    combination of its four coarse neighbours whose values are finite, with their weights
+    renormalised to sum to 1 (the plain bilinear value when all four are finite, equal to
+    ``scipy.interpolate.RegularGridInterpolator``'s linear one).  A fine cell whose neighbours with
+    non-zero weight are all missing (beside a coast of all-sea blocks) takes the nearest finite
+    coarse value of that day, in coordinate units.  Outside the coarse hull the fine coordinates are
+    clipped to it (the nearest edge value).  A day whose coarse field is all missing stays missing.
 
     Parameters
     ----------
@@ -177,52 +166,9 @@ def interpolation(coarse_pr, coarse_lat, coarse_lon, fine_lat, fine_lon) -> np.n
     ndarray (N, H, W), float64, mm day-1
     """
     pr = np.asarray(coarse_pr, dtype=np.float64)
-    clat = np.asarray(coarse_lat, dtype=np.float64)
-    clon = np.asarray(coarse_lon, dtype=np.float64)
-    flat = np.asarray(fine_lat, dtype=np.float64)
-    flon = np.asarray(fine_lon, dtype=np.float64)
-    if pr.ndim != 3 or pr.shape[1:] != (clat.size, clon.size):
-        raise ValueError(
-            f"coarse_pr must be (N, {clat.size}, {clon.size}) to match the coordinates, got {pr.shape}"
-        )
-    # ascending coordinates
-    if clat.size > 1 and clat[0] > clat[-1]:
-        clat, pr = clat[::-1], pr[:, ::-1]
-    if clon.size > 1 and clon[0] > clon[-1]:
-        clon, pr = clon[::-1], pr[:, :, ::-1]
-    i0, i1, t = _axis_weights(clat, flat)
-    j0, j1, u = _axis_weights(clon, flon)
-    numer = np.zeros((pr.shape[0], flat.size, flon.size))
-    denom = np.zeros_like(numer)
-    for rows, wr in ((i0, 1.0 - t), (i1, t)):
-        for cols, wc in ((j0, 1.0 - u), (j1, u)):
-            v = pr[:, rows][:, :, cols]  # (N, H, W)
-            w = wr[:, None] * wc[None, :]  # (H, W)
-            ok = np.isfinite(v) & (w > 0)
-            numer += np.where(ok, v, 0.0) * w
-            denom += ok * w
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(denom > 1e-12, numer / denom, np.nan)
-    gaps = np.isnan(out)
-    if gaps.any():  # no valid neighbour: the nearest valid coarse value of that day
-        from scipy.spatial import cKDTree
-
-        la, lo = np.meshgrid(clat, clon, indexing="ij")
-        coarse_xy = np.stack([la.ravel(), lo.ravel()], axis=-1)
-        fla, flo = np.meshgrid(np.clip(flat, clat[0], clat[-1]), np.clip(flon, clon[0], clon[-1]), indexing="ij")
-        fine_xy = np.stack([fla.ravel(), flo.ravel()], axis=-1)
-        trees: dict[bytes, cKDTree] = {}
-        for n in np.flatnonzero(gaps.reshape(len(out), -1).any(axis=1)):
-            valid = np.isfinite(pr[n]).ravel()
-            if not valid.any():
-                continue
-            key = np.packbits(valid).tobytes()
-            if key not in trees:
-                trees[key] = cKDTree(coarse_xy[valid])
-            where = np.flatnonzero(gaps[n].ravel())
-            _, nearest = trees[key].query(fine_xy[where])
-            out[n].flat[where] = pr[n].ravel()[valid][nearest]
-    return out
+    if pr.ndim != 3:
+        raise ValueError(f"coarse_pr must be (N, h, w), got {pr.shape}")
+    return bilinear(pr, coarse_lat, coarse_lon, fine_lat, fine_lon, missing="skip")
 
 
 # ----------------------------------------------------------------------------- registry

@@ -17,18 +17,122 @@ import xarray as xr
 log = logging.getLogger(__name__)
 
 
+MISSING_POLICIES = ("propagate", "skip")
+
+
+def _axis_weights(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower neighbour, upper neighbour and the upper one's linear weight of each target coordinate
+    (clamped to the source range) on an ascending source axis."""
+    f = np.clip(dst, src[0], src[-1])
+    if src.size == 1:
+        zero = np.zeros(f.size, dtype=np.int64)
+        return zero, zero, np.zeros(f.size)
+    lo = np.clip(np.searchsorted(src, f, side="right") - 1, 0, src.size - 2)
+    return lo, lo + 1, (f - src[lo]) / (src[lo + 1] - src[lo])
+
+
+def bilinear(values, src_lat, src_lon, dst_lat, dst_lon, missing: str = "propagate") -> np.ndarray:
+    """Bilinear interpolation of the last two (lat, lon) axes of ``values`` onto (dst_lat, dst_lon).
+
+    The one bilinear of the package: :func:`regrid` (predictors and static fields, lazily) and the
+    interpolation baseline (:func:`precip_cvae.baselines.interpolation`) both call it.  Beyond the
+    source hull the target coordinates are clamped to it (edge values, linear along the other axis).
+    Coordinates may be ascending or descending; longitudes are not wrapped (regional grids).
+
+    ``missing`` says what a missing (NaN) source value does:
+
+    * ``"propagate"``: a target value with a missing neighbour of non-zero weight is missing
+      (plain bilinear; what the strict checks of static fields and predictors count);
+    * ``"skip"``: only the finite neighbours combine, their weights renormalised to sum to 1 (the
+      plain value when all four are finite); where every neighbour of non-zero weight is missing
+      (beside a coast of all-sea blocks) the nearest finite source value of that field, in
+      coordinate units; a field with no finite value stays missing.
+
+    Returns float64 of shape ``values.shape[:-2] + (len(dst_lat), len(dst_lon))``.
+    """
+    if missing not in MISSING_POLICIES:
+        raise ValueError(f"missing must be one of {MISSING_POLICIES}, got {missing!r}")
+    v = np.asarray(values, dtype=np.float64)
+    slat, slon = np.asarray(src_lat, dtype=np.float64), np.asarray(src_lon, dtype=np.float64)
+    dlat, dlon = np.asarray(dst_lat, dtype=np.float64), np.asarray(dst_lon, dtype=np.float64)
+    if v.ndim < 2 or v.shape[-2:] != (slat.size, slon.size):
+        raise ValueError(f"values must end in ({slat.size}, {slon.size}) to match the coordinates, got {v.shape}")
+    if slat.size > 1 and slat[0] > slat[-1]:
+        slat, v = slat[::-1], v[..., ::-1, :]
+    if slon.size > 1 and slon[0] > slon[-1]:
+        slon, v = slon[::-1], v[..., ::-1]
+    i0, i1, t = _axis_weights(slat, dlat)
+    j0, j1, u = _axis_weights(slon, dlon)
+    numer = np.zeros(v.shape[:-2] + (dlat.size, dlon.size))
+    denom = np.zeros_like(numer)
+    hole = np.zeros(numer.shape, dtype=bool)
+    for rows, wr in ((i0, 1.0 - t), (i1, t)):
+        for cols, wc in ((j0, 1.0 - u), (j1, u)):
+            nb = v[..., rows, :][..., cols]  # (..., H, W)
+            w = wr[:, None] * wc[None, :]
+            finite = np.isfinite(nb)
+            numer += np.where(finite, nb, 0.0) * w
+            denom += (finite & (w > 0)) * w
+            hole |= ~finite & (w > 0)
+    if missing == "propagate":
+        out = numer  # the weights sum to 1
+        out[hole] = np.nan
+        return out
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(denom > 1e-12, numer / denom, np.nan)
+    gaps = np.isnan(out)
+    if gaps.any():
+        _fill_nearest(out, gaps, v, slat, slon, dlat, dlon)
+    return out
+
+
+def _fill_nearest(out, gaps, v, slat, slon, dlat, dlon) -> None:
+    """Fill ``out[gaps]`` with the nearest finite source value of the same field (in place)."""
+    from scipy.spatial import cKDTree
+
+    la, lo = np.meshgrid(slat, slon, indexing="ij")
+    src_xy = np.stack([la.ravel(), lo.ravel()], axis=-1)
+    fla, flo = np.meshgrid(np.clip(dlat, slat[0], slat[-1]), np.clip(dlon, slon[0], slon[-1]), indexing="ij")
+    dst_xy = np.stack([fla.ravel(), flo.ravel()], axis=-1)
+    fields = v.reshape(-1, slat.size * slon.size)
+    flat_out, flat_gaps = out.reshape(-1, dlat.size * dlon.size), gaps.reshape(-1, dlat.size * dlon.size)
+    trees: dict[bytes, cKDTree] = {}
+    for n in np.flatnonzero(flat_gaps.any(axis=1)):
+        valid = np.isfinite(fields[n])
+        if not valid.any():
+            continue
+        key = np.packbits(valid).tobytes()
+        if key not in trees:
+            trees[key] = cKDTree(src_xy[valid])
+        where = np.flatnonzero(flat_gaps[n])
+        _, nearest = trees[key].query(dst_xy[where])
+        flat_out[n, where] = fields[n][valid][nearest]
+
+
 def regrid(da: xr.DataArray, lat: xr.DataArray, lon: xr.DataArray) -> xr.DataArray:
-    """Bilinear interpolation onto (lat, lon); beyond the source hull the target
-    coordinates are clamped to it (edge values, linear along the other axis)."""
+    """:func:`bilinear` (``missing="propagate"``) of a DataArray with (lat, lon) dims onto (lat, lon),
+    lazily (dask, chunk by chunk along the other dims) when ``da`` is; the dims keep their order and a
+    float32 input stays float32."""
     lat_v, lon_v = np.asarray(lat.values, float), np.asarray(lon.values, float)
     if da.sizes["lat"] == lat_v.size and da.sizes["lon"] == lon_v.size:
         if np.allclose(da["lat"].values, lat_v) and np.allclose(da["lon"].values, lon_v):
             return da.assign_coords(lat=lat_v, lon=lon_v)
+    dtype = da.dtype if np.issubdtype(da.dtype, np.floating) else np.dtype("float64")
     src_lat, src_lon = da["lat"].values, da["lon"].values
-    clamped_lat = np.clip(lat_v, src_lat.min(), src_lat.max())
-    clamped_lon = np.clip(lon_v, src_lon.min(), src_lon.max())
-    out = da.interp(lat=clamped_lat, lon=clamped_lon, method="linear")
-    return out.assign_coords(lat=lat_v, lon=lon_v)
+    if da.chunks is not None:
+        da = da.chunk({"lat": -1, "lon": -1})  # the core dims in one chunk
+    out = xr.apply_ufunc(
+        lambda a: bilinear(a, src_lat, src_lon, lat_v, lon_v).astype(dtype, copy=False),
+        da.drop_vars(["lat", "lon"], errors="ignore"),
+        input_core_dims=[["lat", "lon"]],
+        output_core_dims=[["lat", "lon"]],
+        exclude_dims={"lat", "lon"},
+        dask="parallelized",
+        output_dtypes=[dtype],
+        dask_gufunc_kwargs={"output_sizes": {"lat": lat_v.size, "lon": lon_v.size}},
+        keep_attrs=True,
+    )
+    return out.transpose(*da.dims).assign_coords(lat=lat_v, lon=lon_v)
 
 
 def block_mean(da: xr.DataArray, factor: int) -> xr.DataArray:
