@@ -12,6 +12,7 @@ import xarray as xr
 from precip_cvae import generate, train
 from precip_cvae.config import EventsConfig, GenerateConfig, LossConfig, ModelConfig, TrainConfig
 from precip_cvae.data import load_fields
+from precip_cvae.neighbours import nearest_rmse
 
 
 @pytest.fixture(scope="module")
@@ -151,16 +152,7 @@ def test_memorisation_does_not_mistake_smooth_or_dry_fields_for_copies():
     # over all train days the real-to-real 5th percentile is 0 (dry pairs): no RMSE threshold could flag
     assert generate.memorisation_check(samples, real, 0.05)["real_nn_rmse_p5"] == 0.0
     # anchors skip their own copy in the reference
-    assert generate.nearest_distances(real[heavy].reshape(10, -1), real.reshape(60, -1), exclude=heavy).min() > 0
-
-
-def test_nearest_distances_by_hand():
-    a = np.array([[0.0, 0.0], [3.0, 4.0]])
-    b = np.array([[0.0, 1.0], [3.0, 3.0]])
-    np.testing.assert_allclose(generate.nearest_distances(a, b), [np.sqrt(0.5), np.sqrt(0.5)])
-    np.testing.assert_allclose(generate.nearest_distances(a, a, exclude_self=True), [np.sqrt(12.5)] * 2)
-    np.testing.assert_allclose(generate.nearest_distances(a, a, exclude=np.array([-1, 1])), [0.0, np.sqrt(12.5)])
-    np.testing.assert_allclose(generate.nearest_distances(a, b, k=2), [[np.sqrt(0.5), 3.0]] * 2)
+    assert nearest_rmse(real[heavy].reshape(10, -1), real.reshape(60, -1), exclude=heavy).min() > 0
 
 
 def test_augmented_training_set_opens_with_the_training_loader(prepared, trained, tmp_path):

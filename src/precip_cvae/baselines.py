@@ -36,6 +36,7 @@ import numpy as np
 
 from .config import lookup
 from .grid import bilinear
+from .neighbours import exclusions, nearest
 
 __all__ = [
     "BaselineInputs",
@@ -81,12 +82,6 @@ def climatology(train_pr, n_days: int, n_members: int,
     return train_pr[idx]
 
 
-def _sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances (len(a), len(b)) via BLAS, clipped at 0."""
-    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-    return np.maximum(d, 0.0)
-
-
 def analogs(train_cond, target_cond, train_pr, n_members: int,
             exclude=None, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Analog ensemble: the M train days with the nearest condition.
@@ -125,22 +120,11 @@ def analogs(train_cond, target_cond, train_pr, n_members: int,
     if train_pr.shape[0] != tc.shape[0]:
         raise ValueError(f"train_pr has {train_pr.shape[0]} days, train_cond {tc.shape[0]}")
     t, n, m = tc.shape[0], qc.shape[0], int(n_members)
-    ex = None
-    if exclude is not None:
-        ex = np.asarray(exclude, dtype=np.int64)
-        ex = ex[:, None] if ex.ndim == 1 else ex
-        if ex.ndim != 2 or ex.shape[0] != n:
-            raise ValueError(f"exclude must be (N,) or (N, K) with N = {n}, got {ex.shape}")
+    ex = exclusions(exclude, n)
     n_excl = 0 if ex is None else int(np.max((ex >= 0).sum(1), initial=0))
     if m < 1 or m > t - n_excl:
         raise ValueError(f"n_members = {m} must be in 1..{t - n_excl} (train days left)")
-    indices = np.empty((n, m), dtype=np.int64)
-    for s in range(0, n, chunk):
-        d = _sq_distances(qc[s:s + chunk], tc)
-        if ex is not None:
-            rows, cols = np.nonzero(ex[s:s + chunk] >= 0)
-            d[rows, ex[s:s + chunk][rows, cols]] = np.inf
-        indices[s:s + chunk] = np.argsort(d, axis=1, kind="stable")[:, :m]
+    indices, _ = nearest(qc, tc, m, exclude=ex, chunk=chunk)
     return train_pr[indices.T], indices
 
 

@@ -33,6 +33,7 @@ from .grid import crop_array, crop_to_original
 from .split import format_times
 from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, open_zarr_group, write_json,
                  write_netcdf, write_text, write_zarr_group)
+from .neighbours import nearest_rmse
 from .provenance import file_sha256
 from .resources import select_device
 
@@ -50,40 +51,6 @@ class GenerationError(RuntimeError):
 #: distance to the second nearest (the d1/d2 ratio test used for memorisation in generative
 #: models, e.g. Yoon et al. 2023): a copy sits next to one field, a novel field between several.
 NEAR_COPY_RATIO = 1.0 / 3.0
-
-
-def nearest_distances(a: np.ndarray, b: np.ndarray, exclude_self: bool = False, chunk: int = 256,
-                      exclude: np.ndarray | None = None, k: int = 1) -> np.ndarray:
-    """RMSE (mm/day) from each field of ``a`` to its nearest field(s) in ``b`` over pixels valid in both.
-
-    Parameters
-    ----------
-    a : ndarray (Na, P), b : ndarray (Nb, P); NaN = invalid pixel (the mask is
-        assumed common, so NaN pixels are simply dropped where either has them).
-    exclude_self : a[i] is b[i]; skip that pair (real-to-real distances).
-    exclude : ndarray (Na,) of int, optional
-        For each field of ``a``, the index of the field of ``b`` to skip (itself), or -1.
-    k : 1 (returns (Na,)) or more (returns (Na, k), nearest first)
-    """
-    if exclude_self:
-        exclude = np.arange(a.shape[0])
-    valid = np.isfinite(b).all(axis=0)
-    for start in range(0, a.shape[0], chunk):
-        valid &= np.isfinite(a[start : start + chunk]).all(axis=0)
-    b = b[:, valid].astype("float64")
-    p = max(int(valid.sum()), 1)
-    bb = (b * b).sum(axis=1)
-    out = np.empty((a.shape[0], k))
-    for start in range(0, a.shape[0], chunk):
-        blk = a[start : start + chunk][:, valid].astype("float64")  # float64 one chunk at a time (memory)
-        d2 = (blk * blk).sum(axis=1)[:, None] + bb[None, :] - 2.0 * blk @ b.T
-        if exclude is not None:
-            skip = np.asarray(exclude[start : start + chunk])
-            rows = np.flatnonzero(skip >= 0)
-            d2[rows, skip[rows]] = np.inf
-        nearest = np.sort(np.partition(d2, k - 1, axis=1)[:, :k], axis=1) if k < d2.shape[1] else np.sort(d2, axis=1)
-        out[start : start + chunk] = np.sqrt(np.maximum(nearest, 0.0) / p)
-    return out[:, 0] if k == 1 else out
 
 
 def memorisation_check(samples: np.ndarray, reference: np.ndarray, warn_fraction: float,
@@ -112,16 +79,16 @@ def memorisation_check(samples: np.ndarray, reference: np.ndarray, warn_fraction
     """
     s = samples.reshape(samples.shape[0], -1)
     r = reference.reshape(reference.shape[0], -1)
-    two = nearest_distances(s, r, k=2) if r.shape[0] > 1 else np.repeat(nearest_distances(s, r)[:, None], 2, 1)
+    two = nearest_rmse(s, r, k=2) if r.shape[0] > 1 else np.repeat(nearest_rmse(s, r)[:, None], 2, 1)
     d_sample = two[:, 0]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(two[:, 1] > 0, two[:, 0] / two[:, 1], 1.0)  # d1 = d2 = 0: several identical fields
     if anchors is None:
-        d_real = nearest_distances(r, r, exclude_self=True)
+        d_real = nearest_rmse(r, r, exclude_self=True)
     else:
         a = anchors.reshape(anchors.shape[0], -1)
         index = np.full(a.shape[0], -1) if anchor_index is None else np.asarray(anchor_index)
-        d_real = nearest_distances(a, r, exclude=index)
+        d_real = nearest_rmse(a, r, exclude=index)
     p5 = float(np.percentile(d_real, 5)) if d_real.size else float("nan")
     frac_copy = float((ratio < NEAR_COPY_RATIO).mean()) if ratio.size else 0.0
     return {
