@@ -298,3 +298,18 @@ def test_mass_error():
     np.testing.assert_allclose(m.mass_error(pred, ref), [1.0, 2.0 / 0.1])
     ens = np.stack([pred, pred * 0.5])
     np.testing.assert_allclose(m.mass_error(ens, ref), [[1.0, 20.0], [0.0, 10.0]])
+
+
+def test_relative_mass_error_is_one_formula_for_numpy_and_torch():
+    torch = pytest.importorskip("torch")
+    pred, ref = np.array([2.0, 2.0, 0.5]), np.array([1.0, 0.0, 1.0])
+    expected = [1.0, 2.0 / 0.1, -0.5]  # (2 - 1) / 1; a dry reference floored at 0.1; (0.5 - 1) / 1
+    np.testing.assert_allclose(m.relative_mass_error(pred, ref), expected)
+    np.testing.assert_allclose(m.relative_mass_error(torch.tensor(pred), torch.tensor(ref)).numpy(), expected)
+    # the training loss's mass term is its absolute value, averaged over the samples
+    from precip_cvae.losses import mass_loss
+
+    p = torch.tensor(pred).view(3, 1, 1, 1)
+    t = torch.tensor(ref).view(3, 1, 1, 1)
+    loss = mass_loss(p, t, torch.ones(3, 1, 1, 1, dtype=torch.bool))
+    assert float(loss) == pytest.approx(np.mean(np.abs(expected)))

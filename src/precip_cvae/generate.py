@@ -33,6 +33,7 @@ from .grid import crop_array, crop_to_original
 from .split import format_times
 from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, open_zarr_group, write_json,
                  write_netcdf, write_text, write_zarr_group)
+from .metrics import relative_mass_error
 from .neighbours import nearest_rmse
 from .provenance import file_sha256
 from .resources import select_device
@@ -322,7 +323,7 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
             if data.coarse_mm is not None:
                 coarse = data.coarse_mm[src].numpy()
                 cmean = np.repeat(np.nanmean(coarse, axis=(1, 2)), counts)
-                mass_rows.append((st["domain_mean"].values - cmean) / np.maximum(cmean, 0.1))
+                mass_rows.append(relative_mass_error(st["domain_mean"].values, cmean))
             if memo_budget > 0:
                 kept_fields_for_memo.append(fields[:memo_budget])
                 memo_budget -= min(memo_budget, fields.shape[0])
@@ -368,7 +369,7 @@ def _real_mass_error(data, chosen, real_stats) -> dict:
     """The same relative domain-mean error for the real fields of the sampled days: the reference for
     the samples' (the fine target and the coarse channel can be different products, e.g. E-OBS and NCEP)."""
     cmean = np.nanmean(data.coarse_mm[chosen].numpy(), axis=(1, 2))
-    rel = (real_stats["domain_mean"].values - cmean) / np.maximum(cmean, 0.1)
+    rel = relative_mass_error(real_stats["domain_mean"].values, cmean)
     return {"mean_abs": float(np.mean(np.abs(rel))), **_summary(rel)}
 
 

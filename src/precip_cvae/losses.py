@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .config import LossConfig
+from .metrics import MASS_FLOOR, relative_mass_error
 from .model import CVAEOutput
 from .transform import TargetTransform
 
@@ -277,7 +278,7 @@ def mass_loss(
     target_mm: torch.Tensor,
     valid: torch.Tensor,
     coarse_mm: torch.Tensor | None = None,
-    floor: float = 0.1,
+    floor: float = MASS_FLOOR,
 ) -> torch.Tensor:
     """Relative error of the area-mean precipitation.
 
@@ -308,14 +309,14 @@ def mass_loss(
     zero = torch.zeros_like(pred_mm)
     m_pred = torch.where(valid, pred_mm, zero).flatten(1).sum(dim=1) / denom  # (B,) mm/day
     m_true = torch.where(valid, target_mm, zero).flatten(1).sum(dim=1) / denom  # (B,) mm/day
-    rel = (m_pred - m_true).abs() / m_true.clamp(min=floor)  # (B,)
+    rel = relative_mass_error(m_pred, m_true, floor).abs()  # (B,)
     if coarse_mm is not None:
         if coarse_mm.shape[0] != pred_mm.shape[0]:
             raise ValueError(
                 f"coarse_mm has batch size {coarse_mm.shape[0]}, the prediction {pred_mm.shape[0]}"
             )
         m_coarse = torch.nanmean(coarse_mm.flatten(1).to(pred_mm.dtype), dim=1)  # (B,) mm/day
-        rel = rel + (m_pred - m_coarse).abs() / m_coarse.clamp(min=floor)
+        rel = rel + relative_mass_error(m_pred, m_coarse, floor).abs()
     rel = torch.where(has, rel, torch.zeros_like(rel))
     return rel.sum() / has.sum().clamp(min=1).to(rel.dtype)
 

@@ -58,6 +58,7 @@ __all__ = [
     "RAPSD_BANDS",
     "tail_quantiles",
     "mass_error",
+    "relative_mass_error",
 ]
 
 
@@ -670,7 +671,21 @@ def tail_quantiles(values, quantiles: Sequence[float] = (0.99, 0.999),
     return np.quantile(x, q)
 
 
-def mass_error(pred, ref, floor: float = 0.1) -> np.ndarray:
+#: lower bound (mm day-1) of a mass error's denominator, so that near-dry days do not blow up
+MASS_FLOOR = 0.1
+
+
+def relative_mass_error(mean_pred, mean_ref, floor: float = MASS_FLOOR):
+    """``(mean_pred - mean_ref) / max(mean_ref, floor)``: the package's one mass-error formula.
+
+    Domain means in mm day-1, numpy arrays or torch tensors (the training loss, the evaluation's
+    scores and generate's report all use it).
+    """
+    denom = mean_ref.clamp(min=floor) if hasattr(mean_ref, "clamp") else np.maximum(mean_ref, floor)
+    return (mean_pred - mean_ref) / denom
+
+
+def mass_error(pred, ref, floor: float = MASS_FLOOR) -> np.ndarray:
     """Relative domain-mean (mass) error per sample.
 
     ``(mean(pred) - mean(ref)) / max(mean(ref), floor)`` with both means over the
@@ -695,5 +710,5 @@ def mass_error(pred, ref, floor: float = 0.1) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         mp = np.sum(np.where(v, pred, 0.0), axis=(-2, -1)) / n
         mr = np.sum(np.where(v, ref, 0.0), axis=(-2, -1)) / n
-        out = (mp - mr) / np.maximum(mr, floor)
+        out = relative_mass_error(mp, mr, floor)
     return np.where(n > 0, out, np.nan)
