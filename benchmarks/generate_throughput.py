@@ -108,7 +108,8 @@ def child_speed(ckpt: str, dataset: str, thresholds: str, events: str, out: str,
         bare.append(_bare(model, data, chosen, cfg.members, cfg.batch_days))
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        report = generate.run(ckpt, dataset, thresholds, events, cfg, EventsConfig(), out)
+        report = generate.run(generate.GeneratePaths.in_dir(out, ckpt, dataset, thresholds, events, cfg.netcdf),
+                              cfg, EventsConfig())
         total.append(time.perf_counter() - t0)
         loop.append((times.last[0] - times.start[0], times.last[1] - times.start[1]))
     n = report["samples"]
@@ -126,7 +127,8 @@ def child_memory(ckpt: str, dataset: str, thresholds: str, events: str, out: str
     _, cfg, _ = _setup(dataset, thresholds, events, ckpt, preset, members, batch_days, netcdf, threads)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    report = generate.run(ckpt, dataset, thresholds, events, cfg, EventsConfig(), out)
+    report = generate.run(generate.GeneratePaths.in_dir(out, ckpt, dataset, thresholds, events, cfg.netcdf),
+                          cfg, EventsConfig())
     emit({"samples": report["samples"], "seconds": time.perf_counter() - t0})
 
 

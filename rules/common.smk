@@ -97,6 +97,13 @@ def generate_section():
     return {k: v for k, v in config["generate"].items() if k != "experiments"}
 
 
+def generate_netcdf_outputs():
+    """The NetCDF copies of the samples and their conditions, when generate.netcdf."""
+    if not config["generate"]["netcdf"]:
+        return {}
+    return {"netcdf": exp_dir("generate", "augmented.nc"), "condition_netcdf": exp_dir("generate", "augmented_condition.nc")}
+
+
 def generate_checkpoint(wildcards):
     """The checkpoint generate samples from: best.pt or last.pt of the experiment."""
     name = config["generate"]["checkpoint"] + ".pt"

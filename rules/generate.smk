@@ -9,6 +9,7 @@ rule generate:
         training_set=directory(exp_dir("generate", "augmented_training_set.zarr")),
         report=exp_dir("generate", "generation_report.json"),
         report_md=exp_dir("generate", "generation_report.md"),
+        **generate_netcdf_outputs(),
     params:
         generate=generate_section(),
         events=config["events"],

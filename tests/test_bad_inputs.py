@@ -293,8 +293,8 @@ def test_no_heavy_day_in_train_warns_trains_and_generation_refuses(prepared, tmp
     assert [r["epoch"] for r in history] == [0] and np.isfinite(history[0]["train_loss"])
     with pytest.raises(InputError, match=re.escape(f"{table}: no heavy-event day in splits ['train']; nothing to "
                                                    "generate from (check events.criterion or generate.splits)")):
-        generate.run(str(paths.best), prepared["dataset"], thr, table, GenerateConfig(members=2), EventsConfig(),
-                     str(tmp_path / "generate"))
+        generate.run(generate.GeneratePaths.in_dir(tmp_path / "generate", str(paths.best), prepared["dataset"],
+                                                   thr, table), GenerateConfig(members=2), EventsConfig())
     assert not (tmp_path / "generate" / "augmented.zarr").exists()
 
 
@@ -330,8 +330,9 @@ def test_checkpoint_of_other_data_is_refused_by_generate_and_evaluate(prepared, 
     expected = re.escape(f"{other}: trained on condition channels ['z500'], the data has "
                          "['psl', 'hus850', 'pr_block4']")
     with pytest.raises(checkpoint.CheckpointError, match=expected):
-        generate.run(str(other), prepared["dataset"], prepared["thresholds"], prepared["events"],
-                     GenerateConfig(members=2), EventsConfig(), str(tmp_path / "generate"))
+        generate.run(generate.GeneratePaths.in_dir(tmp_path / "generate", str(other), prepared["dataset"],
+                                                   prepared["thresholds"], prepared["events"]),
+                     GenerateConfig(members=2), EventsConfig())
     data = load_fields(prepared["dataset"], prepared["thresholds"], prepared["events"])
     with pytest.raises(checkpoint.CheckpointError, match=expected):
         evaluate._load_checkpoint(str(other), data, "cpu")

@@ -27,8 +27,9 @@ def trained(prepared, tmp_path_factory):
 
 def _run(prepared, trained, out, **kw):
     cfg = GenerateConfig(**{"members": 3, "batch_days": 2, "seed": 5, **kw})
-    return generate.run(trained, prepared["dataset"], prepared["thresholds"], prepared["events"], cfg,
-                        EventsConfig(min_exceed_fraction=0.05), str(out))
+    paths = generate.GeneratePaths.in_dir(out, trained, prepared["dataset"], prepared["thresholds"],
+                                          prepared["events"], netcdf=cfg.netcdf)
+    return generate.run(paths, cfg, EventsConfig(min_exceed_fraction=0.05))
 
 
 def test_outputs_units_provenance_mask(prepared, trained, tmp_path):
@@ -86,8 +87,8 @@ def test_deterministic_per_seed(prepared, trained, tmp_path):
 def test_filter_keeps_only_heavy_samples(prepared, trained, tmp_path):
     def run(min_frac, out, thresholds=prepared["thresholds"]):
         cfg = GenerateConfig(members=3, batch_days=2, seed=5, filter_heavy=True, max_rounds=2)
-        return generate.run(trained, prepared["dataset"], thresholds, prepared["events"], cfg,
-                            EventsConfig(min_exceed_fraction=min_frac), str(out))
+        paths = generate.GeneratePaths.in_dir(out, trained, prepared["dataset"], thresholds, prepared["events"])
+        return generate.run(paths, cfg, EventsConfig(min_exceed_fraction=min_frac))
 
     everything = run(0.0, tmp_path / "all")  # every sample qualifies: nothing redrawn
     assert everything["acceptance_rate"] == 1.0 and everything["days_short_of_members"] == 0
@@ -192,8 +193,9 @@ def _no_events(prepared, trained, tmp_path):
     table["is_event"] = False
     path = tmp_path / "events.csv"
     table.to_csv(path, index=False)
-    generate.run(trained, prepared["dataset"], prepared["thresholds"], str(path), GenerateConfig(members=2),
-                 EventsConfig(), str(tmp_path / "out"))
+    generate.run(generate.GeneratePaths.in_dir(tmp_path / "out", trained, prepared["dataset"],
+                                               prepared["thresholds"], str(path)),
+                 GenerateConfig(members=2), EventsConfig())
 
 
 def test_padded_grid_is_cropped_in_samples_and_padded_in_the_training_set(tmp_path):
@@ -207,9 +209,9 @@ def test_padded_grid_is_cropped_in_samples_and_padded_in_the_training_set(tmp_pa
                              str(tmp_path / "resume"))
     train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, val_members=2, num_threads=1,
                                                              loss=LossConfig(warmup_epochs=0)))
-    report = generate.run(str(paths.best), prep["dataset"], prep["thresholds"], prep["events"],
-                          GenerateConfig(members=2, batch_days=3), EventsConfig(min_exceed_fraction=0.05),
-                          str(tmp_path / "out"))
+    report = generate.run(generate.GeneratePaths.in_dir(tmp_path / "out", str(paths.best), prep["dataset"],
+                                                        prep["thresholds"], prep["events"]),
+                          GenerateConfig(members=2, batch_days=3), EventsConfig(min_exceed_fraction=0.05))
     aug = xr.open_zarr(tmp_path / "out" / "augmented.zarr")
     assert (aug.sizes["lat"], aug.sizes["lon"]) == (12, 14) and int(aug["n_realizations"].sum()) == report["samples"]
     ts = load_fields(str(tmp_path / "out" / "augmented_training_set.zarr"), prep["thresholds"], None)

@@ -208,41 +208,122 @@ def _append(piece: xr.Dataset, store: Path, first: bool, message: tuple) -> None
     log.info(*message)
 
 
-def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: GenerateConfig,
-        events_cfg: EventsConfig, out_dir: str) -> dict:
-    """Generate samples for the heavy days of ``cfg.splits`` and write the outputs to ``out_dir``.
+@dataclasses.dataclass(frozen=True)
+class GeneratePaths:
+    """Inputs and outputs of the generate stage; the rule passes its ``input`` and ``output`` paths.
+
+    ``netcdf`` / ``condition_netcdf`` are written when given (the rule declares them when
+    ``generate.netcdf`` is true).
+    """
+
+    checkpoint: str
+    dataset: str
+    thresholds: str
+    events: str
+    augmented: str
+    training_set: str
+    report: str
+    report_md: str
+    netcdf: str | None = None
+    condition_netcdf: str | None = None
+
+    @classmethod
+    def in_dir(cls, out_dir, checkpoint: str, dataset: str, thresholds: str, events: str,
+               netcdf: bool = False) -> "GeneratePaths":
+        """The workflow's file names under ``out_dir`` (for tests, benchmarks and scripts)."""
+        out = Path(out_dir)
+        return cls(str(checkpoint), str(dataset), str(thresholds), str(events),
+                   augmented=str(out / "augmented.zarr"), training_set=str(out / "augmented_training_set.zarr"),
+                   report=str(out / "generation_report.json"), report_md=str(out / "generation_report.md"),
+                   netcdf=str(out / "augmented.nc") if netcdf else None,
+                   condition_netcdf=str(out / "augmented_condition.nc") if netcdf else None)
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What every step of the stage reads: the model, the data and the original grid."""
+
+    device: torch.device
+    model: torch.nn.Module
+    state: dict
+    data: object  # precip_cvae.data.FieldData
+    ds: xr.Dataset
+    pads: dict  # pad_lat / pad_lon of the padded grid
+    lat: np.ndarray
+    lon: np.ndarray
+    mask: np.ndarray  # (h, w) bool, the original grid
+    thr: np.ndarray  # (h, w) the local P99 thresholds
+    limits: dict  # of the event criterion
+    chosen: np.ndarray  # data-set indices of the heavy days to sample for
+    attrs: dict  # global attributes (provenance) of every output
+
+
+@dataclasses.dataclass
+class _Tally:
+    """Counts and statistics gathered while the samples are written."""
+
+    written: int = 0
+    days_written: int = 0
+    drawn: int = 0
+    short_days: int = 0
+    bad: dict = dataclasses.field(default_factory=lambda: {"nan": 0, "negative": 0})
+    source_days: list = dataclasses.field(default_factory=list)  # data-set index of each day written, in order
+    stats: list = dataclasses.field(default_factory=list)
+    mass: list = dataclasses.field(default_factory=list)
+    memo_fields: list = dataclasses.field(default_factory=list)
+
+
+def run(paths: GeneratePaths, cfg: GenerateConfig, events_cfg: EventsConfig) -> dict:
+    """Generate samples for the heavy days of ``cfg.splits`` and write the outputs named in ``paths``.
 
     Samples on ``cfg.device`` (:func:`precip_cvae.resources.select_device`: CUDA when present
     for ``auto``); the noise comes from a CPU generator, so a seed gives the same draws
-    on either device up to floating point.
+    on either device up to floating point.  Steps: :func:`_set_up`, then per batch of days
+    :func:`_draw` and :func:`_assemble` (written by a background thread), then :func:`_finish`.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    for out in (paths.augmented, paths.training_set, paths.report, paths.report_md, paths.netcdf,
+                paths.condition_netcdf):
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+    setup = _set_up(paths, cfg, events_cfg)
+    log.info("generating %d members for each of %d heavy days (splits %s, z_scale %g, filter %s) from %s "
+             "on device %s", cfg.members, setup.chosen.size, list(cfg.splits), cfg.z_scale, cfg.filter_heavy,
+             paths.checkpoint, setup.device)
+    tally = _write_samples(setup, cfg, events_cfg, Path(paths.augmented))
+    return _finish(setup, tally, paths, cfg, events_cfg)
+
+
+def _set_up(paths: GeneratePaths, cfg: GenerateConfig, events_cfg: EventsConfig) -> _Setup:
+    """Load the checkpoint and the data, check they match, pick the heavy days, build the provenance."""
     device = select_device(cfg.device, "generate.device")
-    model, state = checkpoint.load_model(checkpoint_path, device)
-    data = load_fields(dataset, thresholds, events)
-    fine_shape = tuple(data.x.shape[-2:])
-    checkpoint.check_matches_data(state, data.channels, fine_shape, checkpoint_path)
-    ds = open_zarr(dataset)
-    thr_ds = open_netcdf(thresholds)
+    model, state = checkpoint.load_model(paths.checkpoint, device)
+    data = load_fields(paths.dataset, paths.thresholds, paths.events)
+    checkpoint.check_matches_data(state, data.channels, tuple(data.x.shape[-2:]), paths.checkpoint)
+    ds = open_zarr(paths.dataset)
+    thr_ds = open_netcdf(paths.thresholds)
     limits = {"domain_mean_threshold_mm_day": float(thr_ds["threshold"].attrs.get("domain_mean_threshold_mm_day",
                                                                                      np.inf))}
-    pads = dict(ds.attrs)  # pad_lat / pad_lon of the padded grid
+    pads = dict(ds.attrs)
     fine = crop_to_original(ds[["mask"]], pads)  # the original grid
-    lat, lon, mask = fine["lat"].values, fine["lon"].values, fine["mask"].values.astype(bool)
-    thr = crop_array(data.thr_mm[0, 0].numpy(), pads)
-
     chosen = np.flatnonzero(np.isin(data.split, list(cfg.splits)) & data.is_event.numpy())
     if chosen.size == 0:
         raise InputError(
-            f"{events}: no heavy-event day in splits {list(cfg.splits)}; nothing to generate from "
+            f"{paths.events}: no heavy-event day in splits {list(cfg.splits)}; nothing to generate from "
             "(check events.criterion or generate.splits)"
         )
-    ckpt_sha = file_sha256(checkpoint_path)
+    return _Setup(device=device, model=model, state=state, data=data, ds=ds, pads=pads, lat=fine["lat"].values,
+                  lon=fine["lon"].values, mask=fine["mask"].values.astype(bool),
+                  thr=crop_array(data.thr_mm[0, 0].numpy(), pads), limits=limits, chosen=chosen,
+                  attrs=_provenance(paths.checkpoint, state, ds, cfg, events_cfg))
+
+
+def _provenance(checkpoint_path: str, state: dict, ds: xr.Dataset, cfg: GenerateConfig,
+                events_cfg: EventsConfig) -> dict:
+    """The global attributes of every output: CF, the checkpoint and its hash, the settings, the history."""
     chash = config_hash({"generate": dataclasses.asdict(cfg), "checkpoint": state.get("config_hash"),
                          "events": dataclasses.asdict(events_cfg)})
     now = cf.now_iso()
-    attrs = cf.append_history({
+    return cf.append_history({
         "Conventions": cf.CONVENTIONS,
         "title": "precip-cvae synthetic heavy-precipitation samples",
         "institution": "precip-cvae workflow",
@@ -252,7 +333,7 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
                    "realization one synthetic field drawn for it; n_realizations(time) counts those that hold data "
                    "(the rest are fill values). The conditions are in the group 'condition' (augmented_condition.nc).",
         "checkpoint": str(checkpoint_path),
-        "checkpoint_sha256": ckpt_sha,
+        "checkpoint_sha256": file_sha256(checkpoint_path),
         "config_hash": chash,
         "package_version": __version__,
         "seed": int(cfg.seed),
@@ -263,105 +344,128 @@ def run(checkpoint_path: str, dataset: str, thresholds: str, events: str, cfg: G
         "history": str(ds.attrs.get("history", "")),
     }, cf.history_line("generate", f"{cfg.members} members per heavy day of splits {list(cfg.splits)} from "
                                    f"{checkpoint_path}", when=now))
-    log.info("generating %d members for each of %d heavy days (splits %s, z_scale %g, filter %s) from %s "
-             "on device %s", cfg.members, chosen.size, list(cfg.splits), cfg.z_scale, cfg.filter_heavy, checkpoint_path,
-             device)
 
+
+def _draw(setup: _Setup, days: np.ndarray, cfg: GenerateConfig, events_cfg: EventsConfig, g: torch.Generator,
+          tally: _Tally) -> list[list[np.ndarray]]:
+    """Up to ``cfg.members`` accepted samples (h, w) per day of ``days``, in mm day-1 on the original grid.
+
+    With ``filter_heavy`` a sample is accepted only when it meets the event criterion, judged by
+    :func:`precip_cvae.events.field_statistics` like the real days; up to ``max_rounds`` rounds.
+    """
+    data, device = setup.data, setup.device
+    y = data.y[days].to(device)
+    valid = data.valid[days].to(device)
+    accepted: list[list[np.ndarray]] = [[] for _ in days]
+    for _ in range(cfg.max_rounds if cfg.filter_heavy else 1):
+        need = [cfg.members - len(a) for a in accepted]
+        if max(need) <= 0:
+            break
+        with torch.no_grad():
+            s = setup.model.sample(y, valid, n_samples=cfg.members, z_scale=cfg.z_scale, generator=g)
+        mm = data.transform.inverse(s[:, :, 0].float()).cpu().numpy()  # (K, B, H, W)
+        mm = np.where(valid[:, 0].cpu().numpy()[None], mm, np.nan)
+        mm = crop_array(mm, setup.pads)
+        tally.drawn += int(sum(max(n, 0) for n in need))
+        for j in range(len(days)):
+            if need[j] <= 0:
+                continue
+            cand = mm[:, j]  # (K, H, W)
+            if cfg.filter_heavy:
+                st = field_statistics(cand, setup.thr, events_cfg.wet_threshold)
+                cand = cand[apply_criterion(st, events_cfg, setup.limits)]
+            accepted[j].extend(list(cand[: need[j]]))
+    tally.short_days += sum(len(a) < cfg.members for a in accepted)
+    return accepted
+
+
+def _assemble(setup: _Setup, days: np.ndarray, accepted: list[list[np.ndarray]], cfg: GenerateConfig,
+              events_cfg: EventsConfig, tally: _Tally) -> xr.Dataset | None:
+    """The accepted samples of ``days`` as a CF ensemble block (None when no day has one); counts,
+    statistics, mass errors and fields for the memorisation check go to ``tally``."""
+    kept = [j for j in range(len(days)) if accepted[j]]
+    if not kept:
+        return None
+    mask = setup.mask
+    # (D, R, h, w): realization r of day d; fill (NaN) past the day's accepted count
+    block = np.full((len(kept), cfg.members, *mask.shape), np.nan, dtype="float32")
+    for k, j in enumerate(kept):
+        block[k, : len(accepted[j])] = np.stack(accepted[j])
+    counts = np.array([len(accepted[j]) for j in kept], dtype="int32")
+    filled = np.arange(cfg.members)[None, :] < counts[:, None]  # (D, R) realizations that hold data
+    inside = block[filled][:, mask]
+    tally.bad["nan"] += int(np.isnan(inside).sum())
+    tally.bad["negative"] += int((inside < 0).sum())
+    block[:, :, ~mask] = np.nan
+    src = days[kept]
+    fields = block[filled]  # (S, h, w) the accepted samples, day by day
+    st = field_statistics(fields, setup.thr, events_cfg.wet_threshold)
+    st["source_date"] = np.repeat(setup.data.dates[src], counts)
+    tally.stats.append(st)
+    if setup.data.coarse_mm is not None:
+        cmean = np.repeat(np.nanmean(setup.data.coarse_mm[src].numpy(), axis=(1, 2)), counts)
+        tally.mass.append(relative_mass_error(st["domain_mean"].values, cmean))
+    budget = cfg.memorisation_max_samples - sum(f.shape[0] for f in tally.memo_fields)
+    if budget > 0:
+        tally.memo_fields.append(fields[:budget])
+    tally.source_days.extend(src.tolist())
+    tally.written += int(counts.sum())
+    tally.days_written += len(src)
+    return samples_dataset(block, counts, setup.ds["time"].isel(time=src), setup.lat, setup.lon, setup.ds,
+                           setup.attrs)
+
+
+def _write_samples(setup: _Setup, cfg: GenerateConfig, events_cfg: EventsConfig, store: Path) -> _Tally:
+    """Draw and assemble batch after batch while a writer thread appends the blocks to ``store``
+    (all or nothing: ``store`` appears complete, with its condition group, or not at all)."""
     g = torch.Generator().manual_seed(int(cfg.seed))
-    transform = data.transform
-    store = out / "augmented.zarr"
-    n_written, n_days_written, n_drawn, n_bad = 0, 0, 0, {"nan": 0, "negative": 0}
-    source_days: list[int] = []  # dataset index of each day written, in the order of `time`
-    short_days = 0
-    stats_rows, mass_rows, kept_fields_for_memo = [], [], []
-    memo_budget = cfg.memorisation_max_samples
+    tally, chosen = _Tally(), setup.chosen
     with atomic_path(store) as tmp, ThreadPoolExecutor(max_workers=1) as writer:
         pending, pieces, n_queued = None, [], 0  # the block being written while the next batches are sampled
         for start in range(0, chosen.size, cfg.batch_days):
             days = chosen[start : start + cfg.batch_days]
-            y = data.y[days].to(device)
-            valid = data.valid[days].to(device)
-            accepted: list[list[np.ndarray]] = [[] for _ in days]
-            for round_ in range(cfg.max_rounds if cfg.filter_heavy else 1):
-                need = [cfg.members - len(a) for a in accepted]
-                if max(need) <= 0:
-                    break
-                with torch.no_grad():
-                    s = model.sample(y, valid, n_samples=cfg.members, z_scale=cfg.z_scale, generator=g)
-                mm = transform.inverse(s[:, :, 0].float()).cpu().numpy()  # (K, B, H, W)
-                mm = np.where(valid[:, 0].cpu().numpy()[None], mm, np.nan)
-                mm = crop_array(mm, pads)
-                n_drawn += int(sum(max(n, 0) for n in need))
-                for j in range(len(days)):
-                    if need[j] <= 0:
-                        continue
-                    cand = mm[:, j]  # (K, H, W)
-                    if cfg.filter_heavy:
-                        st = field_statistics(cand, thr, events_cfg.wet_threshold)
-                        ok = apply_criterion(st, events_cfg, limits)
-                        cand = cand[ok]
-                    accepted[j].extend(list(cand[: need[j]]))
-            kept = [j for j in range(len(days)) if accepted[j]]
-            short_days += sum(len(a) < cfg.members for a in accepted)
-            if not kept:
+            piece = _assemble(setup, days, _draw(setup, days, cfg, events_cfg, g, tally), cfg, events_cfg, tally)
+            if piece is None:
                 continue
-            # (D, R, h, w) original grid: realization r of day d; fill (NaN) past the day's accepted count
-            block = np.full((len(kept), cfg.members, *mask.shape), np.nan, dtype="float32")
-            for k, j in enumerate(kept):
-                block[k, : len(accepted[j])] = np.stack(accepted[j])
-            counts = np.array([len(accepted[j]) for j in kept], dtype="int32")
-            filled = np.arange(cfg.members)[None, :] < counts[:, None]  # (D, R) realizations that hold data
-            inside = block[filled][:, mask]
-            n_bad["nan"] += int(np.isnan(inside).sum())
-            n_bad["negative"] += int((inside < 0).sum())
-            block[:, :, ~mask] = np.nan
-            src = days[kept]
-            fields = block[filled]  # (S, h, w) the accepted samples, day by day
-            st = field_statistics(fields, thr, events_cfg.wet_threshold)
-            st["source_date"] = np.repeat(data.dates[src], counts)
-            stats_rows.append(st)
-            if data.coarse_mm is not None:
-                coarse = data.coarse_mm[src].numpy()
-                cmean = np.repeat(np.nanmean(coarse, axis=(1, 2)), counts)
-                mass_rows.append(relative_mass_error(st["domain_mean"].values, cmean))
-            if memo_budget > 0:
-                kept_fields_for_memo.append(fields[:memo_budget])
-                memo_budget -= min(memo_budget, fields.shape[0])
-            source_days.extend(src.tolist())
-            piece = samples_dataset(block, counts, ds["time"].isel(time=src), lat, lon, ds, attrs)
             pieces.append(piece)
-            n_written += int(counts.sum())
-            n_days_written += len(src)
-            if (n_days_written - n_queued) * block[0].nbytes >= WRITE_BYTES:  # few large appends: less overhead
+            if (tally.days_written - n_queued) * piece["pr"][0].nbytes >= WRITE_BYTES:  # few large appends
                 pending = _hand_over(writer, pending, pieces, tmp, n_queued == 0, (
-                    "written %d samples (%d of %d heavy days)", n_written, min(start + len(days), chosen.size),
-                    chosen.size))
-                pieces, n_queued = [], n_days_written
+                    "written %d samples (%d of %d heavy days)", tally.written,
+                    min(start + len(days), chosen.size), chosen.size))
+                pieces, n_queued = [], tally.days_written
         if pieces:
             pending = _hand_over(writer, pending, pieces, tmp, n_queued == 0, (
-                "written %d samples (%d of %d heavy days)", n_written, chosen.size, chosen.size))
+                "written %d samples (%d of %d heavy days)", tally.written, chosen.size, chosen.size))
         if pending is not None:
             pending.result()
-        if n_bad["nan"] or n_bad["negative"]:
+        if tally.bad["nan"] or tally.bad["negative"]:
             raise GenerationError(
-                f"generated samples contain {n_bad['nan']} NaN and {n_bad['negative']} negative values inside the "
-                "mask; nothing was written"
+                f"generated samples contain {tally.bad['nan']} NaN and {tally.bad['negative']} negative values "
+                "inside the mask; nothing was written"
             )
-        if n_written == 0:
+        if tally.written == 0:
             raise GenerationError("no sample was accepted; lower the filter's demands or raise generate.max_rounds")
-        write_zarr_group(condition_dataset(data, np.asarray(source_days), ds, attrs), tmp, CONDITION_GROUP)
+        write_zarr_group(condition_dataset(setup.data, np.asarray(tally.source_days), setup.ds, setup.attrs), tmp,
+                         CONDITION_GROUP)
         consolidate_zarr(tmp)
+    return tally
 
-    acceptance = n_written / max(n_drawn, 1)
-    synth_stats = pd.concat(stats_rows, ignore_index=True)
-    report = _report(data, chosen, synth_stats, mass_rows, kept_fields_for_memo, thr, mask, pads,
-                     cfg, events_cfg, attrs, n_written, acceptance, short_days, n_bad)
-    _write_training_set(ds, store, out / "augmented_training_set.zarr", cfg, attrs)
-    if cfg.netcdf:
-        write_netcdf(open_zarr(store), out / "augmented.nc")  # dask writes it chunk by chunk: memory flat in samples
-        write_netcdf(open_zarr_group(store, CONDITION_GROUP), out / "augmented_condition.nc")
-    write_json(report, out / "generation_report.json")
-    write_text(_report_md(report), out / "generation_report.md")
+
+def _finish(setup: _Setup, tally: _Tally, paths: GeneratePaths, cfg: GenerateConfig,
+            events_cfg: EventsConfig) -> dict:
+    """The report, the augmented training set and the NetCDF copies."""
+    acceptance = tally.written / max(tally.drawn, 1)
+    report = _report(setup.data, setup.chosen, pd.concat(tally.stats, ignore_index=True), tally.mass,
+                     tally.memo_fields, setup.thr, setup.mask, setup.pads, cfg, events_cfg, setup.attrs,
+                     tally.written, acceptance, tally.short_days, tally.bad)
+    store = Path(paths.augmented)
+    _write_training_set(setup.ds, store, Path(paths.training_set), cfg, setup.attrs)
+    if paths.netcdf:
+        write_netcdf(open_zarr(store), paths.netcdf)  # dask writes it chunk by chunk: memory flat in samples
+    if paths.condition_netcdf:
+        write_netcdf(open_zarr_group(store, CONDITION_GROUP), paths.condition_netcdf)
+    write_json(report, paths.report)
+    write_text(_report_md(report), paths.report_md)
     return report
 
 

@@ -1,19 +1,25 @@
 """Snakemake script of rule generate: see precip_cvae.generate."""
 
-import os
-
 from precip_cvae import generate
 from precip_cvae.config import EventsConfig, GenerateConfig
 from precip_cvae.logs import stage_logging
 from precip_cvae.resources import limit_threads
 
 with stage_logging(snakemake.log[0], "generate"), limit_threads(snakemake.threads):
+    out = snakemake.output
     generate.run(
-        snakemake.input.checkpoint,
-        snakemake.input.dataset,
-        snakemake.input.thresholds,
-        snakemake.input.events,
+        generate.GeneratePaths(
+            checkpoint=snakemake.input.checkpoint,
+            dataset=snakemake.input.dataset,
+            thresholds=snakemake.input.thresholds,
+            events=snakemake.input.events,
+            augmented=out.augmented,
+            training_set=out.training_set,
+            report=out.report,
+            report_md=out.report_md,
+            netcdf=out.get("netcdf"),
+            condition_netcdf=out.get("condition_netcdf"),
+        ),
         GenerateConfig.from_dict(snakemake.params.generate),
         EventsConfig.from_dict(snakemake.params.events),
-        out_dir=os.path.dirname(snakemake.output.report),
     )
