@@ -26,7 +26,7 @@ import yaml
 from threadpoolctl import threadpool_info
 
 from conftest import REPO, copy_workflow
-from precip_cvae import resources, train
+from precip_cvae import generate, resources, train
 from precip_cvae.config import DEVICES, LossConfig, ModelConfig, TrainConfig
 from precip_cvae.resources import THREAD_ENV_VARS, limit_threads, select_device
 
@@ -183,6 +183,9 @@ class Recorder(dask.callbacks.Callback):
         self.workers.add(worker_id)
 
 
+GENERATE_OUTPUTS = ("augmented", "training_set", "report", "report_md", "netcdf", "condition_netcdf")
+
+
 def run_script(name: str, threads: int, log: Path, **parts) -> Recorder:
     ns = {k: SimpleNamespace(**v) for k, v in parts.items()}
     fake = SimpleNamespace(threads=threads, log=[str(log)], wildcards=SimpleNamespace(experiment="default"), **ns)
@@ -243,7 +246,8 @@ def test_generate_script_samples_on_one_torch_thread(prepared, tmp_path):
                                 "thresholds": prepared["thresholds"], "events": prepared["events"]},
                          params={"generate": {"members": 2, "netcdf": True, "device": "cpu"},
                                  "events": {"min_exceed_fraction": 0.05}},
-                         output={"report": str(out / "generation_report.json")})
+                         output={k: v for k, v in vars(generate.GeneratePaths.in_dir(
+                             out, "", "", "", "", netcdf=True)).items() if k in GENERATE_OUTPUTS})
     finally:
         model_mod.CVAE.sample = original
     assert sampled and set(sampled) == {1}

@@ -17,8 +17,8 @@ with stage_logging(snakemake.log[0], "generate"), limit_threads(snakemake.thread
             training_set=out.training_set,
             report=out.report,
             report_md=out.report_md,
-            netcdf=out.get("netcdf"),
-            condition_netcdf=out.get("condition_netcdf"),
+            netcdf=getattr(out, "netcdf", None),  # declared only when generate.netcdf
+            condition_netcdf=getattr(out, "condition_netcdf", None),
         ),
         GenerateConfig.from_dict(snakemake.params.generate),
         EventsConfig.from_dict(snakemake.params.events),
