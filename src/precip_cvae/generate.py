@@ -230,7 +230,7 @@ class GeneratePaths:
     @classmethod
     def in_dir(cls, out_dir, checkpoint: str, dataset: str, thresholds: str, events: str,
                netcdf: bool = False) -> "GeneratePaths":
-        """The workflow's file names under ``out_dir`` (for tests, benchmarks and scripts)."""
+        """The workflow's file names under ``out_dir`` (tests and benchmarks; the rule passes its own)."""
         out = Path(out_dir)
         return cls(str(checkpoint), str(dataset), str(thresholds), str(events),
                    augmented=str(out / "augmented.zarr"), training_set=str(out / "augmented_training_set.zarr"),

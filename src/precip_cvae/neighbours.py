@@ -19,6 +19,7 @@ def sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def exclusions(exclude, n: int) -> np.ndarray | None:
+    """``exclude`` as an (n, K) int array of rows to skip (-1 = none), or None."""
     if exclude is None:
         return None
     ex = np.asarray(exclude, dtype=np.int64)
@@ -83,11 +84,6 @@ def nearest_rmse(a: np.ndarray, b: np.ndarray, k: int = 1, exclude=None, exclude
     for start in range(0, a.shape[0], chunk):
         valid &= np.isfinite(a[start:start + chunk]).all(axis=0)
     p = max(int(valid.sum()), 1)
-    bv = b[:, valid].astype("float64")
-    ex = exclusions(exclude, a.shape[0])
-    out = np.empty((a.shape[0], k))
-    for start in range(0, a.shape[0], chunk):  # float64 one block of `a` at a time (memory)
-        blk = a[start:start + chunk][:, valid]
-        _, d2 = nearest(blk, bv, k, exclude=None if ex is None else ex[start:start + chunk], chunk=chunk)
-        out[start:start + chunk] = np.sqrt(d2 / p)
+    _, d2 = nearest(a[:, valid], b[:, valid].astype("float64"), k, exclude=exclude, chunk=chunk)
+    out = np.sqrt(d2 / p)  # float64 one block of `a` at a time inside `nearest` (memory)
     return out[:, 0] if k == 1 else out
