@@ -2,7 +2,7 @@
 
 Goal (issue): memory flat in ensemble size x days (streamed); report the time per day per member
 of ``sample_ensembles`` (rule sample_ensembles: checkpoint + baselines -> ensembles.zarr) and of
-``evaluate.run`` (rule evaluate: scores of the cache; the figures are not drawn here).
+``evaluate.report.run`` (rule evaluate: scores of the cache; the figures are not drawn here).
 
     python benchmarks/evaluate_memory.py                        # 4 and 16 members on the test split
     python benchmarks/evaluate_memory.py --members 8 32 --splits val test
@@ -38,16 +38,16 @@ def _cfg(members: str, splits: str):
 
 def child_sample(ckpt: str, dataset: str, thresholds: str, events: str, out: str, members: str, splits: str,
                  threads: str, preset: str) -> None:
-    from precip_cvae import evaluate
+    from precip_cvae.evaluate import sample
     from precip_cvae.logs import setup
 
     setup(None)
     untrained_checkpoint(dataset, thresholds, events, preset, ckpt)
     cfg = _cfg(members, splits)
-    paths = evaluate.SamplePaths(dataset=dataset, thresholds=thresholds, events=events, checkpoints={"best": ckpt},
+    paths = sample.SamplePaths(dataset=dataset, thresholds=thresholds, events=events, checkpoints={"best": ckpt},
                                  out=out)
     t0 = time.perf_counter()
-    evaluate.sample_ensembles(paths, cfg, threads=int(threads), experiment="benchmark")
+    sample.sample_ensembles(paths, cfg, threads=int(threads), experiment="benchmark")
     seconds = time.perf_counter() - t0
     import xarray as xr
 
@@ -56,14 +56,14 @@ def child_sample(ckpt: str, dataset: str, thresholds: str, events: str, out: str
 
 
 def child_score(ensembles: str, dataset: str, out: str, members: str, splits: str) -> None:
-    from precip_cvae import evaluate
+    from precip_cvae.evaluate import report
     from precip_cvae.logs import setup
 
     setup(None)
     cfg = _cfg(members, splits)
-    paths = evaluate.ScorePaths(ensembles=ensembles, dataset=dataset, train_log="", out_dir=out)
+    paths = report.ScorePaths.in_dir(ensembles=ensembles, dataset=dataset, train_log="", out_dir=out)
     t0 = time.perf_counter()
-    evaluate.run(paths, cfg, experiment="benchmark")
+    report.run(paths, cfg, experiment="benchmark")
     emit({"seconds": time.perf_counter() - t0})
 
 

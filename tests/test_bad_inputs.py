@@ -18,7 +18,8 @@ import torch
 import xarray as xr
 
 from conftest import copy_workflow, make_field_da, snakemake, write_nc
-from precip_cvae import checkpoint, evaluate, events, generate, io, preprocess, train
+from precip_cvae import checkpoint, events, generate, io, preprocess, train
+from precip_cvae.evaluate import sample as sampling
 from precip_cvae.config import (DataConfig, EventsConfig, GenerateConfig, LossConfig, MinSplitDays, ModelConfig,
                                 PreprocessConfig, SplitConfig, TrainConfig, VariableSource)
 from precip_cvae.data import load_fields
@@ -237,7 +238,7 @@ def test_grid_too_small_for_the_model_depth_names_dataset_grid_and_fix(tmp_path)
     root = _case(tmp_path)
     _run(root)  # 6 x 5, not padded (grid_multiple 1)
     events.run(str(root / "dataset.zarr"), EventsConfig(), str(root / "thr.nc"), str(root / "events.csv"))
-    paths = train.TrainPaths(str(root / "dataset.zarr"), str(root / "thr.nc"), str(root / "events.csv"),
+    paths = train.TrainPaths.in_dir(str(root / "dataset.zarr"), str(root / "thr.nc"), str(root / "events.csv"),
                              str(root / "train"), str(root / "resume"))
     with pytest.raises(InputError) as err:
         train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, num_threads=1))
@@ -252,7 +253,7 @@ def test_a_dataset_without_val_days_is_refused_by_training(prepared, tmp_path):
     split = ds["split"].values.astype(str)
     ds["split"] = ("time", np.where(split == "val", "train", split))
     io.write_zarr(ds, tmp_path / "no_val.zarr")
-    paths = train.TrainPaths(str(tmp_path / "no_val.zarr"), prepared["thresholds"], prepared["events"],
+    paths = train.TrainPaths.in_dir(str(tmp_path / "no_val.zarr"), prepared["thresholds"], prepared["events"],
                              str(tmp_path / "train"), str(tmp_path / "resume"))
     with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'no_val.zarr'}: the data set has no 'val' days; "
                                                    "expected train and val days (preprocess.split)")):
@@ -286,7 +287,7 @@ def test_no_heavy_day_in_train_warns_trains_and_generation_refuses(prepared, tmp
     with caplog.at_level(logging.WARNING):
         events.run(prepared["dataset"], EventsConfig(min_exceed_fraction=1.0, require_train_events=False), thr, table)
         assert f"{prepared['dataset']}: no heavy day in the train split: criterion 'exceedance'" in caplog.text
-        paths = train.TrainPaths(prepared["dataset"], thr, table, str(tmp_path / "train"), str(tmp_path / "resume"))
+        paths = train.TrainPaths.in_dir(prepared["dataset"], thr, table, str(tmp_path / "train"), str(tmp_path / "resume"))
         history = train.run(paths, ModelConfig(preset="tiny"),
                             TrainConfig(epochs=1, num_threads=1, val_members=2, loss=LossConfig(warmup_epochs=0)))
     assert f"{table}: no heavy-event day in the train split" in caplog.text
@@ -299,7 +300,7 @@ def test_no_heavy_day_in_train_warns_trains_and_generation_refuses(prepared, tmp
 
 
 def test_resume_state_of_another_config_is_not_used(prepared, tmp_path, caplog):
-    paths = train.TrainPaths(prepared["dataset"], prepared["thresholds"], prepared["events"], str(tmp_path / "train"),
+    paths = train.TrainPaths.in_dir(prepared["dataset"], prepared["thresholds"], prepared["events"], str(tmp_path / "train"),
                              str(tmp_path / "resume"))
     checkpoint.save({"model_state": {}, "config_hash": "0123456789abcdef", "epoch": 7}, paths.resume)
     with caplog.at_level(logging.INFO, logger="precip_cvae.train"):
@@ -335,11 +336,11 @@ def test_checkpoint_of_other_data_is_refused_by_generate_and_evaluate(prepared, 
                      GenerateConfig(members=2), EventsConfig())
     data = load_fields(prepared["dataset"], prepared["thresholds"], prepared["events"])
     with pytest.raises(checkpoint.CheckpointError, match=expected):
-        evaluate._load_checkpoint(str(other), data, "cpu")
+        sampling._load_checkpoint(str(other), data, "cpu")
     bigger = _foreign_checkpoint(tmp_path / "bigger.pt", ["psl", "hus850", "pr_block4"], (32, 32))
     with pytest.raises(checkpoint.CheckpointError,
                        match=re.escape(f"{bigger}: trained on a (32, 32) grid, the data has (16, 16)")):
-        evaluate._load_checkpoint(str(bigger), data, "cpu")
+        sampling._load_checkpoint(str(bigger), data, "cpu")
 
 
 def test_checkpoint_of_another_package_version_loads_with_a_log_line_another_format_is_refused(tmp_path, caplog):

@@ -178,7 +178,8 @@ def test_interpolation_baseline_scores_are_finite_on_a_coastline(tmp_path):
     import pandas as pd
 
     from conftest import make_field_da, write_nc
-    from precip_cvae import evaluate, events, preprocess
+    from precip_cvae import events, preprocess
+    from precip_cvae.evaluate import sample, score
     from precip_cvae.config import DataConfig, EvaluateConfig, EventsConfig, PreprocessConfig, VariableSource
 
     times = pd.date_range("2000-01-01", periods=400, freq="D")
@@ -197,13 +198,13 @@ def test_interpolation_baseline_scores_are_finite_on_a_coastline(tmp_path):
     events.run(str(tmp_path / "d.zarr"), EventsConfig(min_exceed_fraction=0.02), str(tmp_path / "t.nc"),
                str(tmp_path / "e.csv"))
     ecfg = EvaluateConfig(members=2, baselines=("climatology", "interpolation"), fss_windows=(1, 3))
-    evaluate.sample_ensembles(evaluate.SamplePaths(str(tmp_path / "d.zarr"), str(tmp_path / "t.nc"),
-                                                   str(tmp_path / "e.csv"), {}, str(tmp_path / "ens.zarr")), ecfg)
+    sample.sample_ensembles(sample.SamplePaths(str(tmp_path / "d.zarr"), str(tmp_path / "t.nc"),
+                                               str(tmp_path / "e.csv"), {}, str(tmp_path / "ens.zarr")), ecfg)
     ens = xr_open(tmp_path / "ens.zarr", "test/interpolation")
     truth = xr_open(tmp_path / "ens.zarr", "test/truth")["pr"].values
     assert np.isfinite(ens["pr"].values[:, np.isfinite(truth)]).all()
-    table = evaluate.score_cache(str(tmp_path / "ens.zarr"), evaluate.tail_thresholds(str(tmp_path / "d.zarr"), ecfg),
-                                 ecfg).table
+    table = score.score_cache(str(tmp_path / "ens.zarr"), score.tail_thresholds(str(tmp_path / "d.zarr"), ecfg),
+                              ecfg).table
     rows = table[(table.model == "interpolation") & (table.subset == "all")].set_index(["split", "metric"])["value"]
     for split in ("val", "test"):
         for metric in ("mae_all", "crps", "twcrps_p95", "twcrps_p99", "fss_p95_w1", "mass_error_mae"):

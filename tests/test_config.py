@@ -134,14 +134,18 @@ def test_a_docstring_edit_of_a_package_module_keeps_every_stage_fingerprint(tmp_
 
     from precip_cvae import provenance
 
+    from pathlib import Path
+
     src = provenance._package_dir()
-    stages = ["preprocess", "events", "train", "evaluate", "generate", "downstream"]
+    scripts = sorted((Path(__file__).resolve().parents[1] / "workflow" / "scripts").glob("*.py"))
+    stages = [p.stem for p in scripts]
+    assert len(stages) == 9
 
     def fingerprints(pkg):
         monkeypatch.setattr(provenance, "_package_dir", lambda: pkg)
         provenance.module_closure.cache_clear()
         provenance.code_digest.cache_clear()
-        out = {s: provenance.code_fingerprint(f"precip_cvae.{s}") for s in stages}
+        out = {p.stem: provenance.script_fingerprint(p) for p in scripts}
         provenance.module_closure.cache_clear()
         return out
 
@@ -155,7 +159,54 @@ def test_a_docstring_edit_of_a_package_module_keeps_every_stage_fingerprint(tmp_
     assert fingerprints(copy) == before
     io_py.write_text(text.replace("def write_csv(", "EXTRA = 1\n\n\ndef write_csv(", 1))
     after = fingerprints(copy)
-    assert all(after[s] != before[s] for s in stages)  # every stage imports io
+    assert {s for s in stages if after[s] != before[s]} == set(stages)  # every rule's script imports io
+
+
+def test_the_evaluate_rules_depend_only_on_what_they_run(tmp_path, monkeypatch):
+    """sample_ensembles, evaluate and compare_experiments each fingerprint only the evaluate modules their
+    script imports: a change in the report reruns evaluate alone, one in the sampling sample_ensembles alone,
+    one in the shared names all three."""
+    import shutil
+    from pathlib import Path
+
+    from precip_cvae import provenance
+
+    scripts = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
+    rules = ["sample_ensembles", "evaluate", "compare_experiments", "downstream"]
+    sampling = set(provenance.script_modules(scripts / "sample_ensembles.py"))
+    assert "precip_cvae.evaluate.sample" in sampling
+    assert not sampling & {"precip_cvae.evaluate.report", "precip_cvae.evaluate.score", "precip_cvae.evaluate.compare",
+                           "precip_cvae.plots", "precip_cvae.metrics"}
+    assert "precip_cvae.evaluate.report" not in provenance.script_modules(scripts / "compare_experiments.py")
+
+    def fingerprints(pkg):
+        monkeypatch.setattr(provenance, "_package_dir", lambda: pkg)
+        provenance.module_closure.cache_clear()
+        provenance.code_digest.cache_clear()
+        out = {r: provenance.script_fingerprint(scripts / f"{r}.py") for r in rules}
+        provenance.module_closure.cache_clear()
+        provenance.code_digest.cache_clear()
+        return out
+
+    copy = tmp_path / "precip_cvae"
+    shutil.copytree(provenance._package_dir(), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = fingerprints(copy)
+
+    def changed(module, old, new):
+        path = copy / "evaluate" / module
+        text = path.read_text()
+        assert old in text
+        path.write_text(text.replace(old, new, 1))
+        after = fingerprints(copy)
+        path.write_text(text)
+        return {r for r in rules if after[r] != before[r]}
+
+    assert changed("report.py", "OVERFORECAST_BIAS = 1.5", "OVERFORECAST_BIAS = 2.0") == {"evaluate"}
+    assert changed("report.py", '"""Rule ``evaluate``', '"""Edited. Rule ``evaluate``') == set()
+    assert changed("sample.py", "return int(cfg.seed) * 1_000_003", "return int(cfg.seed) * 1_000_033") == {
+        "sample_ensembles"}
+    assert changed("compare.py", 'kind="stable"', 'kind="mergesort"') == {"compare_experiments"}
+    assert changed("names.py", 'CVAE = "cvae"', 'CVAE = "cvae2"') == set(rules)
 
 
 def test_experiment_seeds_expand_every_setting():

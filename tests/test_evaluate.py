@@ -11,8 +11,10 @@ import pytest
 import xarray as xr
 
 from conftest import prepare_demo, snakemake
-from precip_cvae import evaluate as E
-from precip_cvae import metrics, plots
+from precip_cvae import baselines, metrics, plots
+from precip_cvae.evaluate import compare, names, report
+from precip_cvae.evaluate import sample as sampling
+from precip_cvae.evaluate import score as scoring
 from precip_cvae.config import ConfigError, EvaluateConfig
 
 
@@ -54,7 +56,7 @@ def _fractions_by_loop(field, valid, w):
 
 
 def test_score_gives_each_name_its_score_computed_by_hand():
-    """E.score, what evaluate writes, on 5 members x 6 days of 8 x 9 continuous fields (no ties), each score
+    """scoring.score, what evaluate writes, on 5 members x 6 days of 8 x 9 continuous fields (no ties), each score
     written out again in numpy from its definition in the module docstring; day chunks change nothing."""
     rng = np.random.default_rng(4)
     m, n, h, w = 5, 6, 8, 9
@@ -64,7 +66,7 @@ def test_score_gives_each_name_its_score_computed_by_hand():
     coarse = rng.gamma(2.0, 2.0, (n, h, w))
     thr = {"p95": np.full((h, w), 8.0), "p99": np.full((h, w), 14.0)}
     thr["p99"][2:4, 2:4] = 20.0
-    got, curves = E.score(ens, obs, thr, windows=(1, 3), coarse_ref=coarse, rng=0, chunk_days=4)
+    got, curves = scoring.score(ens, obs, thr, windows=(1, 3), coarse_ref=coarse, rng=0, chunk_days=4)
 
     v = np.isfinite(obs)
     mean = ens.mean(axis=0)
@@ -114,17 +116,17 @@ def test_score_gives_each_name_its_score_computed_by_hand():
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), key
     np.testing.assert_array_equal(curves["rank_counts"], ranks)
-    np.testing.assert_allclose(curves["qq_obs"], np.quantile(wet_obs, E.QQ_LEVELS))
-    np.testing.assert_allclose(curves["qq_ens"], np.quantile(wet_ens, E.QQ_LEVELS))
+    np.testing.assert_allclose(curves["qq_obs"], np.quantile(wet_obs, scoring.QQ_LEVELS))
+    np.testing.assert_allclose(curves["qq_ens"], np.quantile(wet_ens, scoring.QQ_LEVELS))
     for chunk in (1, 6, 16):
-        again, _ = E.score(ens, obs, thr, windows=(1, 3), coarse_ref=coarse, rng=0, chunk_days=chunk)
+        again, _ = scoring.score(ens, obs, thr, windows=(1, 3), coarse_ref=coarse, rng=0, chunk_days=chunk)
         assert again["crps"] == pytest.approx(got["crps"], rel=1e-12)
         assert again["twcrps_p99"] == pytest.approx(got["twcrps_p99"], rel=1e-12)
 
 
 def test_score_of_one_member_crps_is_mae_and_no_spread():
     ens, obs, thr = _fields()
-    s, curves = E.score(ens[:1], obs, thr, windows=(1,))
+    s, curves = scoring.score(ens[:1], obs, thr, windows=(1,))
     assert s["n_members"] == 1.0 and s["crps"] == pytest.approx(s["mae_all"])
     assert math.isnan(s["spread_skill"]) and curves["rank_counts"].shape == (2,)
     assert curves["rank_counts"].sum() == np.isfinite(obs).sum()
@@ -133,7 +135,7 @@ def test_score_of_one_member_crps_is_mae_and_no_spread():
 def test_a_perfect_ensemble_scores_perfectly():
     _, obs, thr = _fields()
     ens = np.repeat(obs[None], 4, axis=0)
-    s, curves = E.score(ens, obs, thr, windows=(1, 3), coarse_ref=np.nan_to_num(obs))
+    s, curves = scoring.score(ens, obs, thr, windows=(1, 3), coarse_ref=np.nan_to_num(obs))
     for key in ("crps", "twcrps_p95", "twcrps_p99", "mae_all", "mass_error_mae", "mass_error_bias",
                 "mass_error_coarse_mae", "rapsd_log_ratio"):
         assert s[key] == pytest.approx(0.0, abs=1e-12), key
@@ -141,8 +143,8 @@ def test_a_perfect_ensemble_scores_perfectly():
         assert s[key] == pytest.approx(1.0), key
     # pooled members = the wet truth values repeated (quantiles differ only by interpolation)
     wet = obs[np.isfinite(obs) & (obs >= 1.0)]
-    np.testing.assert_allclose(curves["qq_ens"], np.quantile(np.repeat(wet, 4), E.QQ_LEVELS))
-    np.testing.assert_allclose(curves["qq_obs"], np.quantile(wet, E.QQ_LEVELS))
+    np.testing.assert_allclose(curves["qq_ens"], np.quantile(np.repeat(wet, 4), scoring.QQ_LEVELS))
+    np.testing.assert_allclose(curves["qq_obs"], np.quantile(wet, scoring.QQ_LEVELS))
     assert s["far_p99"] == 0.0 and s["tail_q99_ens"] == pytest.approx(s["tail_q99_obs"], rel=0.01)
 
 
@@ -151,7 +153,7 @@ def test_hand_values_of_the_added_scores():
     obs = np.array([[[0.0, 4.0]]])
     ens = np.array([[[[1.0, 6.0]]], [[[3.0, 8.0]]]])
     thr = {"p95": np.array([[3.0, 3.0]]), "p99": np.array([[5.0, 5.0]])}
-    s, _ = E.score(ens, obs, thr, windows=(1,), coarse_ref=np.array([[[3.0, 3.0]]]))
+    s, _ = scoring.score(ens, obs, thr, windows=(1,), coarse_ref=np.array([[[3.0, 3.0]]]))
     # fair CRPS of two members above y is min(x) - y: pixels 1 - 0 = 1 and 6 - 4 = 2
     assert s["crps"] == pytest.approx(1.5)
     # twCRPS: the same on max(., thr): at 5 -> 0 and 6 - 5 = 1; at 3 -> 0 and 6 - 4 = 2
@@ -197,41 +199,41 @@ def test_schema_section_matches_the_dataclass():
         value = tuple(prop["default"]) if isinstance(prop["default"], list) else prop["default"]
         assert value == getattr(defaults, key), key
         assert prop.get("description"), key
-    assert props["baselines"]["items"]["enum"] == sorted(E.BASELINES, key=list(E.BASELINES).index)
+    assert props["baselines"]["items"]["enum"] == sorted(baselines.BASELINES, key=list(baselines.BASELINES).index)
 
 
 def test_unknown_baseline_lists_the_valid_names():
     with pytest.raises(ConfigError, match=r"unknown baseline 'persistence'; valid names are "
                                           r"\['analogs', 'climatology', 'interpolation'\]"):
-        E.check_baselines(["analogs", "persistence"])
+        sampling.check_baselines(["analogs", "persistence"])
 
 
 def test_headline_keeps_mae_tail_next_to_the_frequency_bias():
     cfg = EvaluateConfig(percentiles=(90.0, 99.5), fss_windows=(1, 5, 11, 21, 41))
-    keys = [k for k, *_ in E.headline_metrics(cfg)]
+    keys = [k for k, *_ in names.headline_metrics(cfg)]
     assert keys == ["crps", "twcrps_p99.5", "fss_p99.5_w11", "freq_bias_p99.5", "mae_tail_p99.5", "csi_p99.5",
                     "spread_skill"]
-    assert E.headline_window(EvaluateConfig(fss_windows=(27, 1, 9, 3))) == 9
+    assert names.headline_window(EvaluateConfig(fss_windows=(27, 1, 9, 3))) == 9
 
 
 def test_best_source_and_verdicts():
-    assert E.best_source({"a": 1.2, "b": 0.7, "c": float("nan")}, "one") == "a"
-    assert E.best_source({"a": 1.2, "b": 0.7}, "lower") == "b"
-    assert E.best_source({"a": 1.2, "b": 0.7}, "higher") == "a"
-    assert E.best_source({"a": float("nan")}, "lower") is None
+    assert report.best_source({"a": 1.2, "b": 0.7, "c": float("nan")}, "one") == "a"
+    assert report.best_source({"a": 1.2, "b": 0.7}, "lower") == "b"
+    assert report.best_source({"a": 1.2, "b": 0.7}, "higher") == "a"
+    assert report.best_source({"a": float("nan")}, "lower") is None
     cfg = EvaluateConfig()
-    labels = [label for _, label, _ in E.headline_metrics(cfg)]
+    labels = [label for _, label, _ in names.headline_metrics(cfg)]
     head = pd.DataFrame([
         {"source": "cVAE (best)", "subset": "all", **dict(zip(labels, [1.0, 0.1, 0.6, 1.1, 9.0, 0.3, 0.9]))},
         {"source": "analogs", "subset": "all", **dict(zip(labels, [1.2, 0.2, 0.4, 0.5, 8.0, 0.2, 0.5]))},
     ])
-    lines = E.verdicts(head, cfg, "all")
+    lines = report.verdicts(head, cfg, "all")
     assert lines[0] == "- CRPS: **cVAE (best)** is best (lowest: 1), ahead of analogs (1.2)."
     assert "**analogs**" in lines[4] and "read it with the frequency bias" in lines[4]
     assert "**cVAE (best)** is best (closest to 1: 1.1)" in lines[3]
     assert not any("dilemma" in line for line in lines)  # analogs' freq. bias 0.5: no over-forecasting
     head.loc[1, labels[3]] = 4.0  # analogs now forecast P99 exceedances 4 times too often
-    lines = E.verdicts(head, cfg, "all")
+    lines = report.verdicts(head, cfg, "all")
     assert lines[5].startswith("  Forecaster's dilemma: analogs forecasts exceedances 4 times as often")
 
 
@@ -240,9 +242,9 @@ def test_heaviest_days_and_crop():
     obs[2] = 5.0
     obs[0, 0, 0] = 8.0
     obs[3, :, :] = np.nan
-    np.testing.assert_array_equal(E.heaviest_days(obs, 3), [2, 0, 1])
+    np.testing.assert_array_equal(plots.heaviest_days(obs, 3), [2, 0, 1])
     a = np.arange(2 * 6 * 5).reshape(2, 6, 5)
-    out = E.crop(a, {"pad_lat": [1, 2], "pad_lon": [0, 1]})
+    out = sampling.crop(a, {"pad_lat": [1, 2], "pad_lon": [0, 1]})
     np.testing.assert_array_equal(out, a[:, 1:4, 0:4])
 
 
@@ -252,14 +254,14 @@ def test_comparison_table_lists_experiments_then_baselines_once():
     for model, ckpt, crps in (("cvae", "best", 1.0), ("cvae", "last", 1.1), ("analogs", "-", 1.3)):
         for subset in ("all", "heavy"):
             rows += [(model, ckpt, "test", subset, "crps", crps), (model, ckpt, "val", subset, "crps", 9.0)]
-    table = pd.DataFrame(rows, columns=E.METRIC_COLUMNS)
+    table = pd.DataFrame(rows, columns=names.METRIC_COLUMNS)
     other = table.assign(value=table["value"] + (table["model"] == "cvae") * 0.5)
-    out = E.comparison_table({"default": table, "big": other}, cfg)
+    out = compare.comparison_table({"default": table, "big": other}, cfg)
     assert list(out["experiment"]) == ["default", "default", "big", "big", "-"]
     assert list(out["crps@all"]) == [1.0, 1.1, 1.5, 1.6, 1.3]
     assert set(out["split"]) == {"test"}
-    fig = plots.comparison(out, E.headline_metrics(cfg))
-    assert len([ax for ax in fig.axes if ax.get_visible()]) == len(E.headline_metrics(cfg))
+    fig = plots.comparison(out, names.headline_metrics(cfg))
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == len(names.headline_metrics(cfg))
 
 
 def test_seed_summary_gives_mean_and_spread_over_seeds():
@@ -268,7 +270,7 @@ def test_seed_summary_gives_mean_and_spread_over_seeds():
         "model": ["cvae"] * 6 + ["analogs"], "checkpoint": ["best"] * 6 + ["-"], "split": ["test"] * 7,
         "crps@all": [1.0, 2.0, 4.0, 3.0, np.nan, 5.0, 0.8]})
     settings = {f"{s}_seed{n}": [s, n] for s in "ab" for n in range(3)}
-    out = E.seed_summary(table, settings).set_index("setting")
+    out = compare.seed_summary(table, settings).set_index("setting")
     # a: mean 7/3, sample std sqrt(((1-7/3)^2 + (2-7/3)^2 + (4-7/3)^2) / 2) = sqrt(7/3)
     assert out.loc["a", "mean"] == pytest.approx(7 / 3) and out.loc["a", "std"] == pytest.approx((7 / 3) ** 0.5)
     assert (out.loc["a", "min"], out.loc["a", "max"], out.loc["a", "n_seeds"]) == (1.0, 4.0, 3)
@@ -279,7 +281,7 @@ def test_seed_summary_gives_mean_and_spread_over_seeds():
     base = out.loc["-"]
     assert (base["model"], base["mean"], base["n_seeds"]) == ("analogs", 0.8, 1) and np.isnan(base["std"])
     # without experiment_seeds every experiment is its own setting
-    single = E.seed_summary(table.iloc[[0, 6]], {"a_seed0": ["a_seed0", None]})
+    single = compare.seed_summary(table.iloc[[0, 6]], {"a_seed0": ["a_seed0", None]})
     assert list(single["setting"]) == ["a_seed0", "-"] and list(single["n_seeds"]) == [1, 1]
 
 
@@ -291,9 +293,9 @@ def test_compare_experiments_summarises_seeds_on_val_and_test(tmp_path):
         for model, ckpt, value in (("cvae", "best", crps), ("analogs", "-", 0.5)):
             rows += [(model, ckpt, "val", "all", "crps", value + 10), (model, ckpt, "test", "all", "crps", value)]
         path = tmp_path / f"m{seed}.csv"
-        pd.DataFrame(rows, columns=E.METRIC_COLUMNS).to_csv(path, index=False)
+        pd.DataFrame(rows, columns=names.METRIC_COLUMNS).to_csv(path, index=False)
         csvs[f"x_seed{seed}"] = str(path)
-    table = E.compare_experiments(csvs, cfg, str(tmp_path / "c.csv"),
+    table = compare.compare_experiments(csvs, cfg, str(tmp_path / "c.csv"),
                                   settings={"x_seed0": ["x", 0], "x_seed1": ["x", 1]}, seeds_csv=str(tmp_path / "s.csv"))
     assert set(table["split"]) == {"test"}  # the comparison: the headline split
     seeds = pd.read_csv(tmp_path / "s.csv").set_index(["split", "setting"])
@@ -302,7 +304,7 @@ def test_compare_experiments_summarises_seeds_on_val_and_test(tmp_path):
     assert seeds.loc[("val", "-"), "mean"] == 10.5
     from precip_cvae import sweep
 
-    fig = sweep.seeds_figure(pd.read_csv(tmp_path / "s.csv", dtype={"checkpoint": str}), E.headline_metrics(cfg))
+    fig = sweep.seeds_figure(pd.read_csv(tmp_path / "s.csv", dtype={"checkpoint": str}), names.headline_metrics(cfg))
     crps = fig.axes[0]
     assert [t.get_text() for t in crps.get_yticklabels()] == ["x", "analogs"]
     # the val/all-days series of x: mean 12 at the marker, the seeds' range 11..13 as the bar
@@ -324,7 +326,7 @@ def padded(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     prepare_demo(root, DemoConfig(seed=5, years=2, nlat=12, nlon=14, nclat=4, nclon=4, heavy_fraction=0.05),
                  EventsConfig(percentile=95.0, min_exceed_fraction=0.05))
-    paths = train.TrainPaths(str(root / "dataset.zarr"), str(root / "thresholds.nc"), str(root / "events.csv"),
+    paths = train.TrainPaths.in_dir(str(root / "dataset.zarr"), str(root / "thresholds.nc"), str(root / "events.csv"),
                              str(root / "train"), str(root / "resume"))
     train.run(paths, ModelConfig(preset="tiny"),
               TrainConfig(epochs=2, batch_size=32, lr=2e-3, val_members=2, loss=LossConfig(warmup_epochs=1),
@@ -339,13 +341,13 @@ CFG = EvaluateConfig(members=6, splits=("val", "test"), fss_windows=(1, 3, 5), b
 @pytest.fixture(scope="module")
 def evaluated(padded):
     root = padded
-    sample = E.SamplePaths(str(root / "dataset.zarr"), str(root / "thresholds.nc"), str(root / "events.csv"),
+    sample = sampling.SamplePaths(str(root / "dataset.zarr"), str(root / "thresholds.nc"), str(root / "events.csv"),
                            {"best": str(root / "train" / "best.pt"), "last": str(root / "train" / "last.pt")},
                            str(root / "out" / "ensembles.zarr"))
-    E.sample_ensembles(sample, CFG, threads=1, experiment="default")
-    paths = E.ScorePaths(sample.out, str(root / "dataset.zarr"), str(root / "train" / "train_log.csv"),
-                         str(root / "out"))
-    ev = E.run(paths, CFG, experiment="default")
+    sampling.sample_ensembles(sample, CFG, threads=1, experiment="default")
+    paths = report.ScorePaths.in_dir(sample.out, str(root / "dataset.zarr"), str(root / "train" / "train_log.csv"),
+                                  str(root / "out"))
+    ev = report.run(paths, CFG, experiment="default")
     plots.write_figures(ev, paths, CFG)
     return paths, ev
 
@@ -386,10 +388,10 @@ def test_best_and_last_of_the_same_epoch_sample_the_same_fields(evaluated, padde
 
 def test_every_output_is_written_and_sane(evaluated):
     paths, ev = evaluated
-    for key in E.OUTPUT_FILES:
+    for key in report.OUTPUT_FILES:
         assert paths.output(key).stat().st_size > 0, key
     table = pd.read_csv(paths.output("metrics_csv"), dtype={"checkpoint": str})
-    assert list(table.columns) == E.METRIC_COLUMNS
+    assert list(table.columns) == names.METRIC_COLUMNS
     assert set(table["subset"]) == {"all", "heavy"} and set(table["split"]) == {"val", "test"}
     assert set(zip(table["model"], table["checkpoint"])) == {("cvae", "best"), ("cvae", "last"),
                                                               ("climatology", "-"), ("analogs", "-"),
@@ -423,9 +425,9 @@ def test_every_output_is_written_and_sane(evaluated):
 
 def test_scores_are_recomputed_from_the_cache_without_sampling(evaluated, padded, tmp_path, monkeypatch):
     paths, ev = evaluated
-    monkeypatch.setattr(E, "sample_cvae", lambda *a, **k: pytest.fail("sampled again"))
-    again = E.ScorePaths(paths.ensembles, paths.dataset, paths.train_log, str(tmp_path))
-    other = E.run(again, EvaluateConfig(fss_windows=(3, 7), n_map_days=1, min_wet_days=5), experiment="default")
+    monkeypatch.setattr(sampling, "sample_cvae", lambda *a, **k: pytest.fail("sampled again"))
+    again = report.ScorePaths.in_dir(paths.ensembles, paths.dataset, paths.train_log, str(tmp_path))
+    other = report.run(again, EvaluateConfig(fss_windows=(3, 7), n_map_days=1, min_wet_days=5), experiment="default")
     for metric in ("crps", "twcrps_p99", "fss_p99_w3", "csi_p99"):
         assert other.value("cvae_best", metric, "test", "heavy") == pytest.approx(
             ev.value("cvae_best", metric, "test", "heavy")), metric
@@ -433,18 +435,18 @@ def test_scores_are_recomputed_from_the_cache_without_sampling(evaluated, padded
 
 
 def test_missing_coarse_precipitation_skips_interpolation_with_a_log_line(padded, tmp_path, caplog, monkeypatch):
-    real = E.load_fields
+    real = sampling.load_fields
 
     def without_coarse(*a, **k):
         fields = real(*a, **k)
         fields.coarse_mm = None
         return fields
 
-    monkeypatch.setattr(E, "load_fields", without_coarse)
-    sample = E.SamplePaths(str(padded / "dataset.zarr"), str(padded / "thresholds.nc"), str(padded / "events.csv"),
+    monkeypatch.setattr(sampling, "load_fields", without_coarse)
+    sample = sampling.SamplePaths(str(padded / "dataset.zarr"), str(padded / "thresholds.nc"), str(padded / "events.csv"),
                            {"best": str(padded / "train" / "best.pt")}, str(tmp_path / "ens.zarr"))
     with caplog.at_level("INFO"):
-        E.sample_ensembles(sample, EvaluateConfig(members=2, splits=("test",), baselines=("interpolation",)))
+        sampling.sample_ensembles(sample, EvaluateConfig(members=2, splits=("test",), baselines=("interpolation",)))
     assert "baseline 'interpolation' skipped" in caplog.text
     meta = json.loads(xr.open_zarr(tmp_path / "ens.zarr").attrs["evaluate_meta"])
     assert meta["sources"] == ["cvae_best"] and "interpolation" in meta["skipped_baselines"]
@@ -458,8 +460,8 @@ def test_missing_coarse_precipitation_skips_interpolation_with_a_log_line(padded
 def test_tiny_workflow_evaluates_and_builds_the_report(tiny_run):
     snakemake(tiny_run, "--configfile", "config/tiny.yaml", "--report", "report.html")
     out = tiny_run / "results" / "tiny" / "experiments" / "default" / "evaluate"
-    for name in E.OUTPUT_FILES.values():
+    for name in report.OUTPUT_FILES.values():
         assert (out / name).stat().st_size > 0, name
     assert (tiny_run / "results" / "tiny" / "experiments_comparison.csv").exists()
-    report = (tiny_run / "report.html").read_text(errors="replace")
-    assert len(report) > 100_000 and "maps.png" in report and "fss_scale.png" in report
+    html = (tiny_run / "report.html").read_text(errors="replace")
+    assert len(html) > 100_000 and "maps.png" in html and "fss_scale.png" in html

@@ -18,7 +18,7 @@ from precip_cvae.neighbours import nearest_rmse
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
-    paths = train.TrainPaths(prepared["dataset"], prepared["thresholds"], prepared["events"], str(out / "train"),
+    paths = train.TrainPaths.in_dir(prepared["dataset"], prepared["thresholds"], prepared["events"], str(out / "train"),
                              str(out / "resume"))
     train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, lr=2e-3, val_members=2, num_threads=1,
                                                              loss=LossConfig(warmup_epochs=0)))
@@ -205,7 +205,7 @@ def test_padded_grid_is_cropped_in_samples_and_padded_in_the_training_set(tmp_pa
 
     prep = prepare_demo(tmp_path / "d", DemoConfig(seed=5, years=2, nlat=12, nlon=14, nclat=4, nclon=4,
                                                      heavy_fraction=0.05), EventsConfig(min_exceed_fraction=0.05))
-    paths = train.TrainPaths(prep["dataset"], prep["thresholds"], prep["events"], str(tmp_path / "train"),
+    paths = train.TrainPaths.in_dir(prep["dataset"], prep["thresholds"], prep["events"], str(tmp_path / "train"),
                              str(tmp_path / "resume"))
     train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, val_members=2, num_threads=1,
                                                              loss=LossConfig(warmup_epochs=0)))

@@ -224,7 +224,7 @@ def test_preprocess_and_detect_events_scripts_use_one_worker_on_one_thread(small
 
 
 def test_generate_script_samples_on_one_torch_thread(prepared, tmp_path):
-    paths = train.TrainPaths(prepared["dataset"], prepared["thresholds"], prepared["events"],
+    paths = train.TrainPaths.in_dir(prepared["dataset"], prepared["thresholds"], prepared["events"],
                              str(tmp_path / "train"), str(tmp_path / "resume"))
     train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, val_members=2, device="cpu",
                                                              loss=LossConfig(warmup_epochs=0)), threads=1)
@@ -260,7 +260,7 @@ def test_training_threads_per_process(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(train, "_train", lambda *a, **k: seen.append((torch.get_num_threads(),
                                                                        dask.config.get("num_workers"))))
-    paths = train.TrainPaths("d", "t", "e", str(tmp_path), str(tmp_path / "r"))
+    paths = train.TrainPaths.in_dir("d", "t", "e", str(tmp_path), str(tmp_path / "r"))
     cfg = TrainConfig(epochs=1, device="cpu")
     train.run(paths, ModelConfig(preset="tiny"), cfg, threads=3)
     assert seen[-1] == (3, 3)

@@ -90,7 +90,7 @@ def test_sigkill_during_training_resumes_with_no_missing_or_duplicate_epoch(prep
     script = textwrap.dedent(f"""
         from precip_cvae import train
         from precip_cvae.config import LossConfig, ModelConfig, TrainConfig
-        paths = train.TrainPaths({prepared['dataset']!r}, {prepared['thresholds']!r}, {prepared['events']!r},
+        paths = train.TrainPaths.in_dir({prepared['dataset']!r}, {prepared['thresholds']!r}, {prepared['events']!r},
                                  {str(out / 'train')!r}, {str(out / 'resume')!r})
         train.run(paths, ModelConfig(preset="tiny"),
                   TrainConfig(epochs=6, lr=1e-3, val_members=2, num_threads=1, loss=LossConfig(warmup_epochs=1)))
@@ -111,7 +111,7 @@ def test_sigkill_during_training_resumes_with_no_missing_or_duplicate_epoch(prep
 
     done = checkpoint.load(out / "resume" / "resume.pt")["epoch"]
     assert done >= 1
-    paths = train.TrainPaths(prepared["dataset"], prepared["thresholds"], prepared["events"], str(out / "train"),
+    paths = train.TrainPaths.in_dir(prepared["dataset"], prepared["thresholds"], prepared["events"], str(out / "train"),
                              str(out / "resume"))
     train.run(paths, ModelConfig(preset="tiny"),
               TrainConfig(epochs=6, lr=1e-3, val_members=2, num_threads=1, loss=LossConfig(warmup_epochs=1)))

@@ -24,7 +24,7 @@ def _cfg(**kw):
 
 
 def _paths(prepared, out):
-    return train.TrainPaths(prepared["dataset"], prepared["thresholds"], prepared["events"],
+    return train.TrainPaths.in_dir(prepared["dataset"], prepared["thresholds"], prepared["events"],
                             str(out / "train"), str(out / "resume"))
 
 

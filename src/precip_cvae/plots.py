@@ -2,7 +2,7 @@
 
 Each figure function takes arrays / tables and returns a ``matplotlib.figure.Figure``
 (no pyplot, no global state, no files); :func:`write_figures` and
-:func:`write_comparison` build them from an :class:`~precip_cvae.evaluate.Evaluation`
+:func:`write_comparison` build them from an :class:`~precip_cvae.evaluate.score.Evaluation`
 and save them through :func:`precip_cvae.io.save_figure`.  Precipitation in mm day-1.
 
 This module imports :mod:`precip_cvae.evaluate`, never the reverse: editing a
@@ -12,7 +12,8 @@ figure changes the code fingerprint of the ``evaluate`` rule only, not that of
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,19 +22,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from . import io
-from .evaluate import (
-    CVAE,
-    SUBSETS,
-    TRUTH,
-    Evaluation,
-    ScorePaths,
-    headline_metrics,
-    headline_split,
-    heaviest_days,
-    percentile_names,
-    source_label,
-)
 from .config import EvaluateConfig
+from .evaluate.names import CVAE, SUBSETS, TRUTH, headline_metrics, headline_split, percentile_names, source_label
+from .evaluate.score import Evaluation
 
 SUBSET_TITLES = {"all": "all days", "heavy": "heavy-event days"}
 PRECIP_CMAP = "YlGnBu"
@@ -291,8 +282,8 @@ def comparison(table: pd.DataFrame, metrics: Sequence[tuple[str, str, str]]) -> 
 
     Parameters
     ----------
-    table : :func:`precip_cvae.evaluate.comparison_table`
-    metrics : :func:`precip_cvae.evaluate.headline_metrics`
+    table : :func:`precip_cvae.evaluate.compare.comparison_table`
+    metrics : :func:`precip_cvae.evaluate.names.headline_metrics`
     """
     rows = [f"{r.experiment} ({r.checkpoint})" if r.model == CVAE else r.model for r in table.itertuples()]
     subsets = [s for s in SUBSETS if any(c.endswith(f"@{s}") for c in table.columns)]
@@ -321,7 +312,31 @@ def comparison(table: pd.DataFrame, metrics: Sequence[tuple[str, str, str]]) -> 
 # ----------------------------------------------------------------------------- writing
 
 
-def write_figures(ev: Evaluation, paths: ScorePaths, cfg: EvaluateConfig) -> None:
+def heaviest_days(obs: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` days with the largest domain-mean precipitation, heaviest first.
+
+    Parameters
+    ----------
+    obs : ndarray (N, h, w), mm day-1, NaN ignored
+    """
+    flat = np.asarray(obs, dtype=np.float64).reshape(len(obs), -1)
+    valid = np.isfinite(flat)
+    count = valid.sum(axis=1)
+    means = np.where(count > 0, np.where(valid, flat, 0.0).sum(axis=1) / np.maximum(count, 1), -np.inf)
+    return np.argsort(-means, kind="stable")[: min(n, len(obs))]
+
+
+class FigurePaths(Protocol):
+    """What :func:`write_figures` reads of :class:`precip_cvae.evaluate.report.ScorePaths` (not imported
+    here, so that a change of the report does not rerun the rules that draw figures without it)."""
+
+    ensembles: str
+    train_log: str
+
+    def output(self, key: str) -> Path: ...
+
+
+def write_figures(ev: Evaluation, paths: FigurePaths, cfg: EvaluateConfig) -> None:
     """Write the PNG figures of an evaluation (training curves, maps, Q-Q, rank histograms, RAPSD, FSS)."""
     split = headline_split(ev.meta)
     sources = [ev.meta["primary"]] + [s for s in ev.meta["sources"] if not s.startswith(CVAE + "_")]
@@ -355,7 +370,7 @@ def write_figures(ev: Evaluation, paths: ScorePaths, cfg: EvaluateConfig) -> Non
 
 
 def write_comparison(table: pd.DataFrame, cfg: EvaluateConfig, out_png: str) -> None:
-    """The run-level comparison figure of :func:`precip_cvae.evaluate.comparison_table`."""
+    """The run-level comparison figure of :func:`precip_cvae.evaluate.compare.comparison_table`."""
     io.save_figure(comparison(table, headline_metrics(cfg)), out_png)
 
 

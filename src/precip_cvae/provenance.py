@@ -82,6 +82,9 @@ def module_closure(module: str) -> tuple[str, ...]:
             continue
         seen.add(name)
         todo.extend(_imports(path, name) - seen)
+        # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
     return tuple(sorted(seen))
 
 

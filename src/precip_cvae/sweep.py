@@ -3,7 +3,7 @@
 One panel per headline score; one row per setting (the mean over its seeds, with the
 range of the seeds as a bar) and per baseline; val and test side by side, all days and
 heavy days in two colours.  The table behind it is ``experiments_seeds.csv``
-(:func:`precip_cvae.evaluate.seed_summary`); choose a setting on val, read test once.
+(:func:`precip_cvae.evaluate.compare.seed_summary`); choose a setting on val, read test once.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from . import io
 from .config import EvaluateConfig
-from .evaluate import CVAE, SUBSETS, headline_metrics
+from .evaluate.names import CVAE, SUBSETS, headline_metrics
 from .plots import hide_unused, score_panel
 
 SPLIT_MARKERS = {"val": "o", "test": "s"}
@@ -29,7 +29,7 @@ def seeds_figure(seeds: pd.DataFrame, metrics: Sequence[tuple[str, str, str]], c
     Parameters
     ----------
     seeds : ``experiments_seeds.csv`` (split, setting, model, checkpoint, metric, n_seeds, mean, min, max)
-    metrics : :func:`precip_cvae.evaluate.headline_metrics` (key, label, better)
+    metrics : :func:`precip_cvae.evaluate.names.headline_metrics` (key, label, better)
     checkpoint : the cVAE checkpoint shown (baselines have none)
     """
     keep = seeds[(seeds["model"] != CVAE) | (seeds["checkpoint"] == checkpoint)]

@@ -72,23 +72,30 @@ class NonFiniteLoss(FloatingPointError):
 
 @dataclass(frozen=True)
 class TrainPaths:
+    """Inputs and outputs of :func:`run`.
+
+    ``best``, ``last`` and ``log_csv`` are the rule's outputs (passed by the script, so the
+    rule is the one place their names are defined); ``resume_dir`` holds ``resume.pt`` and
+    the resume copy of ``best.pt``, which are not Snakemake outputs (they survive a failed
+    job).  :meth:`in_dir` puts the outputs under their default names in one directory.
+    """
+
     dataset: str
     thresholds: str
     events: str
-    out_dir: str  # best.pt, last.pt, train_log.csv
-    resume_dir: str  # resume.pt (not a Snakemake output)
+    best: Path
+    last: Path
+    log_csv: Path
+    resume_dir: str
 
-    @property
-    def best(self) -> Path:
-        return Path(self.out_dir) / "best.pt"
+    def __post_init__(self):
+        for name in ("best", "last", "log_csv"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
 
-    @property
-    def last(self) -> Path:
-        return Path(self.out_dir) / "last.pt"
-
-    @property
-    def log_csv(self) -> Path:
-        return Path(self.out_dir) / "train_log.csv"
+    @classmethod
+    def in_dir(cls, dataset: str, thresholds: str, events: str, out_dir: str, resume_dir: str) -> "TrainPaths":
+        out = Path(out_dir)
+        return cls(dataset, thresholds, events, out / "best.pt", out / "last.pt", out / "train_log.csv", resume_dir)
 
     @property
     def resume(self) -> Path:
@@ -505,7 +512,8 @@ def _train(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experime
             "history": history,
         }
 
-    Path(paths.out_dir).mkdir(parents=True, exist_ok=True)
+    for out in (paths.best, paths.last, paths.log_csv):
+        out.parent.mkdir(parents=True, exist_ok=True)
     Path(paths.resume_dir).mkdir(parents=True, exist_ok=True)
     if dist.main:
         _write_log(history, paths.log_csv)

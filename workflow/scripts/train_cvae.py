@@ -12,7 +12,9 @@ with stage_logging(snakemake.log[0], "train_cvae"), limit_threads(snakemake.thre
         dataset=snakemake.input.dataset,
         thresholds=snakemake.input.thresholds,
         events=snakemake.input.events,
-        out_dir=str(snakemake.output.best).rsplit("/", 1)[0],
+        best=snakemake.output.best,
+        last=snakemake.output.last,
+        log_csv=snakemake.output.log_csv,
         resume_dir=snakemake.params.resume_dir,
     )
     try:

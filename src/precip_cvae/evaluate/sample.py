@@ -1,0 +1,291 @@
+"""Rule ``sample_ensembles``: ensembles of the checkpoints and the baselines, cached.
+
+On each split of ``cfg.splits``, every checkpoint draws ``cfg.members`` fields per
+day **from the prior** p(z|y) (the same noise for every checkpoint: common random
+numbers), and each baseline of ``cfg.baselines`` forecasts the same days
+(climatology: random train days; analogs: the train days nearest in normalised
+condition space; interpolation: the coarse precipitation condition, deterministic,
+skipped with a log line when there is none).  Days stream by batches of
+``cfg.batch_size`` into ``ensembles.zarr``: of the ensembles, no more than one batch
+(members x batch_size fields) is in memory.
+
+Cache layout (``ensembles.zarr``, zarr format 2, consolidated)
+--------------------------------------------------------------
+* root: ``mask`` (lat, lon); attribute ``evaluate_meta`` (JSON: splits, sources,
+  members, checkpoints with path/epoch/config hash, skipped baselines, experiment,
+  seed, sampling config);
+* ``{split}/truth``: ``pr`` (time, lat, lon), ``is_event`` (time) and, when the
+  condition holds precipitation, ``coarse_pr`` (time, clat, clon), mm day-1; the
+  ``time`` coordinate holds ISO date strings (so any calendar fits);
+* ``{split}/{source}``: ``pr`` (member, time, lat, lon) float32, mm day-1, where
+  ``source`` is ``cvae_<checkpoint>`` or a baseline name (interpolation has one
+  member).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .. import __version__, io
+from ..baselines import BaselineInputs, get_baseline
+from ..checkpoint import check_matches_data, load_model
+from ..config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
+from ..data import FieldData, load_fields
+from ..grid import crop_array as crop, crop_to_original
+from ..resources import limit_threads, select_device
+from ..transform import TargetTransform
+from .names import TRUTH, cvae_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplePaths:
+    """Inputs and output of :func:`sample_ensembles`.
+
+    ``checkpoints`` maps a label ('best', 'last', a file stem) to a ``.pt`` path, in
+    the order of ``evaluate.checkpoints`` (the first is the one the figures and the
+    headline table show).
+    """
+
+    dataset: str
+    thresholds: str
+    events: str
+    checkpoints: Mapping[str, str]
+    out: str  # ensembles.zarr
+
+
+def check_baselines(names: Sequence[str]) -> tuple[str, ...]:
+    """The baseline names, each checked against the registry.
+
+    Raises
+    ------
+    precip_cvae.config.ConfigError
+        For an unknown name; the message lists the valid ones.
+    """
+    for name in names:
+        get_baseline(name)
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Coordinates of the original (cropped) fine grid and of the condition grid."""
+
+    lat: np.ndarray  # (h,)
+    lon: np.ndarray  # (w,)
+    clat: np.ndarray
+    clon: np.ndarray
+    mask: np.ndarray  # (h, w) bool
+    attrs: dict = field(default_factory=dict)  # pad_lat / pad_lon of the padded grid
+    coord_attrs: dict = field(default_factory=dict)  # CF attributes of lat, lon (units, standard_name, ...)
+    calendar: str = "standard"  # of the time axis (the cache stores dates as ISO strings)
+    grid_mapping_attrs: str = ""  # JSON of a projected target grid's CF grid mapping (io.open_variable)
+
+
+def read_grid(dataset: str) -> Grid:
+    """The fine grid of ``dataset.zarr`` without its padding, and the condition grid."""
+    ds = io.open_zarr(dataset)
+    fine = crop_to_original(ds[["mask"]], ds.attrs)
+    return Grid(
+        lat=fine["lat"].values, lon=fine["lon"].values,
+        clat=ds["clat"].values, clon=ds["clon"].values,
+        mask=fine["mask"].values.astype(bool),
+        attrs={k: [int(v) for v in np.atleast_1d(ds.attrs.get(k, [0, 0]))] for k in ("pad_lat", "pad_lon")},
+        coord_attrs={k: dict(ds[k].attrs) for k in ("lat", "lon")},
+        calendar=str(ds.attrs.get("calendar", "standard")),
+        grid_mapping_attrs=str(ds["pr"].attrs.get("grid_mapping_attrs", "")),
+    )
+
+
+def _load_checkpoint(path: str, data: FieldData, device) -> tuple[torch.nn.Module, TargetTransform, dict]:
+    model, state = load_model(path, device)
+    check_matches_data(state, data.channels, tuple(data.x.shape[-2:]), path)
+    transform = TargetTransform.from_attrs(state["data"]["transform"])
+    if transform != data.transform:
+        log.warning("%s was trained with target transform %s, the data set has %s; sampling with the checkpoint's",
+                    path, transform, data.transform)
+    info = {"path": str(path), "epoch": int(state.get("epoch", -1)), "config_hash": state.get("config_hash", ""),
+            "experiment": state.get("experiment", ""), "parameter_count": int(state.get("parameter_count", 0))}
+    return model, transform, info
+
+
+def _fields_dataset(values: np.ndarray, times: np.ndarray, grid: Grid) -> xr.Dataset:
+    """(member, time, lat, lon) float32 mm/day as a Dataset for the cache."""
+    da = xr.DataArray(values.astype("float32"), dims=("member", "time", "lat", "lon"),
+                      coords={"time": times, "lat": grid.lat, "lon": grid.lon},
+                      attrs={"units": "mm day-1", "long_name": "precipitation ensemble"})
+    return da.to_dataset(name="pr")
+
+
+def _truth_dataset(split: FieldData, times: np.ndarray, grid: Grid) -> xr.Dataset:
+    obs = crop(split.pr_mm[:, 0], grid.attrs)  # (N, h, w) NaN invalid
+    ds = xr.Dataset(
+        {
+            "pr": xr.DataArray(obs.astype("float32"), dims=("time", "lat", "lon"),
+                               attrs={"units": "mm day-1", "long_name": "observed precipitation"}),
+            "is_event": xr.DataArray(split.is_event.cpu().numpy().astype("int8"), dims="time",
+                                     attrs={"long_name": "heavy-event day (detect_events)"}),
+        },
+        coords={"time": times, "lat": grid.lat, "lon": grid.lon},
+    )
+    if split.coarse_mm is not None:
+        ds["coarse_pr"] = xr.DataArray(split.coarse_mm.cpu().numpy().astype("float32"), dims=("time", "clat", "clon"),
+                                       coords={"clat": grid.clat, "clon": grid.clon},
+                                       attrs={"units": "mm day-1", "long_name": "coarse precipitation condition"})
+    return ds
+
+
+@torch.no_grad()
+def sample_cvae(model, transform: TargetTransform, y: torch.Tensor, valid: torch.Tensor, members: int,
+                generator: torch.Generator, device) -> np.ndarray:
+    """Prior samples of one batch in mm/day.
+
+    Parameters
+    ----------
+    model : CVAE in eval mode
+    transform : the checkpoint's target transform
+    y : Tensor (B, C, h, w), normalised condition
+    valid : Tensor (B, 1, H, W) bool
+    members : M
+    generator : CPU torch.Generator (the noise; same state -> same fields)
+
+    Returns
+    -------
+    ndarray (M, B, H, W), float32, mm day-1, NaN where not valid (padded grid).
+    """
+    s = model.sample(y.to(device), valid.to(device), n_samples=members, generator=generator)  # (M, B, 1, H, W)
+    pr = transform.inverse(s[:, :, 0].float()).cpu()  # (M, B, H, W)
+    pr = torch.where(valid[None, :, 0].cpu(), pr, torch.full_like(pr, float("nan")))
+    return pr.numpy()
+
+
+def _seed(cfg: EvaluateConfig, split: str, salt: int) -> int:
+    return int(cfg.seed) * 1_000_003 + 7919 * ("val", "test", "train").index(split) + salt
+
+
+def _batches(n: int, size: int):
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _write_cvae(store, split: str, ev: FieldData, times: np.ndarray, label: str, loaded, cfg: EvaluateConfig,
+                grid: Grid, device) -> None:
+    """Prior samples of one checkpoint on one split, appended batch by batch to ``{split}/cvae_<label>``."""
+    model, transform, _ = loaded
+    t0 = time.perf_counter()
+    g = torch.Generator(device="cpu").manual_seed(_seed(cfg, split, 0))  # the same noise for every checkpoint
+    for idx in _batches(len(ev), cfg.batch_size):
+        ens = sample_cvae(model, transform, ev.y[idx], ev.valid[idx], cfg.members, g, device)  # (M, B, H, W)
+        io.append_zarr(_fields_dataset(crop(ens, grid.attrs), times[idx], grid), store, f"{split}/{cvae_source(label)}")
+    seconds = time.perf_counter() - t0
+    log.info("%s: sampled cVAE %s, %d days x %d members in %.1f s (%.0f fields/s)", split, label, len(ev),
+             cfg.members, seconds, len(ev) * cfg.members / max(seconds, 1e-9))
+
+
+def _write_baseline(store, split: str, ev: FieldData, times: np.ndarray, name: str, train: dict, cfg: EvaluateConfig,
+                    grid: Grid, rng: np.random.Generator) -> None:
+    """One baseline on one split, appended batch by batch to ``{split}/<name>`` (masked like the truth)."""
+    t0 = time.perf_counter()
+    obs = crop(ev.pr_mm[:, 0], grid.attrs)  # (N, h, w), NaN invalid
+    for idx in _batches(len(ev), cfg.batch_size):
+        n = idx.stop - idx.start
+        inputs = BaselineInputs(
+            train_pr=train["pr"], n_members=cfg.members, n_days=n, rng=rng,
+            train_cond=train["cond"], target_cond=ev.y[idx].reshape(n, -1).numpy(),
+            coarse_pr=None if ev.coarse_mm is None else ev.coarse_mm[idx].numpy(),
+            coarse_lat=grid.clat, coarse_lon=grid.clon, fine_lat=grid.lat, fine_lon=grid.lon,
+        )
+        ens = get_baseline(name)(inputs)  # (M, B, h, w) mm/day
+        # masked like the truth; the interpolation's round-off (-1e-16) clipped to 0
+        ens = np.where(np.isfinite(obs[idx])[None], np.maximum(ens, 0.0), np.nan)
+        io.append_zarr(_fields_dataset(ens, times[idx], grid), store, f"{split}/{name}")
+    log.info("%s: baseline %s in %.1f s", split, name, time.perf_counter() - t0)
+
+
+def sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, threads: int = 1, experiment: str = "default") -> Path:
+    """Step 1: sample the checkpoints and build the baselines on ``cfg.splits``; write the cache.
+
+    Reads the sampling keys of ``cfg`` only (``config.EVALUATE_SAMPLING_KEYS``).  Memory:
+    the data set's fields plus one batch of ``members x batch_size`` fields.
+
+    Parameters
+    ----------
+    paths : SamplePaths
+    cfg : EvaluateConfig
+    threads : the rule's threads, for dask, torch and BLAS (:func:`precip_cvae.resources.limit_threads`)
+    experiment : name recorded in the cache
+
+    Returns
+    -------
+    Path of ``ensembles.zarr`` (written atomically; layout in the module docstring).
+
+    Raises
+    ------
+    precip_cvae.config.ConfigError
+        An unknown baseline name (the message lists the valid ones).
+    precip_cvae.checkpoint.CheckpointError
+        A checkpoint that is unreadable or trained on other channels or another grid.
+    """
+    baselines = check_baselines(cfg.baselines)
+    with limit_threads(max(1, int(threads))):
+        return _sample_ensembles(paths, cfg, baselines, select_device(cfg.device, "evaluate.device"), experiment)
+
+
+def _sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, baselines: tuple[str, ...], device,
+                      experiment: str) -> Path:
+    data = load_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", *cfg.splits))
+    grid = read_grid(paths.dataset)
+    train_days = data.select("train")
+    skipped = {}
+    if "interpolation" in baselines and data.coarse_mm is None:
+        log.info("baseline 'interpolation' skipped: the condition has no precipitation channel "
+                 "(set a predictor's precipitation: true or preprocess.target_coarse_factor)")
+        skipped["interpolation"] = "no coarse precipitation in the condition"
+        baselines = tuple(b for b in baselines if b != "interpolation")
+    if "analogs" in baselines and cfg.members > len(train_days):
+        raise ValueError(f"evaluate.members = {cfg.members} exceeds the {len(train_days)} train days of the analogs")
+    train = {
+        "pr": np.nan_to_num(crop(train_days.pr_mm[:, 0], grid.attrs), nan=0.0),  # (T, h, w) mm/day
+        "cond": train_days.y.reshape(len(train_days), -1).numpy(),  # (T, F) normalised
+    }
+    models = {label: _load_checkpoint(path, data, device) for label, path in paths.checkpoints.items()}
+    for label, (_, _, info) in models.items():
+        log.info("checkpoint %s: %s (epoch %d)", label, info["path"], info["epoch"] + 1)
+    sources = [cvae_source(label) for label in models] + list(baselines)
+    meta = {
+        "experiment": experiment, "splits": list(cfg.splits), "sources": sources, "members": cfg.members,
+        "primary": sources[0], "seed": cfg.seed, "skipped_baselines": skipped,
+        "checkpoints": {label: m[2] for label, m in models.items()},
+        "sampling_config": {k: v for k, v in asdict(cfg).items() if k in EVALUATE_SAMPLING_KEYS},
+        "package_version": __version__, "units": "mm day-1", "calendar": grid.calendar,
+    }
+    root = xr.Dataset({"mask": (("lat", "lon"), grid.mask.astype("int8"), {
+                          "long_name": "cell has data (1) or is masked (0)", "flag_values": np.array([0, 1], "int8"),
+                          "flag_meanings": "masked valid"})},
+                      coords={k: (k, getattr(grid, k), grid.coord_attrs.get(k, {})) for k in ("lat", "lon")},
+                      attrs={"title": "precip-cvae evaluated ensembles", "evaluate_meta": json.dumps(meta),
+                             "grid_mapping_attrs": grid.grid_mapping_attrs})
+    with io.atomic_path(paths.out) as store:
+        io.write_zarr_group(root, store)
+        for split in cfg.splits:
+            ev = data.select(split)
+            times = np.asarray(ev.dates, dtype=str)  # ISO strings: any calendar
+            io.write_zarr_group(_truth_dataset(ev, times, grid).chunk({"time": cfg.batch_size}), store,
+                                f"{split}/{TRUTH}")
+            for label, loaded in models.items():
+                _write_cvae(store, split, ev, times, label, loaded, cfg, grid, device)
+            for k, name in enumerate(baselines):
+                rng = np.random.default_rng(_seed(cfg, split, 1 + k))
+                _write_baseline(store, split, ev, times, name, train, cfg, grid, rng)
+        io.consolidate_zarr(store)
+    log.info("wrote %s: splits %s, sources %s", paths.out, list(cfg.splits), sources)
+    return Path(paths.out)
