@@ -3,6 +3,7 @@
 
 from snakemake.utils import min_version, validate
 
+from precip_cvae.config import SCHEMA_PATH
 from precip_cvae.provenance import canonicalise_config
 
 min_version("9.0")
@@ -16,7 +17,7 @@ if not workflow.overwrite_configfiles:
 
 
 
-validate(config, "workflow/schemas/config.schema.yaml")  # fills in the schema's defaults
+validate(config, str(SCHEMA_PATH))  # src/precip_cvae/config.schema.yaml; fills in the defaults
 canonicalise_config(config)  # keys sorted: key order and spelled-out defaults rerun nothing
 
 

@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 from precip_cvae import config as C
 
-SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+SCHEMA = yaml.safe_load((REPO / "src" / "precip_cvae" / "config.schema.yaml").read_text())
 
 
 def _section(*path):
@@ -79,6 +79,62 @@ def test_dataclasses_reject_unknown_keys_and_names():
         C.ModelConfig(preset="huge")
     with pytest.raises(C.ConfigError, match="fractions"):
         C.SplitConfig(fractions=(0.5, 0.5, 0.5))
+
+
+def _sections():
+    return [cls for cls in vars(C).values() if isinstance(cls, type) and issubclass(cls, C.Section)
+            and cls is not C.Section]
+
+
+def test_every_section_takes_exactly_the_keys_of_its_schema():
+    assert len(_sections()) == 14
+    for cls in _sections():
+        keys = set(C.schema_node(cls.SCHEMA)["properties"]) - cls.WORKFLOW_ONLY
+        assert {f.name for f in dataclasses.fields(cls)} - cls.INTERNAL == keys, cls.__name__
+        # one from_dict (two sections add the preset that train.preset sets), one __post_init__
+        assert "__post_init__" not in vars(cls), cls.__name__
+        assert cls.from_dict.__func__ is C.Section.from_dict.__func__ or cls in (C.LossConfig, C.TrainConfig)
+
+
+def test_a_section_built_directly_meets_the_schema_like_one_from_a_config_file():
+    with pytest.raises(C.ConfigError, match=r"^evaluate.members: 0 is less than the minimum of 1"):
+        C.EvaluateConfig(members=0)
+    with pytest.raises(C.ConfigError, match=r"^evaluate.members: 0 is less than the minimum of 1"):
+        C.EvaluateConfig.from_dict({"members": 0})
+    # a nested section is named where it sits; an item of an array by its index
+    with pytest.raises(C.ConfigError, match=r"^preprocess.split.method: unknown name 'random'; valid names are "
+                                            r"\['contiguous', 'years', 'dates'\]"):
+        C.PreprocessConfig.from_dict({"split": {"method": "random"}})
+    with pytest.raises(C.ConfigError, match=r"^train.augment\[1\]: unknown name 'cutout'"):
+        C.TrainConfig(augment=("flip", "cutout"))
+    with pytest.raises(C.ConfigError, match=r"^data.predictors\[1\].variable: 5 is not of type 'string'"):
+        C.DataConfig.from_dict({"target": {"paths": "t/*.nc", "variable": "pr"},
+                                "predictors": [{"paths": "p/*.nc", "variable": "psl"}, {"paths": "p", "variable": 5}]})
+    with pytest.raises(C.ConfigError, match=r"^data: needs 'target'"):
+        C.DataConfig.from_dict({})
+    with pytest.raises(C.ConfigError, match=r"^preprocess.predictor_aggregation: unknown name 'median'; valid names "
+                                            r"are \['mean', 'min', 'max', 'sum'\] or null"):
+        C.PreprocessConfig(predictor_aggregation="median")
+    # what a schema cannot say stays a check of its own
+    with pytest.raises(C.ConfigError, match="ensemble_members must be >= 2 when lambda_crps"):
+        C.LossConfig(ensemble_members=1)
+    assert C.LossConfig(ensemble_members=1, lambda_crps=0.0).n_prior == 0
+    assert C.DemoConfig.from_dict({"enabled": True, "years": 2}).years == 2  # the workflow's switch is dropped
+
+
+def test_registries_and_enums_are_one_list():
+    from precip_cvae import baselines, data, downstream, events, resources, transform
+
+    assert tuple(C.MODEL_PRESETS) == C.schema_enum("model.preset")
+    assert tuple(C.TRAIN_PRESETS) == tuple(C.LOSS_PRESETS) == C.schema_enum("train.preset")
+    assert tuple(events.EVENT_CRITERIA) == C.schema_enum("events.criterion")
+    assert tuple(downstream.LOSSES) == C.schema_enum("downstream.losses")
+    assert tuple(data.AUGMENTATIONS) == C.schema_enum("train.augment")
+    assert tuple(baselines.BASELINES) == C.schema_enum("evaluate.baselines")
+    assert transform.TARGET_TRANSFORMS == C.schema_enum("preprocess.transform") == ("log1p", "sqrt", "none")
+    for section in ("train", "evaluate", "generate", "downstream"):
+        assert C.schema_enum(f"{section}.device") == resources.DEVICES
+    assert set(C.EVALUATE_SAMPLING_KEYS) < set(C.schema_node("evaluate")["properties"])
 
 
 def test_preset_values_fill_unset_fields_only():

@@ -177,7 +177,8 @@ def test_config_checks_and_checkpoint_labels():
         EvaluateConfig(splits=("train",))
     with pytest.raises(ConfigError, match="two increasing numbers"):
         EvaluateConfig(percentiles=(99.0, 95.0))
-    with pytest.raises(ConfigError, match="neither 'best', 'last'"):
+    with pytest.raises(ConfigError, match=r"evaluate.checkpoints\[0\]: 'final' does not match .*paths to other "
+                                          r"\.pt files"):
         EvaluateConfig(checkpoints=("final",))
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['member'\]"):
         EvaluateConfig.from_dict({"member": 3})
@@ -190,7 +191,7 @@ def test_schema_section_matches_the_dataclass():
 
     from conftest import REPO
 
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "src" / "precip_cvae" / "config.schema.yaml").read_text())
     props = schema["properties"]["evaluate"]["properties"]
     assert schema["properties"]["evaluate"]["additionalProperties"] is False
     assert set(props) == {f.name for f in dataclasses.fields(EvaluateConfig)}

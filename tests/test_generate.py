@@ -106,8 +106,11 @@ def test_filter_keeps_only_heavy_samples(prepared, trained, tmp_path):
         return (fields[..., valid] > thr[valid]).mean(axis=-1)
 
     fractions = exceed_fraction(unfiltered).ravel()
+    never = thr_ds.copy(deep=True)
+    never["threshold"].values = np.where(valid, np.float32(1e9), np.nan).astype("float32")
+    never.to_netcdf(tmp_path / "never_thresholds.nc")
     with pytest.raises(generate.GenerationError, match="no sample was accepted"):
-        run(1.01, tmp_path / "none")  # impossible: fails and writes nothing
+        run(0.01, tmp_path / "none", str(tmp_path / "never_thresholds.nc"))  # impossible: fails, writes nothing
     assert not (tmp_path / "none" / "augmented.zarr").exists()
     cut = float(np.median(fractions))
     assert 0 < cut < fractions.max()

@@ -268,11 +268,15 @@ def test_training_threads_per_process(monkeypatch, tmp_path):
     assert seen[-1] == (1, 1)  # train.num_threads replaces the rule's threads
     # DDP: each of the gpus processes gets its share of the rule's threads
     spawned = []
-    monkeypatch.setattr(train, "_run_distributed", lambda world, args: spawned.append((world, args[3])))
+    def launch(world, args, work_dir):
+        spawned.append((world, args[3]))
+        train._write_log([], args[0].log_csv)
+
+    monkeypatch.setattr(train.distributed, "launch", launch)
     train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, gpus=2), threads=8)
     train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, gpus=4), threads=2)
     assert spawned == [(2, 4), (4, 1)]
-    train._run(paths, ModelConfig(preset="tiny"), cfg, 4, "default", dist=train.Dist(1, 2))
+    train.train_process(paths, ModelConfig(preset="tiny"), cfg, 4, "default", dist=train.Dist(1, 2))
     assert seen[-1] == (4, 4)  # a rank applies the share it was given
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 
@@ -222,7 +223,7 @@ def test_mixup_is_the_documented_convex_combination_of_pairs():
 
 
 def test_unknown_augmentation_lists_valid_names():
-    with pytest.raises(ConfigError, match=r"valid names are \['flip', 'mixup', 'noise', 'rot90'\]"):
+    with pytest.raises(ConfigError, match=r"valid names are \['flip', 'rot90', 'noise', 'mixup'\]"):
         TrainConfig(augment=("shear",))
     with pytest.raises(ConfigError, match="valid names are"):
         TrainConfig(early_stopping_metric="accuracy")
@@ -292,3 +293,35 @@ def test_ddp_two_gloo_processes_match_one_process(prepared, tmp_path):
     assert len(pd.read_csv(tmp_path / "two" / "train" / "train_log.csv")) == 2
     assert sorted(p.name for p in (tmp_path / "two" / "train").iterdir()) == ["best.pt", "last.pt", "train_log.csv"]
     assert checkpoint.load(tmp_path / "two" / "train" / "last.pt")["epoch"] == 1
+
+
+def test_two_torchrun_processes_report_how_they_ended(prepared, tmp_path):
+    """The DDP entry point as a user starts it under srun (torchrun, two gloo ranks): each rank reports its
+    outcome in a status file, and launch() turns a non-finite loss on the ranks into NonFiniteLoss."""
+    import json
+    import pickle
+    import subprocess
+    import sys
+
+    from precip_cvae import distributed
+
+    paths = _paths(prepared, tmp_path / "ok")
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, val_members=2, seed=3, gpus=2, device="cpu",
+                      loss=LossConfig(warmup_epochs=1))
+    status_dir = tmp_path / "status"
+    status_dir.mkdir()
+    spec = status_dir / "spec.pkl"
+    spec.write_bytes(pickle.dumps(distributed.Spec((paths, TINY, cfg, 1, "default"), None, str(status_dir))))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "precip_cvae.distributed", str(spec)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    statuses = [json.loads((status_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert statuses == [{"rank": 0, "outcome": "ok"}, {"rank": 1, "outcome": "ok"}]
+    assert pd.read_csv(paths.log_csv)["epoch"].tolist() == [0, 1]
+    assert checkpoint.load(paths.last)["epoch"] == 1
+    # a learning rate that overflows the weights: every rank stops at the same step, no rank hangs
+    bad = _paths(prepared, tmp_path / "bad")
+    with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss at epoch 0 step \d+"):
+        train.run(bad, TINY, dataclasses.replace(cfg, lr=1e30, grad_clip=0.0))
+    outcomes = [json.loads(p.read_text())["outcome"] for p in sorted((tmp_path / "bad" / "resume" / "ddp").glob("rank*"))]
+    assert outcomes == ["non_finite", "non_finite"]

@@ -1,10 +1,15 @@
-"""Typed, frozen configuration sections.
+"""Typed, frozen configuration sections, checked against one schema.
 
-The Snakemake workflow validates ``config/config.yaml`` against
-``workflow/schemas/config.schema.yaml`` (which fills defaults and rejects unknown
-keys); each rule passes only its own section to its script, and the script turns
-that plain dict into one of the dataclasses below with ``from_dict``.  Package
-functions receive dataclasses, never raw dicts.
+``config.schema.yaml`` (next to this module) is the one source of truth for every key's
+type, enum, bounds and default.  The Snakemake workflow validates the whole config
+against it (filling in the defaults, rejecting unknown keys); each rule passes only
+its own section to its script, which turns that plain dict into one of the
+dataclasses below with ``from_dict``.  Each dataclass is a :class:`Section`: whether
+built by ``from_dict`` or directly, its values are checked against the section's
+sub-schema, so a test that builds ``EvaluateConfig(members=0)`` meets the same error
+as a user who writes ``members: 0``.  ``__post_init__`` code holds only what a schema
+cannot say (presets, checks across keys).  Package functions receive dataclasses,
+never raw dicts.
 """
 
 from __future__ import annotations
@@ -13,38 +18,164 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
 
-# the `device` key of train, evaluate, generate and downstream (precip_cvae.resources.select_device)
-DEVICES = ("auto", "cpu", "cuda")
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong kind."""
 
 
-def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {unknown}; valid keys are {sorted(known)}"
-        )
+# ----------------------------------------------------------------------------- the schema
 
 
-def _build(cls, data: Mapping[str, Any] | None, where: str, nested: dict | None = None):
-    data = dict(data or {})
-    _check_keys(cls, data, where)
-    nested = nested or {}
-    kwargs = {}
-    for key, value in data.items():
-        if key in nested:
-            kwargs[key] = nested[key](value, f"{where}.{key}")
-        elif isinstance(value, list):
-            kwargs[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
+@lru_cache(maxsize=None)
+def schema() -> dict:
+    """The workflow's JSON schema (``config.schema.yaml``)."""
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _deref(node: Mapping[str, Any]) -> Mapping[str, Any]:
+    ref = node.get("$ref")
+    if ref is None:
+        return node
+    if not ref.startswith("#/"):
+        raise ValueError(f"{SCHEMA_PATH}: only local references are supported, got {ref!r}")
+    target: Any = schema()
+    for part in ref[2:].split("/"):
+        target = target[part]
+    return _deref(target)
+
+
+def schema_node(path: str) -> Mapping[str, Any]:
+    """The schema of ``path`` ('train.loss', 'evaluate.splits'), references resolved."""
+    node: Mapping[str, Any] = schema()
+    for part in path.split("."):
+        node = _deref(node["properties"][part])
+    return node
+
+
+def schema_enum(path: str) -> tuple:
+    """The allowed values of ``path`` (of its items for an array), ``None`` left out."""
+    node = schema_node(path)
+    if "items" in node:
+        node = _deref(node["items"])
+    return tuple(v for v in node["enum"] if v is not None)
+
+
+@lru_cache(maxsize=None)
+def _validator(path: str, key: str) -> jsonschema.protocols.Validator:
+    prop = dict(_deref(schema_node(path)["properties"][key]))
+    cls = jsonschema.validators.validator_for(schema())
+    return cls(prop)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON data: tuples as lists, paths as strings."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _message(where: str, error: jsonschema.ValidationError, description: str) -> str:
+    at = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    if error.validator == "enum":
+        names = [v for v in error.validator_value if v is not None]
+        null = " or null" if None in error.validator_value else ""
+        return f"{at}: unknown name {error.instance!r}; valid names are {names}{null}"
+    return f"{at}: {error.message}" + (f" ({description})" if description else "")
+
+
+class Section:
+    """Base of the config dataclasses: one ``from_dict`` and one schema check for all.
+
+    A subclass names its place in the schema (``SCHEMA``, e.g. ``'train.loss'``), the
+    keys that hold sections of their own (``NESTED``: key -> class, checked by that
+    class), the schema keys it does not take (``WORKFLOW_ONLY``: switches the workflow
+    reads, dropped by ``from_dict``) and its fields that are not config keys
+    (``INTERNAL``).  It may define ``_resolve`` (presets fill ``None`` fields, before
+    the schema check) and ``_check`` (what a schema cannot say, after it).
+    """
+
+    SCHEMA: ClassVar[str] = ""
+    NESTED: ClassVar[Mapping[str, type]] = {}
+    WORKFLOW_ONLY: ClassVar[frozenset] = frozenset()
+    INTERNAL: ClassVar[frozenset] = frozenset()
+
+    def __post_init__(self):
+        self._resolve()
+        self._validate()
+        self._check()
+
+    def _resolve(self) -> None:
+        pass
+
+    def _check(self) -> None:
+        pass
+
+    def _validate(self) -> None:
+        props = schema_node(self.SCHEMA)["properties"]
+        for f in fields(self):
+            if f.name in self.NESTED or f.name in self.INTERNAL:
+                continue
+            error = jsonschema.exceptions.best_match(
+                _validator(self.SCHEMA, f.name).iter_errors(_plain(getattr(self, f.name))))
+            if error is not None:
+                raise ConfigError(_message(f"{self.SCHEMA}.{f.name}", error,
+                                           _deref(props[f.name]).get("description", "")))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str | None = None, **internal: Any):
+        """The section from plain config data; ``where`` (default ``SCHEMA``) names it in errors;
+        ``internal`` sets fields of ``INTERNAL`` (not config keys).
+
+        Raises
+        ------
+        ConfigError
+            An unknown key (the message lists the valid ones), a missing required key,
+            or a value the schema or ``_check`` refuses.
+        """
+        where = where or cls.SCHEMA
+        data = {k: v for k, v in dict(data or {}).items() if k not in cls.WORKFLOW_ONLY}
+        known = {f.name for f in fields(cls)} - cls.INTERNAL
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+        required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if required:
+            raise ConfigError(f"{where}: needs {required[0]!r}")
+        if set(internal) - cls.INTERNAL:
+            raise TypeError(f"{cls.__name__}.from_dict: {sorted(set(internal) - cls.INTERNAL)} are not internal fields")
+        kwargs = dict(internal)
+        for key, value in data.items():
+            if key in cls.NESTED:
+                kwargs[key] = cls._nested(key, value, f"{where}.{key}")
+            elif isinstance(value, list):
+                kwargs[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+            else:
+                kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except ConfigError as err:
+            text = str(err)
+            if where != cls.SCHEMA and text.startswith(cls.SCHEMA):
+                raise ConfigError(where + text[len(cls.SCHEMA):]) from None
+            raise
+
+    @classmethod
+    def _nested(cls, key: str, value: Any, where: str) -> Any:
+        if isinstance(value, cls.NESTED[key]):
+            return value
+        return cls.NESTED[key].from_dict(value, where)
 
 
 def lookup(registry: Mapping[str, Any], name: str, what: str) -> Any:
@@ -65,11 +196,15 @@ def config_hash(section: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# the `device` key of train, evaluate, generate and downstream (precip_cvae.resources.select_device)
+DEVICES = schema_enum("train.device")
+
+
 # ----------------------------------------------------------------------------- data
 
 
 @dataclass(frozen=True)
-class VariableSource:
+class VariableSource(Section):
     """One input variable: a glob of NetCDF files and the variable name in them.
 
     ``units`` overrides the file's ``units`` attribute when it is missing or wrong;
@@ -77,18 +212,16 @@ class VariableSource:
     and kept raw as ``coarse_pr`` for mass checks and the interpolation baseline).
     """
 
+    SCHEMA = "data.target"  # and each of data.predictors (the same definition)
+
     paths: str
     variable: str
     units: str | None = None
     precipitation: bool = False
 
-    @classmethod
-    def from_dict(cls, data, where="data"):
-        return _build(cls, data, where)
-
 
 @dataclass(frozen=True)
-class StaticSource:
+class StaticSource(Section):
     """Time-invariant fields (orography, land fraction, ...) for the fine-grid condition.
 
     ``paths``: a glob of NetCDF files; ``variables``: the names to read (each a
@@ -96,50 +229,39 @@ class StaticSource:
     target grid by preprocess.
     """
 
+    SCHEMA = "data.static"
+
     paths: str
     variables: tuple[str, ...]
 
-    def __post_init__(self):
-        if not self.variables:
-            raise ConfigError("data.static.variables is empty; name the static fields to read")
-
-    @classmethod
-    def from_dict(cls, data, where="data.static"):
-        data = dict(data or {})
-        for key in ("paths", "variables"):
-            if key not in data:
-                raise ConfigError(f"{where}: needs {key!r}")
-        return _build(cls, data, where)
-
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
+    SCHEMA = "data"
+    NESTED = {"target": VariableSource, "predictors": VariableSource, "static": StaticSource}
+
     target: VariableSource
-    predictors: tuple[VariableSource, ...]
+    predictors: tuple[VariableSource, ...] = ()
     static: StaticSource | None = None
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "data") -> "DataConfig":
-        data = dict(data)
-        _check_keys(cls, data, where)
-        if "target" not in data:
-            raise ConfigError(f"{where}: needs a 'target'")
-        return cls(
-            target=VariableSource.from_dict(data["target"], f"{where}.target"),
-            predictors=tuple(
-                VariableSource.from_dict(p, f"{where}.predictors[{i}]")
-                for i, p in enumerate(data.get("predictors") or [])
-            ),
-            static=None if not data.get("static") else StaticSource.from_dict(data["static"], f"{where}.static"),
-        )
+    def _nested(cls, key, value, where):
+        if key == "predictors":
+            return tuple(VariableSource.from_dict(p, f"{where}[{i}]") for i, p in enumerate(value or []))
+        if key == "static" and not value:
+            return None
+        return super()._nested(key, value, where)
 
 
 # ----------------------------------------------------------------------------- demo
 
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(Section):
     """Sizes and seed of the synthetic demo data set (see :mod:`precip_cvae.demo`)."""
+
+    SCHEMA = "demo"
+    WORKFLOW_ONLY = frozenset({"enabled"})  # whether the make_demo_data rule runs
 
     seed: int = 42
     start_year: int = 2001
@@ -151,18 +273,8 @@ class DemoConfig:
     heavy_fraction: float = 0.015
     outdir: str = "data/demo"
 
-    @classmethod
-    def from_dict(cls, data, where="demo"):
-        return _build(cls, data, where)
-
 
 # ----------------------------------------------------------------------------- preprocess
-
-
-SPLIT_METHODS = ("contiguous", "years", "dates")
-MISSING_POLICIES = ("mask", "refuse")
-PREDICTOR_MISSING_POLICIES = ("refuse", "drop_days", "fill_climatology")
-PREDICTOR_AGGREGATIONS = ("mean", "min", "max", "sum")
 
 
 def parse_step(text: str, key: str) -> float:
@@ -173,11 +285,11 @@ def parse_step(text: str, key: str) -> float:
         return float(pd.to_timedelta(str(text)).total_seconds())
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{key}: {text!r} is not a time step (e.g. '1D', '6h', '30min')") from exc
-TARGET_TRANSFORMS = ("log1p", "sqrt", "none")
+TARGET_TRANSFORMS = schema_enum("preprocess.transform")  # precip_cvae.transform
 
 
 @dataclass(frozen=True)
-class SplitConfig:
+class SplitConfig(Section):
     """How days are split by time.
 
     ``contiguous``: three consecutive blocks with the given fractions (train first).
@@ -186,6 +298,8 @@ class SplitConfig:
     ``dates``: inclusive ``[start, end]`` ISO date or date-time pairs (a date-only end
     includes its whole day; date-times split sub-daily data within a day).
     """
+
+    SCHEMA = "preprocess.split"
 
     method: str = "contiguous"
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -197,42 +311,25 @@ class SplitConfig:
     val_dates: tuple[str, ...] = ()
     test_dates: tuple[str, ...] = ()
 
-    def __post_init__(self):
-        if self.method not in SPLIT_METHODS:
-            raise ConfigError(f"preprocess.split.method {self.method!r}; valid: {list(SPLIT_METHODS)}")
-        if self.season_year not in ("calendar", "djf"):
-            raise ConfigError("preprocess.split.season_year must be 'calendar' or 'djf'")
-        if self.method == "contiguous":
-            if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
-                raise ConfigError(
-                    f"preprocess.split.fractions must be three non-negative numbers summing to 1, got {list(self.fractions)}"
-                )
-
-    @classmethod
-    def from_dict(cls, data, where="preprocess.split"):
-        return _build(cls, data, where)
+    def _check(self):
+        if self.method == "contiguous" and abs(sum(self.fractions) - 1) > 1e-6:
+            raise ConfigError(f"preprocess.split.fractions must be three non-negative numbers summing to 1, "
+                              f"got {list(self.fractions)}")
 
 
 @dataclass(frozen=True)
-class MinSplitDays:
+class MinSplitDays(Section):
     """The fewest time steps each split may hold (``preprocess.min_split_days``)."""
+
+    SCHEMA = "preprocess.min_split_days"
 
     train: int = 30
     val: int = 10
     test: int = 10
 
-    def __post_init__(self):
-        for name in ("train", "val", "test"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"preprocess.min_split_days.{name} must be >= 1")
-
-    @classmethod
-    def from_dict(cls, data, where="preprocess.min_split_days"):
-        return _build(cls, data, where)
-
 
 @dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessConfig(Section):
     """Checks and normalisation of the raw inputs (see :mod:`precip_cvae.preprocess`).
 
     ``min_split_days``: fewest steps per split.  ``predictor_missing_policy``: a predictor day
@@ -242,6 +339,9 @@ class PreprocessConfig:
     ``predictor_aggregation`` (mean/min/max/sum): reduce predictors finer than the target over
     each target interval [t + ``aggregation_offset``, t + offset + step); None refuses them.
     """
+
+    SCHEMA = "preprocess"
+    NESTED = {"split": SplitConfig, "min_split_days": MinSplitDays}
 
     split: SplitConfig = field(default_factory=SplitConfig)
     condition_grid: str = "first"
@@ -261,51 +361,26 @@ class PreprocessConfig:
     predictor_aggregation: str | None = None
     aggregation_offset: str = "0h"
 
-    def __post_init__(self):
-        if self.predictor_missing_policy not in PREDICTOR_MISSING_POLICIES:
-            raise ConfigError(f"preprocess.predictor_missing_policy {self.predictor_missing_policy!r}; "
-                              f"valid: {list(PREDICTOR_MISSING_POLICIES)}")
-        if not 0 <= self.predictor_missing_cells < 1:
-            raise ConfigError("preprocess.predictor_missing_cells must be in [0, 1)")
-        if self.predictor_aggregation is not None and self.predictor_aggregation not in PREDICTOR_AGGREGATIONS:
-            raise ConfigError(f"preprocess.predictor_aggregation {self.predictor_aggregation!r}; "
-                              f"valid: {list(PREDICTOR_AGGREGATIONS)} or null")
+    def _check(self):
         if self.time_step is not None and not parse_step(self.time_step, "preprocess.time_step") > 0:
             raise ConfigError(f"preprocess.time_step {self.time_step!r} must be a positive time step")
-        offset = parse_step(self.aggregation_offset, "preprocess.aggregation_offset")
-        if offset < 0:
+        if parse_step(self.aggregation_offset, "preprocess.aggregation_offset") < 0:
             raise ConfigError(f"preprocess.aggregation_offset {self.aggregation_offset!r} must not be negative")
-        if self.missing_policy not in MISSING_POLICIES:
-            raise ConfigError(
-                f"preprocess.missing_policy {self.missing_policy!r}; valid: {list(MISSING_POLICIES)}"
-            )
-        if self.transform not in TARGET_TRANSFORMS:
-            raise ConfigError(f"preprocess.transform {self.transform!r}; valid: {list(TARGET_TRANSFORMS)}")
-        if not 0 < self.mask_missing_fraction <= 1:
-            raise ConfigError("preprocess.mask_missing_fraction must be in (0, 1]")
-        if self.grid_multiple < 1:
-            raise ConfigError("preprocess.grid_multiple must be >= 1")
-
-    @classmethod
-    def from_dict(cls, data, where="preprocess"):
-        return _build(cls, data, where, nested={"split": SplitConfig.from_dict,
-                                                "min_split_days": MinSplitDays.from_dict})
 
 
 # ----------------------------------------------------------------------------- events
 
 
-EVENT_CRITERIA = ("exceedance", "domain_mean", "either")
-
-
 @dataclass(frozen=True)
-class EventsConfig:
+class EventsConfig(Section):
     """Heavy-precipitation thresholds and the heavy-day criterion.
 
     ``percentile`` of wet days (>= ``wet_threshold`` mm/day) per pixel, train split
     only; pixels with fewer than ``min_wet_days`` wet train days use the pooled
     value (the same percentile over all wet train values of all valid pixels).
     """
+
+    SCHEMA = "events"
 
     wet_threshold: float = 1.0
     percentile: float = 99.0
@@ -314,16 +389,6 @@ class EventsConfig:
     min_exceed_fraction: float = 0.05
     domain_mean_percentile: float = 99.0
     require_train_events: bool = True
-
-    def __post_init__(self):
-        if self.criterion not in EVENT_CRITERIA:
-            raise ConfigError(f"events.criterion {self.criterion!r}; valid names are {list(EVENT_CRITERIA)}")
-        if not 0 < self.percentile < 100:
-            raise ConfigError("events.percentile must be in (0, 100)")
-
-    @classmethod
-    def from_dict(cls, data, where="events"):
-        return _build(cls, data, where)
 
 
 # ----------------------------------------------------------------------------- model
@@ -335,13 +400,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "medium": dict(base_filters=64, d_y=256, d_z=64, depth=4),
     "seed": dict(base_filters=96, d_y=384, d_z=96, depth=4),
 }
-PRIORS = ("learned", "standard")
-LATENTS = ("map", "vector")
-CONDITIONINGS = ("fine", "coarse")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     """Size, regularisation and structure of the cVAE. ``None`` sizes take the preset's value.
 
     ``latent``: ``map`` (``latent_channels`` per location at 1 / 2**``latent_level`` of
@@ -351,6 +413,8 @@ class ModelConfig:
     the seed's design).  ``noise_channels``: fresh N(0, 1) channels (no KL) fed to every
     decoder scale finer than the map latent's, for small-scale variability between members.
     """
+
+    SCHEMA = "model"
 
     preset: str = "small"
     base_filters: int | None = None
@@ -366,37 +430,17 @@ class ModelConfig:
     conditioning: str = "fine"
     noise_channels: int = 0
 
-    def __post_init__(self):
-        preset = lookup(MODEL_PRESETS, self.preset, "model preset")
-        for key, value in preset.items():
+    def _resolve(self):
+        for key, value in lookup(MODEL_PRESETS, self.preset, "model preset").items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
-        if self.prior not in PRIORS:
-            raise ConfigError(f"model.prior {self.prior!r}; valid names are {list(PRIORS)}")
-        if self.latent not in LATENTS:
-            raise ConfigError(f"model.latent {self.latent!r}; valid names are {list(LATENTS)}")
-        if self.conditioning not in CONDITIONINGS:
-            raise ConfigError(f"model.conditioning {self.conditioning!r}; valid names are {list(CONDITIONINGS)}")
+
+    def _check(self):
         if self.latent == "map" and not 1 <= self.latent_level <= self.depth:
             raise ConfigError(f"model.latent_level {self.latent_level} must be in 1..model.depth ({self.depth})")
-        if self.latent_channels < 1 or self.noise_channels < 0:
-            raise ConfigError("model.latent_channels must be >= 1 and model.noise_channels >= 0")
-        for key in ("dropout_encoder", "dropout_decoder"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ConfigError(f"model.{key} must be in [0, 1)")
-
-    @classmethod
-    def from_dict(cls, data, where="model"):
-        return _build(cls, data, where)
 
 
 # ----------------------------------------------------------------------------- loss
-
-LOSS_SPACES = ("transformed", "mm")
-CRPS_SPACES = ("transformed", "mm", "both")
-EARLY_STOPPING_METRICS = ("MAE_all", "MAE_tail", "L_rec", "CRPS", "twCRPS")
-SCHEDULERS = ("none", "cosine", "plateau")
-AUGMENTATION_NAMES = ("flip", "rot90", "noise", "mixup")
 
 #: Named training presets: values for the ``None`` keys of ``train`` and ``train.loss``.
 #: ``seed`` is the original system's final setting, exactly; ``default`` is the setting
@@ -414,13 +458,16 @@ LOSS_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(Section):
     """Weights of the training loss (see :mod:`precip_cvae.losses`).
 
     ``L = base*MAE_all + ext*MAE_ext + beta(epoch)*KL + mass*L_mass + crps*afCRPS + tail*twCRPS``.
     ``None`` fields take the values of ``preset`` (:data:`LOSS_PRESETS`), which
     :class:`TrainConfig` sets to its own ``preset``.
     """
+
+    SCHEMA = "train.loss"
+    INTERNAL = frozenset({"preset"})  # set by TrainConfig from train.preset
 
     preset: str = "default"
     lambda_base: float | None = None
@@ -438,25 +485,14 @@ class LossConfig:
     kl_per_pixel: bool | None = None
     free_bits: float | None = None
 
-    def __post_init__(self):
-        preset = lookup(LOSS_PRESETS, self.preset, "train preset")
-        for key, value in preset.items():
+    def _resolve(self):
+        for key, value in lookup(LOSS_PRESETS, self.preset, "train preset").items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
-        if self.space not in LOSS_SPACES:
-            raise ConfigError(f"train.loss.space {self.space!r}; valid names are {list(LOSS_SPACES)}")
-        if self.crps_space not in CRPS_SPACES:
-            raise ConfigError(f"train.loss.crps_space {self.crps_space!r}; valid names are {list(CRPS_SPACES)}")
-        if self.warmup_epochs < 0:
-            raise ConfigError("train.loss.warmup_epochs must be >= 0")
+
+    def _check(self):
         if (self.lambda_crps > 0 or self.lambda_tail > 0) and self.ensemble_members < 2:
             raise ConfigError("train.loss.ensemble_members must be >= 2 when lambda_crps or lambda_tail > 0")
-        if not 0 <= self.crps_alpha <= 1:
-            raise ConfigError("train.loss.crps_alpha must be in [0, 1]")
-        if not 0 < self.tail_percentile < 100:
-            raise ConfigError("train.loss.tail_percentile must be in (0, 100)")
-        if self.free_bits < 0:
-            raise ConfigError("train.loss.free_bits must be >= 0")
 
     @property
     def n_prior(self) -> int:
@@ -464,24 +500,29 @@ class LossConfig:
         return int(self.ensemble_members) if (self.lambda_crps > 0 or self.lambda_tail > 0) else 0
 
     @classmethod
-    def from_dict(cls, data, where="train.loss", preset: str = "default"):
+    def from_dict(cls, data, where=None, preset: str = "default"):
+        where = where or cls.SCHEMA
         data = dict(data or {})
-        if "preset" in data and data["preset"] != preset:
-            raise ConfigError(f"{where}.preset: set train.preset instead (got {data['preset']!r})")
-        data["preset"] = preset
-        return _build(cls, data, where)
+        if "preset" in data:
+            if data["preset"] != preset:
+                raise ConfigError(f"{where}.preset: set train.preset instead (got {data['preset']!r})")
+            del data["preset"]
+        return super().from_dict(data, where, preset=preset)
 
 
 # ----------------------------------------------------------------------------- train
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation, validation, early stopping, sampling and augmentation.
 
     ``preset`` (:data:`TRAIN_PRESETS`) gives the values of the ``None`` fields here and
     in ``loss``: ``default`` or ``seed`` (the original system's final setting).
     """
+
+    SCHEMA = "train"
+    NESTED = {"loss": LossConfig}
 
     preset: str = "default"
     epochs: int | None = None
@@ -503,37 +544,26 @@ class TrainConfig:
     num_threads: int = 0
     loss: LossConfig | None = None
 
-    def __post_init__(self):
-        preset = lookup(TRAIN_PRESETS, self.preset, "train preset")
-        for key, value in preset.items():
+    def _resolve(self):
+        for key, value in lookup(TRAIN_PRESETS, self.preset, "train preset").items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
         if self.loss is None:
             object.__setattr__(self, "loss", LossConfig(preset=self.preset))
+
+    def _check(self):
         if self.loss.preset != self.preset:
             raise ConfigError(f"train.loss was resolved with preset {self.loss.preset!r} but train.preset is "
                               f"{self.preset!r}; build the loss with LossConfig(preset={self.preset!r}, ...)")
-        if self.early_stopping_metric not in EARLY_STOPPING_METRICS:
-            raise ConfigError(
-                f"train.early_stopping_metric {self.early_stopping_metric!r}; valid names are {list(EARLY_STOPPING_METRICS)}"
-            )
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"train.scheduler {self.scheduler!r}; valid names are {list(SCHEDULERS)}")
-        for name in self.augment:
-            if name not in AUGMENTATION_NAMES:
-                raise ConfigError(f"unknown augmentation {name!r}; valid names are {sorted(AUGMENTATION_NAMES)}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"train.device {self.device!r}; valid names are {list(DEVICES)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.val_members < 1:
-            raise ConfigError("train.epochs, train.batch_size and train.val_members must be >= 1")
 
     @classmethod
-    def from_dict(cls, data, where="train"):
+    def from_dict(cls, data, where=None):
+        where = where or cls.SCHEMA
         data = dict(data or {})
         preset = data.get("preset", "default")
         lookup(TRAIN_PRESETS, preset, "train preset")
         data["loss"] = LossConfig.from_dict(data.get("loss"), f"{where}.loss", preset=preset)
-        return _build(cls, data, where)
+        return super().from_dict(data, where)
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict:
@@ -610,8 +640,10 @@ def generated_experiments(config: Mapping[str, Any]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(Section):
     """Synthetic samples for heavy-event days (see :mod:`precip_cvae.generate`)."""
+
+    SCHEMA = "generate"
 
     checkpoint: str = "best"
     splits: tuple[str, ...] = ("train",)
@@ -629,34 +661,17 @@ class GenerateConfig:
     experiments: tuple[str, ...] = ()
     device: str = "auto"
 
-    def __post_init__(self):
-        if self.device not in DEVICES:
-            raise ConfigError(f"generate.device {self.device!r}; valid names are {list(DEVICES)}")
-        if self.checkpoint not in ("best", "last"):
-            raise ConfigError(f"generate.checkpoint {self.checkpoint!r}; valid names are ['best', 'last']")
-        for s in self.splits:
-            if s not in ("train", "val", "test"):
-                raise ConfigError(f"generate.splits: unknown split {s!r}; valid names are ['test', 'train', 'val']")
-        if self.members < 1 or self.max_rounds < 1 or self.batch_days < 1:
-            raise ConfigError("generate.members, max_rounds and batch_days must be >= 1")
-        if not self.z_scale >= 0:
-            raise ConfigError("generate.z_scale must be >= 0")
-
-    @classmethod
-    def from_dict(cls, data, where="generate"):
-        return _build(cls, data, where)
-
 
 # ----------------------------------------------------------------------------- evaluate
 
-EVALUATE_SPLITS = ("val", "test")
+EVALUATE_SPLITS = schema_enum("evaluate.splits")
 # keys of the evaluate section that the sampling rule depends on (a change resamples);
 # the other keys only change the scores and plots, recomputed from the cached ensembles
 EVALUATE_SAMPLING_KEYS = ("members", "splits", "checkpoints", "baselines", "seed", "batch_size", "device")
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Section):
     """Evaluation of the cVAE checkpoints and the baselines (see :mod:`precip_cvae.evaluate`).
 
     ``checkpoints`` holds ``best`` / ``last`` (the experiment's own) and/or paths to
@@ -666,6 +681,8 @@ class EvaluateConfig:
     the train split that define the local tail thresholds (P95, P99 by default);
     metric names carry them (``twcrps_p99``).
     """
+
+    SCHEMA = "evaluate"
 
     members: int = 16
     splits: tuple[str, ...] = ("val", "test")
@@ -680,31 +697,10 @@ class EvaluateConfig:
     n_map_days: int = 4
     device: str = "auto"
 
-    def __post_init__(self):
-        if self.members < 1 or self.batch_size < 1 or self.n_map_days < 0 or self.min_wet_days < 1:
-            raise ConfigError("evaluate.members, batch_size and min_wet_days must be >= 1, n_map_days >= 0")
-        if not self.splits:
-            raise ConfigError(f"evaluate.splits is empty; valid names are {list(EVALUATE_SPLITS)}")
-        for name in self.splits:
-            if name not in EVALUATE_SPLITS:
-                raise ConfigError(f"evaluate.splits: unknown split {name!r}; valid names are {list(EVALUATE_SPLITS)}")
-        if len(set(self.splits)) != len(self.splits):
-            raise ConfigError(f"evaluate.splits lists a split twice: {list(self.splits)}")
-        if not self.checkpoints:
-            raise ConfigError("evaluate.checkpoints is empty; give 'best', 'last' and/or paths to .pt files")
-        for entry in self.checkpoints:
-            if entry not in ("best", "last") and not str(entry).endswith(".pt"):
-                raise ConfigError(
-                    f"evaluate.checkpoints: {entry!r} is neither 'best', 'last' nor a path to a .pt file"
-                )
-        if not self.fss_windows or any(int(w) != w or w < 1 for w in self.fss_windows):
-            raise ConfigError(f"evaluate.fss_windows must be positive integers, got {list(self.fss_windows)}")
-        if len(self.percentiles) != 2 or not 0 < self.percentiles[0] < self.percentiles[1] < 100:
-            raise ConfigError(
-                f"evaluate.percentiles must be two increasing numbers in (0, 100), got {list(self.percentiles)}"
-            )
-        if self.device not in DEVICES:
-            raise ConfigError(f"evaluate.device {self.device!r}; valid names are {list(DEVICES)}")
+    def _check(self):
+        if not self.percentiles[0] < self.percentiles[1]:
+            raise ConfigError(f"evaluate.percentiles must be two increasing numbers in (0, 100), "
+                              f"got {list(self.percentiles)}")
 
     def checkpoint_labels(self) -> tuple[str, ...]:
         """Short names of ``checkpoints``: 'best', 'last', or a path's file stem (made unique)."""
@@ -717,19 +713,14 @@ class EvaluateConfig:
             labels.append(label)
         return tuple(labels)
 
-    @classmethod
-    def from_dict(cls, data, where="evaluate"):
-        return _build(cls, data, where)
-
 
 # ----------------------------------------------------------------------------- downstream
 
-DOWNSTREAM_LOSSES = ("mae", "quantile")
-
-
 @dataclass(frozen=True)
-class DownstreamConfig:
+class DownstreamConfig(Section):
     """The optional downstream check (see :mod:`precip_cvae.downstream`)."""
+
+    SCHEMA = "downstream"
 
     enabled: bool = False
     losses: tuple[str, ...] = ("mae", "quantile")
@@ -741,18 +732,3 @@ class DownstreamConfig:
     filters: int = 16
     bootstrap: int = 1000
     device: str = "auto"
-
-    def __post_init__(self):
-        if self.device not in DEVICES:
-            raise ConfigError(f"downstream.device {self.device!r}; valid names are {list(DEVICES)}")
-        for name in self.losses:
-            if name not in DOWNSTREAM_LOSSES:
-                raise ConfigError(f"unknown downstream loss {name!r}; valid names are {list(DOWNSTREAM_LOSSES)}")
-        if not 0 < self.quantile < 1:
-            raise ConfigError("downstream.quantile must be in (0, 1)")
-        if self.seeds < 1 or self.epochs < 1 or self.bootstrap < 10 or not self.losses:
-            raise ConfigError("downstream.seeds and epochs must be >= 1, bootstrap >= 10, losses not empty")
-
-    @classmethod
-    def from_dict(cls, data, where="downstream"):
-        return _build(cls, data, where)

@@ -12,15 +12,16 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
-def setup(log_path: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Send package logging to ``log_path`` (line-buffered, so ``tail -f`` works) and stderr."""
+def setup(log_path: str | Path | None = None, level: int = logging.INFO, append: bool = False) -> logging.Logger:
+    """Send package logging to ``log_path`` (line-buffered, so ``tail -f`` works) and stderr; ``append``
+    keeps what the file holds (a DDP rank writing into its rule's log)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="w"))
+        handlers.append(logging.FileHandler(log_path, mode="a" if append else "w"))
     for handler in handlers:
         handler.setFormatter(logging.Formatter(FORMAT, "%Y-%m-%d %H:%M:%S"))
         root.addHandler(handler)

@@ -31,13 +31,14 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import checkpoint, metrics
+from . import checkpoint, distributed, metrics
 from .conditioning import fit_static
 from .config import ModelConfig, TrainConfig, config_hash
 from .data import FieldData, augment, check_augmentations, epoch_indices, load_fields, make_batch
@@ -45,6 +46,7 @@ from .io import InputError, atomic_path
 from .losses import beta_schedule, compute_loss, extreme_mae, kl_divergence, masked_mae, warmup_finished
 from .model import CVAE, count_parameters
 from .provenance import file_sha256
+from .distributed import Dist
 from .resources import limit_threads, select_device
 
 log = logging.getLogger(__name__)
@@ -246,7 +248,7 @@ class _SignalFlag:
 
 
 def train_step(model: CVAE, opt, batch, cfg: TrainConfig, epoch: int, transform, autocast,
-               dist: "Dist | None" = None) -> dict | None:
+               dist: Dist | None = None) -> dict | None:
     """One optimisation step on ``batch``; returns the loss components, or None if the loss is not finite
     (then no update is made; under DDP every rank agrees before any backward pass)."""
     with autocast:
@@ -269,142 +271,106 @@ def train_step(model: CVAE, opt, batch, cfg: TrainConfig, epoch: int, transform,
     return losses
 
 
-# ----------------------------------------------------------------------------- distributed
-
-
-class Dist:
-    """Rank bookkeeping for DDP; a world of one makes every collective a no-op."""
-
-    def __init__(self, rank: int = 0, world: int = 1):
-        self.rank, self.world = rank, world
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_true(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1 if flag else 0])
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        return bool(t.item())
-
-    def any_true(self, flag: bool) -> bool:
-        return not self.all_true(not flag)
-
-    def broadcast_flag(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1 if flag else 0])
-        torch.distributed.broadcast(t, src=0)
-        return bool(t.item())
-
-    def broadcast_value(self, value: float) -> float:
-        """Rank 0's ``value`` on every rank."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        torch.distributed.broadcast(t, src=0)
-        return float(t.item())
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        if self.world == 1:
-            return values
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, args: tuple, log_path: str | None) -> None:
-    import torch.distributed as tdist
-
-    from .logs import setup
-
-    setup(log_path if rank == 0 else None, logging.INFO if rank == 0 else logging.WARNING)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(rank)
-    tdist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        _run(*args, dist=Dist(rank, world))
-    finally:
-        tdist.destroy_process_group()
-
-
-def _run_distributed(world: int, args: tuple) -> list[dict]:
-    """Start ``world`` training processes (NCCL on GPUs, gloo on CPU); forward SIGTERM/SIGUSR1 to them."""
-    import torch.multiprocessing as mp
-
-    log_path = next((h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
-    log.info("DDP: %d processes (%s)", world, "nccl" if torch.cuda.is_available() else "gloo")
-    ctx = mp.start_processes(_ddp_worker, args=(world, _free_port(), args, log_path), nprocs=world, join=False,
-                             start_method="spawn")
-
-    def forward(signum, frame):
-        for proc in ctx.processes:
-            if proc.is_alive():
-                os.kill(proc.pid, signum)
-
-    old = {s: signal.signal(s, forward) for s in _SignalFlag.SIGNALS}
-    try:
-        while not ctx.join(timeout=1):
-            pass
-    except mp.ProcessRaisedException as exc:
-        text = str(exc)
-        if "TrainingInterrupted" in text:
-            raise TrainingInterrupted(signal.SIGTERM, text.strip().splitlines()[-1]) from None
-        if "NonFiniteLoss" in text:
-            raise NonFiniteLoss(text.strip().splitlines()[-1]) from None
-        raise
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    import pandas as pd
-
-    return pd.read_csv(args[0].log_csv).to_dict("records")
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
 def run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: int = 1, experiment: str = "default"):
     """Train (or resume training) and write best.pt, last.pt and train_log.csv.
 
-    With ``cfg.gpus > 1`` training runs data-parallel in ``cfg.gpus`` processes (DDP:
-    NCCL on GPUs, gloo on CPU), each taking its share of every global batch of
-    ``batch_size``; only rank 0 validates, writes checkpoints and logs.
+    With ``cfg.gpus > 1`` training runs data-parallel in ``cfg.gpus`` processes started
+    by torchrun (:mod:`precip_cvae.distributed`: NCCL on GPUs, gloo on CPU), each taking
+    its share of every global batch of ``batch_size``; only rank 0 validates, writes
+    checkpoints and logs.
 
     ``threads`` (the rule's) reach dask, torch and BLAS through
     :func:`precip_cvae.resources.limit_threads`; ``train.num_threads``, when set, replaces
     it; with DDP each process gets ``threads // gpus`` (at least 1).
+
+    Returns
+    -------
+    list of dict: the rows of train_log.csv.
     """
     check_augmentations(cfg.augment)
     world = max(1, int(cfg.gpus))
     if world > 1:
         threads = max(1, int(cfg.num_threads or threads) // world)
-        return _run_distributed(world, (paths, model_cfg, cfg, threads, experiment))
-    return _run(paths, model_cfg, cfg, threads, experiment, dist=Dist())
+        distributed.launch(world, (paths, model_cfg, cfg, threads, experiment), paths.resume_dir)
+        import pandas as pd
+
+        return pd.read_csv(paths.log_csv).to_dict("records")
+    return train_process(paths, model_cfg, cfg, threads, experiment, dist=Dist())
 
 
-def _run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: int, experiment: str, dist: Dist):
+def train_process(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: int, experiment: str,
+                  dist: Dist) -> list[dict]:
     """One training process on ``threads`` cores (a DDP rank: its share of the rule's threads)."""
     with limit_threads(max(1, int(threads if dist.world > 1 else (cfg.num_threads or threads)))):
         return _train(paths, model_cfg, cfg, experiment, dist)
 
 
-def _train(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experiment: str, dist: Dist):
+def _train(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experiment: str, dist: Dist) -> list[dict]:
+    """Set up, resume, then one epoch after another (train, validate, log and save), then finish."""
+    s = _set_up(paths, model_cfg, cfg, experiment, dist)
+    _resume(s)
+    if dist.main:
+        _write_log(s.history, paths.log_csv)
+    epoch = s.start_epoch - 1
+    with _SignalFlag() as flag:
+        for epoch in range(s.start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            means, train_seconds = _train_epoch(s, epoch, flag)
+            scores, value, is_best, should_stop = _validate_epoch(s, epoch)
+            if dist.main:
+                _log_and_save(s, epoch, means, scores, value, is_best, time.perf_counter() - t0, train_seconds)
+            if should_stop:
+                if dist.main:
+                    log.info("early stopping after epoch %d: no %s improvement for %d epochs (best %.4f at epoch "
+                             "%d)", epoch + 1, cfg.early_stopping_metric, cfg.patience, s.stopper.best_value,
+                             s.stopper.best_epoch + 1)
+                break
+    return _finish(s, epoch) if dist.main else s.history
+
+
+@dataclass
+class _Session:
+    """One training process: its data, model and optimiser, and the state a resume restores."""
+
+    paths: TrainPaths
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    train: FieldData
+    val: FieldData
+    model: CVAE
+    net: torch.nn.Module  # what a training step calls: the DDP wrapper under DDP
+    opt: torch.optim.Optimizer
+    sched: Any
+    stopper: EarlyStopping
+    meta: dict  # what every checkpoint holds besides the state
+    thr_x: torch.Tensor
+    tail_x: torch.Tensor
+    autocast: Any
+    history: list = field(default_factory=list)
+    start_epoch: int = 0
+
+    def snapshot(self, epoch: int) -> dict:
+        return {
+            **self.meta,
+            "epoch": epoch,
+            "model_state": self.model.state_dict(),
+            "optimizer_state": self.opt.state_dict(),
+            "scheduler_state": self.sched.state_dict() if self.sched is not None else None,
+            "rng": _rng_state(),
+            "early_stopping": self.stopper.state(),
+            "history": self.history,
+        }
+
+
+def _set_up(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experiment: str, dist: Dist) -> _Session:
+    """Data (on the GPU when it fits), static channels, model, optimiser and the checkpoints' metadata."""
     device = select_device(cfg.device, "train.device")
     if device.type == "cuda" and dist.world > 1:
-        device = torch.device("cuda", dist.rank)
+        device = torch.device("cuda", dist.local_rank)
     data = load_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", "val"))
     try:
         train, val = data.select("train"), data.select("val")
@@ -413,8 +379,7 @@ def _train(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experime
     if not bool(train.is_event.any()):
         log.warning("%s: no heavy-event day in the train split: the extreme loss term only sees single pixels, "
                     "train.oversample_heavy has no effect", paths.events)
-    on_device = device.type == "cuda"
-    if on_device:  # the whole data set on the GPU when it fits (a quarter of free memory)
+    if device.type == "cuda":  # the whole data set on the GPU when it fits (a quarter of free memory)
         free, _ = torch.cuda.mem_get_info()
         nbytes = sum(t.numel() * t.element_size() for t in (data.x, data.valid, data.y))
         if nbytes < free / 4:
@@ -440,7 +405,7 @@ def _train(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experime
         raise InputError(f"{paths.dataset}: {exc}") from exc
     if fine:
         model.set_static(static.values)
-    net = model  # what the training step calls: the DDP wrapper under DDP
+    net = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = count_parameters(model)
@@ -449,35 +414,9 @@ def _train(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experime
     log.info("model %s: %d parameters (%.2f M); condition %s %s -> fine %s; device %s",
              model_cfg.preset, n_params, n_params / 1e6, list(data.channels), coarse_shape, fine_shape, device)
     opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg)
-    stopper = EarlyStopping(cfg.early_stopping_metric, cfg.patience, cfg.loss.warmup_epochs)
     thresholds_sha = file_sha256(paths.thresholds)
     chash = config_hash({"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg),
                          "thresholds": thresholds_sha, "dataset": data.attrs.get("preprocess_config", "")})
-    history: list[dict] = []
-    start_epoch = 0
-
-    if paths.resume.exists():
-        try:
-            state = checkpoint.load(paths.resume, map_location=device)
-        except checkpoint.CheckpointError as exc:
-            log.warning("ignoring resume state: %s", exc)
-            state = None
-        if state is not None and state.get("config_hash") == chash:
-            model.load_state_dict(state["model_state"])
-            opt.load_state_dict(state["optimizer_state"])
-            if sched is not None and state.get("scheduler_state"):
-                sched.load_state_dict(state["scheduler_state"])
-            stopper = EarlyStopping(**state["early_stopping"])
-            history = list(state["history"])
-            start_epoch = int(state["epoch"]) + 1
-            _set_rng_state(state["rng"])
-            log.info("resuming from %s after epoch %d (best %s %.4f at epoch %d)", paths.resume, state["epoch"],
-                     stopper.metric, stopper.best_value, stopper.best_epoch)
-        elif state is not None:
-            log.info("resume state %s is from another config (hash %s, now %s): starting afresh",
-                     paths.resume, state.get("config_hash"), chash)
-
     meta = {
         "model_config": dataclasses.asdict(model_cfg),
         "model_args": {"n_channels": n_channels, "fine_shape": list(fine_shape), "coarse_shape": list(coarse_shape),
@@ -499,109 +438,138 @@ def _train(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experime
             "tail_percentile": float(cfg.loss.tail_percentile),
         },
     }
-
-    def snapshot(epoch: int) -> dict:
-        return {
-            **meta,
-            "epoch": epoch,
-            "model_state": model.state_dict(),
-            "optimizer_state": opt.state_dict(),
-            "scheduler_state": sched.state_dict() if sched is not None else None,
-            "rng": _rng_state(),
-            "early_stopping": stopper.state(),
-            "history": history,
-        }
-
     for out in (paths.best, paths.last, paths.log_csv):
         out.parent.mkdir(parents=True, exist_ok=True)
     Path(paths.resume_dir).mkdir(parents=True, exist_ok=True)
-    if dist.main:
-        _write_log(history, paths.log_csv)
-    thr_x = train.thr_x.to(device)
-    tail_x = static.tail_x.to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    n_train = len(train)
-    epoch = start_epoch - 1
-    with _SignalFlag() as flag:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            net.train()
-            g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            order = epoch_indices(train.is_event, cfg.oversample_heavy, g)
-            sums = {"total": 0.0, "mae_all": 0.0, "mae_ext": 0.0, "kl": 0.0, "mass": 0.0, "crps": 0.0, "tail": 0.0}
-            beta = beta_schedule(epoch, cfg.loss.beta_kl, cfg.loss.warmup_epochs)
-            n_steps = 0
-            for step, start in enumerate(range(0, n_train, cfg.batch_size)):
-                if dist.any_true(flag.signum is not None):
-                    raise TrainingInterrupted(
-                        flag.signum or signal.SIGTERM,
-                        f"interrupted by signal {flag.signum} in epoch {epoch} step {step}; the state after epoch "
-                        f"{epoch - 1} is in {paths.resume}; rerun to resume",
-                    )
-                index = order[start : start + cfg.batch_size][dist.rank :: dist.world]  # this rank's share
-                batch = make_batch(train, index, thr_x, device, tail_x)
-                batch = augment(batch, cfg.augment, g, cfg)
-                losses = train_step(net, opt, batch, cfg, epoch, train.transform, autocast,
-                                    dist if dist.world > 1 else None)
-                if losses is None:
-                    raise NonFiniteLoss(
-                        f"non-finite loss at epoch {epoch} step {step}; the last good state (epoch "
-                        f"{epoch - 1}) is in {paths.resume}. Lower train.lr or check the inputs."
-                    )
-                for k in sums:
-                    sums[k] += float(losses[k].detach())
-                n_steps += 1
-            sums = dist.mean(sums)
-            train_seconds = time.perf_counter() - t0
-            if dist.main:
-                scores = validate(model, val, cfg, epoch, device, max(cfg.batch_size, 64))
-                value = scores[f"val_{cfg.early_stopping_metric}"]
-            else:  # only rank 0 validates; the others follow its decisions
-                scores, value = {}, 0.0
-            value = dist.broadcast_value(value)
-            lr = opt.param_groups[0]["lr"]
-            if sched is not None:
-                sched.step(value) if cfg.scheduler == "plateau" else sched.step()
-            is_best, should_stop = stopper.update(epoch, value)
-            if not dist.main:
-                should_stop = dist.broadcast_flag(should_stop)
-                if should_stop:
-                    break
-                continue
-            dist.broadcast_flag(should_stop)
-            seconds = time.perf_counter() - t0
-            row = {
-                "epoch": epoch, "beta": beta, "lr": lr, "warmup_done": warmup_finished(epoch, cfg.loss.warmup_epochs),
-                "train_loss": sums["total"] / n_steps, "train_mae_all": sums["mae_all"] / n_steps,
-                "train_mae_ext": sums["mae_ext"] / n_steps, "train_kl": sums["kl"] / n_steps,
-                "train_mass": sums["mass"] / n_steps, "train_crps": sums["crps"] / n_steps,
-                "train_tail": sums["tail"] / n_steps, **scores, "is_best": is_best,
-                "epoch_seconds": seconds, "samples_per_s": n_train / train_seconds,
-            }
-            history.append({k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()})
-            log.info(
-                "epoch %3d/%d beta %.4f loss %.4f | val %s %.4f (MAE_all %.3f MAE_tail %.3f freq %.2f CRPS %.3f "
-                "twCRPS %.3f) | %.1f s, %.0f samples/s%s",
-                epoch + 1, cfg.epochs, beta, row["train_loss"], cfg.early_stopping_metric, value,
-                scores["val_MAE_all"], scores["val_MAE_tail"], scores["val_freq_ratio"], scores["val_CRPS"],
-                scores["val_twCRPS"], seconds, row["samples_per_s"], "  * best" if is_best else "",
+    return _Session(
+        paths=paths, cfg=cfg, dist=dist, device=device, train=train, val=val, model=model, net=net, opt=opt,
+        sched=build_scheduler(opt, cfg), stopper=EarlyStopping(cfg.early_stopping_metric, cfg.patience,
+                                                               cfg.loss.warmup_epochs),
+        meta=meta, thr_x=train.thr_x.to(device), tail_x=static.tail_x.to(device),
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext(),
+    )
+
+
+def _resume(s: _Session) -> None:
+    """Continue from ``resume.pt`` when it holds this config (same hash); otherwise start afresh."""
+    paths, chash = s.paths, s.meta["config_hash"]
+    if not paths.resume.exists():
+        return
+    try:
+        state = checkpoint.load(paths.resume, map_location=s.device)
+    except checkpoint.CheckpointError as exc:
+        log.warning("ignoring resume state: %s", exc)
+        return
+    if state.get("config_hash") != chash:
+        log.info("resume state %s is from another config (hash %s, now %s): starting afresh",
+                 paths.resume, state.get("config_hash"), chash)
+        return
+    s.model.load_state_dict(state["model_state"])
+    s.opt.load_state_dict(state["optimizer_state"])
+    if s.sched is not None and state.get("scheduler_state"):
+        s.sched.load_state_dict(state["scheduler_state"])
+    s.stopper = EarlyStopping(**state["early_stopping"])
+    s.history = list(state["history"])
+    s.start_epoch = int(state["epoch"]) + 1
+    _set_rng_state(state["rng"])
+    log.info("resuming from %s after epoch %d (best %s %.4f at epoch %d)", paths.resume, state["epoch"],
+             s.stopper.metric, s.stopper.best_value, s.stopper.best_epoch)
+
+
+LOSS_TERMS = ("total", "mae_all", "mae_ext", "kl", "mass", "crps", "tail")
+
+
+def _train_epoch(s: _Session, epoch: int, flag: "_SignalFlag") -> tuple[dict[str, float], float]:
+    """One pass over the train days (this rank's share of each batch); the mean loss terms over all ranks and
+    the seconds it took.
+
+    Raises
+    ------
+    TrainingInterrupted
+        A signal arrived (on any rank): the state after the previous epoch is the resume state.
+    NonFiniteLoss
+        The loss of a step was not finite (no update was made).
+    """
+    cfg, dist, paths = s.cfg, s.dist, s.paths
+    t0 = time.perf_counter()
+    s.net.train()
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = epoch_indices(s.train.is_event, cfg.oversample_heavy, g)
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    n_steps = 0
+    for step, start in enumerate(range(0, len(s.train), cfg.batch_size)):
+        if dist.any_true(flag.signum is not None):
+            raise TrainingInterrupted(
+                flag.signum or signal.SIGTERM,
+                f"interrupted by signal {flag.signum} in epoch {epoch} step {step}; the state after epoch "
+                f"{epoch - 1} is in {paths.resume}; rerun to resume",
             )
-            state = snapshot(epoch)
-            if is_best:
-                checkpoint.save(state, paths.best)
-                checkpoint.save(state, paths.resume_best)
-            checkpoint.save(state, paths.last)
-            checkpoint.save(state, paths.resume)
-            _write_log(history, paths.log_csv)  # after the resume state: a logged epoch is never lost to a kill
-            if should_stop:
-                log.info("early stopping after epoch %d: no %s improvement for %d epochs (best %.4f at epoch %d)",
-                         epoch + 1, cfg.early_stopping_metric, cfg.patience, stopper.best_value, stopper.best_epoch + 1)
-                break
-    if not dist.main:
-        return history
-    if epoch < start_epoch:  # nothing left to train (resumed after the last epoch)
-        state = snapshot(epoch)
-        checkpoint.save(state, paths.last)
+        index = order[start : start + cfg.batch_size][dist.rank :: dist.world]  # this rank's share
+        batch = augment(make_batch(s.train, index, s.thr_x, s.device, s.tail_x), cfg.augment, g, cfg)
+        losses = train_step(s.net, s.opt, batch, cfg, epoch, s.train.transform, s.autocast,
+                            dist if dist.world > 1 else None)
+        if losses is None:
+            raise NonFiniteLoss(
+                f"non-finite loss at epoch {epoch} step {step}; the last good state (epoch "
+                f"{epoch - 1}) is in {paths.resume}. Lower train.lr or check the inputs."
+            )
+        for k in sums:
+            sums[k] += float(losses[k].detach())
+        n_steps += 1
+    means = {k: v / n_steps for k, v in dist.mean(sums).items()}
+    return means, time.perf_counter() - t0
+
+
+def _validate_epoch(s: _Session, epoch: int) -> tuple[dict[str, float], float, bool, bool]:
+    """Rank 0 validates on prior samples; every rank steps the scheduler and the early stopping with rank 0's
+    value.  Returns (scores, value, is_best, should_stop); the scores are empty on the other ranks."""
+    cfg, dist = s.cfg, s.dist
+    if dist.main:
+        scores = validate(s.model, s.val, cfg, epoch, s.device, max(cfg.batch_size, 64))
+        value = scores[f"val_{cfg.early_stopping_metric}"]
+    else:  # only rank 0 validates; the others follow its decisions
+        scores, value = {}, 0.0
+    value = dist.broadcast_value(value)
+    if s.sched is not None:
+        s.sched.step(value) if cfg.scheduler == "plateau" else s.sched.step()
+    is_best, should_stop = s.stopper.update(epoch, value)
+    return scores, value, is_best, dist.broadcast_flag(should_stop)
+
+
+def _log_and_save(s: _Session, epoch: int, means: dict[str, float], scores: dict[str, float], value: float,
+                  is_best: bool, seconds: float, train_seconds: float) -> None:
+    """The epoch's row and log line; best.pt when best, last.pt and the resume state, then train_log.csv."""
+    cfg, paths = s.cfg, s.paths
+    beta = beta_schedule(epoch, cfg.loss.beta_kl, cfg.loss.warmup_epochs)
+    row = {
+        "epoch": epoch, "beta": beta, "lr": s.opt.param_groups[0]["lr"],
+        "warmup_done": warmup_finished(epoch, cfg.loss.warmup_epochs),
+        "train_loss": means["total"], **{f"train_{k}": means[k] for k in LOSS_TERMS if k != "total"},
+        **scores, "is_best": is_best, "epoch_seconds": seconds, "samples_per_s": len(s.train) / train_seconds,
+    }
+    s.history.append({k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()})
+    log.info(
+        "epoch %3d/%d beta %.4f loss %.4f | val %s %.4f (MAE_all %.3f MAE_tail %.3f freq %.2f CRPS %.3f "
+        "twCRPS %.3f) | %.1f s, %.0f samples/s%s",
+        epoch + 1, cfg.epochs, beta, row["train_loss"], cfg.early_stopping_metric, value,
+        scores["val_MAE_all"], scores["val_MAE_tail"], scores["val_freq_ratio"], scores["val_CRPS"],
+        scores["val_twCRPS"], seconds, row["samples_per_s"], "  * best" if is_best else "",
+    )
+    state = s.snapshot(epoch)
+    if is_best:
+        checkpoint.save(state, paths.best)
+        checkpoint.save(state, paths.resume_best)
+    checkpoint.save(state, paths.last)
+    checkpoint.save(state, paths.resume)
+    _write_log(s.history, paths.log_csv)  # after the resume state: a logged epoch is never lost to a kill
+
+
+def _finish(s: _Session, epoch: int) -> list[dict]:
+    """best.pt from the selected epoch (restored from resume_dir if a failed attempt lost it, else the last
+    epoch with a warning when none was selected), the final log, and the resume state removed."""
+    paths, cfg, stopper = s.paths, s.cfg, s.stopper
+    if epoch < s.start_epoch:  # nothing left to train (resumed after the last epoch)
+        checkpoint.save(s.snapshot(epoch), paths.last)
     if not paths.best.exists() and stopper.best_epoch >= 0 and paths.resume_best.exists():
         # a failed earlier attempt lost its declared outputs; the selected model survived in resume_dir
         with atomic_path(paths.best) as tmp:
@@ -613,9 +581,9 @@ def _train(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experime
         )
         with atomic_path(paths.best) as tmp:
             tmp.write_bytes(paths.last.read_bytes())
-    _write_log(history, paths.log_csv)
+    _write_log(s.history, paths.log_csv)
     paths.resume.unlink(missing_ok=True)
     paths.resume_best.unlink(missing_ok=True)
-    log.info("training done: %d epochs, best %s %.4f at epoch %d", len(history), cfg.early_stopping_metric,
+    log.info("training done: %d epochs, best %s %.4f at epoch %d", len(s.history), cfg.early_stopping_metric,
              stopper.best_value, stopper.best_epoch + 1)
-    return history
+    return s.history

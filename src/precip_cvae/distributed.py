@@ -1,0 +1,222 @@
+"""Data-parallel training (DDP), launched with ``torchrun``.
+
+``train.gpus > 1`` makes :func:`precip_cvae.train.run` call :func:`launch`, which starts
+
+    python -m torch.distributed.run --standalone --nproc-per-node <gpus> -m precip_cvae.distributed <spec>
+
+``torchrun`` is the standard launcher: it sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``
+for each process, finds a free port, and on a failure stops the other processes.  Each
+process runs :func:`main`: ``init_process_group`` from that environment (``env://``; NCCL
+on GPUs, gloo on CPU), then one training process on its share of every batch
+(:func:`precip_cvae.train.train_process`).  Only rank 0 validates, writes checkpoints and
+logs.  The same entry point runs across nodes when started by the user under ``srun``
+with a rendezvous instead of ``--standalone`` (docs/hpc.md).
+
+How a process ended is not read from tracebacks: each rank writes a small JSON status
+(``ok``, ``interrupted`` with the signal, ``non_finite`` or ``error``) into the status
+directory, and :func:`launch` turns the statuses into the same exceptions a single
+process raises (:class:`~precip_cvae.train.TrainingInterrupted`,
+:class:`~precip_cvae.train.NonFiniteLoss`).  SIGTERM / SIGUSR1 received by the launching
+process (SLURM's warning before a time limit) reach every rank as SIGTERM; each stops at
+its next step, as one process does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "spec.pkl"
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: rerun to resume
+EXIT_NON_FINITE = 65  # EX_DATAERR
+
+
+class Dist:
+    """Rank bookkeeping for DDP; a world of one makes every collective a no-op."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int | None = None):
+        self.rank, self.world = rank, world
+        self.local_rank = rank if local_rank is None else local_rank
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        """The rank of this process as torchrun set it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+        try:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        except KeyError as exc:
+            raise RuntimeError(f"{exc.args[0]} is not set: start this module with torchrun") from None
+        return cls(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_true(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1 if flag else 0])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item())
+
+    def any_true(self, flag: bool) -> bool:
+        return not self.all_true(not flag)
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1 if flag else 0])
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
+
+    def broadcast_value(self, value: float) -> float:
+        """Rank 0's ``value`` on every rank."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.broadcast(t, src=0)
+        return float(t.item())
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What every rank needs: the arguments of :func:`precip_cvae.train.train_process`."""
+
+    args: tuple  # (paths, model_cfg, cfg, threads, experiment)
+    log_path: str | None
+    status_dir: str
+
+
+def _status_path(status_dir: str | Path, rank: int) -> Path:
+    return Path(status_dir) / f"rank{rank}.json"
+
+
+def launch(world: int, args: tuple, work_dir: str | Path) -> None:
+    """Run ``train_process(*args)`` in ``world`` processes started by torchrun; return when all succeeded.
+
+    ``work_dir`` (the resume directory) receives the spec and the ranks' statuses.
+    ``args[3]`` (threads per process) becomes each process's ``OMP_NUM_THREADS``.
+
+    Raises
+    ------
+    precip_cvae.train.TrainingInterrupted
+        A rank stopped on a signal (or this process was signalled): rerun to resume.
+    precip_cvae.train.NonFiniteLoss
+        The loss was not finite (every rank agrees before any backward pass).
+    RuntimeError
+        Any other failure, with the first failed rank's error.
+    """
+    from .train import NonFiniteLoss, TrainingInterrupted
+
+    status_dir = Path(work_dir) / "ddp"
+    shutil.rmtree(status_dir, ignore_errors=True)
+    status_dir.mkdir(parents=True)
+    log_path = next((h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
+    spec = status_dir / SPEC_FILE
+    spec.write_bytes(pickle.dumps(Spec(args, log_path, str(status_dir))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           "-m", "precip_cvae.distributed", str(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(args[3])))}
+    log.info("DDP: %d processes (%s) with torchrun", world, "nccl" if torch.cuda.is_available() else "gloo")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    proc = subprocess.Popen(cmd, env=env)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        log.warning("received signal %d: stopping the DDP processes at their next step", signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # torchrun passes SIGTERM on to every rank
+
+    from .train import _SignalFlag
+
+    old = {s: signal.signal(s, forward) for s in _SignalFlag.SIGNALS}
+    try:
+        code = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    statuses = [json.loads(p.read_text()) for p in sorted(status_dir.glob("rank*.json"))]
+    failed = [s for s in statuses if s["outcome"] != "ok"]
+    interrupted = next((s for s in failed if s["outcome"] == "interrupted"), None)
+    if interrupted is not None or received:
+        signum = interrupted["signum"] if interrupted else received[0]
+        message = interrupted["message"] if interrupted else f"interrupted by signal {signum} before the first step"
+        raise TrainingInterrupted(signum, message)
+    non_finite = next((s for s in failed if s["outcome"] == "non_finite"), None)
+    if non_finite is not None:
+        raise NonFiniteLoss(non_finite["message"])
+    if failed:
+        first = min(failed, key=lambda s: s["rank"])
+        raise RuntimeError(f"DDP rank {first['rank']} failed: {first['type']}: {first['message']}")
+    if code != 0 or len(statuses) != world:
+        raise RuntimeError(f"torchrun exited with code {code} and {len(statuses)} of {world} ranks reported "
+                           f"(statuses in {status_dir}); see the log above")
+
+
+def _outcome(exc: BaseException | None) -> tuple[dict[str, Any], int]:
+    from .train import NonFiniteLoss, TrainingInterrupted
+
+    if exc is None:
+        return {"outcome": "ok"}, 0
+    if isinstance(exc, TrainingInterrupted):
+        return {"outcome": "interrupted", "signum": int(exc.signum), "message": str(exc)}, EXIT_INTERRUPTED
+    if isinstance(exc, NonFiniteLoss):
+        return {"outcome": "non_finite", "message": str(exc)}, EXIT_NON_FINITE
+    return {"outcome": "error", "type": type(exc).__name__, "message": str(exc)}, 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank (``python -m precip_cvae.distributed SPEC`` under torchrun); returns its exit code."""
+    import torch.distributed as tdist
+
+    from .logs import setup
+    from .train import NonFiniteLoss, TrainingInterrupted, train_process
+
+    argv = sys.argv[1:] if argv is None else argv
+    spec: Spec = pickle.loads(Path(argv[0]).read_bytes())
+    dist = Dist.from_env()
+    setup(spec.log_path if dist.main else None, logging.INFO if dist.main else logging.WARNING, append=True)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank)
+    tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method="env://")
+    error: BaseException | None = None
+    try:
+        train_process(*spec.args, dist=dist)
+    except Exception as exc:  # noqa: BLE001 -- reported to the launcher through the status file
+        error = exc
+        if not isinstance(exc, (TrainingInterrupted, NonFiniteLoss)):
+            log.exception("rank %d failed", dist.rank)
+        else:
+            log.warning("rank %d: %s", dist.rank, exc)
+    finally:
+        status, code = _outcome(error)
+        _status_path(spec.status_dir, dist.rank).write_text(json.dumps({"rank": dist.rank, **status}))
+        tdist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
