@@ -74,13 +74,15 @@ def small_inputs(tmp_path):
     return tmp_path, pr_mm, times
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True):
-    """Run snakemake (2 cores) in ``workdir``; raise with its output tail on failure."""
+def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None):
+    """Run snakemake (2 cores) in ``workdir`` (``env``: added to the environment); raise with its output
+    tail on failure."""
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900,
+                          env=None if env is None else {**os.environ, **env})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
