@@ -199,10 +199,9 @@ def test_a_docstring_edit_of_a_package_module_keeps_every_stage_fingerprint(tmp_
 
     def fingerprints(pkg):
         monkeypatch.setattr(provenance, "_package_dir", lambda: pkg)
-        provenance.module_closure.cache_clear()
-        provenance.code_digest.cache_clear()
+        provenance.clear_caches()
         out = {p.stem: provenance.script_fingerprint(p) for p in scripts}
-        provenance.module_closure.cache_clear()
+        provenance.clear_caches()
         return out
 
     copy = tmp_path / "precip_cvae"
@@ -237,11 +236,9 @@ def test_the_evaluate_rules_depend_only_on_what_they_run(tmp_path, monkeypatch):
 
     def fingerprints(pkg):
         monkeypatch.setattr(provenance, "_package_dir", lambda: pkg)
-        provenance.module_closure.cache_clear()
-        provenance.code_digest.cache_clear()
+        provenance.clear_caches()
         out = {r: provenance.script_fingerprint(scripts / f"{r}.py") for r in rules}
-        provenance.module_closure.cache_clear()
-        provenance.code_digest.cache_clear()
+        provenance.clear_caches()
         return out
 
     copy = tmp_path / "precip_cvae"

@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 @lru_cache(maxsize=None)
 def schema() -> dict:
     """The workflow's JSON schema (``config.schema.yaml``)."""
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return yaml.load(SCHEMA_PATH.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # C: 8x faster
 
 
 def _deref(node: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -42,30 +42,46 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
-def _imports(path: Path, module: str) -> set[str]:
-    """Package-internal modules imported by the file at ``path`` (module ``module``)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    is_pkg = path.name == "__init__.py"
-    base = module if is_pkg else module.rpartition(".")[0]
-    found: set[str] = set()
+def _stamp(path: Path) -> tuple[int, int]:
+    """What the caches below are keyed on besides the path: a file edited in place is read again."""
+    st = Path(path).stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@lru_cache(maxsize=None)
+def _analyse(path_text: str, stamp: tuple[int, int]) -> tuple[tuple, str]:
+    """One parse of a file: its import statements as (level, module, names) and its code digest."""
+    tree = ast.parse(Path(path_text).read_text(), filename=path_text)
+    statements = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
+            statements.extend((0, a.name, ()) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = base.split(".")
-                parent = ".".join(parts[: len(parts) - (node.level - 1)])
-                target = f"{parent}.{node.module}" if node.module else parent
-            else:
-                target = node.module or ""
-            if target.split(".")[0] != PACKAGE:
-                continue
-            found.add(target)
-            for alias in node.names:  # `from . import io` imports a submodule
-                candidate = f"{target}.{alias.name}"
-                if _module_file(candidate) is not None:
-                    found.add(candidate)
-    return found
+            statements.append((node.level, node.module or "", tuple(a.name for a in node.names)))
+    digest = hashlib.sha256(ast.dump(_without_docstrings(tree), include_attributes=False).encode()).hexdigest()
+    return tuple(statements), digest
+
+
+def _imports(path: Path, module: str) -> frozenset[str]:
+    """Package-internal modules imported by the file at ``path`` (module ``module``)."""
+    statements, _ = _analyse(str(path), _stamp(path))
+    base = module if Path(path).name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for level, name, names in statements:
+        if level:
+            parts = base.split(".")
+            parent = ".".join(parts[: len(parts) - (level - 1)])
+            target = f"{parent}.{name}" if name else parent
+        else:
+            target = name
+        if target.split(".")[0] != PACKAGE:
+            continue
+        found.add(target)
+        for alias in names:  # `from . import io` imports a submodule
+            candidate = f"{target}.{alias}"
+            if _module_file(candidate) is not None:
+                found.add(candidate)
+    return frozenset(found)
 
 
 @lru_cache(maxsize=None)
@@ -99,12 +115,16 @@ def _without_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-@lru_cache(maxsize=None)
 def code_digest(path: Path) -> str:
     """SHA-256 of the code of the Python file ``path``: ``ast.dump`` of its syntax tree without
     docstrings (no comments, no line numbers), so only a change of behaviour changes it."""
-    tree = _without_docstrings(ast.parse(Path(path).read_text(), filename=str(path)))
-    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+    return _analyse(str(path), _stamp(path))[1]
+
+
+def clear_caches() -> None:
+    """Forget every cached closure and digest (tests that point the package somewhere else)."""
+    for cached in (_package_dir, _analyse, module_closure):
+        getattr(cached, "cache_clear", lambda: None)()  # _package_dir may be a test's stand-in
 
 
 def code_fingerprint(*modules: str) -> str:
