@@ -120,6 +120,11 @@ def test_a_section_built_directly_meets_the_schema_like_one_from_a_config_file()
         C.LossConfig(ensemble_members=1)
     assert C.LossConfig(ensemble_members=1, lambda_crps=0.0).n_prior == 0
     assert C.DemoConfig.from_dict({"enabled": True, "years": 2}).years == 2  # the workflow's switch is dropped
+    with pytest.raises(C.ConfigError, match=r"^preprocess.split: expected a SplitConfig section, got None"):
+        C.PreprocessConfig(split=None)
+    import numpy as np
+
+    assert C.EvaluateConfig(members=np.int64(8)).members == 8  # numpy numbers are numbers
 
 
 def test_registries_and_enums_are_one_list():

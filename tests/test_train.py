@@ -283,9 +283,17 @@ def test_ddp_two_gloo_processes_match_one_process(prepared, tmp_path):
     base = dict(epochs=2, batch_size=32, lr=1e-3, val_members=2, seed=3, num_threads=2,
                 loss=LossConfig(warmup_epochs=1, lambda_ext=0.0), device="cpu")
     model = ModelConfig(preset="tiny", dropout_encoder=0.0, dropout_decoder=0.0)
+    from precip_cvae.logs import stage_logging
+
     one = train.run(_paths(prepared, tmp_path / "one"), model, TrainConfig(gpus=1, **base))
-    two = train.run(_paths(prepared, tmp_path / "two"), model, TrainConfig(gpus=2, **base))
+    with stage_logging(tmp_path / "two.log", "train_cvae"):
+        two = train.run(_paths(prepared, tmp_path / "two"), model, TrainConfig(gpus=2, **base))
     assert [r["epoch"] for r in two] == [0, 1]
+    # the launcher's lines and rank 0's share the rule's log, none written over
+    text = (tmp_path / "two.log").read_text()
+    for line in ("stage train_cvae", "DDP: 2 processes", "epoch   1/2", "epoch   2/2", "training done",
+                 "stage train_cvae finished"):
+        assert line in text, line
     a = np.array([r["train_loss"] for r in one])
     b = np.array([r["train_loss"] for r in two])
     np.testing.assert_allclose(b, a, rtol=0.05)
@@ -325,3 +333,36 @@ def test_two_torchrun_processes_report_how_they_ended(prepared, tmp_path):
         train.run(bad, TINY, dataclasses.replace(cfg, lr=1e30, grad_clip=0.0))
     outcomes = [json.loads(p.read_text())["outcome"] for p in sorted((tmp_path / "bad" / "resume" / "ddp").glob("rank*"))]
     assert outcomes == ["non_finite", "non_finite"]
+
+
+def test_a_signal_to_torchrun_and_its_ranks_stops_every_rank_at_a_step(prepared, tmp_path):
+    """SIGUSR1 to the process group of torchrun (what SLURM's --signal=USR1 does): both ranks stop at their next
+    step, report 'interrupted' with the signal, and the resume state of the last complete epoch is on disk."""
+    import json
+    import pickle
+    import subprocess
+    import sys
+    import time
+
+    from precip_cvae import distributed
+
+    paths = _paths(prepared, tmp_path / "run")
+    cfg = TrainConfig(epochs=200, batch_size=32, lr=1e-3, val_members=2, seed=3, gpus=2, device="cpu",
+                      loss=LossConfig(warmup_epochs=1))
+    status_dir = tmp_path / "status"
+    status_dir.mkdir()
+    spec = status_dir / "spec.pkl"
+    spec.write_bytes(pickle.dumps(distributed.Spec((paths, TINY, cfg, 1, "default"), None, str(status_dir))))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             f"--signals-to-handle={distributed.SIGNALS_TO_HANDLE}", "-m", "precip_cvae.distributed",
+                             str(spec)], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not (paths.log_csv.exists() and len(pd.read_csv(paths.log_csv)) >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    assert proc.wait(timeout=120) != 0
+    statuses = [json.loads((status_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(s["outcome"], s["signum"]) for s in statuses] == [("interrupted", signal.SIGUSR1)] * 2
+    state = checkpoint.load(paths.resume)
+    assert 0 <= state["epoch"] < 199 and len(pd.read_csv(paths.log_csv)) == state["epoch"] + 1

@@ -82,6 +82,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, Path):
         return str(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):  # np.int64(3) is the integer 3
+        return value.item()
     return value
 
 
@@ -124,7 +126,14 @@ class Section:
     def _validate(self) -> None:
         props = schema_node(self.SCHEMA)["properties"]
         for f in fields(self):
-            if f.name in self.NESTED or f.name in self.INTERNAL:
+            if f.name in self.INTERNAL:
+                continue
+            if f.name in self.NESTED:  # checked by its own class; here only that it is one
+                kind, value = self.NESTED[f.name], getattr(self, f.name)
+                if not (isinstance(value, kind) or (value is None and f.default is None)
+                        or (isinstance(f.default, tuple) and isinstance(value, tuple)
+                            and all(isinstance(v, kind) for v in value))):
+                    raise ConfigError(f"{self.SCHEMA}.{f.name}: expected a {kind.__name__} section, got {value!r}")
                 continue
             error = jsonschema.exceptions.best_match(
                 _validator(self.SCHEMA, f.name).iter_errors(_plain(getattr(self, f.name))))

@@ -40,6 +40,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "spec.pkl"
+SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: rerun to resume
 EXIT_NON_FINITE = 65  # EX_DATAERR
 
@@ -135,8 +136,9 @@ def launch(world: int, args: tuple, work_dir: str | Path) -> None:
     log_path = next((h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
     spec = status_dir / SPEC_FILE
     spec.write_bytes(pickle.dumps(Spec(args, log_path, str(status_dir))))
+    # SIGUSR1 is SLURM's warning before a time limit: torchrun must pass it on, not die of it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           "-m", "precip_cvae.distributed", str(spec)]
+           f"--signals-to-handle={SIGNALS_TO_HANDLE}", "-m", "precip_cvae.distributed", str(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(args[3])))}
     log.info("DDP: %d processes (%s) with torchrun", world, "nccl" if torch.cuda.is_available() else "gloo")
     for handler in logging.getLogger().handlers:
@@ -160,6 +162,10 @@ def launch(world: int, args: tuple, work_dir: str | Path) -> None:
             signal.signal(s, h)
     statuses = [json.loads(p.read_text()) for p in sorted(status_dir.glob("rank*.json"))]
     failed = [s for s in statuses if s["outcome"] != "ok"]
+    if code == 0 and len(statuses) == world and not failed:
+        if received:  # too late to stop anything: training finished and best.pt is selected
+            log.warning("signal %d arrived after every rank had finished; the training is complete", received[0])
+        return
     interrupted = next((s for s in failed if s["outcome"] == "interrupted"), None)
     if interrupted is not None or received:
         signum = interrupted["signum"] if interrupted else received[0]
@@ -201,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     setup(spec.log_path if dist.main else None, logging.INFO if dist.main else logging.WARNING, append=True)
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank)
-    tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method="env://")
+    # NCCL for the gradients on GPUs; gloo for the small CPU tensors of Dist's flags and means
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    tdist.init_process_group(backend, init_method="env://")
     error: BaseException | None = None
     try:
         train_process(*spec.args, dist=dist)

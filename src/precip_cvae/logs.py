@@ -21,7 +21,9 @@ def setup(log_path: str | Path | None = None, level: int = logging.INFO, append:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="a" if append else "w"))
+        if not append:
+            open(log_path, "w").close()  # a fresh log, then appended to: a DDP rank writing into the same file
+        handlers.append(logging.FileHandler(log_path, mode="a"))  # O_APPEND: writers never overwrite each other
     for handler in handlers:
         handler.setFormatter(logging.Formatter(FORMAT, "%Y-%m-%d %H:%M:%S"))
         root.addHandler(handler)

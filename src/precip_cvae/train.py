@@ -319,9 +319,9 @@ def _train(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experime
         for epoch in range(s.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             means, train_seconds = _train_epoch(s, epoch, flag)
-            scores, value, is_best, should_stop = _validate_epoch(s, epoch)
+            scores, value, is_best, should_stop, lr = _validate_epoch(s, epoch)
             if dist.main:
-                _log_and_save(s, epoch, means, scores, value, is_best, time.perf_counter() - t0, train_seconds)
+                _log_and_save(s, epoch, means, scores, value, is_best, lr, time.perf_counter() - t0, train_seconds)
             if should_stop:
                 if dist.main:
                     log.info("early stopping after epoch %d: no %s improvement for %d epochs (best %.4f at epoch "
@@ -520,9 +520,10 @@ def _train_epoch(s: _Session, epoch: int, flag: "_SignalFlag") -> tuple[dict[str
     return means, time.perf_counter() - t0
 
 
-def _validate_epoch(s: _Session, epoch: int) -> tuple[dict[str, float], float, bool, bool]:
+def _validate_epoch(s: _Session, epoch: int) -> tuple[dict[str, float], float, bool, bool, float]:
     """Rank 0 validates on prior samples; every rank steps the scheduler and the early stopping with rank 0's
-    value.  Returns (scores, value, is_best, should_stop); the scores are empty on the other ranks."""
+    value.  Returns (scores, value, is_best, should_stop, lr): the scores are empty on the other ranks, lr is
+    the learning rate this epoch trained with (read before the scheduler steps)."""
     cfg, dist = s.cfg, s.dist
     if dist.main:
         scores = validate(s.model, s.val, cfg, epoch, s.device, max(cfg.batch_size, 64))
@@ -530,19 +531,20 @@ def _validate_epoch(s: _Session, epoch: int) -> tuple[dict[str, float], float, b
     else:  # only rank 0 validates; the others follow its decisions
         scores, value = {}, 0.0
     value = dist.broadcast_value(value)
+    lr = s.opt.param_groups[0]["lr"]
     if s.sched is not None:
         s.sched.step(value) if cfg.scheduler == "plateau" else s.sched.step()
     is_best, should_stop = s.stopper.update(epoch, value)
-    return scores, value, is_best, dist.broadcast_flag(should_stop)
+    return scores, value, is_best, dist.broadcast_flag(should_stop), lr
 
 
 def _log_and_save(s: _Session, epoch: int, means: dict[str, float], scores: dict[str, float], value: float,
-                  is_best: bool, seconds: float, train_seconds: float) -> None:
+                  is_best: bool, lr: float, seconds: float, train_seconds: float) -> None:
     """The epoch's row and log line; best.pt when best, last.pt and the resume state, then train_log.csv."""
     cfg, paths = s.cfg, s.paths
     beta = beta_schedule(epoch, cfg.loss.beta_kl, cfg.loss.warmup_epochs)
     row = {
-        "epoch": epoch, "beta": beta, "lr": s.opt.param_groups[0]["lr"],
+        "epoch": epoch, "beta": beta, "lr": lr,
         "warmup_done": warmup_finished(epoch, cfg.loss.warmup_epochs),
         "train_loss": means["total"], **{f"train_{k}": means[k] for k in LOSS_TERMS if k != "total"},
         **scores, "is_best": is_best, "epoch_seconds": seconds, "samples_per_s": len(s.train) / train_seconds,
