@@ -366,3 +366,9 @@ def test_a_signal_to_torchrun_and_its_ranks_stops_every_rank_at_a_step(prepared,
     assert [(s["outcome"], s["signum"]) for s in statuses] == [("interrupted", signal.SIGUSR1)] * 2
     state = checkpoint.load(paths.resume)
     assert 0 <= state["epoch"] < 199 and len(pd.read_csv(paths.log_csv)) == state["epoch"] + 1
+
+
+def test_the_log_holds_the_learning_rate_each_epoch_trained_with(prepared, tmp_path):
+    """Cosine schedule over 2 epochs from 2e-3: epoch 0 trains at 2e-3, epoch 1 at 2e-3 (1 + cos(pi / 2)) / 2."""
+    rows = train.run(_paths(prepared, tmp_path), TINY, _cfg(epochs=2, scheduler="cosine"))
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3, 1e-3])
