@@ -306,42 +306,31 @@ def test_ddp_two_gloo_processes_match_one_process(prepared, tmp_path):
 def test_two_torchrun_processes_report_how_they_ended(prepared, tmp_path):
     """The DDP entry point as a user starts it under srun (torchrun, two gloo ranks): each rank reports its
     outcome in a status file, and launch() turns a non-finite loss on the ranks into NonFiniteLoss."""
-    import json
-    import pickle
     import subprocess
-    import sys
 
     from precip_cvae import distributed
 
     paths = _paths(prepared, tmp_path / "ok")
     cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, val_members=2, seed=3, gpus=2, device="cpu",
                       loss=LossConfig(warmup_epochs=1))
-    status_dir = tmp_path / "status"
-    status_dir.mkdir()
-    spec = status_dir / "spec.pkl"
-    spec.write_bytes(pickle.dumps(distributed.Spec((paths, TINY, cfg, 1, "default"), None, str(status_dir))))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "precip_cvae.distributed", str(spec)], capture_output=True, text=True, timeout=300)
+    spec = distributed.write_spec(tmp_path / "status", (paths, TINY, cfg, 1, "default"))
+    proc = subprocess.run(distributed.torchrun_command(2, spec), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    statuses = [json.loads((status_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert statuses == [{"rank": 0, "outcome": "ok"}, {"rank": 1, "outcome": "ok"}]
+    assert distributed.read_statuses(tmp_path / "status") == [{"rank": 0, "outcome": "ok"}, {"rank": 1, "outcome": "ok"}]
     assert pd.read_csv(paths.log_csv)["epoch"].tolist() == [0, 1]
     assert checkpoint.load(paths.last)["epoch"] == 1
     # a learning rate that overflows the weights: every rank stops at the same step, no rank hangs
     bad = _paths(prepared, tmp_path / "bad")
     with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss at epoch 0 step \d+"):
         train.run(bad, TINY, dataclasses.replace(cfg, lr=1e30, grad_clip=0.0))
-    outcomes = [json.loads(p.read_text())["outcome"] for p in sorted((tmp_path / "bad" / "resume" / "ddp").glob("rank*"))]
-    assert outcomes == ["non_finite", "non_finite"]
+    statuses = distributed.read_statuses(tmp_path / "bad" / "resume" / "ddp")
+    assert [s["outcome"] for s in statuses] == ["non_finite", "non_finite"]
 
 
 def test_a_signal_to_torchrun_and_its_ranks_stops_every_rank_at_a_step(prepared, tmp_path):
     """SIGUSR1 to the process group of torchrun (what SLURM's --signal=USR1 does): both ranks stop at their next
     step, report 'interrupted' with the signal, and the resume state of the last complete epoch is on disk."""
-    import json
-    import pickle
     import subprocess
-    import sys
     import time
 
     from precip_cvae import distributed
@@ -349,20 +338,16 @@ def test_a_signal_to_torchrun_and_its_ranks_stops_every_rank_at_a_step(prepared,
     paths = _paths(prepared, tmp_path / "run")
     cfg = TrainConfig(epochs=200, batch_size=32, lr=1e-3, val_members=2, seed=3, gpus=2, device="cpu",
                       loss=LossConfig(warmup_epochs=1))
-    status_dir = tmp_path / "status"
-    status_dir.mkdir()
-    spec = status_dir / "spec.pkl"
-    spec.write_bytes(pickle.dumps(distributed.Spec((paths, TINY, cfg, 1, "default"), None, str(status_dir))))
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             f"--signals-to-handle={distributed.SIGNALS_TO_HANDLE}", "-m", "precip_cvae.distributed",
-                             str(spec)], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    spec = distributed.write_spec(tmp_path / "status", (paths, TINY, cfg, 1, "default"))
+    proc = subprocess.Popen(distributed.torchrun_command(2, spec), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not (paths.log_csv.exists() and len(pd.read_csv(paths.log_csv)) >= 1):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-3000:]
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGUSR1)
     assert proc.wait(timeout=120) != 0
-    statuses = [json.loads((status_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    statuses = distributed.read_statuses(tmp_path / "status")
     assert [(s["outcome"], s["signum"]) for s in statuses] == [("interrupted", signal.SIGUSR1)] * 2
     state = checkpoint.load(paths.resume)
     assert 0 <= state["epoch"] < 199 and len(pd.read_csv(paths.log_csv)) == state["epoch"] + 1

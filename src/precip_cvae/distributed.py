@@ -113,6 +113,28 @@ def _status_path(status_dir: str | Path, rank: int) -> Path:
     return Path(status_dir) / f"rank{rank}.json"
 
 
+def write_spec(status_dir: str | Path, args: tuple, log_path: str | None = None) -> Path:
+    """An empty ``status_dir`` holding the spec of a run (the arguments of ``train_process``); its path."""
+    status_dir = Path(status_dir)
+    shutil.rmtree(status_dir, ignore_errors=True)
+    status_dir.mkdir(parents=True)
+    spec = status_dir / SPEC_FILE
+    spec.write_bytes(pickle.dumps(Spec(args, log_path, str(status_dir))))
+    return spec
+
+
+def torchrun_command(world: int, spec: str | Path) -> list[str]:
+    """torchrun starting ``world`` ranks on this node; SIGUSR1 (SLURM's warning before a time limit) is passed
+    on to them, not left to kill torchrun."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+            f"--signals-to-handle={SIGNALS_TO_HANDLE}", "-m", "precip_cvae.distributed", str(spec)]
+
+
+def read_statuses(status_dir: str | Path) -> list[dict]:
+    """The statuses the ranks wrote, by rank."""
+    return sorted((json.loads(p.read_text()) for p in Path(status_dir).glob("rank*.json")), key=lambda s: s["rank"])
+
+
 def launch(world: int, args: tuple, work_dir: str | Path) -> None:
     """Run ``train_process(*args)`` in ``world`` processes started by torchrun; return when all succeeded.
 
@@ -131,14 +153,8 @@ def launch(world: int, args: tuple, work_dir: str | Path) -> None:
     from .train import NonFiniteLoss, TrainingInterrupted
 
     status_dir = Path(work_dir) / "ddp"
-    shutil.rmtree(status_dir, ignore_errors=True)
-    status_dir.mkdir(parents=True)
     log_path = next((h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
-    spec = status_dir / SPEC_FILE
-    spec.write_bytes(pickle.dumps(Spec(args, log_path, str(status_dir))))
-    # SIGUSR1 is SLURM's warning before a time limit: torchrun must pass it on, not die of it
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           f"--signals-to-handle={SIGNALS_TO_HANDLE}", "-m", "precip_cvae.distributed", str(spec)]
+    cmd = torchrun_command(world, write_spec(status_dir, args, log_path))
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(args[3])))}
     log.info("DDP: %d processes (%s) with torchrun", world, "nccl" if torch.cuda.is_available() else "gloo")
     for handler in logging.getLogger().handlers:
@@ -160,7 +176,7 @@ def launch(world: int, args: tuple, work_dir: str | Path) -> None:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    statuses = [json.loads(p.read_text()) for p in sorted(status_dir.glob("rank*.json"))]
+    statuses = read_statuses(status_dir)
     failed = [s for s in statuses if s["outcome"] != "ok"]
     if code == 0 and len(statuses) == world and not failed:
         if received:  # too late to stop anything: training finished and best.pt is selected
