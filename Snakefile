@@ -33,12 +33,10 @@ include: "rules/downstream.smk"
 
 rule all:
     input:
-        expand(
-            "results/{run}/{path}",
-            run=RUN,
-            path=["preprocess/dataset.zarr", "events/thresholds.nc", "events/events.csv"],
-        ),
-        all_experiment_outputs("train", "best.pt"),
+        fold_outputs("preprocess", "dataset.zarr"),
+        fold_outputs("events", "thresholds.nc"),
+        fold_outputs("events", "events.csv"),
+        fold_experiment_outputs("train", "best.pt"),
         all_experiment_outputs("evaluate", "summary.md"),
         generated_outputs("generate", "generation_report.json"),
         expand("results/{run}/experiments_comparison.csv", run=RUN),

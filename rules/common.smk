@@ -6,12 +6,18 @@ import re
 
 from precip_cvae.config import experiment_names, experiment_sections, experiment_setting, generated_experiments
 from precip_cvae.provenance import script_fingerprint
+from precip_cvae.split import fold_index, fold_name
 
 RUN = config["run"]
+# preprocess.split.method kfold_years: every fold is a run of its own below results/<run>/fold<k>/
+# (preprocess, events, train, sample_ensembles), and results/<run>/ holds the pooled evaluation.
+KFOLD = config["preprocess"]["split"]["method"] == "kfold_years"
+FOLD_RUNS = [f"{RUN}/{fold_name(k)}" for k in range(config["preprocess"]["split"]["folds"])] if KFOLD else [RUN]
+FOLD_RUN_PATTERN = re.escape(RUN) + "/fold[0-9]+"
 
 
 wildcard_constraints:
-    run=re.escape(RUN),
+    run=re.escape(RUN) + ("(/fold[0-9]+)?" if KFOLD else ""),
 
 
 def run_dir(*parts):
@@ -34,6 +40,30 @@ def raw_inputs(wildcards):
     sources = [config["data"]["target"], *config["data"]["predictors"]]
     files = sorted({f for source in sources for f in glob.glob(source["paths"])})
     return {"files": files}
+
+
+def run_fold(wildcards):
+    """The fold of the wildcard's run (None for the run itself)."""
+    return fold_index(wildcards.run)
+
+
+def pooled(wildcards):
+    """True for the pooled run of a kfold_years config (results/<run>/, scored over every fold)."""
+    return KFOLD and wildcards.run == RUN
+
+
+def per_fold(*parts):
+    """results/<fold run>/<parts...> of every fold of the pooled run (the run itself without kfold)."""
+    def paths(wildcards):
+        names = {"experiment": getattr(wildcards, "experiment", "")}
+        return [os.path.join("results", r, *parts).format(**names) for r in FOLD_RUNS]
+
+    return paths
+
+
+def fold_outputs(*parts):
+    """results/<run or each fold run>/<parts...>: the stages that run once per fold."""
+    return expand(os.path.join("results", "{run}", *parts), run=FOLD_RUNS)
 
 
 def script_code(script):
@@ -79,12 +109,34 @@ def train_resume_dir(wildcards):
 
 
 def all_experiment_outputs(*parts):
+    """results/<run>/experiments/<experiment>/<parts...>: the pooled outputs under kfold_years."""
     return expand(os.path.join("results", RUN, "experiments", "{experiment}", *parts), experiment=EXPERIMENTS)
 
 
+def fold_experiment_outputs(*parts):
+    """Per-fold outputs of every experiment (train): results/<fold run>/experiments/<experiment>/<parts...>."""
+    return expand(os.path.join("results", "{run}", "experiments", "{experiment}", *parts), run=FOLD_RUNS,
+                  experiment=EXPERIMENTS)
+
+
 def generated_outputs(*parts):
-    """Outputs of generate/downstream: only the experiments in generate.experiments (all when empty)."""
-    return expand(os.path.join("results", RUN, "experiments", "{experiment}", *parts), experiment=GENERATED)
+    """Outputs of generate/downstream: only the experiments in generate.experiments (all when empty); under
+    kfold_years from the first fold's model (its train years are most of the record)."""
+    return expand(os.path.join("results", FOLD_RUNS[0], "experiments", "{experiment}", *parts), experiment=GENERATED)
+
+
+def evaluate_dataset(wildcards):
+    """The data set(s) evaluate fits its tail thresholds on: one per fold for the pooled kfold run."""
+    if pooled(wildcards):
+        return per_fold("preprocess", "dataset.zarr")(wildcards)
+    return os.path.join("results", wildcards.run, "preprocess", "dataset.zarr")
+
+
+def evaluate_train_log(wildcards):
+    """train_log.csv of the experiment: one per fold for the pooled kfold run."""
+    if pooled(wildcards):
+        return per_fold("experiments", "{experiment}", "train", "train_log.csv")(wildcards)
+    return os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train", "train_log.csv")
 
 
 def experiment_settings():

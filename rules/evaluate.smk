@@ -13,6 +13,8 @@ rule sample_ensembles:
         checkpoints=evaluate_checkpoints,
     output:
         ensembles=directory(exp_dir("evaluate", "ensembles.zarr")),
+    wildcard_constraints:
+        run=FOLD_RUN_PATTERN if KFOLD else re.escape(RUN),  # kfold_years: each fold samples its own days
     params:
         evaluate=evaluate_section("sampling"),
         code=script_code("sample_ensembles"),
@@ -28,11 +30,34 @@ rule sample_ensembles:
         "../workflow/scripts/sample_ensembles.py"
 
 
+if KFOLD:
+
+    # kfold_years: the held-out days of every fold, each scored by the model that never saw it, in one cache
+    rule pool_ensembles:
+        input:
+            folds=per_fold("experiments", "{experiment}", "evaluate", "ensembles.zarr"),
+            datasets=per_fold("preprocess", "dataset.zarr"),
+        output:
+            ensembles=directory(exp_dir("evaluate", "ensembles.zarr")),
+        wildcard_constraints:
+            run=re.escape(RUN),
+        params:
+            code=script_code("pool_ensembles"),
+        log:
+            exp_dir("logs", "pool_ensembles.log"),
+        threads: 1
+        resources:
+            mem_mb=8000,
+            runtime=60,
+        script:
+            "../workflow/scripts/pool_ensembles.py"
+
+
 rule evaluate:
     input:
         ensembles=exp_dir("evaluate", "ensembles.zarr"),
-        dataset=run_dir("preprocess", "dataset.zarr"),
-        train_log=exp_dir("train", "train_log.csv"),
+        dataset=evaluate_dataset,  # one per fold for a kfold_years run (thresholds fitted on each fold's train)
+        train_log=evaluate_train_log,
     output:
         metrics_csv=exp_dir("evaluate", "metrics.csv"),
         metrics_json=exp_dir("evaluate", "metrics.json"),

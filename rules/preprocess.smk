@@ -6,6 +6,7 @@ rule preprocess:
     params:
         data=config["data"],
         preprocess=config["preprocess"],
+        fold=run_fold,  # kfold_years: the fold of results/<run>/fold<k>/
         code=script_code("preprocess"),
     log:
         log_path("preprocess"),

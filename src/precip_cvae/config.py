@@ -306,6 +306,8 @@ class SplitConfig(Section):
     day is that of its season's January when ``season_year`` is ``djf``.
     ``dates``: inclusive ``[start, end]`` ISO date or date-time pairs (a date-only end
     includes its whole day; date-times split sub-daily data within a day).
+    ``kfold_years``: cross-validation over ``folds`` blocks of consecutive (season) years
+    (:func:`precip_cvae.split.fold_blocks`); each fold is its own data set and DAG branch.
     """
 
     SCHEMA = "preprocess.split"
@@ -319,6 +321,7 @@ class SplitConfig(Section):
     train_dates: tuple[str, ...] = ()
     val_dates: tuple[str, ...] = ()
     test_dates: tuple[str, ...] = ()
+    folds: int = 5
 
     def _check(self):
         if self.method == "contiguous" and abs(sum(self.fractions) - 1) > 1e-6:

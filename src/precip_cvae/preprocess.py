@@ -52,7 +52,7 @@ from . import __version__, cf
 from .config import DataConfig, PreprocessConfig, parse_step
 from .io import InputError, open_static, open_variable, source_files, write_zarr
 from .grid import block_mean, crop_to_original, pad_grid, regrid  # noqa: F401 (crop_to_original: API)
-from .split import SPLITS, split_labels
+from .split import SPLITS, season_years, split_labels
 from .transform import TargetTransform
 from .units import MM_PER_DAY, UnitsError, factor_to_mm_per_day
 
@@ -633,6 +633,7 @@ def build_dataset(
     cfg: PreprocessConfig,
     precipitation_predictors: Sequence[bool] | None = None,
     static: dict | None = None,
+    fold: int | None = None,
 ) -> xr.Dataset:
     """Checked, aligned, split and normalised dataset (lazy where it matters).
 
@@ -645,6 +646,9 @@ def build_dataset(
         mm/day and also stored raw as ``coarse_pr``)
     static : dict name -> xr.DataArray (lat, lon), optional
         Time-invariant fields (``data.static``), regridded to the target grid.
+    fold : int, optional
+        The fold of ``split.method: kfold_years``: its held-out block is ``test``, the next
+        block ``val`` and every statistic (mask aside) is fitted on its ``train`` years only.
     """
     flags = list(precipitation_predictors or [False] * len(predictors))
     if not predictors and not (cfg.target_coarse_factor and cfg.target_coarse_factor > 1):
@@ -672,7 +676,7 @@ def build_dataset(
     pr = pr.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1})
 
     try:
-        labels = split_labels(pr.indexes["time"], cfg.split)
+        labels = split_labels(pr.indexes["time"], cfg.split, fold)
     except InputError as exc:  # name the data: the split sees the target/predictor time intersection
         raise InputError(f"{where} (time stamps shared with the predictors): {exc}") from exc
     missing, partial_cells = predictor_missing_days(preds, labels != "", cfg)
@@ -798,16 +802,28 @@ def build_dataset(
     )
     for s in SPLITS:
         ds.attrs[f"n_{s}"] = int((labels == s).sum())
+    if fold is not None:
+        years = season_years(pr.indexes["time"], cfg.split.season_year)
+        ds.attrs["fold"] = int(fold)
+        ds.attrs["folds"] = int(cfg.split.folds)
+        for s in SPLITS:
+            chosen = sorted({int(y) for y in years[labels == s]})
+            ds.attrs[f"fold_{s}_years"] = json.dumps(chosen)
+        log.info("fold %d of %d: test years %s, val years %s, train years %s", fold, cfg.split.folds,
+                 ds.attrs["fold_test_years"], ds.attrs["fold_val_years"], ds.attrs["fold_train_years"])
     return ds
 
 
-def run(data: DataConfig, cfg: PreprocessConfig, out: str) -> xr.Dataset:
-    """Read the configured NetCDF inputs, build the dataset, write ``out`` (zarr)."""
+def run(data: DataConfig, cfg: PreprocessConfig, out: str, fold: int | None = None) -> xr.Dataset:
+    """Read the configured NetCDF inputs, build the dataset (of ``fold`` under ``kfold_years``), write ``out``."""
     target = open_variable(data.target, cfg.chunk_time)
     predictors = [open_variable(p, cfg.chunk_time) for p in data.predictors]
     flags = [bool(getattr(p, "precipitation", False)) for p in data.predictors]
     static = open_static(data.static.paths, data.static.variables) if data.static is not None else None
-    ds = build_dataset(target, predictors, cfg, flags, static)
+    if (cfg.split.method == "kfold_years") != (fold is not None):
+        raise InputError(f"preprocess.split.method {cfg.split.method!r} with fold {fold}: a fold is given exactly "
+                         "when the method is kfold_years (its data set lives in results/<run>/fold<k>/)")
+    ds = build_dataset(target, predictors, cfg, flags, static, fold)
     ds = ds.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1, "channel": -1})
     ds.attrs = cf.append_history(ds.attrs, cf.history_line(
         "preprocess", f"target {data.target.variable!r} from {data.target.paths}, "

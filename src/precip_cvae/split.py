@@ -16,10 +16,52 @@ from .io import InputError
 SPLITS = ("train", "val", "test")
 
 
-def _season_years(index) -> np.ndarray:
-    years = np.array([t.year for t in index])
-    months = np.array([t.month for t in index])
-    return years, months
+def season_years(index, season_year: str = "calendar") -> np.ndarray:
+    """The (season) year of each time stamp: the calendar year, or with ``season_year`` 'djf' the
+    year of the season's January (December 2001 belongs to winter 2002)."""
+    years = np.array([t.year for t in index], dtype=int)
+    if season_year == "djf":
+        years = years + (np.array([t.month for t in index]) == 12)
+    return years
+
+
+FOLD_PREFIX = "fold"
+
+
+def fold_name(k: int) -> str:
+    """Path component of fold ``k``: 'fold0', 'fold1', ..."""
+    return f"{FOLD_PREFIX}{int(k)}"
+
+
+def fold_index(run_path: str) -> int | None:
+    """The fold of a run path 'iberia/fold2' (2), or None for a plain run 'iberia'."""
+    m = re.search(rf"/{FOLD_PREFIX}(\d+)$", str(run_path))
+    return int(m.group(1)) if m else None
+
+
+def fold_blocks(years: np.ndarray, folds: int) -> list[np.ndarray]:
+    """The (season) years of each fold: ``folds`` blocks of consecutive years, as equal in length as
+    possible (the first blocks take one year more when the years do not divide evenly).
+
+    Raises InputError when there are fewer distinct years than folds.
+    """
+    distinct = np.unique(np.asarray(years, dtype=int))
+    if distinct.size < folds:
+        raise InputError(f"preprocess.split.folds {folds} needs at least {folds} distinct (season) years; the data "
+                         f"hold {distinct.size} ({distinct.tolist()}); lower folds or use another split method")
+    return [b for b in np.array_split(distinct, folds)]
+
+
+def fold_roles(folds: int, k: int) -> dict[str, list[int]]:
+    """Which year blocks fold ``k`` uses: test = block k, val = block k+1 (cyclically), train = the rest.
+
+    So over the folds every block is test once and val once: pooled test and pooled val days each
+    cover the record exactly once.
+    """
+    if not 0 <= k < folds:
+        raise InputError(f"fold {k} does not exist: preprocess.split.folds is {folds} (folds 0..{folds - 1})")
+    val = (k + 1) % folds
+    return {"test": [k], "val": [val], "train": [b for b in range(folds) if b not in (k, val)]}
 
 
 _ISO_STAMP = re.compile(r"^\s*(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ](\d{1,2}):(\d{2})(?::(\d{2}))?)?\s*$")
@@ -37,13 +79,15 @@ def _split_bound(key: str, text: str, end: bool) -> tuple:
     return (y, mo, d, h, mi, sec or 0)
 
 
-def split_labels(index, cfg: SplitConfig) -> np.ndarray:
+def split_labels(index, cfg: SplitConfig, fold: int | None = None) -> np.ndarray:
     """'train'/'val'/'test'/'' label per time stamp ('' = in no split, dropped).
 
     Contiguous blocks keep time order (train first); year lists use calendar
     years or, with ``season_year: djf``, winter years (December counts to the
     following year); date ranges are inclusive, given as dates (a whole day) or
-    date-times (sub-daily data split within a day).  Steps are never shuffled.
+    date-times (sub-daily data split within a day); ``kfold_years`` gives the
+    labels of ``fold`` (:func:`fold_roles` over :func:`fold_blocks` of the season
+    years).  Steps are never shuffled.
     """
     n = len(index)
     labels = np.full(n, "", dtype=object)
@@ -53,10 +97,17 @@ def split_labels(index, cfg: SplitConfig) -> np.ndarray:
         labels[: edges[0]] = "train"
         labels[edges[0] : edges[1]] = "val"
         labels[edges[1] :] = "test"
+    elif cfg.method == "kfold_years":
+        if fold is None:
+            raise InputError("preprocess.split.method 'kfold_years' needs a fold: each fold is its own data set "
+                             "(results/<run>/fold<k>/...), built by the workflow")
+        years = season_years(index, cfg.season_year)
+        blocks = fold_blocks(years, cfg.folds)
+        for name, which in fold_roles(cfg.folds, fold).items():
+            chosen = np.concatenate([blocks[b] for b in which])
+            labels[np.isin(years, chosen)] = name
     elif cfg.method == "years":
-        years, months = _season_years(index)
-        if cfg.season_year == "djf":
-            years = years + (months == 12)
+        years = season_years(index, cfg.season_year)
         for name, chosen in (("train", cfg.train_years), ("val", cfg.val_years), ("test", cfg.test_years)):
             labels[np.isin(years, list(chosen))] = name
     else:
@@ -72,7 +123,7 @@ def split_labels(index, cfg: SplitConfig) -> np.ndarray:
     empty = [s for s, c in counts.items() if c == 0]
     if empty:
         raise InputError(
-            f"split {cfg.method!r} leaves no days in {empty} (counts {counts}); "
+            f"split {cfg.method!r}{'' if fold is None else f' (fold {fold})'} leaves no days in {empty} (counts {counts}); "
             f"data span {index[0]} .. {index[-1]}; check preprocess.split"
         )
     return labels.astype(str)

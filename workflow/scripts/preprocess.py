@@ -10,4 +10,5 @@ with stage_logging(snakemake.log[0], "preprocess"), limit_threads(snakemake.thre
         DataConfig.from_dict(snakemake.params.data),
         PreprocessConfig.from_dict(snakemake.params.preprocess),
         out=snakemake.output.dataset,
+        fold=snakemake.params.fold,
     )

@@ -1,0 +1,7 @@
+"""Snakemake script of rule pool_ensembles (kfold_years): see precip_cvae.evaluate.pool.pool_ensembles."""
+
+from precip_cvae.evaluate import pool
+from precip_cvae.logs import stage_logging
+
+with stage_logging(snakemake.log[0], "pool_ensembles"):
+    pool.pool_ensembles(list(snakemake.input.folds), snakemake.output.ensembles, datasets=list(snakemake.input.datasets))
