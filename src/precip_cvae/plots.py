@@ -331,7 +331,7 @@ class FigurePaths(Protocol):
     here, so that a change of the report does not rerun the rules that draw figures without it)."""
 
     ensembles: str
-    train_log: str
+    train_log: object  # a path, or one per fold (kfold_years: the curves of fold 0 are drawn)
 
     def output(self, key: str) -> Path: ...
 
@@ -341,7 +341,8 @@ def write_figures(ev: Evaluation, paths: FigurePaths, cfg: EvaluateConfig) -> No
     split = headline_split(ev.meta)
     sources = [ev.meta["primary"]] + [s for s in ev.meta["sources"] if not s.startswith(CVAE + "_")]
     labels = {s: source_label(s) for s in ev.meta["sources"]}
-    io.save_figure(training_curves(io.read_csv(paths.train_log)), paths.output("training_curves"))
+    train_log = paths.train_log if isinstance(paths.train_log, str) else list(paths.train_log)[0]
+    io.save_figure(training_curves(io.read_csv(train_log)), paths.output("training_curves"))
 
     truth = io.open_zarr_group(paths.ensembles, f"{split}/{TRUTH}")
     days = heaviest_days(truth["pr"].values, cfg.n_map_days)

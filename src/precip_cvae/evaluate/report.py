@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -53,8 +53,8 @@ class ScorePaths:
     """
 
     ensembles: str
-    dataset: str
-    train_log: str
+    dataset: str | Sequence[str]  # a list: one per fold of a pooled kfold_years cache (fold order)
+    train_log: str | Sequence[str]
     outputs: Mapping[str, str]
 
     def __post_init__(self):
@@ -242,9 +242,15 @@ def run(paths: ScorePaths, cfg: EvaluateConfig, experiment: str = "default") -> 
     experiment : checked against the cache's experiment (a mismatch is logged)
     """
     t0 = time.perf_counter()
-    thresholds = tail_thresholds(paths.dataset, cfg)
-    for name, thr in thresholds.items():
-        log.info("threshold %s: median %.2f mm/day over the valid pixels", name, float(np.nanmedian(thr)))
+    if isinstance(paths.dataset, str):
+        thresholds = tail_thresholds(paths.dataset, cfg)
+        fold_maps = [thresholds]
+    else:  # kfold_years: each fold's thresholds, fitted on its own train days, score that fold's days
+        thresholds = fold_maps = [tail_thresholds(d, cfg) for d in paths.dataset]
+    for k, maps in enumerate(fold_maps):
+        for name, thr in maps.items():
+            log.info("threshold %s%s: median %.2f mm/day over the valid pixels", name,
+                     "" if len(fold_maps) == 1 else f" (fold {k})", float(np.nanmedian(thr)))
     ev = score_cache(paths.ensembles, thresholds, cfg)
     if ev.meta.get("experiment") != experiment:
         log.warning("the cache %s was sampled for experiment %r, scoring it as %r", paths.ensembles,

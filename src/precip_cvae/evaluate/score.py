@@ -59,14 +59,23 @@ def tail_thresholds(dataset: str, cfg: EvaluateConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def _mean_over_valid(per_point_fn, ens: np.ndarray, obs: np.ndarray, chunk_days: int) -> float:
-    """Mean of a per-point score over valid points, computed ``chunk_days`` days at a time (memory)."""
+def _day_slice(thr, obs: np.ndarray, sl: slice):
+    """The days ``sl`` of a per-day (N, h, w) threshold; a (h, w) map as it is."""
+    thr = np.asarray(thr)
+    return thr[sl] if thr.ndim == obs.ndim else thr
+
+
+def _mean_over_valid(per_point_fn, ens: np.ndarray, obs: np.ndarray, chunk_days: int, thr=None) -> float:
+    """Mean of a per-point score over valid points, computed ``chunk_days`` days at a time (memory);
+    ``thr`` (a map or per-day maps) is passed on as the third argument, sliced with the days."""
     total, count = 0.0, 0
     for s in range(0, obs.shape[0], chunk_days):
-        o = obs[s:s + chunk_days]
+        sl = slice(s, s + chunk_days)
+        o = obs[sl]
         v = np.isfinite(o)
+        args = () if thr is None else (_day_slice(thr, obs, sl),)
         with np.errstate(invalid="ignore"):  # NaN at excluded pixels (truth, thresholds) is expected
-            total += float(np.sum(per_point_fn(ens[:, s:s + chunk_days], o)[v]))
+            total += float(np.sum(per_point_fn(ens[:, sl], o, *args)[v]))
         count += int(v.sum())
     return total / count if count else float("nan")
 
@@ -84,7 +93,8 @@ def score(ens, obs, thresholds: Mapping[str, np.ndarray], windows: Sequence[int]
     ----------
     ens : ndarray (M, N, h, w), mm day-1 (member axis first)
     obs : ndarray (N, h, w), mm day-1; NaN = excluded pixel
-    thresholds : {'p95': (h, w), 'p99': (h, w)}, mm day-1 -- the (moderate, extreme) pair
+    thresholds : {'p95': (h, w), 'p99': (h, w)}, mm day-1 -- the (moderate, extreme) pair; or
+        per-day maps (N, h, w) (the pooled days of ``kfold_years``, each with its fold's thresholds)
     windows : FSS neighbourhood sides in pixels
     wet_threshold : mm day-1, for the tail quantiles
     coarse_ref : ndarray (N, h, w) or None
@@ -126,8 +136,7 @@ def score(ens, obs, thresholds: Mapping[str, np.ndarray], windows: Sequence[int]
         out[f"freq_bias_{name}"] = metrics.frequency_bias(ens, obs, thr, member_axis=0)
     out["crps"] = _mean_over_valid(metrics.crps_ensemble, ens, obs, chunk_days)
     for name, thr in thresholds.items():
-        out[f"twcrps_{name}"] = _mean_over_valid(lambda e, o, t=thr: metrics.twcrps_ensemble(e, o, t), ens, obs,
-                                                 chunk_days)
+        out[f"twcrps_{name}"] = _mean_over_valid(metrics.twcrps_ensemble, ens, obs, chunk_days, thr)
     for name, thr in thresholds.items():
         for w in windows:
             out[f"fss_{name}_w{int(w)}"] = metrics.fss_ensemble(ens, obs, thr, int(w))
@@ -197,10 +206,25 @@ def _coarse_reference(truth: xr.Dataset) -> np.ndarray | None:
         fine_lat=truth["lat"].values, fine_lon=truth["lon"].values))[0]
 
 
-def score_cache(ensembles: str, thresholds: Mapping[str, np.ndarray], cfg: EvaluateConfig) -> Evaluation:
+def day_thresholds(thresholds, truth: xr.Dataset) -> dict[str, np.ndarray]:
+    """The thresholds of each day of ``truth``: the maps as they are, or, for a pooled ``kfold_years``
+    cache (``truth`` has ``fold``) and one dict of maps per fold, each day's fold's maps (N, h, w)."""
+    if isinstance(thresholds, Mapping):
+        return dict(thresholds)
+    if "fold" not in truth:
+        raise ValueError("per-fold thresholds need a pooled cache (truth without 'fold')")
+    fold = truth["fold"].values.astype(int)
+    if fold.size and fold.max() >= len(thresholds):
+        raise ValueError(f"the cache holds fold {fold.max()} but thresholds were given for {len(thresholds)} folds")
+    return {name: np.stack([t[name] for t in thresholds])[fold] for name in thresholds[0]}
+
+
+def score_cache(ensembles: str, thresholds, cfg: EvaluateConfig) -> Evaluation:
     """Score every source of the cache on every split, for all days and heavy days alone.
 
-    Reads one (split, source) ensemble into memory at a time: M x N x h x w x 8 bytes.
+    ``thresholds``: one dict of maps, or (pooled ``kfold_years`` cache) one per fold, fold k's
+    fitted on fold k's train days only (:func:`day_thresholds`).  Reads one (split, source)
+    ensemble into memory at a time: M x N x h x w x 8 bytes.
     """
     meta = json.loads(io.open_zarr_group(ensembles).attrs["evaluate_meta"])
     rows, curves, n_days = [], {}, {}
@@ -209,6 +233,7 @@ def score_cache(ensembles: str, thresholds: Mapping[str, np.ndarray], cfg: Evalu
         obs = truth["pr"].values.astype("float64")
         heavy = truth["is_event"].values.astype(bool)
         coarse_ref = _coarse_reference(truth)
+        thr_days = day_thresholds(thresholds, truth)
         subsets = {"all": np.arange(len(obs)), "heavy": np.flatnonzero(heavy)}
         if not heavy.any():
             log.info("%s: no heavy-event day; scores for all days only", split)
@@ -220,11 +245,13 @@ def score_cache(ensembles: str, thresholds: Mapping[str, np.ndarray], cfg: Evalu
             ens = io.open_zarr_group(ensembles, f"{split}/{source}")["pr"].values.astype("float64")
             model, ckpt = model_and_checkpoint(source)
             for subset, idx in subsets.items():
-                scores, c = score(ens[:, idx], obs[idx], thresholds, cfg.fss_windows, cfg.wet_threshold,
+                thr = {k: (t[idx] if t.ndim == 3 else t) for k, t in thr_days.items()}
+                scores, c = score(ens[:, idx], obs[idx], thr, cfg.fss_windows, cfg.wet_threshold,
                                   None if coarse_ref is None else coarse_ref[idx], rng=cfg.seed)
                 rows.extend((model, ckpt, split, subset, k, float(val)) for k, val in scores.items())
                 curves[(split, subset, source)] = c
             log.info("%s: scored %s in %.1f s (CRPS all days %.3f)", split, source_label(source),
                      time.perf_counter() - t0, next(r[5] for r in reversed(rows) if r[4] == "crps" and r[3] == "all"))
             del ens
-    return Evaluation(pd.DataFrame(rows, columns=METRIC_COLUMNS), curves, meta, n_days, dict(thresholds))
+    first = thresholds if isinstance(thresholds, Mapping) else thresholds[0]
+    return Evaluation(pd.DataFrame(rows, columns=METRIC_COLUMNS), curves, meta, n_days, dict(first))
