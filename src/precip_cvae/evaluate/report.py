@@ -148,6 +148,10 @@ def summary_markdown(ev: Evaluation, headline: pd.DataFrame, cfg: EvaluateConfig
         f"Splits: {splits}.",
         "",
     ]
+    if ev.meta.get("pooled"):
+        text += [f"Cross-validated over years ({len(ev.meta['folds'])} folds, `preprocess.split.method: "
+                 "kfold_years`): every day of each split is scored once, by the model of the fold that held it out, "
+                 "with that fold's train-only thresholds, normalisation and transform.", ""]
     for name, why in ev.meta.get("skipped_baselines", {}).items():
         text += [f"Baseline `{name}` skipped: {why}.", ""]
     arrows = {"lower": "↓", "higher": "↑", "one": "→1"}
