@@ -39,7 +39,8 @@ def _defaults(props):
         (("events",), C.EventsConfig, set()),
         (("model",), C.ModelConfig, set()),
         (("train", "loss"), C.LossConfig, {"preset"}),
-        (("evaluate",), C.EvaluateConfig, set()),
+        (("evaluate",), C.EvaluateConfig, {"bootstrap"}),
+        (("evaluate", "bootstrap"), C.BootstrapConfig, set()),
         (("generate",), C.GenerateConfig, set()),
         (("downstream",), C.DownstreamConfig, set()),
     ],
@@ -87,7 +88,7 @@ def _sections():
 
 
 def test_every_section_takes_exactly_the_keys_of_its_schema():
-    assert len(_sections()) == 14
+    assert len(_sections()) == 15
     for cls in _sections():
         keys = set(C.schema_node(cls.SCHEMA)["properties"]) - cls.WORKFLOW_ONLY
         assert {f.name for f in dataclasses.fields(cls)} - cls.INTERNAL == keys, cls.__name__
@@ -103,7 +104,7 @@ def test_a_section_built_directly_meets_the_schema_like_one_from_a_config_file()
         C.EvaluateConfig.from_dict({"members": 0})
     # a nested section is named where it sits; an item of an array by its index
     with pytest.raises(C.ConfigError, match=r"^preprocess.split.method: unknown name 'random'; valid names are "
-                                            r"\['contiguous', 'years', 'dates'\]"):
+                                            r"\['contiguous', 'years', 'dates', 'kfold_years'\]"):
         C.PreprocessConfig.from_dict({"split": {"method": "random"}})
     with pytest.raises(C.ConfigError, match=r"^train.augment\[1\]: unknown name 'cutout'"):
         C.TrainConfig(augment=("flip", "cutout"))
@@ -200,7 +201,7 @@ def test_a_docstring_edit_of_a_package_module_keeps_every_stage_fingerprint(tmp_
     src = provenance._package_dir()
     scripts = sorted((Path(__file__).resolve().parents[1] / "workflow" / "scripts").glob("*.py"))
     stages = [p.stem for p in scripts]
-    assert len(stages) == 9
+    assert len(stages) == 10
 
     def fingerprints(pkg):
         monkeypatch.setattr(provenance, "_package_dir", lambda: pkg)

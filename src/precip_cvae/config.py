@@ -683,6 +683,19 @@ EVALUATE_SAMPLING_KEYS = ("members", "splits", "checkpoints", "baselines", "seed
 
 
 @dataclass(frozen=True)
+class BootstrapConfig(Section):
+    """Intervals of the headline scores (``evaluate.bootstrap``): a paired bootstrap over days or whole
+    seasons (:mod:`precip_cvae.evaluate.intervals`)."""
+
+    SCHEMA = "evaluate.bootstrap"
+
+    samples: int = 1000
+    block: str = "day"
+    confidence: float = 0.9
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class EvaluateConfig(Section):
     """Evaluation of the cVAE checkpoints and the baselines (see :mod:`precip_cvae.evaluate`).
 
@@ -695,6 +708,7 @@ class EvaluateConfig(Section):
     """
 
     SCHEMA = "evaluate"
+    NESTED = {"bootstrap": BootstrapConfig}
 
     members: int = 16
     splits: tuple[str, ...] = ("val", "test")
@@ -708,6 +722,7 @@ class EvaluateConfig(Section):
     batch_size: int = 32
     n_map_days: int = 4
     device: str = "auto"
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
 
     def _check(self):
         if not self.percentiles[0] < self.percentiles[1]:
