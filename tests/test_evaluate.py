@@ -198,6 +198,8 @@ def test_schema_section_matches_the_dataclass():
     defaults = EvaluateConfig()
     for key, prop in props.items():
         value = tuple(prop["default"]) if isinstance(prop["default"], list) else prop["default"]
+        if prop.get("type") == "object":  # a nested section: its own defaults
+            value = type(getattr(defaults, key)).from_dict(value)
         assert value == getattr(defaults, key), key
         assert prop.get("description"), key
     assert props["baselines"]["items"]["enum"] == sorted(baselines.BASELINES, key=list(baselines.BASELINES).index)
@@ -392,7 +394,17 @@ def test_every_output_is_written_and_sane(evaluated):
     for key in report.OUTPUT_FILES:
         assert paths.output(key).stat().st_size > 0, key
     table = pd.read_csv(paths.output("metrics_csv"), dtype={"checkpoint": str})
-    assert list(table.columns) == names.METRIC_COLUMNS
+    assert list(table.columns) == names.METRIC_COLUMNS + ["lower", "upper"]
+    # bootstrap bounds on the headline scores and a ratio row per source and baseline
+    crps_b = table[(table.metric == "crps") & (table.model == "cvae") & (table.checkpoint == "best")]
+    assert (crps_b["lower"] <= crps_b["value"]).all() and (crps_b["value"] <= crps_b["upper"]).all()
+    ratio = table[(table.metric == "crps_ratio_analogs") & (table.model == "cvae") & (table.checkpoint == "best")
+                  & (table.split == "test") & (table.subset == "all")].iloc[0]
+    assert ratio["value"] == pytest.approx(ev.value("cvae_best", "crps", "test") / ev.value("analogs", "crps", "test"))
+    assert ratio["lower"] < ratio["value"] < ratio["upper"]
+    self_ratio = table[(table.metric == "crps_ratio_analogs") & (table.model == "analogs")]
+    assert self_ratio.empty  # a baseline is not divided by itself
+    table = table[~table["metric"].str.contains("_ratio_")]
     assert set(table["subset"]) == {"all", "heavy"} and set(table["split"]) == {"val", "test"}
     assert set(zip(table["model"], table["checkpoint"])) == {("cvae", "best"), ("cvae", "last"),
                                                               ("climatology", "-"), ("analogs", "-"),

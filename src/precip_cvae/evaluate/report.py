@@ -10,6 +10,7 @@ reverse).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -22,8 +23,9 @@ import pandas as pd
 
 from .. import io, metrics
 from ..config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
-from .names import (CVAE, SUBSETS, headline_metrics, headline_split, headline_window, percentile_names,
-                    source_label)
+from .names import (CVAE, METRIC_COLUMNS, SUBSETS, headline_metrics, headline_split, headline_window,
+                    model_and_checkpoint, percentile_names, source_label)
+from .intervals import block_labels, bootstrap
 from .score import Evaluation, score_cache, tail_thresholds
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,106 @@ class ScorePaths:
 
     def output(self, key: str) -> Path:
         return Path(self.outputs[key])
+
+
+RATIO_TAG = "_ratio_"  # metrics.csv: '<metric>_ratio_<baseline>' is a source's score over the baseline's
+
+
+def season_year_of(dataset: str) -> str:
+    """The season-year rule of the data set's split ('djf' or 'calendar'), for season blocks."""
+    ds = io.open_zarr(dataset)
+    try:
+        return json.loads(ds.attrs.get("preprocess_config", "{}")).get("split", {}).get("season_year", "calendar")
+    except ValueError:
+        return "calendar"
+
+
+def interval_table(ev: Evaluation, cfg: EvaluateConfig, season_year: str = "calendar") -> pd.DataFrame:
+    """Paired bootstrap intervals (``cfg.bootstrap``) of the headline scores of every source and of each
+    source / baseline ratio, per split and subset (all days, heavy days).
+
+    Returns
+    -------
+    DataFrame: split, subset and :data:`precip_cvae.evaluate.intervals.INTERVAL_COLUMNS`; empty
+    with ``bootstrap.samples`` 0.
+    """
+    b = cfg.bootstrap
+    frames = []
+    if b.samples <= 0 or not ev.components:
+        return pd.DataFrame()
+    for split, by_source in ev.components.items():
+        if not by_source:
+            continue
+        dates, heavy = ev.days[split]
+        blocks = block_labels(dates, b.block, season_year)
+        baselines = [s for s in by_source if not s.startswith(CVAE + "_")]
+        for subset in SUBSETS:
+            if (split, subset) not in ev.n_days:
+                continue
+            idx = np.arange(len(dates)) if subset == "all" else np.flatnonzero(heavy)
+            comps = {src: {m: c[idx] for m, c in parts.items()} for src, parts in by_source.items()}
+            t = bootstrap(comps, blocks[idx], baselines, b.samples, b.confidence, b.seed, block=b.block)
+            frames.append(t.assign(split=split, subset=subset))
+    if not frames:
+        return pd.DataFrame()
+    out = pd.concat(frames, ignore_index=True)
+    return out[["split", "subset", *[c for c in out.columns if c not in ("split", "subset")]]]
+
+
+def with_intervals(table: pd.DataFrame, intervals: pd.DataFrame) -> pd.DataFrame:
+    """metrics.csv: the score table with ``lower`` / ``upper`` columns (NaN where not bootstrapped) and a
+    row ``<metric>_ratio_<baseline>`` per source, baseline and bootstrapped score."""
+    out = table.assign(lower=np.nan, upper=np.nan)
+    if intervals.empty:
+        return out
+    rows = []
+    for r in intervals.itertuples(index=False):
+        model, ckpt = model_and_checkpoint(r.source)
+        metric = r.metric if not r.baseline else f"{r.metric}{RATIO_TAG}{r.baseline}"
+        rows.append((model, ckpt, r.split, r.subset, metric, float(r.value), float(r.lower), float(r.upper)))
+    extra = pd.DataFrame(rows, columns=[*METRIC_COLUMNS, "lower", "upper"])
+    keys = METRIC_COLUMNS[:5]
+    bounds = extra.set_index(keys)[["lower", "upper"]]
+    out = out.set_index(keys)
+    hit = out.index.intersection(bounds.index)
+    out.loc[hit, ["lower", "upper"]] = bounds.loc[hit].values
+    out = out.reset_index()
+    ratios = extra[extra["metric"].str.contains(RATIO_TAG, regex=False)]
+    return pd.concat([out, ratios], ignore_index=True)[[*METRIC_COLUMNS, "lower", "upper"]]
+
+
+def interval_markdown(intervals: pd.DataFrame, ev: Evaluation, cfg: EvaluateConfig) -> list[str]:
+    """summary.md lines: the primary checkpoint's headline scores with intervals and its ratio to each baseline."""
+    if intervals.empty:
+        return ["## Intervals", "", "No bootstrap intervals (evaluate.bootstrap.samples is 0).", ""]
+    split = headline_split(ev.meta)
+    primary = ev.meta["primary"]
+    b = cfg.bootstrap
+    labels = {k: label for k, label, _ in headline_metrics(cfg)}
+    labels["tail_q99_ratio"] = "P99 of wet values / truth's"
+    text = [f"## Intervals ({split} split, {b.confidence:.0%}, paired bootstrap over {b.block}s, {b.samples} "
+            "replicates)", "",
+            f"{source_label(primary)}'s score and its ratio to each baseline's (below 1: lower than the baseline's; "
+            "for CRPS and twCRPS that is better). A ratio whose interval contains 1 is no evidence of a difference.", ""]
+    for subset in SUBSETS:
+        part = intervals[(intervals["split"] == split) & (intervals["subset"] == subset)
+                         & (intervals["source"] == primary)]
+        if part.empty:
+            continue
+        baselines = [x for x in dict.fromkeys(part["baseline"]) if x]
+        rows = []
+        for metric in dict.fromkeys(part["metric"]):
+            row = {"score": labels.get(metric, metric)}
+            for base in ["", *baselines]:
+                hit = part[(part["metric"] == metric) & (part["baseline"] == base)]
+                if len(hit):
+                    h = hit.iloc[0]
+                    row["value" if not base else f"/ {base}"] = f"{h.value:.3g} [{h.lower:.3g}, {h.upper:.3g}]"
+            rows.append(row)
+        n_blocks = int(part["n_blocks"].iloc[0])
+        text += [f"### {'All days' if subset == 'all' else 'Heavy-event days'} ({n_blocks} {b.block} blocks)", "",
+                 pd.DataFrame(rows).to_markdown(index=False), ""]
+    return text
 
 
 def headline_table(ev: Evaluation, cfg: EvaluateConfig) -> pd.DataFrame:
@@ -259,11 +361,18 @@ def run(paths: ScorePaths, cfg: EvaluateConfig, experiment: str = "default") -> 
     if ev.meta.get("experiment") != experiment:
         log.warning("the cache %s was sampled for experiment %r, scoring it as %r", paths.ensembles,
                     ev.meta.get("experiment"), experiment)
-    io.write_csv(ev.table, paths.output("metrics_csv"))
+    first = paths.dataset if isinstance(paths.dataset, str) else paths.dataset[0]
+    t1 = time.perf_counter()
+    intervals = interval_table(ev, cfg, season_year_of(first))
+    if not intervals.empty:
+        log.info("bootstrap intervals (%d replicates over %ss): %.1f s", cfg.bootstrap.samples, cfg.bootstrap.block,
+                 time.perf_counter() - t1)
+    io.write_csv(with_intervals(ev.table, intervals), paths.output("metrics_csv"))
     io.write_json(metrics_json(ev, cfg), paths.output("metrics_json"))
     headline = headline_table(ev, cfg)
     io.write_csv(headline, paths.output("headline"))
-    io.write_text(summary_markdown(ev, headline, cfg), paths.output("summary"))
+    io.write_text(summary_markdown(ev, headline, cfg) + "\n".join(interval_markdown(intervals, ev, cfg)) + "\n",
+                  paths.output("summary"))
     for line in verdicts(headline, cfg, "all"):
         log.info("headline (%s, all days) %s", headline_split(ev.meta), line[2:])
     log.info("evaluation written to %s in %.1f s", paths.output("summary").parent, time.perf_counter() - t0)

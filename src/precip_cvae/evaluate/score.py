@@ -31,6 +31,7 @@ from ..baselines import BASELINES, BaselineInputs
 from ..config import EvaluateConfig, EventsConfig
 from ..events import wet_day_thresholds
 from ..grid import crop_to_original
+from .intervals import day_components, headline_interval_metrics
 from .names import METRIC_COLUMNS, TRUTH, model_and_checkpoint, percentile_names, source_label
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,8 @@ class Evaluation:
     meta: dict  # the cache's evaluate_meta
     n_days: dict  # (split, subset) -> days
     thresholds: dict  # 'p95' -> (h, w)
+    components: dict = None  # split -> source -> day components (intervals.day_components) of every day
+    days: dict = None  # split -> (dates (N,) ISO str, heavy (N,) bool)
 
     def value(self, source: str, metric: str, split: str, subset: str = "all") -> float:
         model, ckpt = model_and_checkpoint(source)
@@ -227,7 +230,8 @@ def score_cache(ensembles: str, thresholds, cfg: EvaluateConfig) -> Evaluation:
     ensemble into memory at a time: M x N x h x w x 8 bytes.
     """
     meta = json.loads(io.open_zarr_group(ensembles).attrs["evaluate_meta"])
-    rows, curves, n_days = [], {}, {}
+    rows, curves, n_days, components, days = [], {}, {}, {}, {}
+    which = headline_interval_metrics(cfg)
     for split in meta["splits"]:
         truth = io.open_zarr_group(ensembles, f"{split}/{TRUTH}").load()
         obs = truth["pr"].values.astype("float64")
@@ -240,6 +244,8 @@ def score_cache(ensembles: str, thresholds, cfg: EvaluateConfig) -> Evaluation:
             del subsets["heavy"]
         for subset, idx in subsets.items():
             n_days[(split, subset)] = int(idx.size)
+        days[split] = (truth["time"].values.astype(str), heavy)
+        components[split] = {}
         for source in meta["sources"]:
             t0 = time.perf_counter()
             ens = io.open_zarr_group(ensembles, f"{split}/{source}")["pr"].values.astype("float64")
@@ -250,8 +256,11 @@ def score_cache(ensembles: str, thresholds, cfg: EvaluateConfig) -> Evaluation:
                                   None if coarse_ref is None else coarse_ref[idx], rng=cfg.seed)
                 rows.extend((model, ckpt, split, subset, k, float(val)) for k, val in scores.items())
                 curves[(split, subset, source)] = c
+            if cfg.bootstrap.samples > 0:  # per-day sums of the headline scores, for the intervals
+                components[split][source] = day_components(ens, obs, thr_days, cfg.fss_windows, cfg.wet_threshold,
+                                                            which=which)
             log.info("%s: scored %s in %.1f s (CRPS all days %.3f)", split, source_label(source),
                      time.perf_counter() - t0, next(r[5] for r in reversed(rows) if r[4] == "crps" and r[3] == "all"))
             del ens
     first = thresholds if isinstance(thresholds, Mapping) else thresholds[0]
-    return Evaluation(pd.DataFrame(rows, columns=METRIC_COLUMNS), curves, meta, n_days, dict(first))
+    return Evaluation(pd.DataFrame(rows, columns=METRIC_COLUMNS), curves, meta, n_days, dict(first), components, days)
