@@ -117,6 +117,21 @@ rule evaluate:
             subcategory="{experiment}",
             labels={"experiment": "{experiment}", "figure": "FSS against scale"},
         ),
+        indices=report(
+            exp_dir("evaluate", "indices.csv"),
+            caption="../workflow/report/indices.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "climate indices (table)"},
+        ),
+        return_levels=exp_dir("evaluate", "return_levels.csv"),
+        index_bias=report(
+            exp_dir("evaluate", "index_bias.png"),
+            caption="../workflow/report/indices.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "climate-index bias maps"},
+        ),
     params:
         evaluate=evaluate_section("scoring"),
         code=script_code("evaluate"),

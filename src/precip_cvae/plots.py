@@ -326,6 +326,33 @@ def heaviest_days(obs: np.ndarray, n: int) -> np.ndarray:
     return np.argsort(-means, kind="stable")[: min(n, len(obs))]
 
 
+def index_bias(bias: Mapping[str, np.ndarray], lat: np.ndarray, lon: np.ndarray, model_label: str,
+               split: str) -> Figure:
+    """Maps of the bias (member-mean index - observed) of each climate index (diverging, centred on 0)."""
+    names = list(bias)
+    cols = min(4, max(1, len(names)))
+    rows = int(np.ceil(len(names) / cols)) if names else 1
+    fig = Figure(figsize=(3.0 * cols + 0.6, 2.6 * rows + 0.6), layout="constrained")
+    if not names:
+        fig.text(0.5, 0.5, "no index", ha="center")
+        return fig
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, name in zip(axes, names):
+        field = np.asarray(bias[name], dtype=float)
+        vmax = float(np.nanmax(np.abs(field))) if np.isfinite(field).any() else 1.0
+        mesh = ax.pcolormesh(lon, lat, np.ma.masked_invalid(field), cmap="RdBu", vmin=-(vmax or 1.0),
+                             vmax=vmax or 1.0, shading="auto")
+        ax.set_facecolor("0.85")
+        ax.set_aspect("equal")
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(mesh, ax=ax, shrink=0.8)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{model_label}: index bias, member mean - observed ({split} split; blue: above the observed "
+                 "index, red: below)", fontsize=9)
+    return fig
+
+
 class FigurePaths(Protocol):
     """What :func:`write_figures` reads of :class:`precip_cvae.evaluate.report.ScorePaths` (not imported
     here, so that a change of the report does not rerun the rules that draw figures without it)."""
@@ -368,6 +395,9 @@ def write_figures(ev: Evaluation, paths: FigurePaths, cfg: EvaluateConfig) -> No
             entry["_useful"] = ev.value(sources[0], f"fss_useful_{name}", split, sub)
             fss[(sub, name)] = entry
     io.save_figure(fss_scale(fss, [int(w) for w in cfg.fss_windows], split), paths.output("fss_scale"))
+    diag = getattr(ev, "diagnostics", None)
+    io.save_figure(index_bias(diag.bias_maps if diag is not None else {}, truth["lat"].values, truth["lon"].values,
+                              labels[ev.meta["primary"]], split), paths.output("index_bias"))
 
 
 def write_comparison(table: pd.DataFrame, cfg: EvaluateConfig, out_png: str) -> None:

@@ -25,6 +25,7 @@ from .. import io, metrics
 from ..config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
 from .names import (CVAE, METRIC_COLUMNS, SUBSETS, headline_metrics, headline_split, headline_window,
                     model_and_checkpoint, percentile_names, source_label)
+from .diagnostics import diagnose, diagnostics_markdown
 from .intervals import block_labels, bootstrap
 from .score import Evaluation, score_cache, tail_thresholds
 
@@ -42,6 +43,9 @@ OUTPUT_FILES = {
     "rank_histogram": "rank_histogram.png",
     "rapsd": "rapsd.png",
     "fss_scale": "fss_scale.png",
+    "indices": "indices.csv",
+    "return_levels": "return_levels.csv",
+    "index_bias": "index_bias.png",
 }
 
 
@@ -367,12 +371,16 @@ def run(paths: ScorePaths, cfg: EvaluateConfig, experiment: str = "default") -> 
     if not intervals.empty:
         log.info("bootstrap intervals (%d replicates over %ss): %.1f s", cfg.bootstrap.samples, cfg.bootstrap.block,
                  time.perf_counter() - t1)
+    ev.diagnostics = diagnose(paths.ensembles, ev.meta, cfg, season_year_of(first))
+    io.write_csv(ev.diagnostics.indices, paths.output("indices"))
+    io.write_csv(ev.diagnostics.return_levels, paths.output("return_levels"))
     io.write_csv(with_intervals(ev.table, intervals), paths.output("metrics_csv"))
     io.write_json(metrics_json(ev, cfg), paths.output("metrics_json"))
     headline = headline_table(ev, cfg)
     io.write_csv(headline, paths.output("headline"))
-    io.write_text(summary_markdown(ev, headline, cfg) + "\n".join(interval_markdown(intervals, ev, cfg)) + "\n",
-                  paths.output("summary"))
+    io.write_text(summary_markdown(ev, headline, cfg) + "\n".join(
+        interval_markdown(intervals, ev, cfg) + diagnostics_markdown(ev.diagnostics, ev.meta)) + "\n",
+        paths.output("summary"))
     for line in verdicts(headline, cfg, "all"):
         log.info("headline (%s, all days) %s", headline_split(ev.meta), line[2:])
     log.info("evaluation written to %s in %.1f s", paths.output("summary").parent, time.perf_counter() - t0)

@@ -192,6 +192,7 @@ class Evaluation:
     thresholds: dict  # 'p95' -> (h, w)
     components: dict = None  # split -> source -> day components (intervals.day_components) of every day
     days: dict = None  # split -> (dates (N,) ISO str, heavy (N,) bool)
+    diagnostics: object = None  # diagnostics.Diagnostics of the headline split, set by the report
 
     def value(self, source: str, metric: str, split: str, subset: str = "all") -> float:
         model, ckpt = model_and_checkpoint(source)

@@ -1,0 +1,165 @@
+"""Climate-index diagnostics of the cached ensembles (rule ``evaluate``): the terms of CORDEX-ML-Bench.
+
+On the headline split, every source's members are treated as daily series over the scored days
+and compared with the observations (:mod:`precip_cvae.indices`, xclim's ETCCDI indices):
+
+* ``indices.csv``: per source and index (Rx1day, SDII, R95pTOT, R99pTOT, CWD, CDD, days above
+  the local P99) the observed and the members' spatial means and the spatial mean of the bias
+  and of its absolute value; beside them, as rows of the same table, the per-pixel Wasserstein
+  distance and Perkins skill score (spatial means) and the RALSD.  R95pTOT/R99pTOT and the
+  P99 days use the observed wet-day P95/P99 of the scored days at each pixel (the base period is
+  the evaluation period, so an unbiased ensemble scores 0 bias; pixels with fewer than
+  ``evaluate.min_wet_days`` wet days take the pooled value), so fixed and cross-validated
+  evaluations use one rule.
+* ``return_levels.csv``: return levels (2, 5, 10, 20 season years) of the seasonal maxima of
+  the domain-mean daily precipitation from a GEV fit (scipy.stats.genextreme) with 90 %
+  parametric-bootstrap intervals, for the observations and for each source (its members'
+  maxima pooled: M samples per season); skipped with a note when fewer than 5 seasons are scored.
+* the bias maps of the primary checkpoint (``index_bias.png``, drawn by :mod:`precip_cvae.plots`).
+
+Season-only records: the series are reindexed to every calendar day and the days not scored are
+missing, so no wet or dry spell bridges the gap between two winters (or two held-out year
+blocks); each period (calendar year, or DJF winter with ``season_year: djf``) is indexed on its
+own and the index is the mean over the periods holding scored days.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .. import indices, io
+from ..config import EvaluateConfig, EventsConfig
+from ..events import wet_day_thresholds
+from .names import TRUTH, headline_split, source_label
+
+log = logging.getLogger(__name__)
+
+RETURN_PERIODS = (2, 5, 10, 20)
+MIN_SEASONS = 5  # gev_return_levels refuses fewer maxima
+
+
+@dataclass
+class Diagnostics:
+    """What :func:`diagnose` computed: the tables and the primary source's bias maps."""
+
+    split: str
+    indices: pd.DataFrame  # source, index, obs_mean, ens_mean, bias_mean, abs_bias_mean
+    return_levels: pd.DataFrame  # source, period, level, lower, upper
+    bias_maps: dict = field(default_factory=dict)  # index -> (h, w), of the primary source
+    notes: list = field(default_factory=list)
+
+
+def observed_percentiles(obs: np.ndarray, cfg: EvaluateConfig) -> dict[str, np.ndarray]:
+    """Per-pixel wet-day percentiles (``cfg.percentiles``) of the observations (N, h, w), pooled fallback."""
+    da = xr.DataArray(obs, dims=("time", "lat", "lon"))
+    mask = xr.DataArray(np.isfinite(obs).any(axis=0).astype("int8"), dims=("lat", "lon"))
+    out = {}
+    for p in cfg.percentiles:
+        ecfg = EventsConfig(percentile=float(p), wet_threshold=cfg.wet_threshold, min_wet_days=cfg.min_wet_days)
+        out[f"p{p:g}"] = wet_day_thresholds(da, mask, ecfg).values.astype("float64")
+    return out
+
+
+def _distribution_rows(source: str, ens: np.ndarray, obs: np.ndarray) -> list[dict]:
+    w = indices.wasserstein_map(ens, obs)
+    _, pss = indices.perkins_skill_score(ens, obs)
+    rows = [{"source": source, "index": "wasserstein", "ens_mean": float(np.nanmean(w))},
+            {"source": source, "index": "perkins_skill_score", "ens_mean": float(pss)},
+            {"source": source, "index": "ralsd", "ens_mean": indices.ralsd(ens, obs)}]
+    return rows
+
+
+def _return_levels(label: str, values: np.ndarray, dates, season_year: str) -> pd.DataFrame:
+    """GEV return levels of the seasonal maxima of the domain mean; values (N, h, w) or members (M, N, h, w)."""
+    series = [values] if values.ndim == 3 else list(values)
+    maxima = np.concatenate([indices.seasonal_maxima(v, dates, season_year).to_numpy() for v in series])
+    table = indices.gev_return_levels(maxima, RETURN_PERIODS)
+    return table.assign(source=label, n_maxima=maxima.size)
+
+
+def diagnose(ensembles: str, meta: dict, cfg: EvaluateConfig, season_year: str = "calendar") -> Diagnostics:
+    """Index, distribution and return-level diagnostics of every source on the headline split.
+
+    Reads one source's ensemble at a time.  ``season_year``: the data set's split rule ('djf' makes
+    a winter one period).
+    """
+    t0 = time.perf_counter()
+    split = headline_split(meta)
+    truth = io.open_zarr_group(ensembles, f"{split}/{TRUTH}")
+    obs = truth["pr"].values.astype("float64")
+    dates = [str(d)[:10] for d in truth["time"].values.astype(str)]
+    calendar = meta.get("calendar", "standard")
+    pct = observed_percentiles(obs, cfg)
+    (lo, p_lo), (hi, p_hi) = pct.items()
+    rows, levels, maps, notes = [], [], {}, []
+    n_seasons = indices.seasonal_maxima(obs, dates, season_year).size
+    gev = n_seasons >= MIN_SEASONS
+    if not gev:
+        notes.append(f"GEV return levels skipped: {n_seasons} season year(s) scored, at least {MIN_SEASONS} needed "
+                     "(cross-validation over years scores every season)")
+    else:
+        levels.append(_return_levels("observed", obs, dates, season_year))
+    for source in meta["sources"]:
+        ens = io.open_zarr_group(ensembles, f"{split}/{source}")["pr"].values.astype("float64")
+        table, bias = indices.ensemble_index_table(ens, obs, dates, calendar, p_lo, p_hi, cfg.wet_threshold,
+                                                   season_year)
+        rows.extend(table.assign(source=source).to_dict("records"))
+        rows.extend(_distribution_rows(source, ens, obs))
+        if source == meta["primary"]:
+            maps = bias
+        if gev:
+            levels.append(_return_levels(source, ens, dates, season_year))
+        del ens
+    out = pd.DataFrame(rows)
+    out = out[["source", "index", "obs_mean", "ens_mean", "bias_mean", "abs_bias_mean"]]
+    rl = pd.concat(levels, ignore_index=True) if levels else pd.DataFrame(
+        columns=["source", "period", "level", "lower", "upper", "n_maxima"])
+    if len(rl):
+        rl = rl[["source", "period", "level", "lower", "upper", "n_maxima"]]
+    log.info("index diagnostics of %d sources on %s (%d days, %d season years) in %.1f s", len(meta["sources"]),
+             split, len(dates), n_seasons, time.perf_counter() - t0)
+    return Diagnostics(split, out, rl, maps, notes)
+
+
+def diagnostics_markdown(diag: Diagnostics, meta: dict) -> list[str]:
+    """summary.md lines: the index table (spatial mean of |bias| per source) and the return levels."""
+    t = diag.indices
+    idx = t[t["abs_bias_mean"].notna()]
+    wide = idx.pivot(index="index", columns="source", values="abs_bias_mean")
+    wide = wide.reindex(index=[i for i in indices.INDEX_NAMES if i in wide.index],
+                        columns=[s for s in meta["sources"] if s in wide.columns])
+    obs = idx.drop_duplicates("index").set_index("index")["obs_mean"]
+    wide.insert(0, "observed (mean)", obs.reindex(wide.index))
+    wide = wide.rename(columns={s: source_label(s) for s in meta["sources"]})
+    dist = t[t["index"].isin(["wasserstein", "perkins_skill_score", "ralsd"])].pivot(
+        index="index", columns="source", values="ens_mean")
+    dist = dist.reindex(columns=[s for s in meta["sources"] if s in dist.columns]).rename(
+        columns={s: source_label(s) for s in meta["sources"]})
+    text = [f"## Climate indices ({diag.split} split, each member a daily series)", "",
+            "Spatial mean of |member-mean index - observed index| per pixel (lower is better); the first column is the "
+            "observed index's spatial mean. Units: " + ", ".join(f"{k} {v}" for k, v in indices.INDEX_UNITS.items())
+            + ". R95pTOT/R99pTOT and days above P99 use the observed wet-day percentiles of these days; days not "
+            "scored are missing, so no spell bridges a gap between seasons.", "",
+            wide.to_markdown(floatfmt=".3g"), "",
+            "Distribution distances per pixel (spatial means; Wasserstein in mm/day, lower is better; Perkins skill "
+            "score 0-1, higher is better) and the radially averaged log spectral distance (RALSD, CORDEX-ML-Bench, "
+            "dB², lower is better):", "",
+            dist.to_markdown(floatfmt=".3g"), ""]
+    if len(diag.return_levels):
+        rl = diag.return_levels.assign(
+            cell=lambda d: [f"{v:.3g} [{a:.3g}, {b:.3g}]" for v, a, b in zip(d.level, d.lower, d.upper)])
+        wide_rl = rl.pivot(index="source", columns="period", values="cell")
+        order = ["observed", *[s for s in meta["sources"] if s in wide_rl.index]]
+        wide_rl = wide_rl.reindex(order).rename(index={s: source_label(s) for s in meta["sources"]})
+        wide_rl.columns = [f"{int(c)}-season level" for c in wide_rl.columns]
+        text += ["Return levels of the seasonal maximum of the domain-mean daily precipitation (mm/day, GEV fit, "
+                 "90 % parametric-bootstrap interval; a source's members pooled):", "",
+                 wide_rl.to_markdown(), ""]
+    text += [f"{n}" for n in diag.notes] + ([""] if diag.notes else [])
+    return text
