@@ -13,7 +13,7 @@ RUN = config["run"]
 # (preprocess, events, train, sample_ensembles), and results/<run>/ holds the pooled evaluation.
 KFOLD = config["preprocess"]["split"]["method"] == "kfold_years"
 FOLD_RUNS = [f"{RUN}/{fold_name(k)}" for k in range(config["preprocess"]["split"]["folds"])] if KFOLD else [RUN]
-FOLD_RUN_PATTERN = re.escape(RUN) + "/fold[0-9]+"
+FOLD_RUN_PATTERN = f"{re.escape(RUN)}/fold[0-9]+"
 
 
 wildcard_constraints:

@@ -111,9 +111,12 @@ def rule_blocks() -> dict[str, str]:
     """{rule name: its text} of every rule in rules/*.smk."""
     blocks = {}
     for smk in sorted((REPO / "rules").glob("*.smk")):
-        parts = re.split(r"^rule (\w+):\n", smk.read_text(), flags=re.M)
-        for name, body in zip(parts[1::2], parts[2::2]):
-            blocks[name] = re.split(r"^\S", body, maxsplit=1, flags=re.M)[0]
+        text = smk.read_text()
+        # a rule may sit inside an `if` (indented): its block ends at the first line indented no deeper
+        for m in re.finditer(r"^( *)rule (\w+):\n", text, flags=re.M):
+            indent = len(m.group(1))
+            body = re.split(rf"^ {{0,{indent}}}\S", text[m.end():], maxsplit=1, flags=re.M)[0]
+            blocks[m.group(2)] = "\n".join(line[indent:] for line in body.split("\n"))
     return blocks
 
 
@@ -211,7 +214,7 @@ def test_preprocess_and_detect_events_scripts_use_one_worker_on_one_thread(small
             "predictors": [{"paths": str(root / "pred" / "z500.nc"), "variable": "z500"}]}
     dataset = root / "dataset.zarr"
     rec = run_script("preprocess", 1, root / "preprocess.log", params={"data": data,
-                     "preprocess": {"grid_multiple": 4, "chunk_time": 100}}, output={"dataset": str(dataset)})
+                     "preprocess": {"grid_multiple": 4, "chunk_time": 100}, "fold": None}, output={"dataset": str(dataset)})
     assert_one_thread(rec, root / "preprocess.log", torch_loaded="torch" in sys.modules)
     assert dataset.exists()
     rec = run_script("detect_events", 1, root / "events.log", input={"dataset": str(dataset)},
