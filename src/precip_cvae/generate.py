@@ -252,6 +252,7 @@ class _Setup:
     lat: np.ndarray
     lon: np.ndarray
     mask: np.ndarray  # (h, w) bool, the original grid
+    field_mask: torch.Tensor  # (1, 1, H, W) bool, the padded grid: where every sample is generated
     thr: np.ndarray  # (h, w) the local P99 thresholds
     limits: dict  # of the event criterion
     chosen: np.ndarray  # data-set indices of the heavy days to sample for
@@ -313,6 +314,7 @@ def _set_up(paths: GeneratePaths, cfg: GenerateConfig, events_cfg: EventsConfig)
         )
     return _Setup(device=device, model=model, state=state, data=data, ds=ds, pads=pads, lat=fine["lat"].values,
                   lon=fine["lon"].values, mask=fine["mask"].values.astype(bool),
+                  field_mask=torch.from_numpy(ds["mask"].values.astype(bool))[None, None],
                   thr=crop_array(data.thr_mm[0, 0].numpy(), pads), limits=limits, chosen=chosen,
                   attrs=_provenance(paths.checkpoint, state, ds, cfg, events_cfg))
 
@@ -355,7 +357,9 @@ def _draw(setup: _Setup, days: np.ndarray, cfg: GenerateConfig, events_cfg: Even
     """
     data, device = setup.data, setup.device
     y = data.y[days].to(device)
-    valid = data.valid[days].to(device)
+    # the whole static mask, not the source day's observed cells: a gap in the observations of that day
+    # (a station missing) is no gap in a new field
+    valid = setup.field_mask.expand(len(days), -1, -1, -1).to(device)
     accepted: list[list[np.ndarray]] = [[] for _ in days]
     for _ in range(cfg.max_rounds if cfg.filter_heavy else 1):
         need = [cfg.members - len(a) for a in accepted]
