@@ -125,6 +125,7 @@ rule evaluate:
             labels={"experiment": "{experiment}", "figure": "climate indices (table)"},
         ),
         return_levels=exp_dir("evaluate", "return_levels.csv"),
+        day_components=exp_dir("evaluate", "day_components.npz"),  # per-day score sums, for compare_experiments
         index_bias=report(
             exp_dir("evaluate", "index_bias.png"),
             caption="../workflow/report/indices.rst",
@@ -150,6 +151,7 @@ rule evaluate:
 rule compare_experiments:
     input:
         metrics=all_experiment_outputs("evaluate", "metrics.csv"),
+        components=all_experiment_outputs("evaluate", "day_components.npz"),
     output:
         table=report(
             run_dir("experiments_comparison.csv"),
@@ -174,6 +176,12 @@ rule compare_experiments:
             caption="../workflow/report/seeds.rst",
             category="Comparison",
             labels={"figure": "experiments over seeds"},
+        ),
+        differences=report(
+            run_dir("experiments_differences.csv"),
+            caption="../workflow/report/differences.rst",
+            category="Comparison",
+            labels={"figure": "settings against the reference (table)"},
         ),
     params:
         evaluate=evaluate_section("scoring"),

@@ -317,6 +317,57 @@ def test_compare_experiments_summarises_seeds_on_val_and_test(tmp_path):
     assert (bars[0][0], bars[1][0]) == (11.0, 13.0)
 
 
+def test_setting_differences_call_a_result_only_outside_interval_and_seed_spread(tmp_path):
+    from precip_cvae.evaluate.intervals import save_day_components
+
+    cfg = EvaluateConfig(fss_windows=(1, 3, 9))
+    rng = np.random.default_rng(3)
+    n = 60
+    dates = pd.date_range("2000-01-01", periods=n).strftime("%Y-%m-%d").to_numpy()
+    heavy = np.zeros(n, bool)
+    heavy[::6] = True
+    base = rng.gamma(2.0, 1.0, n)  # each day's CRPS of the reference; hard days are hard for all
+    count = np.full(n, 100.0)
+    seed_factor = {0: 1.0, 1: 1.06}  # the two seeds of a setting differ by 6 %
+    per_day = {f"default_seed{k}": base * f for k, f in seed_factor.items()}
+    per_day |= {f"good_seed{k}": 0.8 * base * f for k, f in seed_factor.items()}  # 20 % better
+    per_day |= {f"same_seed{k}": 1.001 * base * f for k, f in seed_factor.items()}  # 0.1 % worse on every day
+    per_day |= {f"copy_seed{k}": base * f for k, f in seed_factor.items()}
+    per_day |= {"one_seed0": 0.8 * base}
+    settings = {e: [e.rsplit("_seed", 1)[0], int(e[-1])] for e in per_day}
+    paths, rows = {}, []
+    for e, v in per_day.items():
+        comp = {"test": {"cvae_best": {"crps": np.stack([v * count, count], axis=1)}}}
+        paths[e] = str(tmp_path / f"{e}.npz")
+        save_day_components(paths[e], comp, {"test": (dates, heavy)})
+        rows.append({"experiment": e, "model": "cvae", "checkpoint": "best", "split": "test",
+                     "crps@all": v.mean(), "crps@heavy": v[heavy].mean()})
+    seeds = compare.seed_summary(pd.DataFrame(rows), settings)
+    out = compare.setting_differences(paths, settings, seeds, cfg)
+    assert list(out.columns) == compare.DIFFERENCE_COLUMNS
+    assert set(out["reference"]) == {"default"} and set(out["metric"]) == {"crps"}
+    t = out.set_index(["setting", "subset"])
+    # the pooled score of a setting: its seeds' day sums averaged, over the counts
+    pooled_default = (base * 1.03).mean()
+    assert t.loc[("good", "all"), "reference_value"] == pytest.approx(pooled_default, rel=1e-12)
+    assert t.loc[("good", "all"), "difference"] == pytest.approx(-0.2 * pooled_default, rel=1e-12)
+    # the seed spread: the larger std over seeds of the two settings' scores
+    assert t.loc[("good", "all"), "seed_spread"] == pytest.approx(np.std([base.mean(), 1.06 * base.mean()], ddof=1))
+    assert t.loc[("good", "all"), "verdict"] == "better" and t.loc[("good", "heavy"), "verdict"] == "better"
+    # worse on every day, so outside the interval, but by far less than the seed spread: no result
+    assert t.loc[("same", "all"), "outside_interval"] and t.loc[("same", "all"), "verdict"] == "within the seed spread"
+    assert t.loc[("copy", "all"), "verdict"] == "within the interval" and t.loc[("copy", "all"), "difference"] == 0
+    assert t.loc[("one", "all"), "verdict"] == "one seed" and np.isnan(t.loc[("one", "all"), "seed_spread"])
+    # one setting: nothing to compare
+    assert compare.setting_differences({"default_seed0": paths["default_seed0"]}, settings, seeds, cfg).empty
+    # settings scored on other days are refused
+    save_day_components(tmp_path / "other.npz", {"test": {"cvae_best": {"crps": np.ones((n, 2))}}},
+                        {"test": (dates[::-1], heavy)})
+    with pytest.raises(ValueError, match="scored other test days"):
+        compare.setting_differences({"default_seed0": paths["default_seed0"], "good_seed0": str(tmp_path / "other.npz")},
+                                    settings, seeds, cfg)
+
+
 # ----------------------------------------------------------------------------- the stage on tiny data
 
 

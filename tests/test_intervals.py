@@ -239,3 +239,25 @@ def test_headline_interval_metrics_are_all_decomposed():
     comp = iv.day_components(ens, obs, dict(zip(names.percentile_names(cfg), thr.values())), cfg.fss_windows,
                              which=wanted)
     assert list(comp) == wanted
+
+
+def test_paired_differences_between_settings():
+    comp = _sources()
+    t = iv.bootstrap(comp, np.arange(20), contrasts=[("good", "bad"), ("copy", "good")], samples=300, seed=1,
+                     targets={"freq_bias_p99": 1.0, "spread_skill": 1.0, "tail_q99_ratio": 1.0})
+    d = t[t.statistic == "difference"].set_index(["source", "baseline", "metric"])
+    plain = t[t.statistic == "score"].set_index(["source", "metric"])["value"]
+    assert len(d) == 2 * 7 and set(t.statistic) == {"score", "difference"}
+    # a copy differs by exactly 0 in every replicate
+    same = d.loc[("copy", "good")]
+    assert (same.value == 0).all() and (same.lower == 0).all() and (same.upper == 0).all()
+    # CRPS: plain difference, by hand; better on every day, so the whole interval is below 0
+    good_crps = comp["good"]["crps"][:, 0].sum() / comp["good"]["crps"][:, 1].sum()
+    bad_crps = comp["bad"]["crps"][:, 0].sum() / comp["bad"]["crps"][:, 1].sum()
+    row = d.loc[("good", "bad", "crps")]
+    assert row.value == pytest.approx(good_crps - bad_crps, rel=1e-12) and row.upper < 0
+    # a target score: the difference of the distances to 1
+    fb = d.loc[("good", "bad", "freq_bias_p99")].value
+    assert fb == pytest.approx(abs(plain[("good", "freq_bias_p99")] - 1) - abs(plain[("bad", "freq_bias_p99")] - 1))
+    with pytest.raises(ValueError, match="contrasts name sources without components"):
+        iv.bootstrap(comp, np.arange(20), contrasts=[("good", "nope")], samples=10)

@@ -11,6 +11,8 @@ with stage_logging(snakemake.log[0], "compare_experiments"), limit_threads(snake
     table = compare.compare_experiments(
         dict(zip(snakemake.params.experiments, snakemake.input.metrics)), cfg, out_csv=snakemake.output.table,
         settings=snakemake.params.settings, seeds_csv=snakemake.output.seeds,
+        components=dict(zip(snakemake.params.experiments, snakemake.input.components)),
+        differences_csv=snakemake.output.differences,
     )
     plots.write_comparison(table, cfg, out_png=snakemake.output.figure)
     seeds = io.read_csv(snakemake.output.seeds, dtype={"checkpoint": str})

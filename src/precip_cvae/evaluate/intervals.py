@@ -91,7 +91,11 @@ SEASON_YEARS = ("djf", "calendar")
 #: bootstrap interval methods accepted by :func:`bootstrap` (passed to ``scipy.stats.bootstrap``)
 METHODS = ("percentile", "BCa")
 #: columns of the table :func:`bootstrap` returns
-INTERVAL_COLUMNS = ["source", "baseline", "metric", "value", "lower", "upper", "n_blocks", "block", "confidence"]
+INTERVAL_COLUMNS = ["source", "baseline", "metric", "statistic", "value", "lower", "upper", "n_blocks", "block",
+                    "confidence"]
+#: the ``statistic`` column: the score itself, score(source) / score(baseline), or the paired
+#: difference of :func:`bootstrap`'s ``contrasts`` (source minus baseline)
+STATISTICS = ("score", "ratio", "difference")
 
 _SEASON_OF_MONTH = {12: "DJF", 1: "DJF", 2: "DJF", 3: "MAM", 4: "MAM", 5: "MAM",
                     6: "JJA", 7: "JJA", 8: "JJA", 9: "SON", 10: "SON", 11: "SON"}
@@ -462,7 +466,8 @@ def _block_sums(a: np.ndarray, inverse: np.ndarray, n_blocks: int) -> np.ndarray
 
 def bootstrap(components: Mapping[str, Mapping[str, np.ndarray]], blocks, baselines: Sequence[str] = (),
               samples: int = 1000, confidence: float = 0.9, seed: int = 0, *, block: str = "day",
-              method: str = "percentile") -> pd.DataFrame:
+              method: str = "percentile", contrasts: Sequence[tuple[str, str]] = (),
+              targets: Mapping[str, float] | None = None) -> pd.DataFrame:
     """Paired block-bootstrap intervals of each score of each source and of each ratio source / baseline.
 
     Paired: one replicate draws B blocks with replacement (B = the number of distinct labels in
@@ -490,6 +495,12 @@ def bootstrap(components: Mapping[str, Mapping[str, np.ndarray]], blocks, baseli
         the same N days
     blocks : (N,) block label of each day (:func:`block_labels`)
     baselines : sources to divide by: a ratio row for every other source and every metric both have
+    contrasts : (source, reference) pairs: a ``difference`` row per metric both have, the paired
+        difference score(source) - score(reference); for a metric in ``targets`` (a score whose ideal
+        value is a target, such as a frequency bias of 1) the difference of the distances to it,
+        ``|score(source) - t| - |score(reference) - t|``, so that negative is always closer to ideal
+        for a 'lower' or a target score
+    targets : metric -> its ideal value (see ``contrasts``)
     samples : bootstrap replicates
     confidence : two-sided level of the intervals (0.9: the 5 % and 95 % percentiles)
     seed : seed of the resampling
@@ -500,7 +511,9 @@ def bootstrap(components: Mapping[str, Mapping[str, np.ndarray]], blocks, baseli
     -------
     pandas.DataFrame, columns :data:`INTERVAL_COLUMNS`
         One row per (source, metric) with ``baseline`` '' (``value`` = the score on all N days),
-        then one per (source, baseline, metric) with ``value`` = score(source) / score(baseline).
+        then one per (source, baseline, metric) with ``value`` = score(source) / score(baseline)
+        (``statistic`` 'ratio'), then one per contrast and metric (``statistic`` 'difference',
+        ``baseline`` the reference).
         ``lower`` / ``upper``: the interval.  Replicates where a score is undefined (e.g. no
         observed exceedance among the drawn heavy days) are left out of its interval (logged);
         the bounds are NaN when no replicate is defined, and for fewer than 2 blocks (nothing to
@@ -529,6 +542,11 @@ def bootstrap(components: Mapping[str, Mapping[str, np.ndarray]], blocks, baseli
         return pd.DataFrame(columns=INTERVAL_COLUMNS)
     ratios = [(src, base, metric) for base in baselines for src in sources if src != base
               for metric in components[src] if metric in components[base]]
+    unknown = [c for pair in contrasts for c in pair if c not in components]
+    if unknown:
+        raise ValueError(f"contrasts name sources without components: {unknown}; sources: {', '.join(sources)}")
+    diffs = [(src, ref, metric) for src, ref in contrasts for metric in components[src] if metric in components[ref]]
+    targets = dict(targets or {})
     sums = {key: _block_sums(np.asarray(components[key[0]][key[1]]), inverse, n_blocks) for key in plain}
     # tail_q99_ratio: split into the members' and the truth's histograms, each with its coarse groups
     # (:func:`_resampled_hist_quantile`); the truth's are the same for every source (paired, one
@@ -557,13 +575,17 @@ def bootstrap(components: Mapping[str, Mapping[str, np.ndarray]], blocks, baseli
         return _ratio(_resampled_hist_quantile(counts, *ens_part, TAIL_LEVEL), truth_q[id(obs_part)])
 
     def evaluate(counts: np.ndarray) -> np.ndarray:
-        """(n_plain + n_ratio, R) scores of R replicates given as block counts (R, B)."""
+        """(n_plain + n_ratio + n_difference, R) scores of R replicates given as block counts (R, B)."""
         truth_q: dict = {}
         vals = np.stack([score_of(src, metric, counts, truth_q) for src, metric in plain])
         with np.errstate(invalid="ignore", divide="ignore"):
             rat = [np.where(vals[pos[(b, m)]] != 0, vals[pos[(s, m)]] / vals[pos[(b, m)]], np.nan)
                    for s, b, m in ratios]
-        return np.concatenate([vals, np.asarray(rat).reshape(-1, vals.shape[1])])
+        dif = [vals[pos[(s, m)]] - vals[pos[(r, m)]] if m not in targets
+               else np.abs(vals[pos[(s, m)]] - targets[m]) - np.abs(vals[pos[(r, m)]] - targets[m])
+               for s, r, m in diffs]
+        return np.concatenate([vals, np.asarray(rat).reshape(-1, vals.shape[1]),
+                               np.asarray(dif).reshape(-1, vals.shape[1])])
 
     value = evaluate(np.ones((1, n_blocks)))[:, 0]
     lower = np.full(value.shape, np.nan)
@@ -608,8 +630,52 @@ def bootstrap(components: Mapping[str, Mapping[str, np.ndarray]], blocks, baseli
     elif len(value):
         log.info("bootstrap: %d block(s), nothing to resample; intervals are NaN", n_blocks)
 
-    rows = [(s, "", m) for s, m in plain] + list(ratios)
-    out = pd.DataFrame(rows, columns=["source", "baseline", "metric"])
+    rows = ([(s, "", m, "score") for s, m in plain] + [(*r, "ratio") for r in ratios]
+            + [(*d, "difference") for d in diffs])
+    out = pd.DataFrame(rows, columns=["source", "baseline", "metric", "statistic"])
     out["value"], out["lower"], out["upper"] = value, lower, upper
     out["n_blocks"], out["block"], out["confidence"] = n_blocks, block, float(confidence)
     return out[INTERVAL_COLUMNS]
+
+
+# ----------------------------------------------------------------------------- on disk
+
+
+def save_day_components(path, components: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
+                        days: Mapping[str, tuple], season_year: str = "calendar") -> None:
+    """Write every split's day components (``{split: {source: {metric: (N, k)}}}``) with the days' dates
+    and heavy flags to ``path`` (compressed ``.npz``, atomically), for paired comparisons between
+    experiments (:func:`precip_cvae.evaluate.compare.setting_differences`).  The wet-value histograms
+    of ``tail_q99_ratio`` are stored as float32 (exact for counts below 2^24)."""
+    from ..io import atomic_path
+
+    arrays = {"season_year": np.array(season_year)}
+    for split, by_source in components.items():
+        if split not in days:
+            continue
+        dates, heavy = days[split]
+        arrays[f"{split}/dates"] = np.asarray(dates).astype(str)
+        arrays[f"{split}/heavy"] = np.asarray(heavy, dtype=bool)
+        for src, parts in by_source.items():
+            for metric, a in parts.items():
+                dtype = np.float32 if metric == "tail_q99_ratio" else np.float64
+                arrays[f"{split}/{src}/{metric}"] = np.asarray(a, dtype=dtype)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+def load_day_components(path) -> tuple[dict, dict, str]:
+    """``(components, days, season_year)`` as :func:`save_day_components` wrote them."""
+    components: dict = {}
+    days: dict = {}
+    with np.load(path, allow_pickle=False) as z:
+        season_year = str(z["season_year"]) if "season_year" in z.files else "calendar"
+        for key in z.files:
+            parts = key.split("/")
+            if len(parts) == 2 and parts[1] == "dates":
+                days[parts[0]] = (z[key], z[f"{parts[0]}/heavy"])
+            elif len(parts) == 3:
+                split, src, metric = parts
+                components.setdefault(split, {}).setdefault(src, {})[metric] = z[key].astype(np.float64)
+    return components, days, season_year

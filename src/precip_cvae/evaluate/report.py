@@ -26,7 +26,7 @@ from ..config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
 from .names import (CVAE, METRIC_COLUMNS, SUBSETS, headline_metrics, headline_split, headline_window,
                     model_and_checkpoint, percentile_names, source_label)
 from .diagnostics import diagnose, diagnostics_markdown
-from .intervals import block_labels, bootstrap
+from .intervals import block_labels, bootstrap, save_day_components
 from .score import Evaluation, score_cache, tail_thresholds
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ OUTPUT_FILES = {
     "indices": "indices.csv",
     "return_levels": "return_levels.csv",
     "index_bias": "index_bias.png",
+    "day_components": "day_components.npz",
 }
 
 
@@ -129,7 +130,9 @@ def with_intervals(table: pd.DataFrame, intervals: pd.DataFrame) -> pd.DataFrame
     rows = []
     for r in intervals.itertuples(index=False):
         model, ckpt = model_and_checkpoint(r.source)
-        metric = r.metric if not r.baseline else f"{r.metric}{RATIO_TAG}{r.baseline}"
+        if r.statistic == "difference":
+            continue
+        metric = r.metric if r.statistic == "score" else f"{r.metric}{RATIO_TAG}{r.baseline}"
         rows.append((model, ckpt, r.split, r.subset, metric, float(r.value), float(r.lower), float(r.upper)))
     extra = pd.DataFrame(rows, columns=[*METRIC_COLUMNS, "lower", "upper"])
     keys = METRIC_COLUMNS[:5]
@@ -375,6 +378,7 @@ def run(paths: ScorePaths, cfg: EvaluateConfig, experiment: str = "default") -> 
     io.write_csv(ev.diagnostics.indices, paths.output("indices"))
     io.write_csv(ev.diagnostics.return_levels, paths.output("return_levels"))
     io.write_csv(with_intervals(ev.table, intervals), paths.output("metrics_csv"))
+    save_day_components(paths.output("day_components"), ev.components or {}, ev.days or {}, season_year_of(first))
     io.write_json(metrics_json(ev, cfg), paths.output("metrics_json"))
     headline = headline_table(ev, cfg)
     io.write_csv(headline, paths.output("headline"))
