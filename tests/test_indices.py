@@ -240,11 +240,27 @@ def test_ensemble_index_table_members_equal_to_obs_have_no_bias_and_nan_propagat
     assert all(np.isnan(b).all() for b in bias.values())
 
 
-def test_ensemble_index_table_refuses_a_changing_mask():
+def test_a_missing_observation_is_a_missing_day_for_the_members_too():
+    # E-OBS drops stations: a pixel may be NaN on a few days only. It stays scored; on those days
+    # the members' values there are ignored, so a member that equals the truth wherever it is
+    # observed has no bias, whatever it says on the missing day
     obs = _record(masked=False)
     obs[2, 0, 1] = np.nan
-    with pytest.raises(ValueError, match="same pixels"):
-        indices.ensemble_index_table(obs[None], obs, DATES, "noleap", _thr(P95), _thr(P99))
+    ens = np.stack([np.nan_to_num(obs, nan=500.0), np.nan_to_num(obs, nan=0.0)])
+    table, bias = indices.ensemble_index_table(ens, obs, DATES, "noleap", _thr(P95), _thr(P99))
+    np.testing.assert_allclose(table["bias_mean"], 0.0, atol=1e-12)
+    assert np.isfinite(bias["rx1day"][0, 1])
+    maps = indices.index_maps(obs, DATES, "noleap", _thr(P95), _thr(P99))
+    assert table.set_index("index").loc["rx1day", "obs_mean"] == pytest.approx(np.nanmean(maps["rx1day"]))
+    rng = np.random.default_rng(1)
+    ens = rng.gamma(0.7, 4.0, size=(3, *obs.shape))
+    w = indices.wasserstein_map(ens, obs)
+    keep = np.isfinite(obs[:, 0, 1])
+    assert w[0, 1] == pytest.approx(stats.wasserstein_distance(ens[:, keep, 0, 1].ravel(), obs[keep, 0, 1]))
+    pss, _ = indices.perkins_skill_score(np.nan_to_num(obs, nan=999.0)[None], obs)
+    assert pss[0, 1] == pytest.approx(1.0)  # the same sample on the observed days
+    ens[0, 3, 0, 1] = np.nan  # a member NaN where obs is valid is still a broken forecast
+    assert np.isnan(indices.wasserstein_map(ens, obs)[0, 1])
 
 
 # ----------------------------------------------------------------------------- distributions

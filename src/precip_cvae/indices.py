@@ -4,12 +4,15 @@ Plain functions on numpy arrays; no file I/O.  Values are in mm day-1.
 
 Conventions (as in :mod:`precip_cvae.metrics`)
 ----------------------------------------------
-* ``obs`` : ndarray (N, h, w) -- the truth on N scored days.  **NaN marks an
-  excluded pixel** (sea, masked); the same pixels are NaN on every day.
+* ``obs`` : ndarray (N, h, w) -- the truth on N scored days.  **NaN marks a missing
+  value**: a masked pixel (sea) is NaN on every day; a pixel may also be NaN on some
+  days only (a station missing from a gridded analysis: E-OBS has them on most Iberian
+  winter days).  A pixel is scored when it has an observation on at least one day.
 * ``ens`` : ndarray (M, N, h, w) -- M members on the same days, member axis first.
-  A NaN in a member at a pixel where ``obs`` is valid is not hidden: the score of
-  that pixel (and any spatial mean over it) becomes NaN, so a broken forecast
-  shows up.
+  Where ``obs`` is missing the members' values are ignored (that pixel-day is missing in
+  every series, so obs and members are compared on the same days).  A NaN in a member
+  where ``obs`` is valid is not hidden: the score of that pixel (and any spatial mean
+  over it) becomes NaN, so a broken forecast shows up.
 * ``dates`` : sequence of N ISO strings 'YYYY-MM-DD', sorted and unique but not
   contiguous (a winter-only record, a set of held-out years).
 * ``calendar`` : a CF calendar name ('standard', 'noleap', '360_day', ...).
@@ -377,13 +380,16 @@ def index_maps(values, dates: Sequence[str], calendar: str, p95, p99,
 
 
 def _valid_pixels(obs: np.ndarray) -> np.ndarray:
-    """(h, w) mask of the scored pixels; raises if the NaN pattern changes from day to day."""
-    finite = np.isfinite(obs)
-    valid = finite.all(axis=0)
-    if (finite.any(axis=0) & ~valid).any():
-        raise ValueError("obs must be NaN at the same pixels on every day (masked pixels); "
-                         f"{int((finite.any(axis=0) & ~valid).sum())} pixel(s) are NaN on some days only")
-    return valid
+    """(h, w) mask of the scored pixels: those with an observation on at least one day."""
+    return np.isfinite(obs).any(axis=0)
+
+
+def _where_observed(ens: np.ndarray, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The members with NaN wherever ``obs`` is missing, and the (h, w) pixels where a member is
+    NaN although ``obs`` is valid (a broken forecast)."""
+    observed = np.isfinite(obs)
+    broken = (observed[None] & ~np.isfinite(ens)).any(axis=(0, 1))
+    return np.where(observed[None], ens, np.nan), broken
 
 
 def _check_ens_obs(ens, obs) -> tuple[np.ndarray, np.ndarray]:
@@ -409,7 +415,8 @@ def ensemble_index_table(ens, obs, dates: Sequence[str], calendar: str, p95, p99
     ----------
     ens : ndarray (M, N, h, w), mm day-1 (member axis first); values at masked pixels
         are ignored
-    obs : ndarray (N, h, w), mm day-1; NaN = excluded pixel, the same pixels every day
+    obs : ndarray (N, h, w), mm day-1; NaN = missing (a masked pixel every day, or a missing
+        observation on some days: that day is missing for the members too)
     dates, calendar, p95, p99, wet_threshold, season_year
         As in :func:`index_maps` (``p95``/``p99``: the observed wet-day percentiles).
 
@@ -431,8 +438,9 @@ def ensemble_index_table(ens, obs, dates: Sequence[str], calendar: str, p95, p99
     idx = np.flatnonzero(valid)
     t95 = _threshold_map(p95, (h, w), "p95", valid).reshape(-1)[idx]
     t99 = _threshold_map(p99, (h, w), "p99", valid).reshape(-1)[idx]
+    ens, broken_map = _where_observed(ens, obs)  # a missing observation is a missing day of every member
     e = ens.reshape(m, n, -1)[:, :, idx]  # (M, N, P): the valid pixels only
-    broken = ~np.isfinite(e).all(axis=(0, 1))  # (P,) a member NaN at a valid pixel
+    broken = broken_map.reshape(-1)[idx]  # (P,) a member NaN where obs is valid
     # one stack: series 0 is obs, 1..M the members
     series = np.concatenate([obs.reshape(n, 1, -1)[:, :, idx], e.transpose(1, 0, 2)], axis=1)
     cells = _index_cells(series, dates, calendar, t95, t99, wet_threshold, season_year)
@@ -486,14 +494,20 @@ def wasserstein_map(ens, obs) -> np.ndarray:
     m, n = ens.shape[:2]
     valid = _valid_pixels(obs)
     idx = np.flatnonzero(valid)
+    ens, broken = _where_observed(ens, obs)
     e = ens.reshape(m * n, -1)
     o = obs.reshape(n, -1)
     out = np.full(valid.size, np.nan)
     for a in range(0, idx.size, _PIXELS_PER_CHUNK):
         cols = idx[a:a + _PIXELS_PER_CHUNK]
-        u = np.sort(e[:, cols], axis=0)  # (M N, p); NaN sort last and propagate
+        # NaN sort last: at a pixel with n_p observed days the first M n_p rows of both are the
+        # sorted values (each observation repeated M times), the rest NaN
+        u = np.sort(e[:, cols], axis=0)  # (M N, p)
         v = np.repeat(np.sort(o[:, cols], axis=0), m, axis=0)  # (M N, p)
-        out[cols] = np.mean(np.abs(u - v), axis=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[cols] = np.nanmean(np.abs(u - v), axis=0)
+    out[broken.reshape(-1)] = np.nan
     return out.reshape(valid.shape)
 
 
@@ -561,23 +575,24 @@ def perkins_skill_score(ens, obs, bins=1.0, wet_threshold: float | None = None
     out = np.full(valid.size, np.nan)
     if idx.size == 0:
         return out.reshape(valid.shape), float("nan")
+    ens, broken_map = _where_observed(ens, obs)  # a missing observation: a missing day for the members
     e = ens.reshape(m * n, -1)
     o = obs.reshape(n, -1)
     ev, ov = e[:, idx], o[:, idx]
-    fin = np.isfinite(ev)
-    both = np.r_[ev[fin], ov.ravel()]
+    fin, ofin = np.isfinite(ev), np.isfinite(ov)
+    both = np.r_[ev[fin], ov[ofin]]
     edges = _bin_edges(bins, float(both.min()), float(both.max()))
-    broken = ~fin.all(axis=0)
+    broken = broken_map.reshape(-1)[idx]
     defined_obs = np.ones(idx.size, dtype=bool)
     for a in range(0, idx.size, _PIXELS_PER_CHUNK):
         sl = slice(a, a + _PIXELS_PER_CHUNK)
         eu, ou = ev[:, sl], ov[:, sl]
         ke = np.isfinite(eu) if wet_threshold is None else np.isfinite(eu) & (eu >= wet_threshold)
-        ko = np.ones(ou.shape, bool) if wet_threshold is None else ou >= wet_threshold
+        ko = ofin[:, sl] if wet_threshold is None else ofin[:, sl] & (ou >= wet_threshold)
         ne, no = ke.sum(axis=0), ko.sum(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
             fe = _histograms(np.where(np.isfinite(eu), eu, 0.0), edges, ke) / ne[:, None]
-            fo = _histograms(ou, edges, ko) / no[:, None]
+            fo = _histograms(np.where(ofin[:, sl], ou, 0.0), edges, ko) / no[:, None]
             score = np.sum(np.minimum(fe, fo), axis=1)
         score[(ne == 0) | (no == 0)] = np.nan
         defined_obs[sl] = no > 0
