@@ -246,3 +246,31 @@ def test_a_gap_in_the_source_days_observations_is_generated(prepared, trained, t
     aug = xr.open_zarr(tmp_path / "out" / "augmented.zarr")
     field = aug["pr"].sel(time=day).values  # (R, h, w)
     assert np.isfinite(field[:, cells[:, 0], cells[:, 1]]).all() and (field[:, mask] >= 0).all()
+
+
+def test_report_has_climate_indices_of_the_samples_against_their_heavy_days(prepared, trained, tmp_path):
+    from precip_cvae.split import season_year_rule
+
+    report = _run(prepared, trained, tmp_path)
+    ix = report["indices"]
+    table = {r["index"]: r for r in ix["table"]}
+    assert set(table) == {"rx1day", "sdii", "r95ptot", "r99ptot", "days_above_p99", "wasserstein",
+                          "perkins_skill_score", "ralsd"}  # no spell lengths on isolated days
+    assert ix["realizations"] == 3 and ix["days"] == report["heavy_days"]
+    # Rx1day by hand: per realization and pixel the largest value of each period, averaged over the
+    # periods, then over the realizations, then over the valid pixels
+    aug = xr.open_zarr(tmp_path / "augmented.zarr")
+    ds = xr.open_zarr(prepared["dataset"])
+    assert season_year_rule(ds.attrs) == "calendar"
+    years = pd.DatetimeIndex(aug["time"].values).year.to_numpy()
+    pr = aug["pr"].values.astype("float64")  # (D, R, h, w)
+    per_year = np.stack([np.nanmax(pr[years == y], axis=0) for y in np.unique(years)])  # (Y, R, h, w)
+    mask = ds["mask"].values.astype(bool)
+    by_hand = per_year.mean(axis=0).mean(axis=0)[mask].mean()
+    assert table["rx1day"]["samples_mean"] == pytest.approx(by_hand, rel=1e-9)
+    real = ds["pr"].sel(time=aug["time"]).values.astype("float64")
+    real_by_hand = np.stack([np.nanmax(real[years == y], axis=0) for y in np.unique(years)]).mean(axis=0)[mask].mean()
+    assert table["rx1day"]["real_mean"] == pytest.approx(real_by_hand, rel=1e-9)
+    assert table["rx1day"]["bias_mean"] == pytest.approx(by_hand - real_by_hand, rel=1e-9)
+    assert 0 <= table["perkins_skill_score"]["samples_mean"] <= 1
+    assert "Climate indices" in (tmp_path / "generation_report.md").read_text()

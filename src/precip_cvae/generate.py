@@ -25,12 +25,12 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from . import __version__, cf, checkpoint
+from . import __version__, cf, checkpoint, indices
 from .config import EventsConfig, GenerateConfig, config_hash
 from .data import load_fields
-from .events import apply_criterion, field_statistics
+from .events import apply_criterion, field_statistics, wet_day_thresholds
 from .grid import crop_array, crop_to_original
-from .split import format_times
+from .split import format_times, season_year_rule
 from .io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, open_zarr_group, write_json,
                  write_netcdf, write_text, write_zarr_group)
 from .metrics import relative_mass_error
@@ -468,9 +468,73 @@ def _finish(setup: _Setup, tally: _Tally, paths: GeneratePaths, cfg: GenerateCon
         write_netcdf(open_zarr(store), paths.netcdf)  # dask writes it chunk by chunk: memory flat in samples
     if paths.condition_netcdf:
         write_netcdf(open_zarr_group(store, CONDITION_GROUP), paths.condition_netcdf)
+    report["indices"] = index_diagnostics(setup, store, events_cfg)
     write_json(report, paths.report)
     write_text(_report_md(report), paths.report_md)
     return report
+
+
+#: at most this many values (float64: 400 MB) of samples are held for :func:`index_diagnostics`
+MAX_INDEX_VALUES = 50_000_000
+#: the indices of :data:`precip_cvae.indices.INDEX_NAMES` that mean something on isolated heavy days
+#: (a wet or dry spell cannot be measured on days that are not consecutive)
+SAMPLE_INDICES = ("rx1day", "sdii", "r95ptot", "r99ptot", "days_above_p99")
+
+
+def index_diagnostics(setup: _Setup, store: Path, events_cfg: EventsConfig) -> dict:
+    """Climate indices of the samples against the real fields of the heavy days they were drawn for.
+
+    Each realization is one daily series over the sampled heavy days (as the evaluation treats a
+    member over the scored days: :func:`precip_cvae.indices.ensemble_index_table`, xclim's
+    indices), compared with the real fields of the same days.  R95pTOT, R99pTOT and the days above
+    the local P99 use the wet-day P95 / P99 of the *train* days at each pixel (``events.wet_threshold``,
+    ``events.min_wet_days`` with the pooled fallback), so they say how much of the heavy days' rain
+    comes from values that are extreme for the climate.  CWD and CDD are left out: the heavy days are
+    not consecutive, so no spell can be measured.  Beside them: the Wasserstein distance, Perkins
+    skill score and RALSD of the samples.  Realizations 0 .. R-1 where every day holds R (the
+    filter may leave a day short), at most :data:`MAX_INDEX_VALUES` values.
+
+    Returns
+    -------
+    dict: ``realizations`` used, ``days``, ``threshold_days`` (train days), ``table`` (records: index,
+    units, real_mean, samples_mean, bias_mean, abs_bias_mean; spatial means over the valid pixels)
+    and ``note``.
+    """
+    aug = open_zarr(store)
+    counts = aug["n_realizations"].values.astype(int)
+    d, h, w = counts.size, aug.sizes["lat"], aug.sizes["lon"]
+    n_real = int(min(counts.min(), max(1, MAX_INDEX_VALUES // max(d * h * w, 1))))
+    dates = format_times(aug.indexes["time"])
+    position = {str(x): i for i, x in enumerate(setup.data.dates)}
+    src = np.array([position[x] for x in dates])
+    fine = crop_to_original(setup.ds[["pr", "mask"]], setup.pads)  # the original grid, lazily
+    real = fine["pr"].isel(time=src).values.astype("float64")  # (D, h, w), NaN where unobserved
+    real[:, ~setup.mask] = np.nan
+    ens = aug["pr"].isel(realization=slice(0, n_real)).values.astype("float64").transpose(1, 0, 2, 3)
+    train = np.flatnonzero(setup.data.split == "train")
+    da = fine["pr"].isel(time=train)  # dask: wet_day_thresholds streams over time
+    mask = xr.DataArray(setup.mask.astype("int8"), dims=("lat", "lon"))
+    thr = {p: wet_day_thresholds(da, mask, dataclasses.replace(events_cfg, percentile=p)).values.astype("float64")
+           for p in (95.0, 99.0)}
+    season_year = season_year_rule(setup.ds.attrs)
+    calendar = str(setup.ds.attrs.get("calendar", "standard"))
+    table, _ = indices.ensemble_index_table(ens, real, dates, calendar, thr[95.0], thr[99.0],
+                                            events_cfg.wet_threshold, season_year)
+    table = table[table["index"].isin(SAMPLE_INDICES)]
+    rows = [{"index": r.index, "units": indices.INDEX_UNITS[r.index], "real_mean": r.obs_mean,
+             "samples_mean": r.ens_mean, "bias_mean": r.bias_mean, "abs_bias_mean": r.abs_bias_mean}
+            for r in table.itertuples(index=False)]
+    units = {"wasserstein": "mm d-1", "perkins_skill_score": "1", "ralsd": "dB2"}
+    rows += [{"index": k, "units": units[k], "real_mean": None, "samples_mean": v, "bias_mean": None,
+              "abs_bias_mean": None} for k, v in indices.distribution_scores(ens, real).items()]
+    log.info("indices of %d realizations x %d heavy days against the real fields: %s", n_real, d,
+             ", ".join(f"{r['index']} {r['samples_mean']:.3g} (real {r['real_mean']:.3g})"
+                       for r in rows if r["real_mean"] is not None))
+    return {"realizations": n_real, "days": d, "threshold_days": int(train.size), "season_year": season_year,
+            "table": [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
+                      for r in rows],
+            "note": ("each realization is a daily series over the sampled heavy days (not consecutive: CWD and "
+                     "CDD are not defined); P95/P99 are the train days' wet-day percentiles")}
 
 
 def _real_mass_error(data, chosen, real_stats) -> dict:
@@ -566,6 +630,14 @@ def _report_md(r: dict) -> str:
         s, t = v["synthetic"], v["real_event_days"]
         fmt = lambda x: f"{x.get('p10', float('nan')):.3g} / {x.get('p50', float('nan')):.3g} / {x.get('p90', float('nan')):.3g}"  # noqa: E731
         lines.append(f"| {name} | {fmt(s)} | {fmt(t)} |")
+    ix = r.get("indices")
+    if ix:
+        num = lambda x: "" if x is None else f"{x:.3g}"  # noqa: E731
+        lines += ["", f"Climate indices: {ix['realizations']} realizations x {ix['days']} heavy days against the "
+                  f"real fields of those days; {ix['note']}.", "",
+                  "| index | units | real heavy days | samples | bias | mean abs. bias |", "|---|---|---|---|---|---|"]
+        lines += [f"| {t['index']} | {t['units']} | {num(t['real_mean'])} | {num(t['samples_mean'])} | "
+                  f"{num(t['bias_mean'])} | {num(t['abs_bias_mean'])} |" for t in ix["table"]]
     return "\n".join(lines) + "\n"
 
 

@@ -59,6 +59,7 @@ __all__ = [
     "wasserstein_map",
     "perkins_skill_score",
     "ralsd",
+    "distribution_scores",
     "seasonal_maxima",
     "gev_return_levels",
 ]
@@ -670,6 +671,17 @@ def ralsd(ens, obs, definition: str = "ml-bench") -> float:
                 continue
             dist.append(np.sqrt(_log_spectral_distance_sq(rapsd(day)[1], p_obs)))
     return float(np.nanmean(dist)) if np.isfinite(dist).any() else float("nan")
+
+
+def distribution_scores(ens, obs) -> dict[str, float]:
+    """Spatial mean of :func:`wasserstein_map` (mm day-1) and of :func:`perkins_skill_score`, and
+    :func:`ralsd` (dB^2), of the members against the observations."""
+    w = wasserstein_map(ens, obs)
+    _, pss = perkins_skill_score(ens, obs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        w_mean = float(np.nanmean(w)) if np.isfinite(w).any() else float("nan")
+    return {"wasserstein": w_mean, "perkins_skill_score": float(pss), "ralsd": ralsd(ens, obs)}
 
 
 # ----------------------------------------------------------------------------- extremes

@@ -6,6 +6,7 @@ importing a stage (``data`` used to import ``events`` for the date format).
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -135,3 +136,12 @@ def format_times(index) -> list[str]:
     if all(h == 0 and m == 0 for *_, h, m in stamps):
         return [f"{y:04d}-{mo:02d}-{d:02d}" for y, mo, d, _, _ in stamps]
     return [f"{y:04d}-{mo:02d}-{d:02d}T{h:02d}:{m:02d}" for y, mo, d, h, m in stamps]
+
+
+def season_year_rule(attrs) -> str:
+    """The season-year rule ('djf' or 'calendar') a data set was split with, from the
+    ``preprocess_config`` attribute preprocess writes; 'calendar' when it is absent or unreadable."""
+    try:
+        return json.loads(attrs.get("preprocess_config", "{}")).get("split", {}).get("season_year", "calendar")
+    except (ValueError, AttributeError):
+        return "calendar"

@@ -67,12 +67,7 @@ def observed_percentiles(obs: np.ndarray, cfg: EvaluateConfig) -> dict[str, np.n
 
 
 def _distribution_rows(source: str, ens: np.ndarray, obs: np.ndarray) -> list[dict]:
-    w = indices.wasserstein_map(ens, obs)
-    _, pss = indices.perkins_skill_score(ens, obs)
-    rows = [{"source": source, "index": "wasserstein", "ens_mean": float(np.nanmean(w))},
-            {"source": source, "index": "perkins_skill_score", "ens_mean": float(pss)},
-            {"source": source, "index": "ralsd", "ens_mean": indices.ralsd(ens, obs)}]
-    return rows
+    return [{"source": source, "index": k, "ens_mean": v} for k, v in indices.distribution_scores(ens, obs).items()]
 
 
 def _return_levels(label: str, values: np.ndarray, dates, season_year: str) -> pd.DataFrame:

@@ -26,6 +26,7 @@ from ..config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
 from .names import (CVAE, METRIC_COLUMNS, SUBSETS, headline_metrics, headline_split, headline_window,
                     model_and_checkpoint, percentile_names, source_label)
 from .diagnostics import diagnose, diagnostics_markdown
+from ..split import season_year_rule
 from .intervals import block_labels, bootstrap, save_day_components
 from .score import Evaluation, score_cache, tail_thresholds
 
@@ -82,11 +83,7 @@ RATIO_TAG = "_ratio_"  # metrics.csv: '<metric>_ratio_<baseline>' is a source's 
 
 def season_year_of(dataset: str) -> str:
     """The season-year rule of the data set's split ('djf' or 'calendar'), for season blocks."""
-    ds = io.open_zarr(dataset)
-    try:
-        return json.loads(ds.attrs.get("preprocess_config", "{}")).get("split", {}).get("season_year", "calendar")
-    except ValueError:
-        return "calendar"
+    return season_year_rule(io.open_zarr(dataset).attrs)
 
 
 def interval_table(ev: Evaluation, cfg: EvaluateConfig, season_year: str = "calendar") -> pd.DataFrame:
