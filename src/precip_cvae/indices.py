@@ -34,6 +34,7 @@ refuse series with missing days).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import namedtuple
 from typing import Sequence
@@ -235,6 +236,20 @@ def _threshold_map(thr, shape: tuple[int, int], name: str, valid: np.ndarray) ->
     return t
 
 
+def _import_xclim():
+    """``xclim`` and ``xclim.indices``, imported without the INFO lines its docstring parser sends to
+    the root logger ('Choice not found. Ignoring: ...'), which would fill every stage log."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        import xclim
+        import xclim.indices as xi
+    finally:
+        root.setLevel(level)
+    return xclim, xi
+
+
 def _xclim_periods(blocks: np.ndarray, axis, p95: np.ndarray, p99: np.ndarray,
                    wet_threshold: float) -> dict[str, np.ndarray]:
     """xclim's indices of NaN-padded daily blocks (L, C) -> name -> (C,), one period per block.
@@ -243,8 +258,7 @@ def _xclim_periods(blocks: np.ndarray, axis, p95: np.ndarray, p99: np.ndarray,
     pixel) on purpose: xclim's unit check formats its input with ``str()``, which costs
     seconds on a 5-D array and nothing on a 2-D one.
     """
-    import xclim
-    import xclim.indices as xi
+    xclim, xi = _import_xclim()
 
     pr = xr.DataArray(blocks, dims=("time", "cell"), coords={"time": axis}, attrs={"units": _UNITS})
     t95 = xr.DataArray(p95, dims=("cell",), attrs={"units": _UNITS})
