@@ -6,20 +6,12 @@ from precip_cvae.evaluate import report
 from precip_cvae.logs import stage_logging
 from precip_cvae.resources import limit_threads
 
-
-
-def _one_or_list(files):
-    """A path, or the list of the folds' paths (pooled kfold_years run)."""
-    files = [str(f) for f in (files if isinstance(files, (list, tuple)) else [files])] if not isinstance(files, str) else [files]
-    return files[0] if len(files) == 1 else files
-
-
 with stage_logging(snakemake.log[0], "evaluate"), limit_threads(snakemake.threads):
     cfg = EvaluateConfig.from_dict(snakemake.params.evaluate)
     paths = report.ScorePaths(
         ensembles=snakemake.input.ensembles,
-        dataset=_one_or_list(snakemake.input.dataset),
-        train_log=_one_or_list(snakemake.input.train_log),
+        dataset=report.one_or_list(snakemake.input.dataset),
+        train_log=report.one_or_list(snakemake.input.train_log),
         outputs={key: snakemake.output[key] for key in report.OUTPUT_FILES},
     )
     result = report.run(paths, cfg, experiment=snakemake.wildcards.experiment)

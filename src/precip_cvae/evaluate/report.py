@@ -81,6 +81,13 @@ class ScorePaths:
 RATIO_TAG = "_ratio_"  # metrics.csv: '<metric>_ratio_<baseline>' is a source's score over the baseline's
 
 
+def one_or_list(files) -> str | list[str]:
+    """A rule's input as :class:`ScorePaths` takes it: one path, or the list of the folds' paths
+    (a pooled ``kfold_years`` run)."""
+    files = [str(files)] if isinstance(files, (str, Path)) else [str(f) for f in files]
+    return files[0] if len(files) == 1 else files
+
+
 def season_year_of(dataset: str) -> str:
     """The season-year rule of the data set's split ('djf' or 'calendar'), for season blocks."""
     return season_year_rule(io.open_zarr(dataset).attrs)
