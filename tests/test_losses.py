@@ -201,7 +201,7 @@ def test_compute_loss_total_is_the_weighted_sum(space):
                      space=space)
     tf = TargetTransform("log1p", 0.8)
     parts = compute_loss(out, x, valid, extreme, cfg, epoch=5, transform=tf, coarse_mm=coarse)
-    assert set(parts) == {"total", "mae_all", "mae_ext", "kl", "kl_term", "mass", "crps", "tail", "beta"}
+    assert set(parts) == {"total", "rec", "mae_all", "mae_ext", "kl", "kl_term", "mass", "crps", "tail", "energy", "beta"}
     assert parts["kl_term"].item() == parts["kl"].item() and parts["crps"].item() == parts["tail"].item() == 0
     assert parts["beta"].item() == pytest.approx(0.1)
     expected = (
@@ -364,3 +364,145 @@ def test_compute_loss_adds_the_ensemble_terms_with_their_weights():
         compute_loss(out._replace(prior_samples=None), x, valid, extreme, cfg, 0, tf, tail_x=tail_x)
     with pytest.raises(ValueError, match="tail threshold"):
         compute_loss(out, x, valid, extreme, cfg, 0, tf)
+
+
+# ----------------------------------------------------------------------------- issue 28: reconstruction options, energy
+
+
+def test_bernoulli_gamma_nll_equals_scipy_on_a_hand_example():
+    from scipy import stats
+
+    from precip_cvae.losses import bernoulli_gamma_nll
+    from precip_cvae.model import BernoulliGamma
+
+    # 2 x 2 pixels: dry (0.0), below the wet threshold (0.05: dry), wet 0.1 (exactly the threshold) and 12.5
+    p = _t([[0.3, 0.6], [0.8, 0.9]], torch.float64)
+    k = _t([[0.7, 1.0], [0.5, 2.5]], torch.float64)
+    theta = _t([[4.0, 2.0], [8.0, 6.0]], torch.float64)
+    y = _t([[0.0, 0.05], [0.1, 12.5]], torch.float64)
+    valid = torch.ones_like(y, dtype=torch.bool)
+    got = bernoulli_gamma_nll(BernoulliGamma(p, k, theta), y, valid, wet_threshold=0.1)
+    want = -np.mean([
+        stats.bernoulli.logpmf(0, 0.3),
+        stats.bernoulli.logpmf(0, 0.6),
+        stats.bernoulli.logpmf(1, 0.8) + stats.gamma.logpdf(0.1, a=0.5, scale=8.0),
+        stats.bernoulli.logpmf(1, 0.9) + stats.gamma.logpdf(12.5, a=2.5, scale=6.0),
+    ])
+    assert float(got) == pytest.approx(want, rel=1e-10)
+    # an invalid pixel (even NaN) is left out: the mean over the other three
+    valid2 = valid.clone()
+    valid2[0, 0, 1, 1] = False
+    y2 = y.clone()
+    y2[0, 0, 1, 1] = float("nan")
+    got2 = bernoulli_gamma_nll(BernoulliGamma(p, k, theta), y2, valid2, wet_threshold=0.1)
+    want2 = -np.mean([stats.bernoulli.logpmf(0, 0.3), stats.bernoulli.logpmf(0, 0.6),
+                      stats.bernoulli.logpmf(1, 0.8) + stats.gamma.logpdf(0.1, a=0.5, scale=8.0)])
+    assert float(got2) == pytest.approx(want2, rel=1e-10)
+
+
+def test_bernoulli_gamma_draws_reproduce_wet_fraction_and_mean():
+    from precip_cvae.model import BernoulliGamma, bernoulli_gamma_draw
+
+    n = 200_000
+    law = BernoulliGamma(torch.full((n, 1, 1, 1), 0.35), torch.full((n, 1, 1, 1), 0.8),
+                         torch.full((n, 1, 1, 1), 9.0))
+    draw = bernoulli_gamma_draw(law, torch.Generator().manual_seed(3))
+    wet = (draw > 0).double()
+    # wet fraction p = 0.35, sd sqrt(p (1 - p) / n) = 0.00107; mean p k theta = 2.52, variance of a draw
+    # E[X^2] - E[X]^2 = p k (k + 1) theta^2 - (p k theta)^2 = 40.82 - 6.35 = 34.47: sd of the mean 0.0131
+    assert float(wet.mean()) == pytest.approx(0.35, abs=4 * 0.00107)
+    assert float(draw.double().mean()) == pytest.approx(0.35 * 0.8 * 9.0, abs=4 * 0.0131)
+    assert float(draw.min()) >= 0.0
+    # the same generator state gives the same draw; straight-through keeps the value and passes p's gradient
+    again = bernoulli_gamma_draw(law, torch.Generator().manual_seed(3))
+    assert torch.equal(draw, again)
+    p = torch.full((4, 1, 1, 1), 0.5, requires_grad=True)
+    k = torch.full((4, 1, 1, 1), 2.0, requires_grad=True)
+    st = bernoulli_gamma_draw(BernoulliGamma(p, k, torch.full((4, 1, 1, 1), 3.0)), torch.Generator().manual_seed(1),
+                              straight_through=True)
+    st.sum().backward()
+    assert p.grad is not None and bool(torch.isfinite(p.grad).all()) and float(p.grad.abs().sum()) > 0
+    assert k.grad is not None and bool(torch.isfinite(k.grad).all())
+
+
+def test_energy_score_hand_computation_on_three_members():
+    from precip_cvae.losses import energy_score, masked_energy_score
+
+    # one sample, 2 valid pixels of 3 (the third is invalid and NaN): members and truth as 2-vectors
+    members = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 2.0, 5.0], [3.0, 1.0, 0.0]], dtype=torch.float64)
+    members = members[:, None, None, None, :]  # (3, 1, 1, 1, 3)
+    y = torch.tensor([[[[1.0, 1.0, float("nan")]]]], dtype=torch.float64)
+    valid = torch.tensor([[[[True, True, False]]]])
+    n = 2.0
+    rms = lambda a, b: math.sqrt(((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) / n)  # noqa: E731
+    xs = [(1.0, 0.0), (0.0, 2.0), (3.0, 1.0)]
+    skill = sum(rms(x, (1.0, 1.0)) for x in xs) / 3
+    pairs = rms(xs[0], xs[1]) + rms(xs[0], xs[2]) + rms(xs[1], xs[2])  # sum over i < j
+    want = skill - 2 * pairs / (2 * 3 * 2)
+    assert float(energy_score(members, y, valid)[0]) == pytest.approx(want, abs=1e-9)
+    assert float(masked_energy_score(members, y, valid)) == pytest.approx(want, abs=1e-9)
+
+
+def test_energy_score_prefers_the_true_distribution():
+    from precip_cvae.losses import masked_energy_score
+
+    g = torch.Generator().manual_seed(0)
+    B, M, n = 400, 8, 16
+    # correlated truth: a common shift plus pixel noise
+    def draw(k, shift=0.0, scale=1.0):
+        common = torch.randn(k, B, 1, 1, 1, generator=g)
+        return shift + scale * (common + 0.5 * torch.randn(k, B, 1, 1, n, generator=g))
+
+    y = draw(1)[0]
+    valid = torch.ones_like(y, dtype=torch.bool)
+    true = masked_energy_score(draw(M), y, valid)
+    shifted = masked_energy_score(draw(M, shift=0.7), y, valid)
+    wide = masked_energy_score(draw(M, scale=2.0), y, valid)
+    narrow = masked_energy_score(draw(M, scale=0.3), y, valid)
+    assert float(true) < float(shifted) and float(true) < float(wide) and float(true) < float(narrow)
+
+
+def test_ensemble_mean_error_hand_values():
+    from precip_cvae.losses import ensemble_mean_error
+
+    members = torch.stack([_t([[1.0, 4.0]]), _t([[3.0, 0.0]])])  # mean [[2, 2]]
+    y = _t([[1.0, 5.0]])
+    valid = torch.tensor([[[[True, True]]]])
+    assert float(ensemble_mean_error(members, y, valid)) == pytest.approx((1.0 + 9.0) / 2)
+    valid[0, 0, 0, 1] = False
+    assert float(ensemble_mean_error(members, y, valid)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("reconstruction", ["l1", "bernoulli_gamma", "ensemble_mean"])
+def test_compute_loss_reconstruction_options_and_energy(reconstruction):
+    from precip_cvae.config import ModelConfig
+    from precip_cvae.losses import bernoulli_gamma_nll, ensemble_mean_error, masked_energy_score
+    from precip_cvae.model import CVAE
+
+    torch.manual_seed(0)
+    tf = TargetTransform("log1p", 0.8)
+    cfg = LossConfig(reconstruction=reconstruction, lambda_energy=0.5, lambda_crps=1.0, ensemble_members=3)
+    model = CVAE(ModelConfig(preset="tiny", dropout_encoder=0.0, dropout_decoder=0.0), 2, (16, 16), (4, 4),
+                 output=cfg.model_output, transform=tf)
+    g = torch.Generator().manual_seed(1)
+    x = tf.forward(torch.relu(torch.randn(2, 1, 16, 16, generator=g) * 5))
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[:, :, :, :3] = False
+    y = torch.randn(2, 2, 4, 4, generator=g)
+    out = model(x, y, valid, n_prior=cfg.n_prior)
+    parts = compute_loss(out, x, valid, valid & (x > 1), cfg, epoch=10, transform=tf)
+    if reconstruction == "bernoulli_gamma":
+        assert out.recon_law is not None
+        assert float(parts["rec"]) == pytest.approx(float(bernoulli_gamma_nll(out.recon_law, tf.inverse(x), valid, 0.1)))
+    elif reconstruction == "ensemble_mean":
+        assert float(parts["rec"]) == pytest.approx(float(ensemble_mean_error(out.prior_samples, x, valid)))
+    else:
+        assert float(parts["rec"].detach()) == float(parts["mae_all"].detach())
+    assert float(parts["energy"]) == pytest.approx(float(masked_energy_score(out.prior_samples, x, valid)))
+    want = (parts["rec"] + parts["beta"] * parts["kl_term"] + cfg.lambda_mass * parts["mass"] + parts["crps"]
+            + 0.5 * parts["energy"])
+    assert float(parts["total"]) == pytest.approx(float(want), rel=1e-6)
+    parts["total"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(gr).all()) for gr in grads)
+    assert any(float(gr.abs().sum()) > 0 for gr in grads)

@@ -273,3 +273,34 @@ def test_small_preset_forward_backward_at_64x64():
     assert all(torch.isfinite(g).all() for g in grads.values())
     for part in ("enc_stem", "cond_stem", "dec_head"):
         assert any(n.startswith(part) and g.abs().sum() > 0 for n, g in grads.items()), part
+
+
+def test_bernoulli_gamma_output_samples_and_checkpoint_round_trip(tmp_path):
+    from precip_cvae import checkpoint
+    from precip_cvae.transform import TargetTransform
+
+    torch.manual_seed(4)
+    tf = TargetTransform("log1p", 0.9)
+    cfg = ModelConfig(preset="tiny")
+    model = CVAE(cfg, 3, (16, 16), (4, 4), output="bernoulli_gamma", transform=tf).eval()
+    x, y, valid = _batch(2, 3, (16, 16), (4, 4))
+    with torch.no_grad():
+        s = model.sample(y, valid, n_samples=3, generator=torch.Generator().manual_seed(5))
+        again = model.sample(y, valid, n_samples=3, generator=torch.Generator().manual_seed(5))
+        mean = model.reconstruct(x, y, valid)
+    assert s.shape == (3, 2, 1, 16, 16) and torch.equal(s, again)
+    assert float(s.min()) >= 0 and float(s[:, ~valid].abs().max()) == 0
+    assert float((s[:, valid] == 0).float().mean()) > 0.05  # dry pixels are exactly 0
+    assert not torch.allclose(s[0], s[1])
+    assert mean.shape == (2, 1, 16, 16) and float(mean.min()) >= 0
+    state = {"model_config": dict(cfg.__dict__), "format": checkpoint.CHECKPOINT_FORMAT,
+             "model_args": {"n_channels": 3, "fine_shape": [16, 16], "coarse_shape": [4, 4], "n_static": 0,
+                            "output": "bernoulli_gamma", "transform": tf.to_attrs()},
+             "model_state": model.state_dict()}
+    rebuilt = checkpoint.build_model(state).eval()
+    assert rebuilt.output == "bernoulli_gamma" and rebuilt.transform == tf
+    with torch.no_grad():
+        b = rebuilt.sample(y, valid, n_samples=3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(s, b)
+    with pytest.raises(ValueError, match="transform"):
+        CVAE(cfg, 3, (16, 16), (4, 4), output="bernoulli_gamma")

@@ -13,7 +13,7 @@ import xarray as xr
 
 from conftest import make_field_da, write_nc
 from precip_cvae import data as D, grid, io, preprocess
-from precip_cvae.config import DataConfig, PreprocessConfig, SplitConfig, StaticSource, VariableSource
+from precip_cvae.config import ConfigError, DataConfig, PreprocessConfig, SplitConfig, StaticSource, VariableSource
 from precip_cvae.io import InputError
 from precip_cvae.split import split_labels
 from precip_cvae.transform import TargetTransform
@@ -394,3 +394,24 @@ def test_regrid_is_lazy_keeps_dims_and_dtype_and_equals_xarray_interp():
     # a missing source cell spreads to the target cells that lean on it (the strict checks count them)
     holed = da.copy(data=np.where(np.arange(5) == 2, np.nan, values))
     assert np.isnan(grid.regrid(holed, lat, lon).values).any()
+
+
+def test_condition_transform_log1p_of_a_predictor(small_inputs):
+    """data.predictors[i].condition_transform 'log1p': the channel is log1p of the predictor on the condition
+    grid, normalised with the train mean and std of that log1p; a negative predictor is refused by name."""
+    root, _, _ = small_inputs
+    cfg = PreprocessConfig(grid_multiple=1)
+    target = io.open_variable(_data_cfg(root).target)
+    pred = io.open_variable(_data_cfg(root).predictors[0])  # z500 around 5000: positive
+    plain = preprocess.build_dataset(target, [pred], cfg)
+    logged = preprocess.build_dataset(target, [pred], cfg, condition_transforms=["log1p"])
+    raw = plain["condition"].values[:, 0] * plain["cond_std"].values[0] + plain["cond_mean"].values[0]
+    train = plain["split"].values == "train"
+    lg = np.log1p(raw.astype("float64"))
+    mean, std = lg[train].mean(), lg[train].std()
+    assert float(logged["cond_mean"].values[0]) == pytest.approx(mean, rel=1e-5)
+    np.testing.assert_allclose(logged["condition"].values[:, 0], (lg - mean) / std, atol=2e-3)
+    with pytest.raises(InputError, match=r"z500.*below 0.*condition_transform"):
+        preprocess.build_dataset(target, [pred - 6000.0], cfg, condition_transforms=["log1p"])
+    with pytest.raises(ConfigError, match="only predictors"):
+        DataConfig(target=VariableSource(paths="x.nc", variable="pr", condition_transform="log1p"))

@@ -32,6 +32,7 @@ from . import __version__
 from .config import ModelConfig
 from .io import atomic_path
 from .model import CVAE
+from .transform import TargetTransform
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,10 @@ def build_model(state: dict[str, Any]) -> CVAE:
     """Rebuild the model from a checkpoint dict alone."""
     cfg = ModelConfig(**state["model_config"])
     args = state["model_args"]
+    output = str(args.get("output", "field"))
+    transform = TargetTransform.from_attrs(args["transform"]) if "transform" in args else None
     model = CVAE(cfg, int(args["n_channels"]), tuple(args["fine_shape"]), tuple(args["coarse_shape"]),
-                 int(args.get("n_static", 0)))
+                 int(args.get("n_static", 0)), output, transform)
     model.load_state_dict(state["model_state"])
     return model
 

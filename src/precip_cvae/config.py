@@ -219,6 +219,9 @@ class VariableSource(Section):
     ``units`` overrides the file's ``units`` attribute when it is missing or wrong;
     ``precipitation`` marks a predictor that is precipitation (converted to mm/day
     and kept raw as ``coarse_pr`` for mass checks and the interpolation baseline).
+    ``condition_transform`` (predictors only): ``log1p`` takes the logarithm of a
+    non-negative predictor (in its converted units) before the normalisation, so a
+    heavy-tailed field such as precipitation is not dominated by its few largest days.
     """
 
     SCHEMA = "data.target"  # and each of data.predictors (the same definition)
@@ -227,6 +230,7 @@ class VariableSource(Section):
     variable: str
     units: str | None = None
     precipitation: bool = False
+    condition_transform: str = "none"
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,11 @@ class DataConfig(Section):
     target: VariableSource
     predictors: tuple[VariableSource, ...] = ()
     static: StaticSource | None = None
+
+    def _check(self):
+        if self.target.condition_transform != "none":
+            raise ConfigError(f"data.target.condition_transform {self.target.condition_transform!r}: only predictors "
+                              "take one; the target's transform is preprocess.transform")
 
     @classmethod
     def _nested(cls, key, value, where):
@@ -473,8 +482,8 @@ LOSS_PRESETS: dict[str, dict[str, Any]] = {
 class LossConfig(Section):
     """Weights of the training loss (see :mod:`precip_cvae.losses`).
 
-    ``L = base*MAE_all + ext*MAE_ext + beta(epoch)*KL + mass*L_mass + crps*afCRPS + tail*twCRPS``.
-    ``None`` fields take the values of ``preset`` (:data:`LOSS_PRESETS`), which
+    ``L = base*L_rec + ext*MAE_ext + beta(epoch)*KL + mass*L_mass + crps*afCRPS + tail*twCRPS
+    + energy*ES``, ``L_rec`` by ``reconstruction``.  ``None`` fields take the values of ``preset`` (:data:`LOSS_PRESETS`), which
     :class:`TrainConfig` sets to its own ``preset``.
     """
 
@@ -496,6 +505,9 @@ class LossConfig(Section):
     tail_percentile: float = 90.0
     kl_per_pixel: bool | None = None
     free_bits: float | None = None
+    reconstruction: str = "l1"
+    wet_threshold_mm: float = 0.1
+    lambda_energy: float = 0.0
 
     def _resolve(self):
         for key, value in lookup(LOSS_PRESETS, self.preset, "train preset").items():
@@ -503,13 +515,25 @@ class LossConfig(Section):
                 object.__setattr__(self, key, value)
 
     def _check(self):
-        if (self.lambda_crps > 0 or self.lambda_tail > 0) and self.ensemble_members < 2:
-            raise ConfigError("train.loss.ensemble_members must be >= 2 when lambda_crps or lambda_tail > 0")
+        if self.uses_ensemble and self.ensemble_members < 2:
+            raise ConfigError("train.loss.ensemble_members must be >= 2 when lambda_crps, lambda_tail or "
+                              "lambda_energy > 0 or reconstruction is 'ensemble_mean'")
+
+    @property
+    def uses_ensemble(self) -> bool:
+        """Whether a term of the loss scores prior members."""
+        return (self.lambda_crps > 0 or self.lambda_tail > 0 or self.lambda_energy > 0
+                or self.reconstruction == "ensemble_mean")
 
     @property
     def n_prior(self) -> int:
         """Prior members decoded per training step (0 when no ensemble term is on)."""
-        return int(self.ensemble_members) if (self.lambda_crps > 0 or self.lambda_tail > 0) else 0
+        return int(self.ensemble_members) if self.uses_ensemble else 0
+
+    @property
+    def model_output(self) -> str:
+        """What the decoder gives for this loss: the law's parameters for 'bernoulli_gamma', else the field."""
+        return "bernoulli_gamma" if self.reconstruction == "bernoulli_gamma" else "field"
 
     @classmethod
     def from_dict(cls, data, where=None, preset: str = "default"):

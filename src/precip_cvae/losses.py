@@ -1,7 +1,17 @@
 """Training loss of the cVAE.
 
-``L = lambda_base * MAE_all + lambda_ext * MAE_ext + beta(epoch) * KL + lambda_mass * L_mass
-+ lambda_crps * afCRPS + lambda_tail * twCRPS``
+``L = lambda_base * L_rec + lambda_ext * MAE_ext + beta(epoch) * KL + lambda_mass * L_mass
++ lambda_crps * afCRPS + lambda_tail * twCRPS + lambda_energy * ES``
+
+``L_rec`` is chosen by ``reconstruction``: ``l1``, the MAE over valid pixels of the decoding
+of a posterior draw (a conditional median: it pulls the field toward the median, which
+makes heavy days light); ``bernoulli_gamma``, the negative log-likelihood of the truth under
+the per-pixel Bernoulli-gamma law decoded from the posterior draw (wet probability, gamma
+shape and scale; Cannon 2008); ``ensemble_mean``, the squared error of the mean of the prior
+members (a content loss, Harris et al. 2022: it asks the members to be right on average, not
+each of them).  ES is the fair energy score of the prior members over each field's valid
+pixels, a multivariate proper score that rewards the right spatial structure, not only
+each pixel's marginal.
 
 The ensemble terms score ``M = ensemble_members`` fields decoded from the *prior*
 p(z|y), as generation draws them: the almost-fair CRPS (afCRPS, Lang et al. 2024, the
@@ -31,7 +41,7 @@ import torch
 
 from .config import LossConfig
 from .metrics import MASS_FLOOR, relative_mass_error
-from .model import CVAEOutput
+from .model import BernoulliGamma, CVAEOutput
 from .transform import TargetTransform
 
 __all__ = [
@@ -44,6 +54,10 @@ __all__ = [
     "masked_afcrps",
     "tail_crps",
     "mass_loss",
+    "bernoulli_gamma_nll",
+    "energy_score",
+    "masked_energy_score",
+    "ensemble_mean_error",
     "beta_schedule",
     "warmup_finished",
     "compute_loss",
@@ -321,6 +335,101 @@ def mass_loss(
     return rel.sum() / has.sum().clamp(min=1).to(rel.dtype)
 
 
+def bernoulli_gamma_nll(law: BernoulliGamma, target_mm: torch.Tensor, valid: torch.Tensor,
+                        wet_threshold: float = 0.1) -> torch.Tensor:
+    """Negative log-likelihood (nats per pixel) of ``target_mm`` under a per-pixel Bernoulli-gamma law.
+
+    A pixel with ``pr < wet_threshold`` (to float32 round-off) is dry: ``-log(1 - p)``; a wet one:
+    ``-log(p) - log Gamma(pr; shape, scale)``.
+
+    Parameters
+    ----------
+    law : BernoulliGamma
+        ``p``, ``shape``, ``scale`` (B, 1, H, W); shape and scale in mm/day.
+    target_mm : Tensor (B, 1, H, W)
+        Truth in mm/day (invalid pixels are ignored, even NaN).
+    valid : Tensor (B, 1, H, W), bool
+    wet_threshold : float
+        mm/day.
+
+    Returns
+    -------
+    Tensor ()
+        Mean over each sample's valid pixels, then over the samples that have any.
+    """
+    valid = valid.bool()
+    y = torch.where(valid, target_mm, torch.zeros_like(target_mm))
+    # a relative tolerance: a truth of exactly the threshold may come back a rounding below it from model space
+    wet = valid & (y >= float(wet_threshold) * (1.0 - 1e-4))
+    y_wet = torch.where(wet, y, torch.ones_like(y))  # a harmless value where the density is not used
+    p = law.p.clamp(1e-6, 1 - 1e-6)
+    k, theta = law.shape, law.scale
+    log_gamma = (k - 1) * torch.log(y_wet) - y_wet / theta - torch.lgamma(k) - k * torch.log(theta)
+    nll = torch.where(wet, -torch.log(p) - log_gamma, -torch.log1p(-p))
+    return _masked_mean(nll, valid)
+
+
+def energy_score(members: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fair energy score per sample (Gneiting and Raftery 2007), distances over ``mask``.
+
+    ``ES = 1/M sum_i ||x_i - y|| - 1/(2 M (M - 1)) sum_{i != j} ||x_i - x_j||`` with
+    ``||v|| = sqrt(sum_mask v**2 / n_mask)`` (an RMS distance, so the score is on the scale
+    of the per-pixel terms whatever the grid size).
+
+    Parameters
+    ----------
+    members : Tensor (M, B, ...)
+        M >= 2.
+    target : Tensor (B, ...)
+    mask : Tensor (B, ...), bool
+        Points to compare; others (even NaN) change neither the value nor the gradient.
+
+    Returns
+    -------
+    Tensor (B,)
+        0 for a sample without any masked point.
+    """
+    m = members.shape[0]
+    if m < 2:
+        raise ValueError(f"energy_score needs at least 2 members, got {m}")
+    if tuple(members.shape[1:]) != tuple(target.shape) or tuple(mask.shape) != tuple(target.shape):
+        raise ValueError(f"members {tuple(members.shape)} must be (M,) + target shape {tuple(target.shape)}, "
+                         f"mask {tuple(mask.shape)} the target's")
+    mask = mask.bool()
+    n = mask.flatten(1).sum(dim=1).clamp(min=1).to(members.dtype)  # (B,)
+    zero = torch.zeros_like(target)
+    t = torch.where(mask, target, zero)
+    x = torch.where(mask.unsqueeze(0), members, zero.unsqueeze(0))
+
+    def dist(a, b):  # RMS distance over the mask, (..., B); a tiny floor keeps sqrt's gradient finite at 0
+        return torch.sqrt((a - b).pow(2).flatten(-mask.ndim + 1).sum(dim=-1) / n + 1e-12)
+
+    skill = dist(x, t.unsqueeze(0)).mean(dim=0)  # (B,)
+    spread = torch.zeros_like(skill)
+    for i in range(m - 1):
+        spread = spread + dist(x[i + 1:], x[i].unsqueeze(0)).sum(dim=0)  # sum over j > i
+    return skill - spread / (m * (m - 1))  # (2 / (2 M (M - 1))) * sum_{i<j}
+
+
+def masked_energy_score(members: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`energy_score` of (M, B, 1, H, W) members over each sample's valid pixels, averaged over the samples
+    that have any."""
+    valid = valid.bool()
+    es = energy_score(members, target, valid)  # (B,)
+    has = valid.flatten(1).any(dim=1)
+    es = torch.where(has, es, torch.zeros_like(es))
+    return es.sum() / has.sum().clamp(min=1).to(es.dtype)
+
+
+def ensemble_mean_error(members: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Squared error of the members' mean (M, B, 1, H, W) against ``target`` over valid pixels (per sample, then
+    over the samples with any)."""
+    valid = valid.bool()
+    mean = members.mean(dim=0)
+    diff = torch.where(valid, mean - target, torch.zeros_like(mean))
+    return _masked_mean(diff * diff, valid)
+
+
 def beta_schedule(epoch: int, beta_kl: float, warmup_epochs: int) -> float:
     """KL weight at a 0-based ``epoch``: linear from 0 (epoch 0) to ``beta_kl`` (epoch ``warmup_epochs``), constant after.
 
@@ -380,10 +489,12 @@ def compute_loss(
     Returns
     -------
     dict of str to Tensor ()
-        ``total``, ``mae_all``, ``mae_ext``, ``kl`` (nats, summed over latent units),
-        ``kl_term`` (what beta multiplies), ``mass``, ``crps``, ``tail``, ``beta``, with
-        ``total = lambda_base * mae_all + lambda_ext * mae_ext + beta * kl_term +
-        lambda_mass * mass + lambda_crps * crps + lambda_tail * tail``.
+        ``total``, ``rec`` (the ``reconstruction`` term), ``mae_all`` (MAE of ``out.recon``,
+        the decoding of the posterior draw, or its law's mean), ``mae_ext``, ``kl`` (nats,
+        summed over latent units), ``kl_term`` (what beta multiplies), ``mass``, ``crps``,
+        ``tail``, ``energy``, ``beta``, with ``total = lambda_base * rec + lambda_ext * mae_ext
+        + beta * kl_term + lambda_mass * mass + lambda_crps * crps + lambda_tail * tail +
+        lambda_energy * energy`` (``rec`` is ``mae_all`` for ``reconstruction='l1'``).
     """
     recon = out.recon
     valid = valid.bool()
@@ -402,11 +513,21 @@ def compute_loss(
     mass = mass_loss(recon_mm, x_mm, valid, coarse_mm)
     beta = torch.tensor(beta_schedule(epoch, cfg.beta_kl, cfg.warmup_epochs), dtype=recon.dtype, device=recon.device)
     zero = recon.sum() * 0.0
-    crps, tail = zero, zero
+    crps, tail, energy = zero, zero, zero
+    ens = out.prior_samples
+    if cfg.uses_ensemble and (ens is None or ens.shape[0] < 2):
+        raise ValueError("the ensemble loss terms need >= 2 prior samples (model(..., n_prior=M))")
+    if cfg.reconstruction == "bernoulli_gamma":
+        if out.recon_law is None:
+            raise ValueError("train.loss.reconstruction 'bernoulli_gamma' needs a model with output 'bernoulli_gamma'")
+        rec = bernoulli_gamma_nll(out.recon_law, x_mm, valid, cfg.wet_threshold_mm)
+    elif cfg.reconstruction == "ensemble_mean":
+        rec = ensemble_mean_error(ens, x, valid)
+    else:
+        rec = mae_all
+    if cfg.lambda_energy > 0:
+        energy = masked_energy_score(ens, x, valid)
     if cfg.lambda_crps > 0 or cfg.lambda_tail > 0:
-        ens = out.prior_samples
-        if ens is None or ens.shape[0] < 2:
-            raise ValueError("the ensemble loss terms need >= 2 prior samples (model(..., n_prior=M))")
         if cfg.lambda_crps > 0:
             if cfg.crps_space in ("transformed", "both"):
                 crps = crps + masked_afcrps(ens, x, valid, cfg.crps_alpha)
@@ -417,7 +538,7 @@ def compute_loss(
             if tail_x is None:
                 raise ValueError("train.loss.lambda_tail > 0 needs the tail threshold map (tail_x)")
             tail = tail_crps(ens, x, valid, tail_x, cfg.crps_alpha)
-    total = (cfg.lambda_base * mae_all + cfg.lambda_ext * mae_ext + beta * klt + cfg.lambda_mass * mass
-             + cfg.lambda_crps * crps + cfg.lambda_tail * tail)
-    return {"total": total, "mae_all": mae_all, "mae_ext": mae_ext, "kl": kl, "kl_term": klt, "mass": mass,
-            "crps": crps, "tail": tail, "beta": beta}
+    total = (cfg.lambda_base * rec + cfg.lambda_ext * mae_ext + beta * klt + cfg.lambda_mass * mass
+             + cfg.lambda_crps * crps + cfg.lambda_tail * tail + cfg.lambda_energy * energy)
+    return {"total": total, "rec": rec, "mae_all": mae_all, "mae_ext": mae_ext, "kl": kl, "kl_term": klt,
+            "mass": mass, "crps": crps, "tail": tail, "energy": energy, "beta": beta}

@@ -46,6 +46,19 @@ bottom, ``depth`` times a 1x1 channel reduction, nearest x2 upsampling, 3x3 conv
 ``F/2, F, 2F, ..., F * 2**(depth-1)`` (``F`` = ``base_filters``).  GroupNorm
 throughout; ``logvar`` is clamped to ``[LOGVAR_MIN, LOGVAR_MAX]``.
 
+Output: a field or a Bernoulli-gamma distribution
+--------------------------------------------------
+``output='field'`` (the default): the decoder's head is one channel, the field itself.
+``output='bernoulli_gamma'``: three channels per pixel, the wet probability ``p``
+(sigmoid), the gamma shape ``k`` and scale ``theta`` (softplus, mm/day) of the wet
+amount (Cannon 2008; Baño-Medina et al. 2020): ``pr = 0`` with probability ``1 - p``,
+else ``pr ~ Gamma(k, theta)``.  A field is then a draw of every pixel (independent
+given ``z`` and the condition), mapped to model space with the target transform the
+model carries (:class:`~precip_cvae.transform.TargetTransform`, in ``model_args``).
+Training draws are differentiable: the gamma amount is reparameterised
+(``torch._standard_gamma`` has a pathwise gradient) and the wet/dry choice is a
+straight-through Bernoulli (forward the hard draw, backward the gradient of ``p``).
+
 Output non-negativity
 ---------------------
 The head ends in a ReLU *forward* (so dry pixels can be exactly 0, which is the
@@ -66,10 +79,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .transform import TargetTransform
 
 LOGVAR_MIN = -10.0
 LOGVAR_MAX = 6.0
 OUTPUT_GRAD_LEAK = 0.1
+#: Decoder outputs: the field itself, or the parameters of a per-pixel Bernoulli-gamma law.
+OUTPUTS = ("field", "bernoulli_gamma")
+#: Smallest gamma shape and scale (mm/day) the head can give, so the log-density stays finite.
+GAMMA_MIN = 1.0e-3
 
 __all__ = [
     "CVAE",
@@ -78,6 +96,9 @@ __all__ = [
     "count_parameters",
     "parameter_count",
     "relu_leaky_grad",
+    "BernoulliGamma",
+    "bernoulli_gamma_draw",
+    "OUTPUTS",
     "LOGVAR_MIN",
     "LOGVAR_MAX",
     "OUTPUT_GRAD_LEAK",
@@ -99,6 +120,10 @@ class CVAEOutput(NamedTuple):
     prior_samples : Tensor (M, B, 1, H, W) or None
         ``M = n_prior`` fields decoded from reparameterised prior draws (gradients flow
         through the prior and the decoder), for the ensemble terms of the loss.
+    recon_law : BernoulliGamma or None
+        ``output='bernoulli_gamma'``: the law decoded from the posterior draw (its
+        negative log-likelihood is the reconstruction term); ``recon`` is then its mean,
+        in model space.
     """
 
     recon: torch.Tensor
@@ -107,6 +132,50 @@ class CVAEOutput(NamedTuple):
     mu_p: torch.Tensor
     logvar_p: torch.Tensor
     prior_samples: torch.Tensor | None = None
+    recon_law: "BernoulliGamma | None" = None
+
+
+class BernoulliGamma(NamedTuple):
+    """A per-pixel Bernoulli-gamma law of precipitation in mm/day, each (B, 1, H, W).
+
+    ``pr = 0`` with probability ``1 - p``; else ``pr ~ Gamma(shape, scale)``.
+    """
+
+    p: torch.Tensor
+    shape: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def from_head(cls, a: torch.Tensor) -> "BernoulliGamma":
+        """From the head's three raw channels (B, 3, H, W)."""
+        return cls(torch.sigmoid(a[:, 0:1]), F.softplus(a[:, 1:2]) + GAMMA_MIN, F.softplus(a[:, 2:3]) + GAMMA_MIN)
+
+    def mean_mm(self) -> torch.Tensor:
+        """``p * shape * scale`` (mm/day)."""
+        return self.p * self.shape * self.scale
+
+
+def bernoulli_gamma_draw(law: BernoulliGamma, generator: torch.Generator | None = None,
+                         straight_through: bool = False) -> torch.Tensor:
+    """One draw (mm/day) per pixel of ``law``.
+
+    ``straight_through``: differentiable in ``p`` (the hard wet/dry draw forward, the
+    gradient of ``p`` backward) as well as in shape and scale (pathwise gamma gradient).
+    ``generator`` (on the law's device or the CPU) makes the draw reproducible.
+    """
+    device = generator.device if generator is not None else law.p.device
+    u = torch.rand(law.p.shape, generator=generator, device=device, dtype=law.p.dtype).to(law.p.device)
+    wet = (u < law.p).to(law.p.dtype)
+    if straight_through:
+        wet = wet + law.p - law.p.detach()
+    k = law.shape
+    if generator is not None and k.device != device:
+        g = torch._standard_gamma(k.detach().to(device), generator=generator).to(k.device)
+        # the pathwise gradient of a gamma draw g(k): d g / d k from torch's own formula
+        g = g + (k - k.detach()) * torch._standard_gamma_grad(k.detach(), g) if k.requires_grad else g
+    else:
+        g = torch._standard_gamma(k, generator=generator)
+    return wet * g * law.scale
 
 
 class Condition(NamedTuple):
@@ -221,6 +290,10 @@ class CVAE(nn.Module):
     n_static : int
         Static fine-grid channels (``conditioning='fine'`` only; set their values with
         :meth:`set_static`, they are saved with the weights).
+    output : {'field', 'bernoulli_gamma'}
+        What the decoder gives (see the module docstring).
+    transform : TargetTransform, optional
+        mm/day <-> model space; needed for ``output='bernoulli_gamma'``, whose law is in mm/day.
 
     Raises
     ------
@@ -237,8 +310,16 @@ class CVAE(nn.Module):
         fine_shape: tuple[int, int],
         coarse_shape: tuple[int, int],
         n_static: int = 0,
+        output: str = "field",
+        transform: TargetTransform | None = None,
     ):
         super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"model output {output!r} is not one of {list(OUTPUTS)}")
+        if output == "bernoulli_gamma" and transform is None:
+            raise ValueError("output 'bernoulli_gamma' needs the target transform (its law is in mm/day)")
+        self.output = output
+        self.transform = transform
         depth = int(cfg.depth)
         fine_shape = tuple(int(s) for s in fine_shape)
         coarse_shape = tuple(int(s) for s in coarse_shape)
@@ -358,10 +439,14 @@ class CVAE(nn.Module):
         self.dec_up = nn.ModuleList(
             _ConvAct(w[s - 1] + cw[s - 1] + z_at(s - 1), w[s - 1], dropout=p_dec) for s in range(1, depth + 1)
         )
-        self.dec_head = nn.Conv2d(w[0], 1, 3, padding=1)
+        self.dec_head = nn.Conv2d(w[0], 3 if output == "bernoulli_gamma" else 1, 3, padding=1)
         with torch.no_grad():
-            # start slightly wet so few pixels begin on the ReLU's flat side
-            self.dec_head.bias.fill_(0.1)
+            if output == "bernoulli_gamma":
+                # start at p = 0.5, shape ~0.7 and scale ~5 mm/day: a wet-day mean of a few mm
+                self.dec_head.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+            else:
+                # start slightly wet so few pixels begin on the ReLU's flat side
+                self.dec_head.bias.fill_(0.1)
 
     # ------------------------------------------------------------------ building blocks
 
@@ -441,12 +526,36 @@ class CVAE(nn.Module):
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def decode(self, z: torch.Tensor, cond: Condition, valid: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decode ``z`` to a field (B, 1, H, W) >= 0, 0 where ``valid`` is False.
+               generator: torch.Generator | None = None, straight_through: bool = False) -> torch.Tensor:
+        """Decode ``z`` to a field (B, 1, H, W) >= 0 in model space, 0 where ``valid`` is False.
 
         With ``noise_channels`` > 0, fresh N(0, 1) noise (from ``generator`` when given) is
-        concatenated at every decoder scale finer than the latent's.
+        concatenated at every decoder scale finer than the latent's.  With
+        ``output='bernoulli_gamma'`` the field is a draw of the decoded law (from
+        ``generator``; differentiable with ``straight_through``).
         """
+        if self.output == "bernoulli_gamma":
+            law = self.decode_law(z, cond, generator)
+            draw = bernoulli_gamma_draw(law, generator, straight_through)
+            return self._mask(self.transform.forward(draw), valid)
+        return self._mask(relu_leaky_grad(self._decode_head(z, cond, generator)), valid)
+
+    def decode_law(self, z: torch.Tensor, cond: Condition, generator: torch.Generator | None = None) -> BernoulliGamma:
+        """``output='bernoulli_gamma'``: the per-pixel law decoded from ``z`` (mm/day)."""
+        if self.output != "bernoulli_gamma":
+            raise ValueError("decode_law needs model output 'bernoulli_gamma'")
+        return BernoulliGamma.from_head(self._decode_head(z, cond, generator))
+
+    @staticmethod
+    def _mask(field: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        return field if valid is None else field * valid.to(field.dtype)
+
+    def _law_mean(self, law: BernoulliGamma, valid: torch.Tensor | None) -> torch.Tensor:
+        """The law's mean (mm/day) in model space, 0 where ``valid`` is False."""
+        return self._mask(self.transform.forward(law.mean_mm()), valid)
+
+    def _decode_head(self, z: torch.Tensor, cond: Condition, generator: torch.Generator | None) -> torch.Tensor:
+        """The decoder up to its head's raw output (B, 1 or 3, H, W)."""
         hb, wb = self.sizes[self.depth]
         B = z.shape[0]
         if self.latent == "map":
@@ -468,10 +577,7 @@ class CVAE(nn.Module):
                 device = generator.device if generator is not None else h.device
                 parts.append(torch.randn(shape, generator=generator, device=device, dtype=h.dtype).to(h.device))
             h = self.dec_up[s - 1](torch.cat(parts, dim=1))
-        out = relu_leaky_grad(self.dec_head(h))  # (B, 1, H, W)
-        if valid is not None:
-            out = out * valid.to(out.dtype)
-        return out
+        return self.dec_head(h)  # (B, 1 or 3, H, W)
 
     def _prior_draws(self, mu_p, logvar_p, n: int, z_scale: float = 1.0, generator=None) -> torch.Tensor:
         """(n, B, *latent_shape) draws ``mu_p + z_scale * sigma_p * eps``."""
@@ -504,7 +610,12 @@ class CVAE(nn.Module):
         mu_q, logvar_q = self.posterior(x, valid, cond)
         mu_p, logvar_p = self.prior(cond)
         z = mu_q + torch.exp(0.5 * logvar_q) * torch.randn_like(mu_q)
-        recon = self.decode(z, cond, valid)
+        law = None
+        if self.output == "bernoulli_gamma":
+            law = self.decode_law(z, cond)
+            recon = self._law_mean(law, valid)
+        else:
+            recon = self.decode(z, cond, valid)
         prior_samples = None
         if n_prior > 0:
             zp = self._prior_draws(mu_p, logvar_p, n_prior)  # (M, B, *latent_shape)
@@ -512,15 +623,18 @@ class CVAE(nn.Module):
             # one decoder pass over M * B: the condition repeated member-major
             rep = Condition(tuple(m.repeat(n_prior, *([1] * (m.ndim - 1))) for m in cond.maps),
                             cond.vector.repeat(n_prior, 1))
-            dec = self.decode(zp.reshape(n_prior * B, *zp.shape[2:]), rep, valid.repeat(n_prior, 1, 1, 1))
+            dec = self.decode(zp.reshape(n_prior * B, *zp.shape[2:]), rep, valid.repeat(n_prior, 1, 1, 1),
+                              straight_through=True)
             prior_samples = dec.view(n_prior, B, *dec.shape[1:])  # (M, B, 1, H, W)
-        return CVAEOutput(recon, mu_q, logvar_q, mu_p, logvar_p, prior_samples)
+        return CVAEOutput(recon, mu_q, logvar_q, mu_p, logvar_p, prior_samples, law)
 
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Decode the posterior mean: (B, 1, H, W) in model space."""
+        """Decode the posterior mean: (B, 1, H, W) in model space (the law's mean for a Bernoulli-gamma output)."""
         self._check_inputs(y, valid, x)
         cond = self.encode_condition(y)
         mu_q, _ = self.posterior(x, valid, cond)
+        if self.output == "bernoulli_gamma":
+            return self._law_mean(self.decode_law(mu_q, cond), valid)
         return self.decode(mu_q, cond, valid)
 
     def sample(
@@ -582,8 +696,10 @@ def parameter_count(
     fine_shape: tuple[int, int],
     coarse_shape: tuple[int, int],
     n_static: int = 0,
+    output: str = "field",
 ) -> int:
     """Parameters of ``CVAE(cfg, ...)``, built on the meta device (no memory used)."""
     with torch.device("meta"):
-        model = CVAE(cfg, n_channels, fine_shape, coarse_shape, n_static)
+        model = CVAE(cfg, n_channels, fine_shape, coarse_shape, n_static, output,
+                     TargetTransform() if output == "bernoulli_gamma" else None)
     return count_parameters(model)

@@ -627,6 +627,32 @@ def apply_predictor_policy(preds: Sequence[xr.DataArray], missing: np.ndarray, l
 # ----------------------------------------------------------------------------- the stage
 
 
+def condition_transform(on_grid: xr.DataArray, kind: str, source: xr.DataArray) -> xr.DataArray:
+    """A predictor channel before normalisation: itself (``'none'``) or ``log1p`` of it (``'log1p'``).
+
+    Raises
+    ------
+    InputError
+        ``log1p`` of a predictor with values below 0 (named with its files, its minimum and the first day).
+    """
+    if kind == "none":
+        return on_grid
+    if kind != "log1p":
+        raise ValueError(f"unknown condition transform {kind!r}")
+    low = on_grid.min(dim=("lat", "lon"), skipna=True)
+    bad = np.flatnonzero(np.asarray((low < 0).values))
+    if bad.size:
+        raise InputError(
+            f"{source_files(source)}: predictor {str(source.name)!r} has values below 0 on {bad.size} day(s) "
+            f"(minimum {float(low.min()):.4g} {source.attrs.get('units', '')}, first "
+            f"{str(np.asarray(on_grid['time'].values)[bad[0]])[:19]}); condition_transform 'log1p' needs a "
+            "non-negative field (precipitation, humidity): set it to 'none' for this predictor"
+        )
+    out = np.log1p(on_grid)
+    out.name = on_grid.name
+    return out
+
+
 def build_dataset(
     target: xr.DataArray,
     predictors: Sequence[xr.DataArray],
@@ -634,6 +660,7 @@ def build_dataset(
     precipitation_predictors: Sequence[bool] | None = None,
     static: dict | None = None,
     fold: int | None = None,
+    condition_transforms: Sequence[str] | None = None,
 ) -> xr.Dataset:
     """Checked, aligned, split and normalised dataset (lazy where it matters).
 
@@ -649,8 +676,14 @@ def build_dataset(
     fold : int, optional
         The fold of ``split.method: kfold_years``: its held-out block is ``test``, the next
         block ``val`` and every statistic (mask aside) is fitted on its ``train`` years only.
+    condition_transforms : list of {'none', 'log1p'}, optional
+        Per predictor (``data.predictors[i].condition_transform``): ``log1p`` of the
+        predictor on the condition grid before normalisation; a negative value is refused.
     """
     flags = list(precipitation_predictors or [False] * len(predictors))
+    transforms = list(condition_transforms or ["none"] * len(predictors))
+    if len(transforms) != len(predictors):
+        raise ValueError(f"{len(transforms)} condition transforms for {len(predictors)} predictors")
     if not predictors and not (cfg.target_coarse_factor and cfg.target_coarse_factor > 1):
         raise InputError(
             "no predictors and no block-averaged target (preprocess.target_coarse_factor): the condition would be "
@@ -729,9 +762,9 @@ def build_dataset(
         grid_src = preds[names.index(cfg.condition_grid)]
     clat, clon = grid_src["lat"], grid_src["lon"]
     channels, names, coarse_pr = [], [], None
-    for p, is_pr in zip(preds, flags):
+    for p, is_pr, kind in zip(preds, flags, transforms):
         on_grid = regrid(p.astype("float32"), clat, clon)
-        channels.append(on_grid)
+        channels.append(condition_transform(on_grid, kind, p))
         names.append(str(p.name))
         if is_pr and coarse_pr is None:
             coarse_pr = on_grid
@@ -819,11 +852,12 @@ def run(data: DataConfig, cfg: PreprocessConfig, out: str, fold: int | None = No
     target = open_variable(data.target, cfg.chunk_time)
     predictors = [open_variable(p, cfg.chunk_time) for p in data.predictors]
     flags = [bool(getattr(p, "precipitation", False)) for p in data.predictors]
+    transforms = [str(getattr(p, "condition_transform", "none")) for p in data.predictors]
     static = open_static(data.static.paths, data.static.variables) if data.static is not None else None
     if (cfg.split.method == "kfold_years") != (fold is not None):
         raise InputError(f"preprocess.split.method {cfg.split.method!r} with fold {fold}: a fold is given exactly "
                          "when the method is kfold_years (its data set lives in results/<run>/fold<k>/)")
-    ds = build_dataset(target, predictors, cfg, flags, static, fold)
+    ds = build_dataset(target, predictors, cfg, flags, static, fold, transforms)
     ds = ds.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1, "channel": -1})
     ds.attrs = cf.append_history(ds.attrs, cf.history_line(
         "preprocess", f"target {data.target.variable!r} from {data.target.paths}, "

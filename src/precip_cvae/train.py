@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 
 LOG_COLUMNS = [
     "epoch", "beta", "lr", "warmup_done",
-    "train_loss", "train_mae_all", "train_mae_ext", "train_kl", "train_mass", "train_crps", "train_tail",
+    "train_loss", "train_rec", "train_mae_all", "train_mae_ext", "train_kl", "train_mass", "train_crps", "train_tail",
+    "train_energy",
     "val_MAE_all", "val_MAE_tail", "val_RMSE_ext", "val_corr", "val_freq_ratio",
     "val_CRPS", "val_twCRPS", "val_L_rec", "val_KL", "val_post_MAE_all",
     "is_best", "epoch_seconds", "samples_per_s",
@@ -253,7 +254,8 @@ def train_step(model: CVAE, opt, batch, cfg: TrainConfig, epoch: int, transform,
     (then no update is made; under DDP every rank agrees before any backward pass)."""
     with autocast:
         out = model(batch.x, batch.y, batch.valid, n_prior=cfg.loss.n_prior)
-    out = type(out)(*(None if t is None else t.float() for t in out))
+    out = type(out)(*(None if t is None else (type(t)(*(u.float() for u in t)) if isinstance(t, tuple) else t.float())
+                      for t in out))
     losses = compute_loss(out, batch.x, batch.valid, batch.extreme, cfg.loss, epoch, transform, batch.coarse_mm,
                           batch.tail_x)
     total = losses["total"]
@@ -400,7 +402,8 @@ def _set_up(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experim
 
     torch.manual_seed(cfg.seed)
     try:
-        model = CVAE(model_cfg, n_channels, fine_shape, coarse_shape, n_static=len(static_names)).to(device)
+        model = CVAE(model_cfg, n_channels, fine_shape, coarse_shape, n_static=len(static_names),
+                     output=cfg.loss.model_output, transform=data.transform).to(device)
     except ValueError as exc:  # e.g. a grid the model's depth cannot halve: name the data set
         raise InputError(f"{paths.dataset}: {exc}") from exc
     if fine:
@@ -420,7 +423,8 @@ def _set_up(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experim
     meta = {
         "model_config": dataclasses.asdict(model_cfg),
         "model_args": {"n_channels": n_channels, "fine_shape": list(fine_shape), "coarse_shape": list(coarse_shape),
-                       "n_static": len(static_names)},
+                       "n_static": len(static_names), "output": cfg.loss.model_output,
+                       "transform": data.transform.to_attrs()},
         "train_config": dataclasses.asdict(cfg),
         "config_hash": chash,
         "experiment": experiment,
@@ -476,7 +480,7 @@ def _resume(s: _Session) -> None:
              s.stopper.metric, s.stopper.best_value, s.stopper.best_epoch)
 
 
-LOSS_TERMS = ("total", "mae_all", "mae_ext", "kl", "mass", "crps", "tail")
+LOSS_TERMS = ("total", "rec", "mae_all", "mae_ext", "kl", "mass", "crps", "tail", "energy")
 
 
 def _train_epoch(s: _Session, epoch: int, flag: "_SignalFlag") -> tuple[dict[str, float], float]:
