@@ -529,3 +529,33 @@ def test_tiny_workflow_evaluates_and_builds_the_report(tiny_run):
     assert (tiny_run / "results" / "tiny" / "experiments_comparison.csv").exists()
     html = (tiny_run / "report.html").read_text(errors="replace")
     assert len(html) > 100_000 and "maps.png" in html and "fss_scale.png" in html
+
+
+def test_calibrated_source_is_a_monotone_map_of_the_members_fitted_on_train(padded, tmp_path):
+    """evaluate.calibrate quantile_map: cvae_best_qm holds the best checkpoint's members, mapped pixel by pixel
+    (the same rank order on every day), and is scored beside the raw members."""
+    import dataclasses
+
+    root = padded
+    cfg = dataclasses.replace(CFG, calibrate="quantile_map", checkpoints=("best",))
+    sample = sampling.SamplePaths(str(root / "dataset.zarr"), str(root / "thresholds.nc"), str(root / "events.csv"),
+                                  {"best": str(root / "train" / "best.pt")}, str(tmp_path / "ensembles.zarr"))
+    sampling.sample_ensembles(sample, cfg, threads=1, experiment="default")
+    meta = json.loads(xr.open_zarr(sample.out).attrs["evaluate_meta"])
+    assert meta["sources"][:2] == ["cvae_best", "cvae_best_qm"] and meta["primary"] == "cvae_best"
+    raw = xr.open_zarr(sample.out, group="test/cvae_best")["pr"].values
+    cal = xr.open_zarr(sample.out, group="test/cvae_best_qm")["pr"].values
+    np.testing.assert_array_equal(np.isnan(raw), np.isnan(cal))
+    assert np.nanmin(cal) >= 0 and not np.allclose(np.nan_to_num(raw), np.nan_to_num(cal))
+    # per pixel, the map is one non-decreasing function over every day and member
+    flat_r = raw.transpose(2, 3, 0, 1).reshape(raw.shape[2] * raw.shape[3], -1)
+    flat_c = cal.transpose(2, 3, 0, 1).reshape(flat_r.shape)
+    for r, c in zip(flat_r, flat_c):
+        ok = np.isfinite(r)
+        order = np.argsort(r[ok], kind="stable")
+        assert (np.diff(c[ok][order]) >= -1e-5).all()
+    paths = report.ScorePaths.in_dir(sample.out, str(root / "dataset.zarr"), str(root / "train" / "train_log.csv"),
+                                     str(tmp_path / "out"))
+    ev = report.run(paths, cfg, experiment="default")
+    scored = pd.read_csv(paths.output("metrics_csv"))
+    assert {"best", "best_qm"} <= set(scored.loc[scored["model"] == "cvae", "checkpoint"])

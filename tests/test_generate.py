@@ -12,6 +12,7 @@ import xarray as xr
 from precip_cvae import generate, train
 from precip_cvae.config import EventsConfig, GenerateConfig, LossConfig, ModelConfig, TrainConfig
 from precip_cvae.data import load_fields
+from precip_cvae.io import InputError
 from precip_cvae.neighbours import nearest_rmse
 
 
@@ -274,3 +275,23 @@ def test_report_has_climate_indices_of_the_samples_against_their_heavy_days(prep
     assert table["rx1day"]["bias_mean"] == pytest.approx(by_hand - real_by_hand, rel=1e-9)
     assert 0 <= table["perkins_skill_score"]["samples_mean"] <= 1
     assert "Climate indices" in (tmp_path / "generation_report.md").read_text()
+
+
+def test_calibrated_samples_are_the_raw_samples_mapped_and_fitted_on_val(prepared, trained, tmp_path):
+    """generate.calibrate quantile_map: the same draws (same seed) mapped by a per-pixel monotone map fitted on
+    the val days, which generate does not sample; generating every split leaves nothing to fit on."""
+    _run(prepared, trained, tmp_path / "raw")
+    _run(prepared, trained, tmp_path / "qm", calibrate="quantile_map")
+    raw = xr.open_zarr(tmp_path / "raw" / "augmented.zarr")["pr"].values
+    qm = xr.open_zarr(tmp_path / "qm" / "augmented.zarr")
+    cal = qm["pr"].values
+    assert "quantile_map" in qm.attrs["calibration"] and "val days" in qm.attrs["calibration"]
+    np.testing.assert_array_equal(np.isnan(raw), np.isnan(cal))
+    assert not np.allclose(np.nan_to_num(raw), np.nan_to_num(cal))
+    r = raw.reshape(-1, *raw.shape[2:])
+    c = cal.reshape(r.shape)
+    for i, j in zip(*np.nonzero(np.isfinite(r[0]))):
+        order = np.argsort(r[:, i, j], kind="stable")
+        assert (np.diff(c[order, i, j]) >= -1e-5).all()
+    with pytest.raises(InputError, match="needs a split that generate does not sample"):
+        _run(prepared, trained, tmp_path / "all", calibrate="quantile_map", splits=("train", "val", "test"))

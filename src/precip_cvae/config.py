@@ -696,6 +696,7 @@ class GenerateConfig(Section):
     memorisation_max_samples: int = 5000
     experiments: tuple[str, ...] = ()
     device: str = "auto"
+    calibrate: str = "none"
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -703,7 +704,7 @@ class GenerateConfig(Section):
 EVALUATE_SPLITS = schema_enum("evaluate.splits")
 # keys of the evaluate section that the sampling rule depends on (a change resamples);
 # the other keys only change the scores and plots, recomputed from the cached ensembles
-EVALUATE_SAMPLING_KEYS = ("members", "splits", "checkpoints", "baselines", "seed", "batch_size", "device")
+EVALUATE_SAMPLING_KEYS = ("members", "splits", "checkpoints", "baselines", "seed", "batch_size", "device", "calibrate")
 
 
 @dataclass(frozen=True)
@@ -746,6 +747,7 @@ class EvaluateConfig(Section):
     batch_size: int = 32
     n_map_days: int = 4
     device: str = "auto"
+    calibrate: str = "none"
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
 
     def _check(self):

@@ -26,6 +26,7 @@ import torch
 import xarray as xr
 
 from . import __version__, cf, checkpoint, indices
+from .calibration import QuantileMap, fit_quantile_map
 from .config import EventsConfig, GenerateConfig, config_hash
 from .data import load_fields
 from .events import apply_criterion, field_statistics, wet_day_thresholds
@@ -257,6 +258,7 @@ class _Setup:
     limits: dict  # of the event criterion
     chosen: np.ndarray  # data-set indices of the heavy days to sample for
     attrs: dict  # global attributes (provenance) of every output
+    qmap: QuantileMap | None = None  # generate.calibrate quantile_map: fitted on days never sampled here
 
 
 @dataclasses.dataclass
@@ -312,11 +314,40 @@ def _set_up(paths: GeneratePaths, cfg: GenerateConfig, events_cfg: EventsConfig)
             f"{paths.events}: no heavy-event day in splits {list(cfg.splits)}; nothing to generate from "
             "(check events.criterion or generate.splits)"
         )
-    return _Setup(device=device, model=model, state=state, data=data, ds=ds, pads=pads, lat=fine["lat"].values,
-                  lon=fine["lon"].values, mask=fine["mask"].values.astype(bool),
-                  field_mask=torch.from_numpy(ds["mask"].values.astype(bool))[None, None],
-                  thr=crop_array(data.thr_mm[0, 0].numpy(), pads), limits=limits, chosen=chosen,
-                  attrs=_provenance(paths.checkpoint, state, ds, cfg, events_cfg))
+    setup = _Setup(device=device, model=model, state=state, data=data, ds=ds, pads=pads, lat=fine["lat"].values,
+                   lon=fine["lon"].values, mask=fine["mask"].values.astype(bool),
+                   field_mask=torch.from_numpy(ds["mask"].values.astype(bool))[None, None],
+                   thr=crop_array(data.thr_mm[0, 0].numpy(), pads), limits=limits, chosen=chosen,
+                   attrs=_provenance(paths.checkpoint, state, ds, cfg, events_cfg))
+    if cfg.calibrate == "quantile_map":
+        setup.qmap, fit_split = _fit_calibration(setup, cfg, paths.dataset)
+        setup.attrs["calibration"] = (f"quantile_map: every sample mapped pixel by pixel to the observed distribution "
+                                      f"of the {fit_split} days ({setup.qmap.n_days}), which are not sampled here "
+                                      "(precip_cvae.calibration); members keep their rank order")
+    return setup
+
+
+def _fit_calibration(setup: _Setup, cfg: GenerateConfig, dataset: str) -> tuple[QuantileMap, str]:
+    """The quantile map fitted on the first split of val, test, train that ``cfg.splits`` does not sample."""
+    free = [s for s in ("val", "test", "train") if s not in cfg.splits and np.any(setup.data.split == s)]
+    if not free:
+        raise InputError(f"{dataset}: generate.calibrate 'quantile_map' needs a split that generate does not sample "
+                         f"to fit on (generate.splits is {list(cfg.splits)}); drop one split or set calibrate 'none'")
+    days = np.flatnonzero(setup.data.split == free[0])
+    g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 17)
+    ens = []
+    for start in range(0, days.size, cfg.batch_days):
+        idx = days[start:start + cfg.batch_days]
+        valid = setup.data.valid[idx].to(setup.device)
+        with torch.no_grad():
+            s = setup.model.sample(setup.data.y[idx].to(setup.device), valid, n_samples=cfg.members,
+                                   z_scale=cfg.z_scale, generator=g)
+        mm = setup.data.transform.inverse(s[:, :, 0].float()).cpu().numpy()
+        ens.append(crop_array(np.where(valid[:, 0].cpu().numpy()[None], mm, np.nan), setup.pads))
+    obs = crop_array(setup.data.pr_mm[days, 0].numpy(), setup.pads)
+    qmap = fit_quantile_map(np.concatenate(ens, axis=1), obs)
+    log.info("quantile map fitted on the %d %s days x %d members", days.size, free[0], cfg.members)
+    return qmap, free[0]
 
 
 def _provenance(checkpoint_path: str, state: dict, ds: xr.Dataset, cfg: GenerateConfig,
@@ -370,6 +401,8 @@ def _draw(setup: _Setup, days: np.ndarray, cfg: GenerateConfig, events_cfg: Even
         mm = data.transform.inverse(s[:, :, 0].float()).cpu().numpy()  # (K, B, H, W)
         mm = np.where(valid[:, 0].cpu().numpy()[None], mm, np.nan)
         mm = crop_array(mm, setup.pads)
+        if setup.qmap is not None:
+            mm = setup.qmap.apply(mm)
         tally.drawn += int(sum(max(n, 0) for n in need))
         for j in range(len(days)):
             if need[j] <= 0:

@@ -19,7 +19,10 @@ Cache layout (``ensembles.zarr``, zarr format 2, consolidated)
   ``time`` coordinate holds ISO date strings (so any calendar fits);
 * ``{split}/{source}``: ``pr`` (member, time, lat, lon) float32, mm day-1, where
   ``source`` is ``cvae_<checkpoint>`` or a baseline name (interpolation has one
-  member).
+  member), and with ``calibrate: quantile_map`` ``cvae_<first checkpoint>_qm``: the
+  same members mapped pixel by pixel to the observed distribution
+  (:mod:`precip_cvae.calibration`), the map fitted on the train days' members
+  (drawn with their own noise) and observations, never on a day it is applied to.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import xarray as xr
 
 from .. import __version__, io
 from ..baselines import BaselineInputs, get_baseline
+from ..calibration import QuantileMap, fit_quantile_map
 from ..checkpoint import check_matches_data, load_model
 from ..config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
 from ..data import FieldData, load_fields
@@ -177,18 +181,40 @@ def _batches(n: int, size: int):
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+def fit_calibration(fit: FieldData, loaded, cfg: EvaluateConfig, grid: Grid, device) -> QuantileMap:
+    """The quantile map of one checkpoint, fitted on the days of ``fit`` (members drawn with that split's noise)."""
+    model, transform, _ = loaded
+    t0 = time.perf_counter()
+    g = torch.Generator(device="cpu").manual_seed(_seed(cfg, "train", 0))
+    ens = np.concatenate([crop(sample_cvae(model, transform, fit.y[idx], fit.valid[idx], cfg.members, g, device),
+                               grid.attrs) for idx in _batches(len(fit), cfg.batch_size)], axis=1)  # (M, T, h, w)
+    qmap = fit_quantile_map(ens, crop(fit.pr_mm[:, 0].numpy(), grid.attrs))
+    log.info("quantile map fitted on %d train days x %d members in %.1f s", len(fit), cfg.members,
+             time.perf_counter() - t0)
+    return qmap
+
+
 def _write_cvae(store, split: str, ev: FieldData, times: np.ndarray, label: str, loaded, cfg: EvaluateConfig,
-                grid: Grid, device) -> None:
-    """Prior samples of one checkpoint on one split, appended batch by batch to ``{split}/cvae_<label>``."""
+                grid: Grid, device, qmap: QuantileMap | None = None) -> None:
+    """Prior samples of one checkpoint on one split, appended batch by batch to ``{split}/cvae_<label>`` (and,
+    mapped by ``qmap``, to ``{split}/cvae_<label>_qm``)."""
     model, transform, _ = loaded
     t0 = time.perf_counter()
     g = torch.Generator(device="cpu").manual_seed(_seed(cfg, split, 0))  # the same noise for every checkpoint
     for idx in _batches(len(ev), cfg.batch_size):
-        ens = sample_cvae(model, transform, ev.y[idx], ev.valid[idx], cfg.members, g, device)  # (M, B, H, W)
-        io.append_zarr(_fields_dataset(crop(ens, grid.attrs), times[idx], grid), store, f"{split}/{cvae_source(label)}")
+        ens = crop(sample_cvae(model, transform, ev.y[idx], ev.valid[idx], cfg.members, g, device), grid.attrs)
+        io.append_zarr(_fields_dataset(ens, times[idx], grid), store, f"{split}/{cvae_source(label)}")
+        if qmap is not None:
+            io.append_zarr(_fields_dataset(qmap.apply(ens), times[idx], grid), store,
+                           f"{split}/{cvae_source(calibrated_label(label))}")
     seconds = time.perf_counter() - t0
     log.info("%s: sampled cVAE %s, %d days x %d members in %.1f s (%.0f fields/s)", split, label, len(ev),
              cfg.members, seconds, len(ev) * cfg.members / max(seconds, 1e-9))
+
+
+def calibrated_label(label: str) -> str:
+    """The checkpoint label of a calibrated source: 'best' -> 'best_qm'."""
+    return f"{label}_qm"
 
 
 def _write_baseline(store, split: str, ev: FieldData, times: np.ndarray, name: str, train: dict, cfg: EvaluateConfig,
@@ -260,7 +286,12 @@ def _sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, baselines: tuple[
     models = {label: _load_checkpoint(path, data, device) for label, path in paths.checkpoints.items()}
     for label, (_, _, info) in models.items():
         log.info("checkpoint %s: %s (epoch %d)", label, info["path"], info["epoch"] + 1)
-    sources = [cvae_source(label) for label in models] + list(baselines)
+    qmap, calibrated = None, []
+    if cfg.calibrate == "quantile_map":
+        first = next(iter(models))
+        qmap = fit_calibration(train_days, models[first], cfg, grid, device)
+        calibrated = [cvae_source(calibrated_label(first))]
+    sources = [cvae_source(label) for label in models] + calibrated + list(baselines)
     meta = {
         "experiment": experiment, "splits": list(cfg.splits), "sources": sources, "members": cfg.members,
         "primary": sources[0], "seed": cfg.seed, "skipped_baselines": skipped,
@@ -281,8 +312,8 @@ def _sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, baselines: tuple[
             times = np.asarray(ev.dates, dtype=str)  # ISO strings: any calendar
             io.write_zarr_group(_truth_dataset(ev, times, grid).chunk({"time": cfg.batch_size}), store,
                                 f"{split}/{TRUTH}")
-            for label, loaded in models.items():
-                _write_cvae(store, split, ev, times, label, loaded, cfg, grid, device)
+            for k, (label, loaded) in enumerate(models.items()):
+                _write_cvae(store, split, ev, times, label, loaded, cfg, grid, device, qmap if k == 0 else None)
             for k, name in enumerate(baselines):
                 rng = np.random.default_rng(_seed(cfg, split, 1 + k))
                 _write_baseline(store, split, ev, times, name, train, cfg, grid, rng)
