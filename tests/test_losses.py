@@ -201,7 +201,7 @@ def test_compute_loss_total_is_the_weighted_sum(space):
                      space=space)
     tf = TargetTransform("log1p", 0.8)
     parts = compute_loss(out, x, valid, extreme, cfg, epoch=5, transform=tf, coarse_mm=coarse)
-    assert set(parts) == {"total", "rec", "mae_all", "mae_ext", "kl", "kl_term", "mass", "crps", "tail", "energy", "beta"}
+    assert set(parts) == {"total", "rec", "mae_all", "mae_ext", "kl", "kl_term", "mass", "crps", "tail", "energy", "mean", "beta"}
     assert parts["kl_term"].item() == parts["kl"].item() and parts["crps"].item() == parts["tail"].item() == 0
     assert parts["beta"].item() == pytest.approx(0.1)
     expected = (
@@ -498,7 +498,7 @@ def test_compute_loss_reconstruction_options_and_energy(reconstruction):
         assert float(parts["rec"]) == pytest.approx(float(ensemble_mean_error(out.prior_samples, x, valid)))
     else:
         assert float(parts["rec"].detach()) == float(parts["mae_all"].detach())
-    assert float(parts["energy"]) == pytest.approx(float(masked_energy_score(out.prior_samples, x, valid)))
+    assert float(parts["energy"].detach()) == pytest.approx(float(masked_energy_score(out.prior_samples, x, valid).detach()))
     want = (parts["rec"] + parts["beta"] * parts["kl_term"] + cfg.lambda_mass * parts["mass"] + parts["crps"]
             + 0.5 * parts["energy"])
     assert float(parts["total"]) == pytest.approx(float(want), rel=1e-6)
@@ -506,3 +506,25 @@ def test_compute_loss_reconstruction_options_and_energy(reconstruction):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(gr).all()) for gr in grads)
     assert any(float(gr.abs().sum()) > 0 for gr in grads)
+
+
+def test_residual_mode_adds_the_squared_error_of_the_conditional_mean():
+    from precip_cvae.config import ModelConfig
+    from precip_cvae.model import CVAE
+
+    torch.manual_seed(3)
+    tf = TargetTransform("log1p", 0.8)
+    model = CVAE(ModelConfig(preset="tiny", residual=True), 2, (16, 16), (4, 4))
+    g = torch.Generator().manual_seed(2)
+    x = tf.forward(torch.relu(torch.randn(2, 1, 16, 16, generator=g) * 5))
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[1, :, :8] = False
+    out = model(x, torch.randn(2, 2, 4, 4, generator=g), valid, n_prior=2)
+    cfg = LossConfig(lambda_mean=2.0)
+    parts = compute_loss(out, x, valid, valid & (x > 1), cfg, epoch=10, transform=tf)
+    m, t = out.mean.detach().numpy(), x.numpy()
+    v = valid.numpy()
+    want = np.mean([((m[b] - t[b]) ** 2)[v[b]].mean() for b in range(2)])
+    assert float(parts["mean"].detach()) == pytest.approx(want, rel=1e-5)
+    rest = (parts["rec"] + parts["beta"] * parts["kl_term"] + cfg.lambda_mass * parts["mass"] + parts["crps"])
+    assert float(parts["total"].detach()) == pytest.approx(float((rest + 2.0 * parts["mean"]).detach()), rel=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -304,3 +305,47 @@ def test_bernoulli_gamma_output_samples_and_checkpoint_round_trip(tmp_path):
     assert torch.equal(s, b)
     with pytest.raises(ValueError, match="transform"):
         CVAE(cfg, 3, (16, 16), (4, 4), output="bernoulli_gamma")
+
+
+def test_residual_mode_mean_plus_residual_and_checkpoint_round_trip(tmp_path):
+    """model.residual: members are relu(m(y) + r), >= 0 in model space and in mm/day; m(y) is deterministic, gets
+    no gradient from the members, and a rebuilt checkpoint restores both parts."""
+    from precip_cvae import checkpoint
+    from precip_cvae.transform import TargetTransform
+
+    torch.manual_seed(6)
+    cfg = ModelConfig(preset="tiny", residual=True, dropout_encoder=0.0, dropout_decoder=0.0)
+    model = CVAE(cfg, 3, (16, 16), (4, 4)).eval()
+    x, y, valid = _batch(2, 3, (16, 16), (4, 4))
+    with torch.no_grad():
+        s = model.sample(y, valid, n_samples=3, generator=torch.Generator().manual_seed(2))
+        cond = model.encode_condition(y)
+        m1, m2 = model.mean_field(cond), model.mean_field(cond)
+        r = model._decode_head(torch.zeros(2, *model.latent_shape()), cond, None)
+        field = model.decode(torch.zeros(2, *model.latent_shape()), cond, valid)
+    assert torch.equal(m1, m2) and float(m1.min()) >= 0
+    np.testing.assert_allclose(field.numpy(), (torch.relu(m1 + r) * valid).numpy(), atol=1e-6)
+    assert float(s.min()) >= 0 and float(TargetTransform("log1p", 0.8).inverse(s).min()) >= 0
+    assert not torch.allclose(s[0], s[1])
+    # the members' loss does not reach m(y); the mean's own loss does
+    model.train()
+    out = model(x, y, valid, n_prior=2)
+    out.prior_samples.sum().backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for n, p in model.named_parameters()
+               if n.startswith("mean_"))
+    model.zero_grad()
+    out = model(x, y, valid)
+    out.mean.sum().backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for n, p in model.named_parameters()
+               if n.startswith("mean_"))
+    model.eval()
+    state = {"model_config": dict(cfg.__dict__), "model_args": {"n_channels": 3, "fine_shape": [16, 16],
+                                                                "coarse_shape": [4, 4], "n_static": 0},
+             "model_state": model.state_dict()}
+    rebuilt = checkpoint.build_model(state).eval()
+    assert rebuilt.residual
+    with torch.no_grad():
+        b = rebuilt.sample(y, valid, n_samples=3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(s, b)
+    with pytest.raises(ValueError, match="residual"):
+        CVAE(cfg, 3, (16, 16), (4, 4), output="bernoulli_gamma", transform=TargetTransform())

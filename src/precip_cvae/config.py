@@ -450,6 +450,7 @@ class ModelConfig(Section):
     latent_channels: int = 8
     conditioning: str = "fine"
     noise_channels: int = 0
+    residual: bool = False
 
     def _resolve(self):
         for key, value in lookup(MODEL_PRESETS, self.preset, "model preset").items():
@@ -508,6 +509,7 @@ class LossConfig(Section):
     reconstruction: str = "l1"
     wet_threshold_mm: float = 0.1
     lambda_energy: float = 0.0
+    lambda_mean: float = 1.0
 
     def _resolve(self):
         for key, value in lookup(LOSS_PRESETS, self.preset, "train preset").items():

@@ -1,7 +1,9 @@
 """Training loss of the cVAE.
 
 ``L = lambda_base * L_rec + lambda_ext * MAE_ext + beta(epoch) * KL + lambda_mass * L_mass
-+ lambda_crps * afCRPS + lambda_tail * twCRPS + lambda_energy * ES``
++ lambda_crps * afCRPS + lambda_tail * twCRPS + lambda_energy * ES (+ lambda_mean * MSE_mean)``
+
+(the last term in residual mode only: the squared error of the deterministic conditional mean).
 
 ``L_rec`` is chosen by ``reconstruction``: ``l1``, the MAE over valid pixels of the decoding
 of a posterior draw (a conditional median: it pulls the field toward the median, which
@@ -489,12 +491,14 @@ def compute_loss(
     Returns
     -------
     dict of str to Tensor ()
-        ``total``, ``rec`` (the ``reconstruction`` term), ``mae_all`` (MAE of ``out.recon``,
+        ``total``, ``rec`` (the ``reconstruction`` term), ``mean`` (residual mode: the squared
+        error of the conditional mean ``out.mean``, else 0), ``mae_all`` (MAE of ``out.recon``,
         the decoding of the posterior draw, or its law's mean), ``mae_ext``, ``kl`` (nats,
         summed over latent units), ``kl_term`` (what beta multiplies), ``mass``, ``crps``,
         ``tail``, ``energy``, ``beta``, with ``total = lambda_base * rec + lambda_ext * mae_ext
         + beta * kl_term + lambda_mass * mass + lambda_crps * crps + lambda_tail * tail +
-        lambda_energy * energy`` (``rec`` is ``mae_all`` for ``reconstruction='l1'``).
+        lambda_energy * energy + lambda_mean * mean`` (``rec`` is ``mae_all`` for
+        ``reconstruction='l1'``).
     """
     recon = out.recon
     valid = valid.bool()
@@ -527,6 +531,10 @@ def compute_loss(
         rec = mae_all
     if cfg.lambda_energy > 0:
         energy = masked_energy_score(ens, x, valid)
+    mean_err = zero
+    if out.mean is not None:  # model.residual: the conditional mean's own (proper) loss
+        diff = torch.where(valid, out.mean - x, torch.zeros_like(x))
+        mean_err = _masked_mean(diff * diff, valid)
     if cfg.lambda_crps > 0 or cfg.lambda_tail > 0:
         if cfg.lambda_crps > 0:
             if cfg.crps_space in ("transformed", "both"):
@@ -539,6 +547,7 @@ def compute_loss(
                 raise ValueError("train.loss.lambda_tail > 0 needs the tail threshold map (tail_x)")
             tail = tail_crps(ens, x, valid, tail_x, cfg.crps_alpha)
     total = (cfg.lambda_base * rec + cfg.lambda_ext * mae_ext + beta * klt + cfg.lambda_mass * mass
-             + cfg.lambda_crps * crps + cfg.lambda_tail * tail + cfg.lambda_energy * energy)
+             + cfg.lambda_crps * crps + cfg.lambda_tail * tail + cfg.lambda_energy * energy
+             + cfg.lambda_mean * mean_err)
     return {"total": total, "rec": rec, "mae_all": mae_all, "mae_ext": mae_ext, "kl": kl, "kl_term": klt,
-            "mass": mass, "crps": crps, "tail": tail, "energy": energy, "beta": beta}
+            "mass": mass, "crps": crps, "tail": tail, "energy": energy, "mean": mean_err, "beta": beta}

@@ -59,6 +59,15 @@ Training draws are differentiable: the gamma amount is reparameterised
 (``torch._standard_gamma`` has a pathwise gradient) and the wet/dry choice is a
 straight-through Bernoulli (forward the hard draw, backward the gradient of ``p``).
 
+Residual mode
+-------------
+``residual=True`` (``model.residual``): a deterministic decoder of the condition alone
+predicts the conditional mean ``m(y)`` in model space (trained with a squared error, a
+proper score for the mean), and the cVAE generates the residual: a field is
+``relu(m(y) + r(z, y))`` with ``r`` the raw output of the stochastic decoder (the split of
+CorrDiff, Mardani et al. 2024).  ``m`` enters the field without gradient, so the
+generative terms shape the residual and only the mean's own loss shapes ``m``.
+
 Output non-negativity
 ---------------------
 The head ends in a ReLU *forward* (so dry pixels can be exactly 0, which is the
@@ -124,6 +133,9 @@ class CVAEOutput(NamedTuple):
         ``output='bernoulli_gamma'``: the law decoded from the posterior draw (its
         negative log-likelihood is the reconstruction term); ``recon`` is then its mean,
         in model space.
+    mean : Tensor (B, 1, H, W) or None
+        ``residual=True``: the deterministic conditional mean ``m(y)`` in model space (with
+        gradient, for its own loss).
     """
 
     recon: torch.Tensor
@@ -133,6 +145,7 @@ class CVAEOutput(NamedTuple):
     logvar_p: torch.Tensor
     prior_samples: torch.Tensor | None = None
     recon_law: "BernoulliGamma | None" = None
+    mean: torch.Tensor | None = None
 
 
 class BernoulliGamma(NamedTuple):
@@ -187,10 +200,13 @@ class Condition(NamedTuple):
         ``maps[s]`` is (B, c_s, H / 2**s, W / 2**s) for ``s = 0..depth``.
     vector : Tensor (B, d_y)
         Global condition vector ``v_y``.
+    mean : Tensor (B, 1, H, W) or None
+        Residual mode: the conditional mean ``m(y)`` in model space, set by the model.
     """
 
     maps: tuple[torch.Tensor, ...]
     vector: torch.Tensor
+    mean: torch.Tensor | None = None  # residual mode: m(y) (B, 1, H, W), once per condition
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -439,6 +455,14 @@ class CVAE(nn.Module):
         self.dec_up = nn.ModuleList(
             _ConvAct(w[s - 1] + cw[s - 1] + z_at(s - 1), w[s - 1], dropout=p_dec) for s in range(1, depth + 1)
         )
+        self.residual = bool(getattr(cfg, "residual", False))
+        if self.residual and output != "field":
+            raise ValueError("model.residual needs the decoder output 'field' (not a Bernoulli-gamma law)")
+        if self.residual:  # the conditional mean m(y): the decoder's shape, without z, without dropout
+            self.mean_bottom = _ConvAct(cw[depth], bottom)
+            self.mean_reduce = nn.ModuleList(nn.Conv2d(w[s], w[s - 1], 1) for s in range(1, depth + 1))
+            self.mean_up = nn.ModuleList(_ConvAct(w[s - 1] + cw[s - 1], w[s - 1]) for s in range(1, depth + 1))
+            self.mean_head = nn.Conv2d(w[0], 1, 3, padding=1)
         self.dec_head = nn.Conv2d(w[0], 3 if output == "bernoulli_gamma" else 1, 3, padding=1)
         with torch.no_grad():
             if output == "bernoulli_gamma":
@@ -538,7 +562,25 @@ class CVAE(nn.Module):
             law = self.decode_law(z, cond, generator)
             draw = bernoulli_gamma_draw(law, generator, straight_through)
             return self._mask(self.transform.forward(draw), valid)
-        return self._mask(relu_leaky_grad(self._decode_head(z, cond, generator)), valid)
+        head = self._decode_head(z, cond, generator)
+        if self.residual:  # m(y) without gradient: the generative terms shape the residual only
+            mean = cond.mean if cond.mean is not None else self.mean_field(cond)
+            head = mean.detach() + head
+        return self._mask(relu_leaky_grad(head), valid)
+
+    def mean_field(self, cond: Condition) -> torch.Tensor:
+        """``residual=True``: the conditional mean ``m(y)`` (B, 1, H, W) in model space, >= 0."""
+        if not self.residual:
+            raise ValueError("mean_field needs model.residual")
+        h = self.mean_bottom(cond.maps[self.depth])  # (B, w_D, hb, wb)
+        for s in range(self.depth, 0, -1):
+            h = F.interpolate(self.mean_reduce[s - 1](h), scale_factor=2.0, mode="nearest")
+            h = self.mean_up[s - 1](torch.cat([h, cond.maps[s - 1]], dim=1))
+        return relu_leaky_grad(self.mean_head(h))
+
+    def _with_mean(self, cond: Condition) -> Condition:
+        """``cond`` carrying ``m(y)`` (computed once per condition) in residual mode; itself otherwise."""
+        return cond._replace(mean=self.mean_field(cond)) if self.residual else cond
 
     def decode_law(self, z: torch.Tensor, cond: Condition, generator: torch.Generator | None = None) -> BernoulliGamma:
         """``output='bernoulli_gamma'``: the per-pixel law decoded from ``z`` (mm/day)."""
@@ -606,7 +648,7 @@ class CVAE(nn.Module):
         CVAEOutput
         """
         self._check_inputs(y, valid, x)
-        cond = self.encode_condition(y)
+        cond = self._with_mean(self.encode_condition(y))
         mu_q, logvar_q = self.posterior(x, valid, cond)
         mu_p, logvar_p = self.prior(cond)
         z = mu_q + torch.exp(0.5 * logvar_q) * torch.randn_like(mu_q)
@@ -622,16 +664,18 @@ class CVAE(nn.Module):
             B = x.shape[0]
             # one decoder pass over M * B: the condition repeated member-major
             rep = Condition(tuple(m.repeat(n_prior, *([1] * (m.ndim - 1))) for m in cond.maps),
-                            cond.vector.repeat(n_prior, 1))
+                            cond.vector.repeat(n_prior, 1),
+                            None if cond.mean is None else cond.mean.repeat(n_prior, 1, 1, 1))
             dec = self.decode(zp.reshape(n_prior * B, *zp.shape[2:]), rep, valid.repeat(n_prior, 1, 1, 1),
                               straight_through=True)
             prior_samples = dec.view(n_prior, B, *dec.shape[1:])  # (M, B, 1, H, W)
-        return CVAEOutput(recon, mu_q, logvar_q, mu_p, logvar_p, prior_samples, law)
+        mean = None if cond.mean is None else self._mask(cond.mean, valid)
+        return CVAEOutput(recon, mu_q, logvar_q, mu_p, logvar_p, prior_samples, law, mean)
 
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Decode the posterior mean: (B, 1, H, W) in model space (the law's mean for a Bernoulli-gamma output)."""
         self._check_inputs(y, valid, x)
-        cond = self.encode_condition(y)
+        cond = self._with_mean(self.encode_condition(y))
         mu_q, _ = self.posterior(x, valid, cond)
         if self.output == "bernoulli_gamma":
             return self._law_mean(self.decode_law(mu_q, cond), valid)
@@ -675,7 +719,7 @@ class CVAE(nn.Module):
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         self._check_inputs(y, valid)
-        cond = self.encode_condition(y)
+        cond = self._with_mean(self.encode_condition(y))
         mu_p, logvar_p = self.prior(cond)
         z = self._prior_draws(mu_p, logvar_p, n_samples, z_scale, generator)  # (n_samples, B, *latent_shape)
         out = [self.decode(z[i], cond, valid, generator) for i in range(n_samples)]

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 LOG_COLUMNS = [
     "epoch", "beta", "lr", "warmup_done",
     "train_loss", "train_rec", "train_mae_all", "train_mae_ext", "train_kl", "train_mass", "train_crps", "train_tail",
-    "train_energy",
+    "train_energy", "train_mean",
     "val_MAE_all", "val_MAE_tail", "val_RMSE_ext", "val_corr", "val_freq_ratio",
     "val_CRPS", "val_twCRPS", "val_L_rec", "val_KL", "val_post_MAE_all",
     "is_best", "epoch_seconds", "samples_per_s",
@@ -480,7 +480,7 @@ def _resume(s: _Session) -> None:
              s.stopper.metric, s.stopper.best_value, s.stopper.best_epoch)
 
 
-LOSS_TERMS = ("total", "rec", "mae_all", "mae_ext", "kl", "mass", "crps", "tail", "energy")
+LOSS_TERMS = ("total", "rec", "mae_all", "mae_ext", "kl", "mass", "crps", "tail", "energy", "mean")
 
 
 def _train_epoch(s: _Session, epoch: int, flag: "_SignalFlag") -> tuple[dict[str, float], float]:
