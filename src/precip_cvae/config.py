@@ -442,8 +442,8 @@ class ModelConfig(Section):
     d_y: int | None = None
     d_z: int | None = None
     depth: int | None = None
-    dropout_encoder: float = 0.1
-    dropout_decoder: float = 0.1
+    dropout_encoder: float = 0.0
+    dropout_decoder: float = 0.0
     prior: str = "learned"
     latent: str = "map"
     latent_level: int = 1
