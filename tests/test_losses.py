@@ -501,7 +501,7 @@ def test_compute_loss_reconstruction_options_and_energy(reconstruction):
     assert float(parts["energy"].detach()) == pytest.approx(float(masked_energy_score(out.prior_samples, x, valid).detach()))
     want = (parts["rec"] + parts["beta"] * parts["kl_term"] + cfg.lambda_mass * parts["mass"] + parts["crps"]
             + 0.5 * parts["energy"])
-    assert float(parts["total"]) == pytest.approx(float(want), rel=1e-6)
+    assert float(parts["total"].detach()) == pytest.approx(float(want.detach()), rel=1e-6)
     parts["total"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(gr).all()) for gr in grads)
