@@ -23,6 +23,7 @@ Rules the code keeps (pinned in ``tests/test_calibration.py``):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,15 +121,11 @@ def fit_quantile_map(members: np.ndarray, obs: np.ndarray, levels: np.ndarray = 
     if members.ndim != 4 or members.shape[1:] != obs.shape:
         raise ValueError(f"members (M, T, h, w) and obs (T, h, w) must agree, got {members.shape} and {obs.shape}")
     seen = np.isfinite(obs)  # (T, h, w)
-    m = np.where(seen[None], members, np.nan)
-    m = np.where(np.isfinite(m), m, np.nan)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels (masked) give NaN quantiles
-            model_q = np.nanquantile(m.reshape(-1, *obs.shape[1:]), levels, axis=0)  # (L, h, w)
-            obs_q = np.nanquantile(obs, levels, axis=0)
+    m = np.where(seen[None] & np.isfinite(members), members, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels (masked) give NaN quantiles
+        model_q = np.nanquantile(m.reshape(-1, *obs.shape[1:]), levels, axis=0)  # (L, h, w)
+        obs_q = np.nanquantile(obs, levels, axis=0)
     few = seen.sum(axis=0) < 10
     model_q[:, few] = np.nan
     obs_q[:, few] = np.nan

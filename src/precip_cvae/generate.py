@@ -339,11 +339,7 @@ def _fit_calibration(setup: _Setup, cfg: GenerateConfig, dataset: str) -> tuple[
     for start in range(0, days.size, cfg.batch_days):
         idx = days[start:start + cfg.batch_days]
         valid = setup.data.valid[idx].to(setup.device)
-        with torch.no_grad():
-            s = setup.model.sample(setup.data.y[idx].to(setup.device), valid, n_samples=cfg.members,
-                                   z_scale=cfg.z_scale, generator=g)
-        mm = setup.data.transform.inverse(s[:, :, 0].float()).cpu().numpy()
-        ens.append(crop_array(np.where(valid[:, 0].cpu().numpy()[None], mm, np.nan), setup.pads))
+        ens.append(_sample_mm(setup, setup.data.y[idx].to(setup.device), valid, cfg, g))
     obs = crop_array(setup.data.pr_mm[days, 0].numpy(), setup.pads)
     qmap = fit_quantile_map(np.concatenate(ens, axis=1), obs)
     log.info("quantile map fitted on the %d %s days x %d members", days.size, free[0], cfg.members)
@@ -379,6 +375,16 @@ def _provenance(checkpoint_path: str, state: dict, ds: xr.Dataset, cfg: Generate
                                    f"{checkpoint_path}", when=now))
 
 
+def _sample_mm(setup: _Setup, y: torch.Tensor, valid: torch.Tensor, cfg: GenerateConfig,
+               g: torch.Generator) -> np.ndarray:
+    """``cfg.members`` prior samples of each condition in ``y``: (K, B, h, w) mm/day on the original grid, NaN
+    outside ``valid``."""
+    with torch.no_grad():
+        s = setup.model.sample(y, valid, n_samples=cfg.members, z_scale=cfg.z_scale, generator=g)
+    mm = setup.data.transform.inverse(s[:, :, 0].float()).cpu().numpy()  # (K, B, H, W)
+    return crop_array(np.where(valid[:, 0].cpu().numpy()[None], mm, np.nan), setup.pads)
+
+
 def _draw(setup: _Setup, days: np.ndarray, cfg: GenerateConfig, events_cfg: EventsConfig, g: torch.Generator,
           tally: _Tally) -> list[list[np.ndarray]]:
     """Up to ``cfg.members`` accepted samples (h, w) per day of ``days``, in mm day-1 on the original grid.
@@ -396,11 +402,7 @@ def _draw(setup: _Setup, days: np.ndarray, cfg: GenerateConfig, events_cfg: Even
         need = [cfg.members - len(a) for a in accepted]
         if max(need) <= 0:
             break
-        with torch.no_grad():
-            s = setup.model.sample(y, valid, n_samples=cfg.members, z_scale=cfg.z_scale, generator=g)
-        mm = data.transform.inverse(s[:, :, 0].float()).cpu().numpy()  # (K, B, H, W)
-        mm = np.where(valid[:, 0].cpu().numpy()[None], mm, np.nan)
-        mm = crop_array(mm, setup.pads)
+        mm = _sample_mm(setup, y, valid, cfg, g)  # (K, B, h, w)
         if setup.qmap is not None:
             mm = setup.qmap.apply(mm)
         tally.drawn += int(sum(max(n, 0) for n in need))

@@ -60,6 +60,7 @@ __all__ = [
     "energy_score",
     "masked_energy_score",
     "ensemble_mean_error",
+    "masked_mse",
     "beta_schedule",
     "warmup_finished",
     "compute_loss",
@@ -423,13 +424,17 @@ def masked_energy_score(members: torch.Tensor, target: torch.Tensor, valid: torc
     return es.sum() / has.sum().clamp(min=1).to(es.dtype)
 
 
-def ensemble_mean_error(members: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Squared error of the members' mean (M, B, 1, H, W) against ``target`` over valid pixels (per sample, then
-    over the samples with any)."""
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Squared error over each sample's valid pixels, then over the samples with any (invalid pixels, even NaN,
+    change neither the value nor the gradient)."""
     valid = valid.bool()
-    mean = members.mean(dim=0)
-    diff = torch.where(valid, mean - target, torch.zeros_like(mean))
+    diff = torch.where(valid, pred - target, torch.zeros_like(pred))
     return _masked_mean(diff * diff, valid)
+
+
+def ensemble_mean_error(members: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_mse` of the members' mean (M, B, 1, H, W) against ``target``."""
+    return masked_mse(members.mean(dim=0), target, valid)
 
 
 def beta_schedule(epoch: int, beta_kl: float, warmup_epochs: int) -> float:
@@ -531,10 +536,8 @@ def compute_loss(
         rec = mae_all
     if cfg.lambda_energy > 0:
         energy = masked_energy_score(ens, x, valid)
-    mean_err = zero
-    if out.mean is not None:  # model.residual: the conditional mean's own (proper) loss
-        diff = torch.where(valid, out.mean - x, torch.zeros_like(x))
-        mean_err = _masked_mean(diff * diff, valid)
+    # model.residual: the conditional mean's own (proper) loss
+    mean_err = zero if out.mean is None else masked_mse(out.mean, x, valid)
     if cfg.lambda_crps > 0 or cfg.lambda_tail > 0:
         if cfg.lambda_crps > 0:
             if cfg.crps_space in ("transformed", "both"):
