@@ -8,7 +8,7 @@ CORES  ?= 2
 # The CPU build of PyTorch; on a GPU machine pass e.g. TORCH="torch==2.13.0 --index-url ..."
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slurm env clean
+.PHONY: demo report test test-slurm env clean
 
 env: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: env
 	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+	$(BIN)/python -m precip_cvae.headline results/demo
+
+# All figures and tables of the demo in one HTML file (after `make demo`)
+report: env
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml --report report.html
 
 test: env
 	$(BIN)/python -m pytest -q

@@ -39,6 +39,7 @@ rule all:
         fold_experiment_outputs("train", "best.pt"),
         all_experiment_outputs("evaluate", "summary.md"),
         generated_outputs("generate", "generation_report.json"),
+        generated_outputs("generate", "generated_maps.png"),
         expand("results/{run}/experiments_comparison.csv", run=RUN),
         expand("results/{run}/experiments_seeds.csv", run=RUN),
         downstream_outputs(),

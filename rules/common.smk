@@ -125,6 +125,14 @@ def generated_outputs(*parts):
     return expand(os.path.join("results", FOLD_RUNS[0], "experiments", "{experiment}", *parts), experiment=GENERATED)
 
 
+def generated_link(wildcards):
+    """The generate stage's folder of the experiment relative to its evaluate folder ("" when it is not generated)."""
+    if wildcards.experiment not in GENERATED:
+        return ""
+    here = os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "evaluate")
+    return os.path.relpath(os.path.join("results", FOLD_RUNS[0], "experiments", wildcards.experiment, "generate"), here)
+
+
 def evaluate_dataset(wildcards):
     """The data set(s) evaluate fits its tail thresholds on: one per fold for the pooled kfold run."""
     if pooled(wildcards):

@@ -135,6 +135,7 @@ rule evaluate:
         ),
     params:
         evaluate=evaluate_section("scoring"),
+        generated=generated_link,  # where summary.md points for the generate stage's samples ("" when none)
         code=script_code("evaluate"),
     log:
         exp_dir("logs", "evaluate.log"),

@@ -25,3 +25,30 @@ rule generate:
         runtime=120,
     script:
         "../workflow/scripts/generate.py"
+
+
+# The generated samples beside the real days they were drawn for (a figure only: editing it reruns no sampling)
+rule generated_maps:
+    input:
+        augmented=exp_dir("generate", "augmented.zarr"),
+        dataset=run_dir("preprocess", "dataset.zarr"),
+    output:
+        maps=report(
+            exp_dir("generate", "generated_maps.png"),
+            caption="../workflow/report/generated_maps.rst",
+            category="Generation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "generated heavy-day samples"},
+        ),
+    params:
+        n_days=config["evaluate"]["n_map_days"],
+        splits=config["generate"]["splits"],
+        code=script_code("generated_maps"),
+    log:
+        exp_dir("logs", "generated_maps.log"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../workflow/scripts/generated_maps.py"

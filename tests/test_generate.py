@@ -295,3 +295,23 @@ def test_calibrated_samples_are_the_raw_samples_mapped_and_fitted_on_val(prepare
         assert (np.diff(c[order, i, j]) >= -1e-5).all()
     with pytest.raises(InputError, match="needs a split that generate does not sample"):
         _run(prepared, trained, tmp_path / "all", calibrate="quantile_map", splits=("train", "val", "test"))
+
+
+def test_generated_maps_show_the_heaviest_sampled_days_beside_their_samples(prepared, trained, tmp_path):
+    from precip_cvae import plots
+
+    _run(prepared, trained, tmp_path)
+    aug = xr.open_zarr(tmp_path / "augmented.zarr")
+    ds = xr.open_zarr(prepared["dataset"])
+    mask = ds["mask"].values.astype(bool)
+    real = ds["pr"].sel(time=aug["time"].values).values
+    means = np.array([day[mask].mean() for day in real])
+    order = np.argsort(-means)[:2]  # the two heaviest sampled days, by the real field's domain mean
+    f = plots.generated_map_fields(str(tmp_path / "augmented.zarr"), prepared["dataset"], n_days=2, n_samples=2)
+    assert f.dates == [str(t)[:10] for t in aug["time"].values[order].astype("datetime64[D]")]
+    assert f.samples.shape == (2, 2, 16, 16) and f.truth.shape == (2, 16, 16)
+    np.testing.assert_allclose(f.truth[:, mask], real[order][:, mask])
+    np.testing.assert_allclose(f.samples[:, :, mask], aug["pr"].values[order][:, :2][:, :, mask].transpose(1, 0, 2))
+    assert np.isnan(f.truth[:, ~mask]).all() and np.isnan(f.samples[..., ~mask]).all()
+    png = plots.write_generated_maps(str(tmp_path / "augmented.zarr"), prepared["dataset"], str(tmp_path / "g.png"))
+    assert png.stat().st_size > 10_000

@@ -46,6 +46,10 @@ def test_tiny_workflow_writes_every_stage(tiny_run):
     aug = xr.open_zarr(exp / "generate" / "augmented.zarr")
     assert int(aug["n_realizations"].sum()) > 0 and aug["pr"].attrs["units"] == "mm day-1"
     assert (exp / "generate" / "augmented_training_set.zarr").exists()
+    assert (exp / "generate" / "generated_maps.png").stat().st_size > 10_000
+    summary = (exp / "evaluate" / "summary.md").read_text()  # shows the generated samples, by a working link
+    link = re.search(r"!\[generated samples\]\((.+)\)", summary).group(1)
+    assert (exp / "evaluate" / link).resolve() == (exp / "generate" / "generated_maps.png").resolve()
     table = pd.read_csv(exp / "downstream" / "comparison.csv")
     assert set(table["training_set"]) == {"real", "augmented", "augmented_minus_real"}
     assert set(table["loss"]) == {"mae", "quantile"} and (exp / "downstream" / "comparison.png").exists()
@@ -176,7 +180,8 @@ def test_a_given_config_is_the_whole_story(tiny_run):
 def test_code_edits_rerun_only_the_rules_whose_scripts_run_that_code(tiny_run, tmp_path):
     """A copy of the package put first on the path of a dry run on the finished tiny run: docstrings and
     comments edited in every module plan nothing; a changed colour map in plots.py plans exactly the rules
-    whose scripts draw figures (evaluate, compare_experiments, downstream), never the sampling or training."""
+    whose scripts draw figures (evaluate, compare_experiments, downstream, generated_maps), never the sampling or
+    training."""
     import shutil
 
     from precip_cvae import provenance
@@ -200,7 +205,7 @@ def test_code_edits_rerun_only_the_rules_whose_scripts_run_that_code(tiny_run, t
     assert 'PRECIP_CMAP = "YlGnBu"' in text
     plots.write_text(text.replace('PRECIP_CMAP = "YlGnBu"', 'PRECIP_CMAP = "Blues"'))
     jobs = planned_jobs(snakemake(tiny_run, "-n", "--configfile", "config/tiny.yaml", env=env))
-    assert jobs == {**before, "evaluate": 1, "compare_experiments": 1, "downstream": 1, "all": 1}
+    assert jobs == {**before, "evaluate": 1, "compare_experiments": 1, "downstream": 1, "generated_maps": 1, "all": 1}
 
 
 def test_schema_rejects_a_typo_at_dry_run(tiny_run):

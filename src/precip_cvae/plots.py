@@ -12,6 +12,7 @@ figure changes the code fingerprint of the ``evaluate`` rule only, not that of
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
@@ -97,7 +98,7 @@ def training_curves(log: pd.DataFrame) -> Figure:
 
 
 def maps(truth: np.ndarray, members: np.ndarray, analog: np.ndarray | None, dates: Sequence[str],
-         lat: np.ndarray, lon: np.ndarray, model_label: str) -> Figure:
+         lat: np.ndarray, lon: np.ndarray, model_label: str, title: str | None = None) -> Figure:
     """Truth, four members and the best analog for a few days (one row per day).
 
     Parameters
@@ -108,7 +109,9 @@ def maps(truth: np.ndarray, members: np.ndarray, analog: np.ndarray | None, date
     dates : D labels
     lat, lon : ndarray (h,), (w,)
     model_label : e.g. 'cVAE (best)'
+    title : the figure's title (default: the evaluation's heaviest days)
     """
+    suptitle = title or f"Heaviest days of the split (domain mean): truth, {model_label} prior samples, best analog"
     n_days = truth.shape[0]
     cols = 1 + members.shape[0] + (analog is not None)
     fig = Figure(figsize=(2.3 * cols + 0.8, 2.2 * max(n_days, 1) + 0.4), layout="constrained")
@@ -122,16 +125,62 @@ def maps(truth: np.ndarray, members: np.ndarray, analog: np.ndarray | None, date
             panels.append(("best analog", analog[d]))
         vmax = float(np.nanmax([np.nanmax(p) if np.isfinite(p).any() else 0.0 for _, p in panels])) or 1.0
         norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=vmax)
-        for ax, (title, field) in zip(axes[d], panels):
+        for ax, (label, field) in zip(axes[d], panels):
             mesh = ax.pcolormesh(lon, lat, np.ma.masked_invalid(field), cmap=PRECIP_CMAP, norm=norm, shading="auto")
             ax.set_facecolor("0.85")
-            ax.set_title(title if d == 0 else "", fontsize=9)
+            ax.set_title(label if d == 0 else "", fontsize=9)
             ax.set_aspect("equal")
             ax.tick_params(labelsize=7)
         axes[d, 0].set_ylabel(f"{dates[d]}\nlat", fontsize=8)
         fig.colorbar(mesh, ax=axes[d, -1], label="mm/day", shrink=0.9)
-    fig.suptitle(f"Heaviest days of the split (domain mean): truth, {model_label} prior samples, best analog")
+    fig.suptitle(suptitle)
     return fig
+
+
+@dataclass(frozen=True)
+class GeneratedMapFields:
+    """What ``generated_maps.png`` shows: the heaviest sampled days, their real fields and samples."""
+
+    truth: np.ndarray    # (D, h, w) mm day-1, NaN masked
+    samples: np.ndarray  # (k, D, h, w) mm day-1, NaN masked and past each day's n_realizations
+    dates: list[str]
+    lat: np.ndarray
+    lon: np.ndarray
+
+
+def generated_map_fields(augmented: str, dataset: str, n_days: int = 4, n_samples: int = 4) -> GeneratedMapFields:
+    """The ``n_days`` heaviest (domain mean of the real field) of the days that have samples in
+    ``augmented`` (``augmented.zarr``: pr(time, realization, lat, lon), mm day-1), their real fields
+    from ``dataset`` (``dataset.zarr``: pr in mm day-1 on the padded grid, cropped here, and its mask)
+    and their first ``n_samples`` realizations."""
+    aug, ds = io.open_zarr(augmented), io.open_zarr(dataset)
+    (t0, t1), (l0, l1) = ds.attrs.get("pad_lat", [0, 0]), ds.attrs.get("pad_lon", [0, 0])
+    crop = dict(lat=slice(t0, ds.sizes["lat"] - t1), lon=slice(l0, ds.sizes["lon"] - l1))
+    valid = ds["mask"].isel(crop).values.astype(bool)
+    truth = np.where(valid, ds["pr"].isel(crop).sel(time=aug["time"].values).values, np.nan)
+    days = heaviest_days(truth, n_days)
+    k = min(n_samples, aug.sizes["realization"])
+    samples = aug["pr"].isel(time=days, realization=slice(0, k)).values.astype(np.float64)  # (D, k, h, w)
+    samples = np.where(valid, samples, np.nan).transpose(1, 0, 2, 3)
+    for d, n in enumerate(aug["n_realizations"].isel(time=days).values):  # past a day's count: fill values
+        samples[int(n):, d] = np.nan
+    dates = [str(t)[:10] for t in aug["time"].values[days].astype("datetime64[D]")]
+    return GeneratedMapFields(truth[days], samples, dates, aug["lat"].values, aug["lon"].values)
+
+
+def write_generated_maps(augmented: str, dataset: str, out_png: str, n_days: int = 4, n_samples: int = 4,
+                         splits: Sequence[str] = ("train",)) -> Path:
+    """``generated_maps.png``: the generate stage's samples beside the real day they were drawn for.
+
+    One row per day (:func:`generated_map_fields`): the real field, then the first ``n_samples``
+    realizations, in mm/day on one colour scale per row. ``splits``: the sampled splits
+    (generate.splits), for the title.
+    """
+    f = generated_map_fields(augmented, dataset, n_days, n_samples)
+    fig = maps(f.truth, f.samples, None, f.dates, f.lat, f.lon, "sample",
+               title=f"Generated samples of the heaviest {'/'.join(splits)} heavy days (generate stage): "
+                     "the real day, then its first realizations")
+    return io.save_figure(fig, out_png)
 
 
 def tail_qq(curves: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], split: str) -> Figure:

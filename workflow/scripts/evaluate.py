@@ -14,5 +14,6 @@ with stage_logging(snakemake.log[0], "evaluate"), limit_threads(snakemake.thread
         train_log=report.one_or_list(snakemake.input.train_log),
         outputs={key: snakemake.output[key] for key in report.OUTPUT_FILES},
     )
-    result = report.run(paths, cfg, experiment=snakemake.wildcards.experiment)
+    result = report.run(paths, cfg, experiment=snakemake.wildcards.experiment,
+                        generated=snakemake.params.generated or None)
     plots.write_figures(result, paths, cfg)

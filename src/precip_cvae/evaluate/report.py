@@ -306,6 +306,18 @@ def summary_markdown(ev: Evaluation, headline: pd.DataFrame, cfg: EvaluateConfig
     return "\n".join(text)
 
 
+def generated_markdown(generated: str | None) -> list[str]:
+    """summary.md lines: the generate stage's samples (maps and report), when the experiment is generated."""
+    if not generated:
+        return []
+    folder = generated.rstrip("/")
+    return ["## Generated samples", "",
+            "The generate stage's samples for the heaviest heavy days it sampled, beside the real day (the fields "
+            f"that go into the augmented training set; statistics in [{folder}/generation_report.md]"
+            f"({folder}/generation_report.md)):", "",
+            f"![generated samples]({folder}/generated_maps.png)", ""]
+
+
 def spectrum_table(ev: Evaluation) -> list[str]:
     """Markdown lines: the RAPSD log ratio (members vs truth) per wavelength band, per source and subset."""
     split = headline_split(ev.meta)
@@ -342,7 +354,7 @@ def metrics_json(ev: Evaluation, cfg: EvaluateConfig) -> dict:
     }
 
 
-def run(paths: ScorePaths, cfg: EvaluateConfig, experiment: str = "default") -> Evaluation:
+def run(paths: ScorePaths, cfg: EvaluateConfig, experiment: str = "default", generated: str | None = None) -> Evaluation:
     """Step 2: score the cached ensembles; write metrics.csv/json, headline.csv and summary.md.
 
     The figures are :func:`precip_cvae.plots.write_figures` of the returned
@@ -357,6 +369,8 @@ def run(paths: ScorePaths, cfg: EvaluateConfig, experiment: str = "default") -> 
     paths : ScorePaths (cache, dataset for the train thresholds, train_log.csv, output paths)
     cfg : EvaluateConfig
     experiment : checked against the cache's experiment (a mismatch is logged)
+    generated : the generate stage's folder of the experiment, relative to the outputs' folder, when it
+        is generated: summary.md shows its ``generated_maps.png`` and points to its report
     """
     t0 = time.perf_counter()
     if isinstance(paths.dataset, str):
@@ -387,7 +401,8 @@ def run(paths: ScorePaths, cfg: EvaluateConfig, experiment: str = "default") -> 
     headline = headline_table(ev, cfg)
     io.write_csv(headline, paths.output("headline"))
     io.write_text(summary_markdown(ev, headline, cfg) + "\n".join(
-        interval_markdown(intervals, ev, cfg) + diagnostics_markdown(ev.diagnostics, ev.meta)) + "\n",
+        interval_markdown(intervals, ev, cfg) + diagnostics_markdown(ev.diagnostics, ev.meta)
+        + generated_markdown(generated)) + "\n",
         paths.output("summary"))
     for line in verdicts(headline, cfg, "all"):
         log.info("headline (%s, all days) %s", headline_split(ev.meta), line[2:])
