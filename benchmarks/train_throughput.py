@@ -10,7 +10,7 @@ Goal (issue): samples/s of each preset at its default batch size; input-pipeline
 For each preset it times, on the same model and optimizer state (restored before every timed
 run, so both arms do the same arithmetic):
 
-* ``real``: what an epoch of ``train_cvae`` does per step (:func:`precip_cvae.train._run`): draw
+* ``real``: what an epoch of ``train_cvae`` does per step (:func:`precip_cvae.train._train_epoch`): draw
   the epoch's order (``epoch_indices``), gather the batch from the in-memory tensors
   (``make_batch``), augment, ``train_step``, and read the loss terms back (``float``);
 * ``pre-made``: the very same batches, gathered before the clock starts, then ``train_step`` and

@@ -147,10 +147,11 @@ def netcdf3_sizes(path: str) -> tuple[int, int] | None:
     return need, os.path.getsize(path)
 
 
-def open_variable(source: VariableSource, chunks_time: int = 128) -> xr.DataArray:
+def open_variable(source: VariableSource) -> xr.DataArray:
     """Open one variable lazily from all files matching ``source.paths``.
 
-    Returns a dask-backed DataArray with a ``time`` dimension; nothing is loaded.
+    Returns a dask-backed DataArray with a ``time`` dimension, in the files' own chunks (one per
+    file for unchunked NetCDF; the caller rechunks); nothing is loaded.
     The DataArray's ``attrs['source_files']`` names the files for later messages,
     and ``attrs['units']`` is ``source.units`` when given (override).
 

@@ -849,8 +849,8 @@ def build_dataset(
 
 def run(data: DataConfig, cfg: PreprocessConfig, out: str, fold: int | None = None) -> xr.Dataset:
     """Read the configured NetCDF inputs, build the dataset (of ``fold`` under ``kfold_years``), write ``out``."""
-    target = open_variable(data.target, cfg.chunk_time)
-    predictors = [open_variable(p, cfg.chunk_time) for p in data.predictors]
+    target = open_variable(data.target)
+    predictors = [open_variable(p) for p in data.predictors]
     flags = [bool(getattr(p, "precipitation", False)) for p in data.predictors]
     transforms = [str(getattr(p, "condition_transform", "none")) for p in data.predictors]
     static = open_static(data.static.paths, data.static.variables) if data.static is not None else None
