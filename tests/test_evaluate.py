@@ -560,3 +560,26 @@ def test_calibrated_source_is_a_monotone_map_of_the_members_fitted_on_train(padd
     ev = report.run(paths, cfg, experiment="default")
     scored = pd.read_csv(paths.output("metrics_csv"))
     assert {"best", "best_qm"} <= set(scored.loc[scored["model"] == "cvae", "checkpoint"])
+
+
+def test_sub_daily_steps_skip_the_daily_climate_indices_with_a_note(tmp_path):
+    """Ten-minute radar steps (BoM): Rx1day, spells and return levels are defined on daily series, so they are
+    skipped with a note that says why and how to get them; the distribution distances still use every step."""
+    from precip_cvae import io
+    from precip_cvae.evaluate.diagnostics import diagnose, diagnostics_markdown
+
+    rng = np.random.default_rng(0)
+    times = pd.date_range("2020-10-31T00:00", periods=12, freq="10min")
+    obs = rng.gamma(0.5, 4.0, size=(12, 6, 7))
+    store = tmp_path / "ensembles.zarr"
+    io.write_zarr_group(xr.Dataset({"pr": (("time", "lat", "lon"), obs.astype("float32"))},
+                                   coords={"time": times}), store, "test/truth")
+    ens = rng.gamma(0.5, 4.0, size=(3, 12, 6, 7))
+    io.write_zarr_group(xr.Dataset({"pr": (("member", "time", "lat", "lon"), ens.astype("float32"))},
+                                   coords={"time": times}), store, "test/cvae_best")
+    meta = {"splits": ["test"], "sources": ["cvae_best"], "primary": "cvae_best"}
+    diag = diagnose(str(store), meta, EvaluateConfig(splits=("test",), min_wet_days=1))
+    assert set(diag.indices["index"]) == {"wasserstein", "perkins_skill_score", "ralsd"}
+    assert diag.bias_maps == {} and diag.return_levels.empty
+    text = "\n".join(diagnostics_markdown(diag, meta))
+    assert "12 time steps on 1 day(s)" in text and "time_step: 1D" in text

@@ -553,9 +553,17 @@ def index_diagnostics(setup: _Setup, store: Path, events_cfg: EventsConfig) -> d
            for p in (95.0, 99.0)}
     season_year = season_year_rule(setup.ds.attrs)
     calendar = str(setup.ds.attrs.get("calendar", "standard"))
-    table, _ = indices.ensemble_index_table(ens, real, dates, calendar, thr[95.0], thr[99.0],
-                                            events_cfg.wet_threshold, season_year)
-    table = table[table["index"].isin(SAMPLE_INDICES)]
+    daily = all(len(x) == 10 for x in dates)  # 'YYYY-MM-DD': the indices are defined on daily series
+    note = ("each realization is a daily series over the sampled heavy days (not consecutive: CWD and CDD are not "
+            "defined); P95/P99 are the train days' wet-day percentiles")
+    if daily:
+        table, _ = indices.ensemble_index_table(ens, real, dates, calendar, thr[95.0], thr[99.0],
+                                                events_cfg.wet_threshold, season_year)
+        table = table[table["index"].isin(SAMPLE_INDICES)]
+    else:
+        table = pd.DataFrame(columns=["index", "obs_mean", "ens_mean", "bias_mean", "abs_bias_mean"])
+        note = ("the samples are of sub-daily steps: the daily climate indices are not computed (sum the steps to "
+                "days with preprocess.time_step: 1D to get them); the distribution distances use every step")
     rows = [{"index": r.index, "units": indices.INDEX_UNITS[r.index], "real_mean": r.obs_mean,
              "samples_mean": r.ens_mean, "bias_mean": r.bias_mean, "abs_bias_mean": r.abs_bias_mean}
             for r in table.itertuples(index=False)]
@@ -568,8 +576,7 @@ def index_diagnostics(setup: _Setup, store: Path, events_cfg: EventsConfig) -> d
     return {"realizations": n_real, "days": d, "threshold_days": int(train.size), "season_year": season_year,
             "table": [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
                       for r in rows],
-            "note": ("each realization is a daily series over the sampled heavy days (not consecutive: CWD and "
-                     "CDD are not defined); P95/P99 are the train days' wet-day percentiles")}
+            "note": note}
 
 
 def _real_mass_error(data, chosen, real_stats) -> dict:

@@ -93,26 +93,31 @@ def diagnose(ensembles: str, meta: dict, cfg: EvaluateConfig, season_year: str =
     pct = observed_percentiles(obs, cfg)
     (lo, p_lo), (hi, p_hi) = pct.items()
     rows, levels, maps, notes = [], [], {}, []
-    n_seasons = indices.seasonal_maxima(obs, dates, season_year).size
-    gev = n_seasons >= MIN_SEASONS
-    if not gev:
+    daily = len(set(dates)) == len(dates)  # climate indices and return levels are defined on daily series
+    n_seasons = indices.seasonal_maxima(obs, dates, season_year).size if daily else 0
+    gev = daily and n_seasons >= MIN_SEASONS
+    if not daily:
+        notes.append(f"Climate indices and return levels skipped: the {split} split has {len(dates)} time steps on "
+                     f"{len(set(dates))} day(s), and they are defined on daily series (sum the steps to days with "
+                     "`preprocess.time_step: 1D` to get them). The distribution distances below use every step.")
+    elif not gev:
         notes.append(f"GEV return levels skipped: {n_seasons} season year(s) scored, at least {MIN_SEASONS} needed "
                      "(cross-validation over years scores every season)")
     else:
         levels.append(_return_levels("observed", obs, dates, season_year))
     for source in meta["sources"]:
         ens = io.open_zarr_group(ensembles, f"{split}/{source}")["pr"].values.astype("float64")
-        table, bias = indices.ensemble_index_table(ens, obs, dates, calendar, p_lo, p_hi, cfg.wet_threshold,
-                                                   season_year)
-        rows.extend(table.assign(source=source).to_dict("records"))
+        if daily:
+            table, bias = indices.ensemble_index_table(ens, obs, dates, calendar, p_lo, p_hi, cfg.wet_threshold,
+                                                       season_year)
+            rows.extend(table.assign(source=source).to_dict("records"))
+            if source == meta["primary"]:
+                maps = bias
         rows.extend(_distribution_rows(source, ens, obs))
-        if source == meta["primary"]:
-            maps = bias
         if gev:
             levels.append(_return_levels(source, ens, dates, season_year))
         del ens
-    out = pd.DataFrame(rows)
-    out = out[["source", "index", "obs_mean", "ens_mean", "bias_mean", "abs_bias_mean"]]
+    out = pd.DataFrame(rows).reindex(columns=["source", "index", "obs_mean", "ens_mean", "bias_mean", "abs_bias_mean"])
     rl = pd.concat(levels, ignore_index=True) if levels else pd.DataFrame(
         columns=["source", "period", "level", "lower", "upper", "n_maxima"])
     if len(rl):
@@ -136,12 +141,17 @@ def diagnostics_markdown(diag: Diagnostics, meta: dict) -> list[str]:
         index="index", columns="source", values="ens_mean")
     dist = dist.reindex(columns=[s for s in meta["sources"] if s in dist.columns]).rename(
         columns={s: source_label(s) for s in meta["sources"]})
-    text = [f"## Climate indices ({diag.split} split, each member a daily series)", "",
-            "Spatial mean of |member-mean index - observed index| per pixel (lower is better); the first column is the "
-            "observed index's spatial mean. Units: " + ", ".join(f"{k} {v}" for k, v in indices.INDEX_UNITS.items())
-            + ". R95pTOT/R99pTOT and days above P99 use the observed wet-day percentiles of these days; days not "
-            "scored are missing, so no spell bridges a gap between seasons.", "",
-            wide.to_markdown(floatfmt=".3g"), "",
+    text = [f"## Climate indices ({diag.split} split, each member a daily series)", ""]
+    if wide.empty:
+        text.append("No climate index (the note below says why).")
+    else:
+        text += ["Spatial mean of |member-mean index - observed index| per pixel (lower is better); the first column "
+                 "is the observed index's spatial mean. Units: "
+                 + ", ".join(f"{k} {v}" for k, v in indices.INDEX_UNITS.items())
+                 + ". R95pTOT/R99pTOT and days above P99 use the observed wet-day percentiles of these days; days "
+                 "not scored are missing, so no spell bridges a gap between seasons.", "",
+                 wide.to_markdown(floatfmt=".3g")]
+    text += ["",
             "Distribution distances per pixel (spatial means; Wasserstein in mm/day, lower is better; Perkins skill "
             "score 0-1, higher is better) and the radially averaged log spectral distance (RALSD, CORDEX-ML-Bench, "
             "dB², lower is better):", "",
