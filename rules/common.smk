@@ -5,6 +5,7 @@ import os
 import re
 
 from precip_cvae.config import experiment_names, experiment_sections, experiment_setting, generated_experiments
+from precip_cvae.evaluate.names import EVALUATE_OUTPUT_FILES
 from precip_cvae.provenance import script_fingerprint
 from precip_cvae.split import fold_index, fold_name
 

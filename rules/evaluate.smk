@@ -53,86 +53,42 @@ if KFOLD:
             "../workflow/scripts/pool_ensembles.py"
 
 
+# The evaluate rule's outputs: every file of precip_cvae.evaluate.report.OUTPUT_FILES (the one place
+# their names are defined), those below also in the report (caption in workflow/report/, figure label)
+EVALUATE_REPORTED = {
+    "headline": ("headline.rst", "headline scores (table)"),
+    "summary": ("summary.rst", "summary (markdown)"),
+    "training_curves": ("training_curves.rst", "training curves"),
+    "maps": ("maps.rst", "maps of the heaviest days"),
+    "tail_qq": ("tail_qq.rst", "tail Q-Q"),
+    "rank_histogram": ("rank_histogram.rst", "rank histograms"),
+    "rapsd": ("rapsd.rst", "RAPSD"),
+    "fss_scale": ("fss_scale.rst", "FSS against scale"),
+    "indices": ("indices.rst", "climate indices (table)"),
+    "index_bias": ("indices.rst", "climate-index bias maps"),
+}
+
+
+def evaluate_outputs():
+    """key -> path (a report() item where EVALUATE_REPORTED names it), for the evaluate rule's output."""
+    out = {}
+    for key, name in EVALUATE_OUTPUT_FILES.items():
+        path = exp_dir("evaluate", name)
+        if key in EVALUATE_REPORTED:
+            caption, label = EVALUATE_REPORTED[key]
+            path = report(path, caption=f"../workflow/report/{caption}", category="Evaluation",
+                          subcategory="{experiment}", labels={"experiment": "{experiment}", "figure": label})
+        out[key] = path
+    return out
+
+
 rule evaluate:
     input:
         ensembles=exp_dir("evaluate", "ensembles.zarr"),
         dataset=evaluate_dataset,  # one per fold for a kfold_years run (thresholds fitted on each fold's train)
         train_log=evaluate_train_log,
     output:
-        metrics_csv=exp_dir("evaluate", "metrics.csv"),
-        metrics_json=exp_dir("evaluate", "metrics.json"),
-        headline=report(
-            exp_dir("evaluate", "headline.csv"),
-            caption="../workflow/report/headline.rst",
-            category="Evaluation",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "headline scores (table)"},
-        ),
-        summary=report(
-            exp_dir("evaluate", "summary.md"),
-            caption="../workflow/report/summary.rst",
-            category="Evaluation",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "summary (markdown)"},
-        ),
-        training_curves=report(
-            exp_dir("evaluate", "training_curves.png"),
-            caption="../workflow/report/training_curves.rst",
-            category="Evaluation",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "training curves"},
-        ),
-        maps=report(
-            exp_dir("evaluate", "maps.png"),
-            caption="../workflow/report/maps.rst",
-            category="Evaluation",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "maps of the heaviest days"},
-        ),
-        tail_qq=report(
-            exp_dir("evaluate", "tail_qq.png"),
-            caption="../workflow/report/tail_qq.rst",
-            category="Evaluation",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "tail Q-Q"},
-        ),
-        rank_histogram=report(
-            exp_dir("evaluate", "rank_histogram.png"),
-            caption="../workflow/report/rank_histogram.rst",
-            category="Evaluation",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "rank histograms"},
-        ),
-        rapsd=report(
-            exp_dir("evaluate", "rapsd.png"),
-            caption="../workflow/report/rapsd.rst",
-            category="Evaluation",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "RAPSD"},
-        ),
-        fss_scale=report(
-            exp_dir("evaluate", "fss_scale.png"),
-            caption="../workflow/report/fss_scale.rst",
-            category="Evaluation",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "FSS against scale"},
-        ),
-        indices=report(
-            exp_dir("evaluate", "indices.csv"),
-            caption="../workflow/report/indices.rst",
-            category="Evaluation",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "climate indices (table)"},
-        ),
-        return_levels=exp_dir("evaluate", "return_levels.csv"),
-        day_components=exp_dir("evaluate", "day_components.npz"),  # per-day score sums, for compare_experiments
-        index_bias=report(
-            exp_dir("evaluate", "index_bias.png"),
-            caption="../workflow/report/indices.rst",
-            category="Evaluation",
-            subcategory="{experiment}",
-            labels={"experiment": "{experiment}", "figure": "climate-index bias maps"},
-        ),
+        **evaluate_outputs(),
     params:
         evaluate=evaluate_section("scoring"),
         generated=generated_link,  # where summary.md points for the generate stage's samples ("" when none)

@@ -11,6 +11,23 @@ TRUTH = "truth"
 NO_CHECKPOINT = "-"
 METRIC_COLUMNS = ["model", "checkpoint", "split", "subset", "metric", "value"]
 SUBSETS = ("all", "heavy")
+#: key -> file name of every output of the evaluate rule (the rule's output keys; rules/evaluate.smk)
+EVALUATE_OUTPUT_FILES = {
+    "metrics_csv": "metrics.csv",
+    "metrics_json": "metrics.json",
+    "headline": "headline.csv",
+    "summary": "summary.md",
+    "training_curves": "training_curves.png",
+    "maps": "maps.png",
+    "tail_qq": "tail_qq.png",
+    "rank_histogram": "rank_histogram.png",
+    "rapsd": "rapsd.png",
+    "fss_scale": "fss_scale.png",
+    "indices": "indices.csv",
+    "return_levels": "return_levels.csv",
+    "index_bias": "index_bias.png",
+    "day_components": "day_components.npz",
+}
 
 
 def cvae_source(label: str) -> str:

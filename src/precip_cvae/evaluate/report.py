@@ -23,8 +23,8 @@ import pandas as pd
 
 from .. import io, metrics
 from ..config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
-from .names import (CVAE, METRIC_COLUMNS, SUBSETS, headline_metrics, headline_split, headline_window,
-                    model_and_checkpoint, percentile_names, source_label)
+from .names import (CVAE, EVALUATE_OUTPUT_FILES, METRIC_COLUMNS, SUBSETS, headline_metrics, headline_split,
+                    headline_window, model_and_checkpoint, percentile_names, source_label)
 from .diagnostics import diagnose, diagnostics_markdown
 from ..split import season_year_rule
 from .intervals import block_labels, bootstrap, save_day_components
@@ -33,22 +33,7 @@ from .score import Evaluation, score_cache, tail_thresholds
 log = logging.getLogger(__name__)
 
 OVERFORECAST_BIAS = 1.5  # a frequency bias above this voids a low MAE_tail (named in summary.md)
-OUTPUT_FILES = {
-    "metrics_csv": "metrics.csv",
-    "metrics_json": "metrics.json",
-    "headline": "headline.csv",
-    "summary": "summary.md",
-    "training_curves": "training_curves.png",
-    "maps": "maps.png",
-    "tail_qq": "tail_qq.png",
-    "rank_histogram": "rank_histogram.png",
-    "rapsd": "rapsd.png",
-    "fss_scale": "fss_scale.png",
-    "indices": "indices.csv",
-    "return_levels": "return_levels.csv",
-    "index_bias": "index_bias.png",
-    "day_components": "day_components.npz",
-}
+OUTPUT_FILES = EVALUATE_OUTPUT_FILES  # key -> file name of every output of the evaluate rule
 
 
 @dataclass(frozen=True)
