@@ -313,7 +313,8 @@ def test_two_torchrun_processes_report_how_they_ended(prepared, tmp_path):
     paths = _paths(prepared, tmp_path / "ok")
     cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, val_members=2, seed=3, gpus=2, device="cpu",
                       loss=LossConfig(warmup_epochs=1))
-    spec = distributed.write_spec(tmp_path / "status", (paths, TINY, cfg, 1, "default"))
+    spec = distributed.write_spec(tmp_path / "status", distributed.RankJob(
+        "precip_cvae.train:train_process", dict(paths=paths, model_cfg=TINY, cfg=cfg, threads=1, experiment="default")))
     proc = subprocess.run(distributed.torchrun_command(2, spec), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert distributed.read_statuses(tmp_path / "status") == [{"rank": 0, "outcome": "ok"}, {"rank": 1, "outcome": "ok"}]
@@ -338,7 +339,8 @@ def test_a_signal_to_torchrun_and_its_ranks_stops_every_rank_at_a_step(prepared,
     paths = _paths(prepared, tmp_path / "run")
     cfg = TrainConfig(epochs=200, batch_size=32, lr=1e-3, val_members=2, seed=3, gpus=2, device="cpu",
                       loss=LossConfig(warmup_epochs=1))
-    spec = distributed.write_spec(tmp_path / "status", (paths, TINY, cfg, 1, "default"))
+    spec = distributed.write_spec(tmp_path / "status", distributed.RankJob(
+        "precip_cvae.train:train_process", dict(paths=paths, model_cfg=TINY, cfg=cfg, threads=1, experiment="default")))
     proc = subprocess.Popen(distributed.torchrun_command(2, spec), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240

@@ -8,21 +8,23 @@
 for each process, finds a free port, and on a failure stops the other processes.  Each
 process runs :func:`main`: ``init_process_group`` from that environment (``env://``; NCCL
 on GPUs, gloo on CPU), then one training process on its share of every batch
-(:func:`precip_cvae.train.train_process`).  Only rank 0 validates, writes checkpoints and
+(:func:`precip_cvae.train.train_process`, named by the :class:`RankJob` the launcher
+writes, so that this module never imports the training).  Only rank 0 validates, writes checkpoints and
 logs.  The same entry point runs across nodes when started by the user under ``srun``
 with a rendezvous instead of ``--standalone`` (docs/hpc.md).
 
 How a process ended is not read from tracebacks: each rank writes a small JSON status
 (``ok``, ``interrupted`` with the signal, ``non_finite`` or ``error``) into the status
 directory, and :func:`launch` turns the statuses into the same exceptions a single
-process raises (:class:`~precip_cvae.train.TrainingInterrupted`,
-:class:`~precip_cvae.train.NonFiniteLoss`).  SIGTERM / SIGUSR1 received by the launching
+process raises (:class:`~precip_cvae.interrupts.TrainingInterrupted`,
+:class:`~precip_cvae.interrupts.NonFiniteLoss`).  SIGTERM / SIGUSR1 received by the launching
 process (SLURM's warning before a time limit) reach every rank as SIGTERM; each stops at
 its next step, as one process does.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .interrupts import NonFiniteLoss, SignalFlag, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +105,24 @@ class Dist:
 
 
 @dataclass(frozen=True)
-class Spec:
-    """What every rank needs: the arguments of :func:`precip_cvae.train.train_process`."""
+class RankJob:
+    """What every rank runs: ``target`` ('package.module:function') called as ``function(**kwargs, dist=Dist)``
+    on ``threads`` threads (each process's ``OMP_NUM_THREADS``)."""
 
-    args: tuple  # (paths, model_cfg, cfg, threads, experiment)
+    target: str
+    kwargs: dict[str, Any]
+    threads: int = 1
+
+    def function(self):
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The pickled file every rank reads: its job, the launcher's log file and where to report."""
+
+    job: RankJob
     log_path: str | None
     status_dir: str
 
@@ -113,13 +131,13 @@ def _status_path(status_dir: str | Path, rank: int) -> Path:
     return Path(status_dir) / f"rank{rank}.json"
 
 
-def write_spec(status_dir: str | Path, args: tuple, log_path: str | None = None) -> Path:
-    """An empty ``status_dir`` holding the spec of a run (the arguments of ``train_process``); its path."""
+def write_spec(status_dir: str | Path, job: RankJob, log_path: str | None = None) -> Path:
+    """An empty ``status_dir`` holding the spec of a run (``job`` and where to log and report); its path."""
     status_dir = Path(status_dir)
     shutil.rmtree(status_dir, ignore_errors=True)
     status_dir.mkdir(parents=True)
     spec = status_dir / SPEC_FILE
-    spec.write_bytes(pickle.dumps(Spec(args, log_path, str(status_dir))))
+    spec.write_bytes(pickle.dumps(Spec(job, log_path, str(status_dir))))
     return spec
 
 
@@ -135,27 +153,25 @@ def read_statuses(status_dir: str | Path) -> list[dict]:
     return sorted((json.loads(p.read_text()) for p in Path(status_dir).glob("rank*.json")), key=lambda s: s["rank"])
 
 
-def launch(world: int, args: tuple, work_dir: str | Path) -> None:
-    """Run ``train_process(*args)`` in ``world`` processes started by torchrun; return when all succeeded.
+def launch(world: int, job: RankJob, work_dir: str | Path) -> None:
+    """Run ``job`` in ``world`` processes started by torchrun; return when all succeeded.
 
     ``work_dir`` (the resume directory) receives the spec and the ranks' statuses.
-    ``args[3]`` (threads per process) becomes each process's ``OMP_NUM_THREADS``.
+    ``job.threads`` (threads per process) becomes each process's ``OMP_NUM_THREADS``.
 
     Raises
     ------
-    precip_cvae.train.TrainingInterrupted
+    precip_cvae.interrupts.TrainingInterrupted
         A rank stopped on a signal (or this process was signalled): rerun to resume.
-    precip_cvae.train.NonFiniteLoss
+    precip_cvae.interrupts.NonFiniteLoss
         The loss was not finite (every rank agrees before any backward pass).
     RuntimeError
         Any other failure, with the first failed rank's error.
     """
-    from .train import NonFiniteLoss, TrainingInterrupted
-
     status_dir = Path(work_dir) / "ddp"
     log_path = next((h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
-    cmd = torchrun_command(world, write_spec(status_dir, args, log_path))
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(args[3])))}
+    cmd = torchrun_command(world, write_spec(status_dir, job, log_path))
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(job.threads)))}
     log.info("DDP: %d processes (%s) with torchrun", world, "nccl" if torch.cuda.is_available() else "gloo")
     for handler in logging.getLogger().handlers:
         handler.flush()
@@ -168,9 +184,7 @@ def launch(world: int, args: tuple, work_dir: str | Path) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # torchrun passes SIGTERM on to every rank
 
-    from .train import _SignalFlag
-
-    old = {s: signal.signal(s, forward) for s in _SignalFlag.SIGNALS}
+    old = {s: signal.signal(s, forward) for s in SignalFlag.SIGNALS}
     try:
         code = proc.wait()
     finally:
@@ -199,8 +213,6 @@ def launch(world: int, args: tuple, work_dir: str | Path) -> None:
 
 
 def _outcome(exc: BaseException | None) -> tuple[dict[str, Any], int]:
-    from .train import NonFiniteLoss, TrainingInterrupted
-
     if exc is None:
         return {"outcome": "ok"}, 0
     if isinstance(exc, TrainingInterrupted):
@@ -215,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as tdist
 
     from .logs import setup
-    from .train import NonFiniteLoss, TrainingInterrupted, train_process
 
     argv = sys.argv[1:] if argv is None else argv
     spec: Spec = pickle.loads(Path(argv[0]).read_bytes())
@@ -228,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     tdist.init_process_group(backend, init_method="env://")
     error: BaseException | None = None
     try:
-        train_process(*spec.args, dist=dist)
+        spec.job.function()(**spec.job.kwargs, dist=dist)
     except Exception as exc:  # noqa: BLE001 -- reported to the launcher through the status file
         error = exc
         if not isinstance(exc, (TrainingInterrupted, NonFiniteLoss)):

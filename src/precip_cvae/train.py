@@ -46,7 +46,8 @@ from .io import InputError, atomic_path
 from .losses import beta_schedule, compute_loss, extreme_mae, kl_divergence, masked_mae, warmup_finished
 from .model import CVAE, count_parameters
 from .provenance import file_sha256
-from .distributed import Dist
+from .distributed import Dist, RankJob
+from .interrupts import NonFiniteLoss, SignalFlag, TrainingInterrupted
 from .resources import limit_threads, select_device
 
 log = logging.getLogger(__name__)
@@ -59,18 +60,6 @@ LOG_COLUMNS = [
     "val_CRPS", "val_twCRPS", "val_L_rec", "val_KL", "val_post_MAE_all",
     "is_best", "epoch_seconds", "samples_per_s",
 ]
-
-
-class TrainingInterrupted(RuntimeError):
-    """Training stopped on a signal; the resume state of the last complete epoch is on disk."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -221,33 +210,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _SignalFlag:
-    """Install handlers for SIGTERM/SIGUSR1 that set a flag; restore on exit."""
-
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in self.SIGNALS:
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not in the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        log.warning("received signal %d: stopping at the next step", signum)
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        return False
-
-
 def train_step(model: CVAE, opt, batch, cfg: TrainConfig, epoch: int, transform, autocast,
                dist: Dist | None = None) -> dict | None:
     """One optimisation step on ``batch``; returns the loss components, or None if the loss is not finite
@@ -296,7 +258,9 @@ def run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: in
     world = max(1, int(cfg.gpus))
     if world > 1:
         threads = max(1, int(cfg.num_threads or threads) // world)
-        distributed.launch(world, (paths, model_cfg, cfg, threads, experiment), paths.resume_dir)
+        job = RankJob("precip_cvae.train:train_process", dict(paths=paths, model_cfg=model_cfg, cfg=cfg,
+                                                                threads=threads, experiment=experiment), threads)
+        distributed.launch(world, job, paths.resume_dir)
         import pandas as pd
 
         return pd.read_csv(paths.log_csv).to_dict("records")
@@ -317,7 +281,7 @@ def _train(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experime
     if dist.main:
         _write_log(s.history, paths.log_csv)
     epoch = s.start_epoch - 1
-    with _SignalFlag() as flag:
+    with SignalFlag() as flag:
         for epoch in range(s.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             means, train_seconds = _train_epoch(s, epoch, flag)
@@ -483,7 +447,7 @@ def _resume(s: _Session) -> None:
 LOSS_TERMS = ("total", "rec", "mae_all", "mae_ext", "kl", "mass", "crps", "tail", "energy", "mean")
 
 
-def _train_epoch(s: _Session, epoch: int, flag: "_SignalFlag") -> tuple[dict[str, float], float]:
+def _train_epoch(s: _Session, epoch: int, flag: SignalFlag) -> tuple[dict[str, float], float]:
     """One pass over the train days (this rank's share of each batch); the mean loss terms over all ranks and
     the seconds it took.
 
