@@ -493,10 +493,7 @@ def _write_samples(setup: _Setup, cfg: GenerateConfig, events_cfg: EventsConfig,
 def _finish(setup: _Setup, tally: _Tally, paths: GeneratePaths, cfg: GenerateConfig,
             events_cfg: EventsConfig) -> dict:
     """The report, the augmented training set and the NetCDF copies."""
-    acceptance = tally.written / max(tally.drawn, 1)
-    report = _report(setup.data, setup.chosen, pd.concat(tally.stats, ignore_index=True), tally.mass,
-                     tally.memo_fields, setup.thr, setup.mask, setup.pads, cfg, events_cfg, setup.attrs,
-                     tally.written, acceptance, tally.short_days, tally.bad)
+    report = _report(setup, tally, cfg, events_cfg)
     store = Path(paths.augmented)
     _write_training_set(setup.ds, store, Path(paths.training_set), cfg, setup.attrs)
     if paths.netcdf:
@@ -587,8 +584,12 @@ def _real_mass_error(data, chosen, real_stats) -> dict:
     return {"mean_abs": float(np.mean(np.abs(rel))), **_summary(rel)}
 
 
-def _report(data, chosen, synth, mass_rows, memo_fields, thr, mask, pads, cfg, events_cfg, attrs,
-            n_written, acceptance, short_days, n_bad) -> dict:
+def _report(setup: _Setup, tally: _Tally, cfg: GenerateConfig, events_cfg: EventsConfig) -> dict:
+    """generation_report.json without its climate indices: counts, mass error, memorisation, distributions."""
+    data, chosen, thr, pads = setup.data, setup.chosen, setup.thr, setup.pads
+    synth = pd.concat(tally.stats, ignore_index=True)
+    n_written, short_days, n_bad = tally.written, tally.short_days, tally.bad
+    acceptance = tally.written / max(tally.drawn, 1)
     train_idx = np.flatnonzero(data.split == "train")
     real = crop_array(data.pr_mm[:, 0].numpy(), pads)
     real_events = real[chosen]
@@ -603,7 +604,7 @@ def _report(data, chosen, synth, mass_rows, memo_fields, thr, mask, pads, cfg, e
     position = {int(day): k for k, day in enumerate(reference_idx)}
     anchor_index = np.array([position.get(int(day), -1) for day in chosen], dtype=int)
     memo = memorisation_check(
-        np.concatenate(memo_fields) if memo_fields else np.zeros((0, *real.shape[1:])),
+        np.concatenate(tally.memo_fields) if tally.memo_fields else np.zeros((0, *real.shape[1:])),
         real[reference_idx], cfg.memorisation_warn_fraction, anchors=real_events, anchor_index=anchor_index)
     if memo["warning"]:
         log.warning("memorisation: %.1f %% of samples are near-copies of a real training field (nearest closer "
@@ -611,9 +612,9 @@ def _report(data, chosen, synth, mass_rows, memo_fields, thr, mask, pads, cfg, e
                     100 * memo["fraction_near_copies"], 100 * cfg.memorisation_warn_fraction)
     memo.pop("per_sample_nn_rmse")
     memo.pop("per_sample_nn_ratio")
-    mass = np.concatenate(mass_rows) if mass_rows else np.array([])
+    mass = np.concatenate(tally.mass) if tally.mass else np.array([])
     report = {
-        "provenance": attrs,
+        "provenance": setup.attrs,
         "samples": n_written,
         "heavy_days": int(chosen.size),
         "members_per_day": cfg.members,
