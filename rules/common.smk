@@ -21,9 +21,22 @@ wildcard_constraints:
     run=re.escape(RUN) + ("(/fold[0-9]+)?" if KFOLD else ""),
 
 
-def run_dir(*parts):
+# The layout of results/, defined here once: results/<run>/<stage...> for a run (or a fold run
+# <run>/fold<k>), results/<run>/experiments/<experiment>/<stage...> for an experiment of it. <run> and
+# <experiment> may be wildcards ("{run}") or names.
+def results_path(run, *parts):
     """results/<run>/<parts...>"""
-    return os.path.join("results", "{run}", *parts)
+    return os.path.join("results", run, *parts)
+
+
+def experiment_path(run, experiment, *parts):
+    """results/<run>/experiments/<experiment>/<parts...>"""
+    return results_path(run, "experiments", experiment, *parts)
+
+
+def run_dir(*parts):
+    """results/{run}/<parts...> (the run wildcard)"""
+    return results_path("{run}", *parts)
 
 
 def log_path(name):
@@ -57,14 +70,14 @@ def per_fold(*parts):
     """results/<fold run>/<parts...> of every fold of the pooled run (the run itself without kfold)."""
     def paths(wildcards):
         names = {"experiment": getattr(wildcards, "experiment", "")}
-        return [os.path.join("results", r, *parts).format(**names) for r in FOLD_RUNS]
+        return [results_path(r, *parts).format(**names) for r in FOLD_RUNS]
 
     return paths
 
 
 def fold_outputs(*parts):
     """results/<run or each fold run>/<parts...>: the stages that run once per fold."""
-    return expand(os.path.join("results", "{run}", *parts), run=FOLD_RUNS)
+    return expand(run_dir(*parts), run=FOLD_RUNS)
 
 
 def script_code(script):
@@ -81,8 +94,8 @@ wildcard_constraints:
 
 
 def exp_dir(*parts):
-    """results/<run>/experiments/<experiment>/<parts...>"""
-    return run_dir("experiments", "{experiment}", *parts)
+    """results/{run}/experiments/{experiment}/<parts...> (the wildcards)"""
+    return experiment_path("{run}", "{experiment}", *parts)
 
 
 def experiment_model(wildcards):
@@ -106,46 +119,45 @@ def device_gpus(section):
 
 def train_resume_dir(wildcards):
     """Resume state of train_cvae: not a declared output, so it survives a failed job."""
-    return os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train_resume")
+    return experiment_path(wildcards.run, wildcards.experiment, "train_resume")
 
 
 def all_experiment_outputs(*parts):
     """results/<run>/experiments/<experiment>/<parts...>: the pooled outputs under kfold_years."""
-    return expand(os.path.join("results", RUN, "experiments", "{experiment}", *parts), experiment=EXPERIMENTS)
+    return expand(experiment_path(RUN, "{experiment}", *parts), experiment=EXPERIMENTS)
 
 
 def fold_experiment_outputs(*parts):
     """Per-fold outputs of every experiment (train): results/<fold run>/experiments/<experiment>/<parts...>."""
-    return expand(os.path.join("results", "{run}", "experiments", "{experiment}", *parts), run=FOLD_RUNS,
-                  experiment=EXPERIMENTS)
+    return expand(experiment_path("{run}", "{experiment}", *parts), run=FOLD_RUNS, experiment=EXPERIMENTS)
 
 
 def generated_outputs(*parts):
     """Outputs of generate/downstream: only the experiments in generate.experiments (all when empty); under
     kfold_years from the first fold's model (its train years are most of the record)."""
-    return expand(os.path.join("results", FOLD_RUNS[0], "experiments", "{experiment}", *parts), experiment=GENERATED)
+    return expand(experiment_path(FOLD_RUNS[0], "{experiment}", *parts), experiment=GENERATED)
 
 
 def generated_link(wildcards):
     """The generate stage's folder of the experiment relative to its evaluate folder ("" when it is not generated)."""
     if wildcards.experiment not in GENERATED:
         return ""
-    here = os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "evaluate")
-    return os.path.relpath(os.path.join("results", FOLD_RUNS[0], "experiments", wildcards.experiment, "generate"), here)
+    here = experiment_path(wildcards.run, wildcards.experiment, "evaluate")
+    return os.path.relpath(experiment_path(FOLD_RUNS[0], wildcards.experiment, "generate"), here)
 
 
 def evaluate_dataset(wildcards):
     """The data set(s) evaluate fits its tail thresholds on: one per fold for the pooled kfold run."""
     if pooled(wildcards):
         return per_fold("preprocess", "dataset.zarr")(wildcards)
-    return os.path.join("results", wildcards.run, "preprocess", "dataset.zarr")
+    return results_path(wildcards.run, "preprocess", "dataset.zarr")
 
 
 def evaluate_train_log(wildcards):
     """train_log.csv of the experiment: one per fold for the pooled kfold run."""
     if pooled(wildcards):
         return per_fold("experiments", "{experiment}", "train", "train_log.csv")(wildcards)
-    return os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train", "train_log.csv")
+    return experiment_path(wildcards.run, wildcards.experiment, "train", "train_log.csv")
 
 
 def experiment_settings():
@@ -168,7 +180,7 @@ def generate_netcdf_outputs():
 def generate_checkpoint(wildcards):
     """The checkpoint generate samples from: best.pt or last.pt of the experiment."""
     name = config["generate"]["checkpoint"] + ".pt"
-    return os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train", name)
+    return experiment_path(wildcards.run, wildcards.experiment, "train", name)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -188,7 +200,7 @@ def evaluate_checkpoints(wildcards):
     """The checkpoints evaluate samples, in config order: the experiment's best.pt / last.pt, or paths as given."""
     from precip_cvae.config import EvaluateConfig
 
-    train_dir = os.path.join("results", wildcards.run, "experiments", wildcards.experiment, "train")
+    train_dir = experiment_path(wildcards.run, wildcards.experiment, "train")
     entries = EvaluateConfig.from_dict(EVALUATE).checkpoints
     return [os.path.join(train_dir, f"{e}.pt") if e in ("best", "last") else e for e in entries]
 
