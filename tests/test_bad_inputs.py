@@ -599,3 +599,71 @@ def test_aggregation_stays_lazy(tmp_path):
 
     assert isinstance(out.data, dsa.Array)
     np.testing.assert_allclose(out.values[:, 0, 0], 5000.0 + 4 * np.arange(40) + 2.5)  # computed only here
+
+
+# ----------------------------------------------------------------------------- values no rain can take, coverage
+
+
+def test_a_fill_value_written_as_rain_is_refused_with_file_count_and_first_date(tmp_path):
+    """1e20 over three cells of one day, in a file without a _FillValue for it: refused, not a mean of 4e19."""
+    values = _target().values.copy()
+    values[5, :1, :3] = 1e20
+    root = _case(tmp_path, target=_target(values))
+    _refused(root, re.escape(str(root / "target" / "pr.nc")), r"target 'pr'", r"3 values above 2000 mm/day",
+             r"first on 2000-01-06", r"max_rain_mm_day = 2000", r"_FillValue")
+
+
+def test_the_rain_limit_scales_with_the_time_step_by_the_world_record_envelope():
+    """2000 mm in a day; a 10-minute step may reach 2000 * 144**0.525 = 27,180 mm/day as a rate; a 5-day step
+    2000 * 5**-0.525 = 859 mm/day (by hand: 144**0.525 = exp(0.525 ln 144) = 13.59)."""
+    assert preprocess.max_rate_mm_day(2000.0, 86400.0) == pytest.approx(2000.0)
+    assert preprocess.max_rate_mm_day(2000.0, 600.0) == pytest.approx(2000.0 * np.exp(0.525 * np.log(144.0)))
+    assert preprocess.max_rate_mm_day(2000.0, 600.0) == pytest.approx(27180, rel=1e-3)
+    assert preprocess.max_rate_mm_day(2000.0, 5 * 86400.0) == pytest.approx(859.2, rel=1e-3)
+
+
+def test_heavy_but_possible_rain_passes(tmp_path):
+    values = _target().values.copy()
+    values[5, 0, 0] = 1500.0  # a record-class day, not impossible
+    ds = _run(_case(tmp_path, target=_target(values)))
+    assert float(ds["pr"].max()) == pytest.approx(1500.0)
+
+
+@pytest.mark.parametrize("units, bad, expected", [
+    ("m", 1e20, r"outside -1e\+15 to 1e\+15, the range of any quantity"),
+    ("K", 5.0, r"outside 150 to 350, the range of a temperature"),  # degC labelled K
+    ("Pa", -3.0, r"outside 0 to 120000, the range of a pressure"),
+])
+def test_a_predictor_value_no_such_quantity_can_take_is_refused(tmp_path, units, bad, expected):
+    pred = _predictor()
+    base = {"m": 5000.0, "K": 275.0, "Pa": 101000.0}[units]
+    values = np.full(pred.shape, base, "float32")
+    values[3, 1, 1] = bad
+    pred = make_field_da(values, TIMES, name="z500", lat=PRED_LAT, lon=PRED_LON, units=units)
+    root = _case(tmp_path, predictor=pred)
+    _refused(root, re.escape(str(root / "pred" / "z500.nc")), r"predictor 'z500'", r"holds 1 values", expected,
+             r"first on 2000-01-04")
+
+
+def test_predictors_that_cover_part_of_the_target_are_refused_naming_both_extents(tmp_path):
+    """The predictor's cells reach lat 39.25 to 43.75; a target from 38 to 40.5 sticks out to the south."""
+    target = _target(lat=np.linspace(38.0, 40.5, 6))
+    root = _case(tmp_path, target=target)
+    _refused(root, re.escape(str(root / "pred" / "z500.nc")), r"predictor 'z500' covers lat 40 to 43",
+             r"reach 39.25 to 43.75", r"target's cells span 38 to 40.5", r"preprocess.region")
+
+
+def test_real_predictors_cut_short_of_the_iberian_target_are_refused(iberia, tmp_path):
+    """E-OBS Iberia (9.75W-4.25E) against the NCEP 2.5-degree predictors cut to 5W and east: refused, with the
+    longitudes named; the files as they are pass the same check."""
+    ncep = xr.open_dataset(iberia / "ncep_predictors_iberia_2.5deg_djf_1983-2002.nc")
+    write_nc(ncep.sel(lon=ncep["lon"] >= -5.0), tmp_path / "cut.nc")
+    target = VariableSource(str(iberia / "eobs_rr_iberia_djf_1983-2002.nc"), "rr")
+    data = DataConfig(target=target, predictors=(VariableSource(str(tmp_path / "cut.nc"), "psl"),))
+    with pytest.raises(InputError, match=r"cut.nc: predictor 'psl' covers lon -5 to 5 .* target's cells span "
+                                         r"-9.75 to 4.25 \(longitudes in another convention"):
+        preprocess.run(data, PreprocessConfig(), str(tmp_path / "dataset.zarr"))
+    assert not (tmp_path / "dataset.zarr").exists()
+    full = io.open_variable(VariableSource(str(iberia / "ncep_predictors_iberia_2.5deg_djf_1983-2002.nc"), "psl"))
+    preprocess.check_coverage(preprocess.standardise_coords(io.open_variable(target), "target"),
+                              [preprocess.standardise_coords(full, "predictor")])

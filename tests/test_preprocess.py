@@ -256,7 +256,8 @@ def test_missing_values_mask_and_policy():
     train = np.ones(10, bool)
     mask, counts, _ = preprocess.scan_target(pr, train, PreprocessConfig(missing_policy="mask"), "t.nc")
     assert mask.values.tolist() == [[0, 1, 1], [1, 1, 1]] and mask.dtype == np.int8
-    assert counts == {"cells": 5, "masked_cells": 1, "sporadic_missing": 6, "negative": 0, "minimum": 1.0}
+    assert counts == {"cells": 5, "masked_cells": 1, "sporadic_missing": 6, "negative": 0, "minimum": 1.0,
+                      "above_max": 0, "maximum": 2.0, "max_rate": float("inf"), "first_above": None}
     mask, counts, _ = preprocess.scan_target(pr, train, PreprocessConfig(mask_missing_fraction=0.4), "t.nc")
     assert mask.values.tolist() == [[0, 1, 0], [1, 1, 1]] and counts["sporadic_missing"] == 1
     with pytest.raises(InputError, match="t.nc: 6 missing values in cells that are not part of the fixed mask"):

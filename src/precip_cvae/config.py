@@ -370,6 +370,7 @@ class PreprocessConfig(Section):
     mask_missing_fraction: float = 0.5
     missing_policy: str = "mask"
     negative_tolerance: float = 0.01
+    max_rain_mm_day: float = 2000.0
     min_overlap_days: int = 30
     grid_multiple: int = 8
     transform: str = "log1p"

@@ -54,7 +54,7 @@ from .io import InputError, open_static, open_variable, source_files, write_zarr
 from .grid import block_mean, crop_to_original, pad_grid, regrid  # noqa: F401 (crop_to_original: API)
 from .split import SPLITS, season_years, split_labels
 from .transform import TargetTransform
-from .units import MM_PER_DAY, UnitsError, factor_to_mm_per_day
+from .units import MM_PER_DAY, SECONDS_PER_DAY, UnitsError, factor_to_mm_per_day
 
 log = logging.getLogger(__name__)
 
@@ -433,6 +433,16 @@ def apply_value_policy(counts: dict, cfg: PreprocessConfig, where: str) -> dict:
             f"{where}: {counts['negative']} negative precipitation values (minimum {counts['minimum']:.4g} mm/day); "
             f"expected >= -{cfg.negative_tolerance} (preprocess.negative_tolerance)"
         )
+    if counts.get("above_max"):
+        step = "" if counts["max_rate"] == cfg.max_rain_mm_day else (
+            f" ({counts['max_rate']:.4g} mm/day as a rate at this time step, the world-record envelope)")
+        raise InputError(
+            f"{where}: {counts['above_max']} values above {counts['max_rate']:.4g} mm/day (maximum "
+            f"{counts['maximum']:.4g} mm/day; first on {counts['first_above']}); expected at most "
+            f"preprocess.max_rain_mm_day = {cfg.max_rain_mm_day:g} mm in a day{step}, above the largest daily total "
+            "ever measured: a fill value written as data (give the file its _FillValue or missing_value attribute), "
+            "wrong units (data.target.units), or a corrupt file"
+        )
     if counts["sporadic_missing"] and cfg.missing_policy == "refuse":
         raise InputError(
             f"{where}: {counts['sporadic_missing']} missing values in cells that are not part of the fixed mask; "
@@ -499,29 +509,114 @@ def transform_from_moments(kind: str, moments: tuple, cells: np.ndarray | None =
     return TargetTransform(kind=kind, scale=scale)
 
 
-def scan_target(pr: xr.DataArray, train: np.ndarray, cfg: PreprocessConfig, where: str):
+#: the world-record point rainfall grows with the duration D about as D**0.475 (Jennings 1950, the envelope the
+#: WMO keeps): it scales preprocess.max_rain_mm_day, a daily total, to the rate a step of another length may reach
+RECORD_EXPONENT = 0.475
+
+
+def max_rate_mm_day(max_daily_mm: float, step_seconds: float) -> float:
+    """The largest plausible rate (mm/day) over a step of ``step_seconds``: ``max_daily_mm`` in a day, scaled
+    by the world-record envelope (a 10-minute step may reach 13.5 times the daily limit as a rate)."""
+    days = float(step_seconds) / SECONDS_PER_DAY
+    return float(max_daily_mm) * days ** (RECORD_EXPONENT - 1.0)
+
+
+#: physically possible values of a predictor, by its units (after lower-casing and removing spaces, '^' and
+#: '**'); any units: |value| below FILL_LIKE (1e20 is the usual fill value, written as data when the file
+#: lacks its _FillValue attribute)
+PHYSICAL_RANGES = {
+    "k": (150.0, 350.0, "a temperature"), "kelvin": (150.0, 350.0, "a temperature"),
+    "degc": (-125.0, 75.0, "a temperature"), "celsius": (-125.0, 75.0, "a temperature"),
+    "deg_c": (-125.0, 75.0, "a temperature"), "degreec": (-125.0, 75.0, "a temperature"),
+    "degrees_celsius": (-125.0, 75.0, "a temperature"),
+    "pa": (0.0, 1.2e5, "a pressure"), "hpa": (0.0, 1200.0, "a pressure"), "mbar": (0.0, 1200.0, "a pressure"),
+    "kgkg-1": (0.0, 0.1, "a specific humidity"), "kg/kg": (0.0, 0.1, "a specific humidity"),
+}
+FILL_LIKE = 1e15
+
+
+def _physical_range(units: str) -> tuple[float, float, str]:
+    key = str(units).strip().lower().replace(" ", "").replace("**", "").replace("^", "")
+    return PHYSICAL_RANGES.get(key, (-FILL_LIKE, FILL_LIKE, "any quantity"))
+
+
+def _first_stamp(flags: np.ndarray, da: xr.DataArray) -> str:
+    """The first time stamp where ``flags`` (time,) is set, as text."""
+    return _format_stamps(da.indexes["time"][[int(np.flatnonzero(flags)[0])]])[0]
+
+
+def check_predictor_values(preds: Sequence[xr.DataArray]) -> None:
+    """Refuse a predictor holding values no such quantity can take (by its units; a fill value written as data
+    in any units), naming its files, the count, the extreme value and the first date."""
+    import dask
+
+    for p in preds:
+        lo, hi, what = _physical_range(p.attrs.get("units", ""))
+        bad = ~((p >= lo) & (p <= hi)) & p.notnull()
+        count, low, high, days = dask.compute(bad.sum(), p.min(), p.max(), bad.any(("lat", "lon")))
+        if int(count):
+            raise InputError(
+                f"{source_files(p)}: predictor {p.name!r} ({p.attrs.get('units', 'no units')}) holds {int(count)} "
+                f"values outside {lo:g} to {hi:g}, the range of {what} (minimum {float(low):.4g}, maximum "
+                f"{float(high):.4g}; first on {_first_stamp(np.asarray(days), p)}); a fill value written as data "
+                "(give the file its _FillValue or missing_value attribute), or wrong units (data.predictors[].units)")
+
+
+def _in_degrees(coord: xr.DataArray) -> bool:
+    return str(coord.attrs.get("units", "degrees")).lower().startswith("degree")
+
+
+def check_coverage(target: xr.DataArray, preds: Sequence[xr.DataArray]) -> None:
+    """Every target cell lies inside each predictor's domain, within half a predictor cell; else refuse,
+    naming the predictor, its extent and the target's (a projected target against lat/lon predictors
+    is not compared: logged)."""
+    for p in preds:
+        for axis in ("lat", "lon"):
+            c = np.asarray(p[axis].values, dtype=float)
+            t = np.asarray(target[axis].values, dtype=float)
+            if _in_degrees(p[axis]) != _in_degrees(target[axis]):
+                log.info("%s: predictor %r: %s not compared with the target's (one is projected)", source_files(p),
+                         p.name, axis)
+                continue
+            half = 0.5 * float(np.median(np.diff(c))) if c.size > 1 else 0.0
+            lo, hi = float(c.min()) - half, float(c.max()) + half
+            tol = 1e-6 * max(1.0, abs(lo), abs(hi))
+            if t.min() < lo - tol or t.max() > hi + tol:
+                hint = (" (longitudes in another convention, 0..360 against -180..180?)" if axis == "lon" else "")
+                raise InputError(
+                    f"{source_files(p)}: predictor {p.name!r} covers {axis} {c.min():g} to {c.max():g} (its cells "
+                    f"reach {lo:g} to {hi:g}); the target's cells span {t.min():g} to {t.max():g}{hint}. Every target "
+                    "cell must lie inside each predictor's domain, within half a predictor cell: give predictors that "
+                    "cover the target, or cut the target with preprocess.region")
+
+
+def scan_target(pr: xr.DataArray, train: np.ndarray, cfg: PreprocessConfig, where: str,
+                max_rate: float = float("inf")):
     """One pass over the target for the mask, the value checks and the transform.
 
     Parameters
     ----------
     pr : xr.DataArray (time, lat, lon), mm day-1, dask-backed
     train : bool (time,)
+    max_rate : the largest plausible value (mm day-1, :func:`max_rate_mm_day`)
 
     Returns
     -------
     mask : xr.DataArray (lat, lon) int8: 1 where the cell is missing on at most
         ``cfg.mask_missing_fraction`` of days
     counts : dict for the log: cells, masked_cells, sporadic_missing (NaN inside the mask),
-        negative (below ``-cfg.negative_tolerance``), minimum (mm day-1); the policy of
+        negative (below ``-cfg.negative_tolerance``), minimum (mm day-1), above_max (above
+        ``max_rate``), maximum, first_above (its first time stamp); the policy of
         :func:`apply_value_policy` is applied to them
     transform : TargetTransform whose scale is the std of f(pr) over the train days of the
         mask's cells
     """
     import dask
 
-    missing, negative, minimum, *moments = dask.compute(
-        pr.isnull().sum("time"), (pr < -cfg.negative_tolerance).sum(), pr.min(),
-        *transform_moments(pr, train, cfg.transform))
+    above = pr > max_rate
+    missing, negative, minimum, n_above, maximum, days_above, *moments = dask.compute(
+        pr.isnull().sum("time"), (pr < -cfg.negative_tolerance).sum(), pr.min(), above.sum(), pr.max(),
+        above.any(("lat", "lon")), *transform_moments(pr, train, cfg.transform))
     mask = (missing / pr.sizes["time"] <= cfg.mask_missing_fraction).astype("int8").rename("mask")
     valid_cell = mask.values.astype(bool)
     if not valid_cell.any():
@@ -532,6 +627,10 @@ def scan_target(pr: xr.DataArray, train: np.ndarray, cfg: PreprocessConfig, wher
         "sporadic_missing": int(missing.values[valid_cell].sum()),
         "negative": int(negative),
         "minimum": float(minimum),
+        "above_max": int(n_above),
+        "maximum": float(maximum),
+        "max_rate": float(max_rate),
+        "first_above": _first_stamp(np.asarray(days_above), pr) if int(n_above) else None,
     }
     apply_value_policy(counts, cfg, where)
     return mask, counts, transform_from_moments(cfg.transform, moments, valid_cell)
@@ -693,6 +792,7 @@ def build_dataset(
     if cfg.region:
         target = select_region(target, cfg.region)
     predictors = [standardise_coords(p, "predictor") for p in predictors]
+    check_coverage(target, predictors)
     where = f"{source_files(target)}: target {target.name!r}"
     pr = convert_target_units(target, cfg.negative_tolerance)
     preds = []
@@ -707,6 +807,7 @@ def build_dataset(
     preds = match_predictor_steps(pr, preds, flags, cfg)
     pr, preds = align_time(pr, preds, cfg.min_overlap_days)
     pr = pr.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1})
+    check_predictor_values([p for p, is_pr in zip(preds, flags) if not is_pr])
 
     try:
         labels = split_labels(pr.indexes["time"], cfg.split, fold)
@@ -727,7 +828,8 @@ def build_dataset(
         labels = labels[~drop]
     check_split_sizes(labels, pr.indexes["time"], cfg, f"{where} (time stamps shared with the predictors)")
     # one pass over the target: mask, value checks and the transform's train statistics
-    mask, counts, transform = scan_target(pr, labels == "train", cfg, where)
+    mask, counts, transform = scan_target(pr, labels == "train", cfg, where,
+                                          max_rate_mm_day(cfg.max_rain_mm_day, time_step_seconds(pr)))
     log.info(
         "target: %d valid cells, %d masked, %d sporadic missing values (%s), minimum %.3g mm/day",
         counts["cells"], counts["masked_cells"], counts["sporadic_missing"], cfg.missing_policy, counts["minimum"],
