@@ -667,3 +667,28 @@ def test_real_predictors_cut_short_of_the_iberian_target_are_refused(iberia, tmp
     full = io.open_variable(VariableSource(str(iberia / "ncep_predictors_iberia_2.5deg_djf_1983-2002.nc"), "psl"))
     preprocess.check_coverage(preprocess.standardise_coords(io.open_variable(target), "target"),
                               [preprocess.standardise_coords(full, "predictor")])
+
+
+def test_a_daily_target_stamped_at_noon_matches_predictors_at_midnight_by_day(iberia, tmp_path, caplog):
+    """E-OBS Iberia rewritten with its stamps at 12:00 (as CMIP day files are), NCEP at 00:00: the same data set
+    as the files as they are (the same days, target values and condition), with the target's stamps kept and a log
+    line; preprocess.time_match: exact refuses it as before."""
+    eobs = xr.open_dataset(iberia / "eobs_rr_iberia_djf_1983-2002.nc")
+    noon = eobs.assign_coords(time=eobs["time"] + np.timedelta64(12, "h"))
+    write_nc(noon, tmp_path / "noon.nc")
+    preds = tuple(VariableSource(str(iberia / "ncep_predictors_iberia_2.5deg_djf_1983-2002.nc"), v)
+                  for v in ("psl", "hus850"))
+    cfg = PreprocessConfig(split=SplitConfig(method="contiguous"))
+    ref = preprocess.run(DataConfig(VariableSource(str(iberia / "eobs_rr_iberia_djf_1983-2002.nc"), "rr"), preds),
+                         cfg, str(tmp_path / "ref.zarr"))
+    with caplog.at_level(logging.INFO, logger="precip_cvae.preprocess"):
+        got = preprocess.run(DataConfig(VariableSource(str(tmp_path / "noon.nc"), "rr"), preds), cfg,
+                             str(tmp_path / "noon.zarr"))
+    assert "stamped at 00:00, the target" in caplog.text and "at 12:00: matched by calendar day" in caplog.text
+    assert got.sizes["time"] == ref.sizes["time"] == 1805
+    np.testing.assert_array_equal(got["time"].values, ref["time"].values + np.timedelta64(12, "h"))
+    np.testing.assert_array_equal(got["condition"].values, ref["condition"].values)
+    np.testing.assert_array_equal(got["pr"].values, ref["pr"].values)
+    with pytest.raises(InputError, match="share 0 time stamps"):
+        preprocess.run(DataConfig(VariableSource(str(tmp_path / "noon.nc"), "rr"), preds),
+                       dataclasses.replace(cfg, time_match="exact"), str(tmp_path / "exact.zarr"))

@@ -371,6 +371,7 @@ class PreprocessConfig(Section):
     missing_policy: str = "mask"
     negative_tolerance: float = 0.01
     max_rain_mm_day: float = 2000.0
+    time_match: str = "day"
     min_overlap_days: int = 30
     grid_multiple: int = 8
     transform: str = "log1p"

@@ -213,6 +213,46 @@ def align_time(target: xr.DataArray, predictors: Sequence[xr.DataArray], min_day
     return target.sel(time=common), [p.sel(time=common) for p in predictors]
 
 
+def _day_keys(index) -> list[tuple[int, int, int]]:
+    """(year, month, day) of each stamp (numpy or cftime)."""
+    return [(t.year, t.month, t.day) for t in index]
+
+
+def _clock(index) -> str:
+    hours = sorted({f"{t.hour:02d}:{t.minute:02d}" for t in index})
+    return hours[0] if len(hours) == 1 else f"{len(hours)} times of day ({hours[0]} .. {hours[-1]})"
+
+
+def match_days(pr: xr.DataArray, preds: Sequence[xr.DataArray], cfg: PreprocessConfig) -> list[xr.DataArray]:
+    """``preprocess.time_match: day``: a daily predictor stamped at other hours than the daily target (CMIP
+    ``day`` files at 12:00, reanalysis at 00:00) is matched by calendar day and given the target's stamps,
+    with a log line naming both; sub-daily or multi-day data, and ``exact``, are left to exact matching."""
+    if cfg.time_match != "day" or not preds or pr.sizes["time"] < 2:
+        return list(preds)
+    if abs(time_step_seconds(pr) - SECONDS_PER_DAY) > 1.0:
+        return list(preds)
+    target_index = pr.indexes["time"]
+    by_day = {k: i for i, k in enumerate(_day_keys(target_index))}  # calendar day -> position of its stamp
+    out = []
+    for p in preds:
+        index = p.indexes["time"]
+        if p.sizes["time"] < 2 or abs(time_step_seconds(p) - SECONDS_PER_DAY) > 1.0 or index.isin(target_index).all():
+            out.append(p)
+            continue
+        keys = _day_keys(index)
+        if len(set(keys)) != len(keys):
+            out.append(p)  # two stamps on one day: not a daily record; exact matching decides
+            continue
+        keep = [i for i, k in enumerate(keys) if k in by_day]
+        log.info("%s: predictor %r stamped at %s, the target (%s) at %s: matched by calendar day "
+                 "(preprocess.time_match: day); %d common days", source_files(p), p.name, _clock(index),
+                 source_files(pr), _clock(target_index), len(keep))
+        matched = p.isel(time=keep)
+        stamps = target_index[[by_day[keys[i]] for i in keep]]
+        out.append(matched.assign_coords(time=("time", stamps, matched["time"].attrs)))
+    return out
+
+
 # ----------------------------------------------------------------------------- time steps
 
 
@@ -805,6 +845,7 @@ def build_dataset(
     if cfg.time_step is not None:
         pr = aggregate_target(pr, cfg, where)
     preds = match_predictor_steps(pr, preds, flags, cfg)
+    preds = match_days(pr, preds, cfg)
     pr, preds = align_time(pr, preds, cfg.min_overlap_days)
     pr = pr.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1})
     check_predictor_values([p for p, is_pr in zip(preds, flags) if not is_pr])
