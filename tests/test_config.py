@@ -201,7 +201,7 @@ def test_a_docstring_edit_of_a_package_module_keeps_every_stage_fingerprint(tmp_
     src = provenance._package_dir()
     scripts = sorted((Path(__file__).resolve().parents[1] / "workflow" / "scripts").glob("*.py"))
     stages = [p.stem for p in scripts]
-    assert len(stages) == 10
+    assert len(stages) == 11
 
     def fingerprints(pkg):
         monkeypatch.setattr(provenance, "_package_dir", lambda: pkg)
@@ -342,7 +342,7 @@ def test_every_rule_is_fingerprinted_by_its_own_script():
             code = re.search(r'code=script_code\("(\w+)"\)', block)
             assert code is not None and code.group(1) == script.group(1), (smk.name, block.split(":")[0])
             rules += 1
-    assert rules == 9
+    assert rules == 10
     downstream = script_modules(repo / "workflow" / "scripts" / "downstream.py")
     assert "precip_cvae.plots" in downstream and set(module_closure("precip_cvae.downstream")) < set(downstream)
     # every package module the script names is in its closure

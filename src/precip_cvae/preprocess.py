@@ -244,6 +244,9 @@ def match_days(pr: xr.DataArray, preds: Sequence[xr.DataArray], cfg: PreprocessC
             out.append(p)  # two stamps on one day: not a daily record; exact matching decides
             continue
         keep = [i for i, k in enumerate(keys) if k in by_day]
+        if not keep:  # no day in common: align_time names both spans
+            out.append(p)
+            continue
         log.info("%s: predictor %r stamped at %s, the target (%s) at %s: matched by calendar day "
                  "(preprocess.time_match: day); %d common days", source_files(p), p.name, _clock(index),
                  source_files(pr), _clock(target_index), len(keep))
