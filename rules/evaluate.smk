@@ -53,35 +53,6 @@ if KFOLD:
             "../workflow/scripts/pool_ensembles.py"
 
 
-# The evaluate rule's outputs: every file of precip_cvae.evaluate.report.OUTPUT_FILES (the one place
-# their names are defined), those below also in the report (caption in workflow/report/, figure label)
-EVALUATE_REPORTED = {
-    "headline": ("headline.rst", "headline scores (table)"),
-    "summary": ("summary.rst", "summary (markdown)"),
-    "training_curves": ("training_curves.rst", "training curves"),
-    "maps": ("maps.rst", "maps of the heaviest days"),
-    "tail_qq": ("tail_qq.rst", "tail Q-Q"),
-    "rank_histogram": ("rank_histogram.rst", "rank histograms"),
-    "rapsd": ("rapsd.rst", "RAPSD"),
-    "fss_scale": ("fss_scale.rst", "FSS against scale"),
-    "indices": ("indices.rst", "climate indices (table)"),
-    "index_bias": ("indices.rst", "climate-index bias maps"),
-}
-
-
-def evaluate_outputs():
-    """key -> path (a report() item where EVALUATE_REPORTED names it), for the evaluate rule's output."""
-    out = {}
-    for key, name in EVALUATE_OUTPUT_FILES.items():
-        path = exp_dir("evaluate", name)
-        if key in EVALUATE_REPORTED:
-            caption, label = EVALUATE_REPORTED[key]
-            path = report(path, caption=f"../workflow/report/{caption}", category="Evaluation",
-                          subcategory="{experiment}", labels={"experiment": "{experiment}", "figure": label})
-        out[key] = path
-    return out
-
-
 rule evaluate:
     input:
         ensembles=exp_dir("evaluate", "ensembles.zarr"),

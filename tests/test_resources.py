@@ -271,9 +271,10 @@ def test_training_threads_per_process(monkeypatch, tmp_path):
     assert seen[-1] == (1, 1)  # train.num_threads replaces the rule's threads
     # DDP: each of the gpus processes gets its share of the rule's threads
     spawned = []
-    def launch(world, args, work_dir):
-        spawned.append((world, args[3]))
-        train._write_log([], args[0].log_csv)
+    def launch(world, job, work_dir):
+        assert job.kwargs["threads"] == job.threads and job.function() is train.train_process
+        spawned.append((world, job.threads))
+        train._write_log([], job.kwargs["paths"].log_csv)
 
     monkeypatch.setattr(train.distributed, "launch", launch)
     train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, gpus=2), threads=8)

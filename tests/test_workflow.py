@@ -66,7 +66,7 @@ def test_events_change_reruns_detect_events_and_what_follows_never_preprocess(ti
     changed.write_text(re.sub(r"percentile: 99.0", "percentile: 95.0", text))
     proc = snakemake(tiny_run, "-n", "--configfile", str(changed))
     expected = ("detect_events", "train_cvae", "sample_ensembles", "evaluate", "compare_experiments", "generate",
-                "downstream", "all")
+                "generated_maps", "downstream", "all")
     assert planned_jobs(proc) == {name: 1 for name in expected}
 
 
@@ -99,7 +99,8 @@ def test_a_new_experiment_shares_preprocessing_and_events(tiny_run):
     path.write_text(text + "\nexperiments:\n  default: {}\n  no_ext: {train: {loss: {lambda_ext: 0.0}}}\n")
     jobs = planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(path)))
     # only the new experiment's jobs: the default experiment and the shared stages are up to date
-    expected = ("train_cvae", "sample_ensembles", "evaluate", "compare_experiments", "generate", "downstream", "all")
+    expected = ("train_cvae", "sample_ensembles", "evaluate", "compare_experiments", "generate", "generated_maps",
+                "downstream", "all")
     assert jobs == {name: 1 for name in expected}, jobs
     snakemake(tiny_run, "--configfile", str(path))
     exp = tiny_run / "results" / "tiny" / "experiments"
