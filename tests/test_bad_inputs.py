@@ -692,3 +692,30 @@ def test_a_daily_target_stamped_at_noon_matches_predictors_at_midnight_by_day(ib
     with pytest.raises(InputError, match="share 0 time stamps"):
         preprocess.run(DataConfig(VariableSource(str(tmp_path / "noon.nc"), "rr"), preds),
                        dataclasses.replace(cfg, time_match="exact"), str(tmp_path / "exact.zarr"))
+
+
+def test_files_in_different_units_are_each_converted_by_their_own(iberia, tmp_path, caplog):
+    """E-OBS Iberia split in two files, the second rewritten in kg m-2 s-1: the same target as the single file
+    (each file read in its own units, not the first file's); a file without units among them is refused by name,
+    and a non-precipitation predictor in two units too."""
+    eobs = xr.open_dataset(iberia / "eobs_rr_iberia_djf_1983-2002.nc")
+    first, second = eobs.isel(time=slice(0, 900)), eobs.isel(time=slice(900, None))
+    flux = second.copy()
+    flux["rr"] = second["rr"] / 86400.0
+    flux["rr"].attrs = {**second["rr"].attrs, "units": "kg m-2 s-1"}
+    write_nc(first, tmp_path / "mixed" / "a.nc")
+    write_nc(flux, tmp_path / "mixed" / "b.nc")
+    with caplog.at_level(logging.INFO, logger="precip_cvae.io"):
+        got = io.open_variable(VariableSource(str(tmp_path / "mixed" / "*.nc"), "rr"), precipitation=True)
+    assert "the files state different units" in caplog.text and "each file converted by its own" in caplog.text
+    ref = io.open_variable(VariableSource(str(iberia / "eobs_rr_iberia_djf_1983-2002.nc"), "rr"))
+    assert got.attrs["units"] == ref.attrs["units"]
+    np.testing.assert_allclose(got.values, ref.values, rtol=1e-6)
+    bare = second.copy()
+    bare["rr"].attrs = {k: v for k, v in second["rr"].attrs.items() if k != "units"}
+    write_nc(first, tmp_path / "bare" / "a.nc")
+    write_nc(bare, tmp_path / "bare" / "b.nc")
+    with pytest.raises(InputError, match=r"b.nc: variable 'rr' has no 'units' attribute, while .*a.nc states"):
+        io.open_variable(VariableSource(str(tmp_path / "bare" / "*.nc"), "rr"), precipitation=True)
+    with pytest.raises(InputError, match=r"b.nc: variable 'rr' is in 'kg m-2 s-1' but .*a.nc is in"):
+        io.open_variable(VariableSource(str(tmp_path / "mixed" / "*.nc"), "rr"), precipitation=False)

@@ -147,13 +147,18 @@ def netcdf3_sizes(path: str) -> tuple[int, int] | None:
     return need, os.path.getsize(path)
 
 
-def open_variable(source: VariableSource) -> xr.DataArray:
+def open_variable(source: VariableSource, precipitation: bool | None = None) -> xr.DataArray:
     """Open one variable lazily from all files matching ``source.paths``.
 
     Returns a dask-backed DataArray with a ``time`` dimension, in the files' own chunks (one per
     file for unchunked NetCDF; the caller rechunks); nothing is loaded.
     The DataArray's ``attrs['source_files']`` names the files for later messages,
     and ``attrs['units']`` is ``source.units`` when given (override).
+
+    Files that state different units: a precipitation variable (``precipitation``, default
+    ``source.precipitation``; the target is one) has each file's values converted by its own units
+    to the first file's (lazily, a factor per time step); any other variable is refused naming two
+    files and their units.  A file without units among files with units is refused by name.
 
     Raises
     ------
@@ -176,12 +181,16 @@ def open_variable(source: VariableSource) -> xr.DataArray:
                 "expected a complete file (copy or download it again)"
             )
     grids: dict[str, tuple] = {}  # file -> (spatial coordinates, first and last time stamp)
+    file_units: dict[str, str | None] = {}  # file -> the units attribute of the variable in it
 
     def record(ds: xr.Dataset) -> xr.Dataset:
         ds = _ensure_time_dim(ds)
         coords = {str(d): ds[d].values for d in ds.dims if d != "time" and d in ds.coords}
         span = (ds["time"].values.min(), ds["time"].values.max()) if "time" in ds.coords and ds.sizes["time"] else None
-        grids[ds.encoding.get("source", f"file {len(grids) + 1}")] = (coords, span)
+        name = ds.encoding.get("source", f"file {len(grids) + 1}")
+        grids[name] = (coords, span)
+        if source.variable in ds:
+            file_units[name] = ds[source.variable].attrs.get("units")
         return ds
 
     try:
@@ -228,10 +237,63 @@ def open_variable(source: VariableSource) -> xr.DataArray:
             default=str)
     if source.units is not None:
         da.attrs["units"] = source.units
+    else:
+        is_pr = source.precipitation if precipitation is None else precipitation
+        da = _units_per_file(da, file_units, {f: g[1] for f, g in grids.items()}, source, bool(is_pr))
     da.attrs["source_files"] = json.dumps(files)
     da.attrs["source_pattern"] = source.paths
     da.name = source.variable
     return da
+
+
+def _median_step_seconds(index) -> float | None:
+    """The median step of a time index in seconds (numpy or cftime); None for fewer than 2 stamps."""
+    if len(index) < 2:
+        return None
+    if isinstance(index, pd.DatetimeIndex):
+        steps = np.diff(index.values).astype("timedelta64[s]").astype(float)
+    else:
+        steps = np.array([(b - a).total_seconds() for a, b in zip(index[:-1], index[1:])])
+    return float(np.median(steps))
+
+
+def _units_per_file(da: xr.DataArray, file_units: dict, spans: dict, source: VariableSource,
+                    precipitation: bool) -> xr.DataArray:
+    """``da`` with one units across its files (see :func:`open_variable`)."""
+    from .units import UnitsError, factor_to_mm_per_day
+
+    stated = {f: u for f, u in file_units.items() if u not in (None, "")}
+    if len(set(stated.values())) <= 1 and (not stated or len(stated) == len(file_units)):
+        return da
+    first, units = next(iter(stated.items()))
+    bare = [f for f in file_units if f not in stated]
+    if bare:
+        raise InputError(f"{bare[0]}: variable {source.variable!r} has no 'units' attribute, while {first} states "
+                         f"{units!r}; expected every file matching {source.paths!r} to state its units (or "
+                         "data.*.units, which applies to all of them)")
+    other = next(f for f, u in stated.items() if u != units)
+    if not precipitation:
+        raise InputError(f"{other}: variable {source.variable!r} is in {stated[other]!r} but {first} is in {units!r}; "
+                         f"expected one units across the files matching {source.paths!r} (convert them to one)")
+    index = da.indexes["time"]
+    dt = _median_step_seconds(index)  # amounts (mm per step) need it
+    factors = np.ones(len(index))
+    times = da["time"].values
+    try:
+        base = factor_to_mm_per_day(units, dt)
+        for f, u in stated.items():
+            if u != units and spans.get(f) is not None:
+                lo, hi = spans[f]
+                factors[(times >= lo) & (times <= hi)] = factor_to_mm_per_day(u, dt) / base
+    except UnitsError as exc:
+        raise InputError(f"{other}: variable {source.variable!r}: files in {units!r} and {stated[other]!r}: {exc}") \
+            from exc
+    log.info("%s: variable %r: the files state different units (%s); each file converted by its own to %r",
+             source.paths, source.variable, sorted(set(stated.values())), units)
+    attrs = dict(da.attrs, units=units)
+    out = da * xr.DataArray(factors.astype(da.dtype), dims="time", coords={"time": da["time"]})
+    out.attrs = attrs
+    return out.rename(da.name)
 
 
 def open_static(paths: str, variables) -> dict[str, xr.DataArray]:

@@ -995,7 +995,7 @@ def build_dataset(
 
 def run(data: DataConfig, cfg: PreprocessConfig, out: str, fold: int | None = None) -> xr.Dataset:
     """Read the configured NetCDF inputs, build the dataset (of ``fold`` under ``kfold_years``), write ``out``."""
-    target = open_variable(data.target)
+    target = open_variable(data.target, precipitation=True)
     predictors = [open_variable(p) for p in data.predictors]
     flags = [bool(getattr(p, "precipitation", False)) for p in data.predictors]
     transforms = [str(getattr(p, "condition_transform", "none")) for p in data.predictors]
