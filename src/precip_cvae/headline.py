@@ -14,9 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from .evaluate.names import CVAE, source_label
-
-MODEL_LABEL = source_label(CVAE + "_").split("(")[0]  # 'cVAE ': the labels of the checkpoints in headline.csv
 SUBSETS = {"all": "All days", "heavy": "Heavy-event days"}
 
 
@@ -29,14 +26,13 @@ def experiment_lines(headline_csv: Path) -> list[str]:
         if part.empty:
             lines += [f"{title}: none in the split", ""]
             continue
-        model = part[part["source"].str.startswith(MODEL_LABEL)]
         lines += [f"{title}:", part.to_markdown(index=False, floatfmt=".3g"), ""]
-        if len(model) and "CRPS" in part.columns:
-            crps = float(model["CRPS"].iloc[0])
-            ratios = [f"{crps / float(v):.3f} x {name}" for name, v in zip(part["source"], part["CRPS"])
-                      if name != model["source"].iloc[0] and float(v) > 0]
+        if "CRPS" in part.columns:  # the primary checkpoint is the first row (evaluate.report.headline_table)
+            model, crps = part["source"].iloc[0], float(part["CRPS"].iloc[0])
+            ratios = [f"{crps / float(v):.3f} x {name}" for name, v in zip(part["source"][1:], part["CRPS"][1:])
+                      if float(v) > 0]
             if ratios:
-                lines += [f"{model['source'].iloc[0]} CRPS = " + ", ".join(ratios) + " (below 1: better)", ""]
+                lines += [f"{model} CRPS = " + ", ".join(ratios) + " (below 1: better)", ""]
     return lines
 
 

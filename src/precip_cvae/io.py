@@ -246,7 +246,7 @@ def open_variable(source: VariableSource, precipitation: bool | None = None) -> 
     return da
 
 
-def _median_step_seconds(index) -> float | None:
+def median_step_seconds(index) -> float | None:
     """The median step of a time index in seconds (numpy or cftime); None for fewer than 2 stamps."""
     if len(index) < 2:
         return None
@@ -276,7 +276,7 @@ def _units_per_file(da: xr.DataArray, file_units: dict, spans: dict, source: Var
         raise InputError(f"{other}: variable {source.variable!r} is in {stated[other]!r} but {first} is in {units!r}; "
                          f"expected one units across the files matching {source.paths!r} (convert them to one)")
     index = da.indexes["time"]
-    dt = _median_step_seconds(index)  # amounts (mm per step) need it
+    dt = median_step_seconds(index)  # amounts (mm per step) need it
     factors = np.ones(len(index))
     times = da["time"].values
     try:

@@ -156,16 +156,19 @@ def generated_map_fields(augmented: str, dataset: str, n_days: int = 4, n_sample
     aug, ds = io.open_zarr(augmented), io.open_zarr(dataset)
     (t0, t1), (l0, l1) = ds.attrs.get("pad_lat", [0, 0]), ds.attrs.get("pad_lon", [0, 0])
     crop = dict(lat=slice(t0, ds.sizes["lat"] - t1), lon=slice(l0, ds.sizes["lon"] - l1))
-    valid = ds["mask"].isel(crop).values.astype(bool)
-    truth = np.where(valid, ds["pr"].isel(crop).sel(time=aug["time"].values).values, np.nan)
-    days = heaviest_days(truth, n_days)
+    mask = ds["mask"].isel(crop)
+    valid = mask.values.astype(bool)
+    real = ds["pr"].isel(crop).sel(time=aug["time"].values).where(mask.astype(bool))
+    means = real.mean(("lat", "lon")).fillna(-np.inf).values  # streamed: one number per sampled day
+    days = np.argsort(-means, kind="stable")[: min(n_days, means.size)]  # heaviest first, as heaviest_days
+    truth = real.isel(time=days).values
     k = min(n_samples, aug.sizes["realization"])
     samples = aug["pr"].isel(time=days, realization=slice(0, k)).values.astype(np.float64)  # (D, k, h, w)
     samples = np.where(valid, samples, np.nan).transpose(1, 0, 2, 3)
     for d, n in enumerate(aug["n_realizations"].isel(time=days).values):  # past a day's count: fill values
         samples[int(n):, d] = np.nan
     dates = [str(t)[:10] for t in aug["time"].values[days].astype("datetime64[D]")]
-    return GeneratedMapFields(truth[days], samples, dates, aug["lat"].values, aug["lon"].values)
+    return GeneratedMapFields(truth, samples, dates, aug["lat"].values, aug["lon"].values)
 
 
 def write_generated_maps(augmented: str, dataset: str, out_png: str, n_days: int = 4, n_samples: int = 4,

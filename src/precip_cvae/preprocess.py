@@ -50,7 +50,7 @@ import xarray as xr
 
 from . import __version__, cf
 from .config import DataConfig, PreprocessConfig, parse_step
-from .io import InputError, open_static, open_variable, source_files, write_zarr
+from .io import InputError, median_step_seconds, open_static, open_variable, source_files, write_zarr
 from .grid import block_mean, crop_to_original, pad_grid, regrid  # noqa: F401 (crop_to_original: API)
 from .split import SPLITS, season_years, split_labels
 from .transform import TargetTransform
@@ -133,12 +133,7 @@ def time_step_seconds(da: xr.DataArray) -> float:
     """Median time step in seconds (works for numpy and cftime axes)."""
     if da.sizes["time"] < 2:
         raise InputError(f"{source_files(da)}: {da.name!r} has fewer than 2 time steps; cannot infer the time step")
-    index = da.indexes["time"]
-    if isinstance(index, pd.DatetimeIndex):
-        diffs = np.diff(index.values).astype("timedelta64[s]").astype(float)
-    else:
-        diffs = np.array([(b - a).total_seconds() for a, b in zip(index[:-1], index[1:])])
-    return float(np.median(diffs))
+    return median_step_seconds(da.indexes["time"])
 
 
 def convert_target_units(da: xr.DataArray, negative_tolerance: float) -> xr.DataArray:
