@@ -359,3 +359,42 @@ def test_the_log_holds_the_learning_rate_each_epoch_trained_with(prepared, tmp_p
     """Cosine schedule over 2 epochs from 2e-3: epoch 0 trains at 2e-3, epoch 1 at 2e-3 (1 + cos(pi / 2)) / 2."""
     rows = train.run(_paths(prepared, tmp_path), TINY, _cfg(epochs=2, scheduler="cosine"))
     assert [r["lr"] for r in rows] == pytest.approx([2e-3, 1e-3])
+
+
+def test_crps_heavy_is_the_mean_crps_over_the_heavy_val_days(prepared, tmp_path, monkeypatch):
+    from precip_cvae import metrics
+
+    data = D.load_fields(prepared["dataset"], prepared["thresholds"], prepared["events"], splits=("val",))
+    val = data.select("val")
+    heavy = val.is_event.numpy()
+    assert 0 < heavy.sum() < len(heavy)  # the fixture's val split holds both kinds of day
+    history = train.run(_paths(prepared, tmp_path), TINY, _cfg(epochs=2, early_stopping_metric="CRPS_heavy"))
+    assert np.isfinite(history[-1]["val_CRPS_heavy"])
+    seen = {}
+    real = metrics.crps_ensemble
+
+    def spy(ens, obs):
+        seen["crps"] = real(ens, obs)
+        return seen["crps"]
+
+    monkeypatch.setattr(metrics, "crps_ensemble", spy)
+    model, _ = checkpoint.load_model(tmp_path / "train" / "best.pt")
+    scores = train.validate(model, val, _cfg(), 0, torch.device("cpu"), 64)
+    crps = seen["crps"]  # (N, H, W), NaN outside the mask
+    by_day = np.array([np.nanmean(c) for c in crps])
+    per_pixel_heavy = np.nansum(crps[heavy]) / np.isfinite(crps[heavy]).sum()
+    assert scores["val_CRPS_heavy"] == pytest.approx(per_pixel_heavy, rel=1e-6)
+    assert scores["val_CRPS_heavy"] > by_day[~heavy].mean()  # heavy days are the harder ones
+    assert scores["val_CRPS"] == pytest.approx(np.nanmean(crps), rel=1e-6)
+
+
+def test_crps_heavy_without_a_heavy_val_day_is_refused(prepared, tmp_path):
+    events = tmp_path / "events.csv"
+    table = pd.read_csv(prepared["events"], dtype={"date": str})
+    table["is_event"] = table["is_event"] & (table["split"] != "val")
+    table.to_csv(events, index=False)
+    paths = train.TrainPaths.in_dir(prepared["dataset"], prepared["thresholds"], str(events),
+                                    str(tmp_path / "train"), str(tmp_path / "resume"))
+    with pytest.raises(D.InputError, match=r"events.csv: no heavy-event day in the val split.*CRPS_heavy"):
+        train.run(paths, TINY, _cfg(early_stopping_metric="CRPS_heavy"))
+    assert not (tmp_path / "train" / "best.pt").exists()

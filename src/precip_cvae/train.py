@@ -57,7 +57,7 @@ LOG_COLUMNS = [
     "train_loss", "train_rec", "train_mae_all", "train_mae_ext", "train_kl", "train_mass", "train_crps", "train_tail",
     "train_energy", "train_mean",
     "val_MAE_all", "val_MAE_tail", "val_RMSE_ext", "val_corr", "val_freq_ratio",
-    "val_CRPS", "val_twCRPS", "val_L_rec", "val_KL", "val_post_MAE_all",
+    "val_CRPS", "val_CRPS_heavy", "val_twCRPS", "val_L_rec", "val_KL", "val_post_MAE_all",
     "is_best", "epoch_seconds", "samples_per_s",
 ]
 
@@ -172,6 +172,7 @@ def validate(model: CVAE, val: FieldData, cfg: TrainConfig, epoch: int, device, 
     mean = ens.mean(axis=0)
     crps = metrics.crps_ensemble(ens, obs) if ens.shape[0] > 1 else np.abs(mean - obs)
     tw = metrics.twcrps_ensemble(ens, obs, np.nan_to_num(thr, nan=np.inf))
+    heavy = val.is_event.cpu().numpy().astype(bool)
     return {
         "val_MAE_all": metrics.mae(mean, obs),
         "val_MAE_tail": metrics.mae_tail(mean, obs, thr),
@@ -179,6 +180,7 @@ def validate(model: CVAE, val: FieldData, cfg: TrainConfig, epoch: int, device, 
         "val_corr": metrics.pearson(mean, obs),
         "val_freq_ratio": metrics.frequency_bias(ens, obs, thr, member_axis=0),
         "val_CRPS": float(np.nanmean(crps)),
+        "val_CRPS_heavy": float(np.nanmean(crps[heavy])) if heavy.any() else float("nan"),
         "val_twCRPS": float(np.nanmean(tw)),
         "val_L_rec": lrec_sum / n_seen,
         "val_KL": kl_sum / n_seen,
@@ -345,6 +347,9 @@ def _set_up(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experim
     if not bool(train.is_event.any()):
         log.warning("%s: no heavy-event day in the train split: the extreme loss term only sees single pixels, "
                     "train.oversample_heavy has no effect", paths.events)
+    if cfg.early_stopping_metric == "CRPS_heavy" and not bool(val.is_event.any()):
+        raise InputError(f"{paths.events}: no heavy-event day in the val split; train.early_stopping_metric "
+                         "CRPS_heavy needs at least one (choose CRPS, or a val period with heavy days)")
     if device.type == "cuda":  # the whole data set on the GPU when it fits (a quarter of free memory)
         free, _ = torch.cuda.mem_get_info()
         nbytes = sum(t.numel() * t.element_size() for t in (data.x, data.valid, data.y))
