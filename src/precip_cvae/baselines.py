@@ -143,7 +143,7 @@ def interpolation(coarse_pr, coarse_lat, coarse_lon, fine_lat, fine_lon) -> np.n
     ----------
     coarse_pr : ndarray (N, h, w), mm day-1, NaN where missing (e.g. blocks of sea)
     coarse_lat : ndarray (h,), coarse_lon : ndarray (w,)
-    fine_lat : ndarray (H,), fine_lon : ndarray (W,)
+    fine_lat : ndarray (H,), fine_lon : ndarray (W,); or both (H, W): each fine cell's own position
 
     Returns
     -------

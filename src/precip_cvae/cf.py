@@ -94,7 +94,10 @@ def conform(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
-_PROJECTED = {"projection_y_coordinate": ("y", "Y"), "projection_x_coordinate": ("x", "X")}
+_PROJECTED = {"projection_y_coordinate": ("y", "Y"), "projection_x_coordinate": ("x", "X"),
+              "grid_latitude": ("rlat", "Y"), "grid_longitude": ("rlon", "X")}
+#: each cell's own latitude/longitude (2-D) in the workflow (grid.CELL_COORDS) -> its name in files for users
+_CELL_NAMES = {"cell_lat": "lat", "cell_lon": "lon"}
 
 
 def drop_dangling_references(ds: xr.Dataset) -> xr.Dataset:
@@ -109,14 +112,17 @@ def drop_dangling_references(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
-def projected_names(ds: xr.Dataset) -> xr.Dataset:
-    """``ds`` with a projected grid's axes under their own names in a file for users.
+def grid_names(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with a projected or rotated-pole grid's axes under their own names in a file for users.
 
     The workflow calls its fine grid's axes ``lat``/``lon`` (and the condition grid's ``clat``/``clon``)
-    whatever the grid; on a projected grid they hold ``projection_y/x_coordinate`` values (km, m), and
-    CF and the checker refuse a coordinate named ``lat`` that is not a latitude. Such an axis gets back
-    its ``original_name`` from the input (else ``y``/``x``; ``cy``/``cx`` for the condition grid) and
-    an ``axis`` attribute. Geographic grids are left as they are.
+    whatever the grid; on a projected grid they hold ``projection_y/x_coordinate`` values (km, m), on a
+    rotated-pole grid ``grid_latitude/longitude`` (rotated degrees), and CF and the checker refuse a
+    coordinate named ``lat`` that is not a latitude. Such an axis gets back its ``original_name`` from
+    the input (else ``y``/``x`` or ``rlat``/``rlon``; with a ``c`` before it for the condition grid) and
+    an ``axis`` attribute; then each cell's own latitude and longitude (``cell_lat``/``cell_lon``) become
+    the CF auxiliary coordinates ``lat``/``lon`` (xarray names them in each variable's ``coordinates``).
+    Geographic grids are left as they are.
     """
     renames = {}
     for dim in ("lat", "lon", "clat", "clon"):
@@ -135,31 +141,48 @@ def projected_names(ds: xr.Dataset) -> xr.Dataset:
     for dim, target in renames.items():
         ds[target].attrs = {**ds[target].attrs, "axis": _PROJECTED[ds[target].attrs["standard_name"]][1]}
         ds[target].attrs.pop("original_name", None)
+    cells = {c: n for c, n in _CELL_NAMES.items() if c in ds.variables and n not in ds.variables}
+    if len(cells) == len(_CELL_NAMES):
+        ds = ds.rename(cells)
     return ds
+
 
 
 GRID_MAPPING = "crs"  # the name of the grid-mapping variable in what the workflow writes
 
 
-def attach_grid_mapping(ds: xr.Dataset, grid_mapping_attrs: str, variables) -> xr.Dataset:
-    """``ds`` with the target's CF grid mapping (``crs``) referenced by ``variables``.
+def _on_map_grid(ds: xr.Dataset, name: str) -> bool:
+    """``name`` lies on a projected or rotated-pole axis (one that needs the grid mapping to be located)."""
+    return any(str(ds[d].attrs.get("standard_name", "")) in _PROJECTED for d in ds[name].dims if d in ds.variables)
+
+
+def attach_grid_mapping(ds: xr.Dataset, grid_mapping_attrs: str, variables, cells: xr.Dataset | None = None
+                        ) -> xr.Dataset:
+    """``ds`` with the target's CF grid mapping (``crs``) referenced by ``variables``, and each fine cell's
+    own latitude and longitude.
 
     ``grid_mapping_attrs`` is the JSON of the input's grid-mapping variable (``io.open_variable`` keeps
-    it as the target's attribute ``grid_mapping_attrs``); empty or absent: ``ds`` unchanged. Only
-    variables on a projected grid (an axis of standard_name ``projection_y_coordinate``) get it, so that
-    CDO can compute cell positions and areas (its ``fldmean`` refuses a bare projected grid).
+    it as the target's attribute ``grid_mapping_attrs``); empty or absent: no grid mapping. Only
+    variables on a projected or rotated-pole grid (an axis of standard_name ``projection_y_coordinate``
+    or ``grid_latitude``...) get it, so that CDO can compute cell positions and areas (its ``fldmean``
+    refuses a bare projected grid).  ``cells``: a data set whose coordinates ``cell_lat``/``cell_lon``
+    (dims lat, lon) cover ``ds``'s fine grid (the preprocessed data set, padded or not): they are added
+    for ``ds``'s lat/lon values (written as the auxiliary ``lat``/``lon``, :func:`grid_names`).
     """
+    ds = ds.copy()
+    if cells is not None and "cell_lat" in cells.coords and "lat" in ds.dims:
+        for name in ("cell_lat", "cell_lon"):
+            values = cells[name].sel(lat=ds["lat"].values, lon=ds["lon"].values)
+            ds = ds.assign_coords({name: (("lat", "lon"), values.values.astype("float64"), dict(cells[name].attrs))})
     if not grid_mapping_attrs:
         return ds
     import json
 
-    ds = ds.copy()
     tagged = False
     for name in variables:
         if name not in ds:
             continue
-        if any(str(ds[d].attrs.get("standard_name", "")).startswith("projection_") for d in ds[name].dims
-               if d in ds.variables):
+        if _on_map_grid(ds, name):
             ds[name].attrs = {**ds[name].attrs, "grid_mapping": GRID_MAPPING}
             tagged = True
     if tagged:

@@ -335,7 +335,7 @@ def run(dataset: str, cfg: EventsConfig, thresholds_out: str, events_out: str) -
          **{k: ds.attrs[k] for k in ("pad_lat", "pad_lon") if k in ds.attrs}},
         cf.history_line("detect_events", f"local P{cfg.percentile:g} of wet days (>= {cfg.wet_threshold:g} mm/day) "
                         f"fitted on the {n_train} train days of {dataset}"))
-    thr_ds = cf.attach_grid_mapping(thr_ds, ds["pr"].attrs.get("grid_mapping_attrs", ""), ["threshold", "mask"])
+    thr_ds = cf.attach_grid_mapping(thr_ds, ds["pr"].attrs.get("grid_mapping_attrs", ""), ["threshold", "mask"], ds)
     for k in ("pad_lat", "pad_lon"):
         if k in thr_ds.attrs:
             thr_ds.attrs[k] = np.asarray(thr_ds.attrs[k], dtype="int32")

@@ -75,7 +75,7 @@ def ensemble_dataset(store: str | Path, split: str, source: str) -> xr.Dataset:
         },
         coords={"time": time, "realization": cf.realization_coord(ens.sizes["member"]), **coords},
     )
-    out = cf.attach_grid_mapping(out, str(root.attrs.get("grid_mapping_attrs", "")), ["pr", "pr_observed"])
+    out = cf.attach_grid_mapping(out, str(root.attrs.get("grid_mapping_attrs", "")), ["pr", "pr_observed"], root)
     checkpoint = meta.get("checkpoints", {}).get(source.removeprefix("cvae_"), {}) if source.startswith("cvae_") \
         else {}
     out.attrs = cf.append_history({

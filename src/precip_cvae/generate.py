@@ -156,7 +156,7 @@ def samples_dataset(block: np.ndarray, counts: np.ndarray, time: xr.DataArray, l
         },
         attrs=attrs,
     )
-    return cf.attach_grid_mapping(out, ds["pr"].attrs.get("grid_mapping_attrs", ""), ["pr"])
+    return cf.attach_grid_mapping(out, ds["pr"].attrs.get("grid_mapping_attrs", ""), ["pr"], ds)
 
 
 def condition_dataset(data, days: np.ndarray, ds: xr.Dataset, attrs: dict) -> xr.Dataset:

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 
 MISSING_POLICIES = ("propagate", "skip")
+#: each cell's own geographic latitude and longitude (2-D, on the fine grid's dims) on a rotated-pole,
+#: projected or curvilinear grid; written as the CF auxiliary coordinates ``lat``/``lon`` (cf.grid_names)
+CELL_COORDS = ("cell_lat", "cell_lon")
 
 
 def _axis_weights(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,7 +40,12 @@ def bilinear(values, src_lat, src_lon, dst_lat, dst_lon, missing: str = "propaga
     The one bilinear of the package: :func:`regrid` (predictors and static fields, lazily) and the
     interpolation baseline (:func:`precip_cvae.baselines.interpolation`) both call it.  Beyond the
     source hull the target coordinates are clamped to it (edge values, linear along the other axis).
-    Coordinates may be ascending or descending; longitudes are not wrapped (regional grids).
+    Coordinates may be ascending or descending; longitudes are not wrapped here (``preprocess`` puts
+    every grid in one convention first, :func:`wrap_longitudes`).
+
+    The destination is either two 1-D axes (a regular grid of ``len(dst_lat) x len(dst_lon)`` cells)
+    or two 2-D arrays of the same shape: each cell's own latitude and longitude (a rotated-pole,
+    projected or other curvilinear grid).
 
     ``missing`` says what a missing (NaN) source value does:
 
@@ -48,7 +56,8 @@ def bilinear(values, src_lat, src_lon, dst_lat, dst_lon, missing: str = "propaga
       (beside a coast of all-sea blocks) the nearest finite source value of that field, in
       coordinate units; a field with no finite value stays missing.
 
-    Returns float64 of shape ``values.shape[:-2] + (len(dst_lat), len(dst_lon))``.
+    Returns float64 of shape ``values.shape[:-2] + (len(dst_lat), len(dst_lon))`` (1-D destination) or
+    ``values.shape[:-2] + dst_lat.shape`` (2-D destination).
     """
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing must be one of {MISSING_POLICIES}, got {missing!r}")
@@ -57,19 +66,26 @@ def bilinear(values, src_lat, src_lon, dst_lat, dst_lon, missing: str = "propaga
     dlat, dlon = np.asarray(dst_lat, dtype=np.float64), np.asarray(dst_lon, dtype=np.float64)
     if v.ndim < 2 or v.shape[-2:] != (slat.size, slon.size):
         raise ValueError(f"values must end in ({slat.size}, {slon.size}) to match the coordinates, got {v.shape}")
+    if dlat.ndim == 2 or dlon.ndim == 2:
+        if dlat.shape != dlon.shape:
+            raise ValueError(f"2-D destination coordinates must have one shape, got {dlat.shape} and {dlon.shape}")
+        shape, plat, plon = dlat.shape, dlat.ravel(), dlon.ravel()
+    else:
+        shape = (dlat.size, dlon.size)
+        plat, plon = (a.ravel() for a in np.meshgrid(dlat, dlon, indexing="ij"))
     if slat.size > 1 and slat[0] > slat[-1]:
         slat, v = slat[::-1], v[..., ::-1, :]
     if slon.size > 1 and slon[0] > slon[-1]:
         slon, v = slon[::-1], v[..., ::-1]
-    i0, i1, t = _axis_weights(slat, dlat)
-    j0, j1, u = _axis_weights(slon, dlon)
-    numer = np.zeros(v.shape[:-2] + (dlat.size, dlon.size))
+    i0, i1, t = _axis_weights(slat, plat)
+    j0, j1, u = _axis_weights(slon, plon)
+    numer = np.zeros(v.shape[:-2] + (plat.size,))
     denom = np.zeros_like(numer)
     hole = np.zeros(numer.shape, dtype=bool)
     for rows, wr in ((i0, 1.0 - t), (i1, t)):
         for cols, wc in ((j0, 1.0 - u), (j1, u)):
-            nb = v[..., rows, :][..., cols]  # (..., H, W)
-            w = wr[:, None] * wc[None, :]
+            nb = v[..., rows, cols]  # (..., P): each destination point's neighbour
+            w = wr * wc
             finite = np.isfinite(nb)
             numer += np.where(finite, nb, 0.0) * w
             denom += (finite & (w > 0)) * w
@@ -77,25 +93,24 @@ def bilinear(values, src_lat, src_lon, dst_lat, dst_lon, missing: str = "propaga
     if missing == "propagate":
         out = numer  # the weights sum to 1
         out[hole] = np.nan
-        return out
+        return out.reshape(v.shape[:-2] + shape)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(denom > 1e-12, numer / denom, np.nan)
     gaps = np.isnan(out)
     if gaps.any():
-        _fill_nearest(out, gaps, v, slat, slon, dlat, dlon)
-    return out
+        _fill_nearest(out, gaps, v, slat, slon, plat, plon)
+    return out.reshape(v.shape[:-2] + shape)
 
 
-def _fill_nearest(out, gaps, v, slat, slon, dlat, dlon) -> None:
-    """Fill ``out[gaps]`` with the nearest finite source value of the same field (in place)."""
+def _fill_nearest(out, gaps, v, slat, slon, plat, plon) -> None:
+    """Fill ``out[gaps]`` (``(..., P)``) with the nearest finite source value of the same field (in place)."""
     from scipy.spatial import cKDTree
 
     la, lo = np.meshgrid(slat, slon, indexing="ij")
     src_xy = np.stack([la.ravel(), lo.ravel()], axis=-1)
-    fla, flo = np.meshgrid(np.clip(dlat, slat[0], slat[-1]), np.clip(dlon, slon[0], slon[-1]), indexing="ij")
-    dst_xy = np.stack([fla.ravel(), flo.ravel()], axis=-1)
+    dst_xy = np.stack([np.clip(plat, slat[0], slat[-1]), np.clip(plon, slon[0], slon[-1])], axis=-1)
     fields = v.reshape(-1, slat.size * slon.size)
-    flat_out, flat_gaps = out.reshape(-1, dlat.size * dlon.size), gaps.reshape(-1, dlat.size * dlon.size)
+    flat_out, flat_gaps = out.reshape(-1, plat.size), gaps.reshape(-1, plat.size)
     trees: dict[bytes, cKDTree] = {}
     for n in np.flatnonzero(flat_gaps.any(axis=1)):
         valid = np.isfinite(fields[n])
@@ -107,6 +122,83 @@ def _fill_nearest(out, gaps, v, slat, slon, dlat, dlon) -> None:
         where = np.flatnonzero(flat_gaps[n])
         _, nearest = trees[key].query(dst_xy[where])
         flat_out[n, where] = fields[n][valid][nearest]
+
+
+def geographic(attrs: Mapping) -> bool:
+    """Whether coordinate attributes describe a geographic axis (not rotated-pole ``grid_*`` degrees, not a
+    ``projection_*`` axis in metres or km)."""
+    std = str(attrs.get("standard_name", ""))
+    return not std.startswith(("grid_", "projection_")) and \
+        str(attrs.get("units", "degrees")).lower().startswith("degree")
+
+
+def fine_positions(lat, lon, cells: Mapping, condition_attrs: Mapping):
+    """Where the fine cells lie in the condition grid's coordinates, for interpolating it onto them:
+    each cell's own ``cell_lat``/``cell_lon`` (2-D) when the fine grid has them and the condition grid is
+    geographic (predictors on a lat/lon grid under a rotated-pole or projected target), else the fine
+    axes (a geographic target, or a condition grid of the target's own blocks)."""
+    if "cell_lat" in cells and geographic(condition_attrs):
+        return np.asarray(cells["cell_lat"], float), np.asarray(cells["cell_lon"], float)
+    return np.asarray(lat, float), np.asarray(lon, float)
+
+
+def wrap_longitudes(lon, centre: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Longitudes (degrees) in one convention, contiguous: ``(values, order)`` with ``values`` ascending
+    and ``order`` the permutation of the axis that puts the cells in that order.
+
+    ``centre`` given: every value is moved by a multiple of 360 into ``[centre - 180, centre + 180)``
+    (the convention of a grid centred on ``centre``: a predictor brought to the target's).  ``centre``
+    None: the axis is cut at its largest gap on the circle, so that a regional grid stored split at
+    the meridian (``0.25 ... 4.25, 350.25 ... 359.75``) or at the dateline becomes one run
+    (``-9.75 ... 4.25``); the first value is put in ``[-180, 180)`` and the rest follow it upwards
+    (a grid across the dateline may end above 180).  An axis that is contiguous already is returned
+    unchanged.
+    """
+    lon = np.asarray(lon, dtype=np.float64)
+    if lon.size < 2:
+        return lon.copy(), np.arange(lon.size)
+    if centre is not None:
+        wrapped = centre + np.mod(lon - centre + 180.0, 360.0) - 180.0
+        order = np.argsort(wrapped, kind="stable")
+        return wrapped[order], order
+    if np.all(np.diff(lon) > 0) and lon[-1] - lon[0] < 360.0:
+        step = np.diff(lon)
+        if step.max() <= 1.5 * np.median(step):
+            return lon.copy(), np.arange(lon.size)  # contiguous already: unchanged
+    mod = np.mod(lon, 360.0)
+    order = np.argsort(mod, kind="stable")
+    ring = mod[order]
+    gaps = np.diff(np.concatenate([ring, ring[:1] + 360.0]))
+    cut = int(np.argmax(gaps))  # the largest gap is between ring[cut] and the next value: start after it
+    order = np.roll(order, -(cut + 1))
+    start = float(np.mod(lon[order[0]] + 180.0, 360.0) - 180.0)
+    values = start + np.mod(lon[order] - start, 360.0)
+    return values, order
+
+
+def rotated_pole_to_geographic(rlat, rlon, grid_mapping: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Geographic latitude and longitude (2-D, degrees) of the cells of a CF ``rotated_latitude_longitude``
+    grid with axes ``rlat``, ``rlon`` (degrees in the rotated frame).
+
+    The standard rotation (as CDO and CORDEX): the rotated north pole lies at the geographic
+    ``grid_north_pole_latitude``, ``grid_north_pole_longitude``; ``north_pole_grid_longitude`` must be 0
+    (the CORDEX grids' value; another is refused).
+    """
+    try:
+        plat = float(grid_mapping["grid_north_pole_latitude"])
+        plon = float(grid_mapping["grid_north_pole_longitude"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError("a rotated_latitude_longitude grid mapping needs grid_north_pole_latitude and "
+                         f"grid_north_pole_longitude; got {dict(grid_mapping)}") from exc
+    if float(grid_mapping.get("north_pole_grid_longitude", 0.0)) != 0.0:
+        raise ValueError(f"north_pole_grid_longitude {grid_mapping['north_pole_grid_longitude']} is not supported "
+                         "(only 0); give the file's 2-D lat/lon coordinates instead")
+    pr, lr = np.meshgrid(np.radians(np.asarray(rlat, float)), np.radians(np.asarray(rlon, float)), indexing="ij")
+    pp = np.radians(plat)
+    lat = np.degrees(np.arcsin(np.clip(np.sin(pr) * np.sin(pp) + np.cos(pr) * np.cos(lr) * np.cos(pp), -1.0, 1.0)))
+    lon = plon - 180.0 + np.degrees(np.arctan2(np.cos(pr) * np.sin(lr),
+                                               np.sin(pp) * np.cos(pr) * np.cos(lr) - np.cos(pp) * np.sin(pr)))
+    return lat, np.mod(lon + 180.0, 360.0) - 180.0
 
 
 def regrid(da: xr.DataArray, lat: xr.DataArray, lon: xr.DataArray) -> xr.DataArray:
@@ -170,6 +262,11 @@ def pad_grid(ds: xr.Dataset, multiple: int) -> xr.Dataset:
     lon = _extend_coord(ds["lon"].values, *plon)
     out = ds.pad(lat=plat, lon=plon)  # NaN for floats
     out = out.assign_coords(lat=("lat", lat, ds["lat"].attrs), lon=("lon", lon, ds["lon"].attrs))
+    for name in CELL_COORDS:  # each cell's own lat/lon (curvilinear grids): extended linearly along both axes
+        if name in ds.coords:
+            cells = np.apply_along_axis(_extend_coord, 0, ds[name].values.astype(float), *plat)
+            cells = np.apply_along_axis(_extend_coord, 1, cells, *plon)
+            out = out.assign_coords({name: (("lat", "lon"), cells, ds[name].attrs)})
     if "mask" in out:
         out["mask"] = out["mask"].fillna(0).astype("int8")
     log.info("padded fine grid %s -> %s (lat %s, lon %s)", (ds.sizes["lat"], ds.sizes["lon"]), (lat.size, lon.size), plat, plon)

@@ -436,8 +436,8 @@ def write_zarr(ds: xr.Dataset, path: str | Path, chunks: dict | None = None) -> 
 
 def write_netcdf(ds: xr.Dataset, path: str | Path) -> Path:
     """Write ``ds`` as a CF-1.8 netCDF4 file atomically (float data filled with ``cf.NETCDF_FILL``; a
-    projected grid's axes under their own names, see :func:`precip_cvae.cf.projected_names`)."""
-    ds = _clean_encoding(cf.projected_names(cf.drop_dangling_references(ds)), cf.NETCDF_FILL)
+    projected or rotated grid's axes under their own names, see :func:`precip_cvae.cf.grid_names`)."""
+    ds = _clean_encoding(cf.grid_names(cf.drop_dangling_references(ds)), cf.NETCDF_FILL)
     with atomic_path(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4")
     return Path(path)

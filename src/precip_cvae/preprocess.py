@@ -50,75 +50,17 @@ import xarray as xr
 
 from . import __version__, cf
 from .config import DataConfig, PreprocessConfig, parse_step
+from .coords import (LAT_NAMES, LON_NAMES, cell_points, check_coverage, lon_centre,  # noqa: F401 (API)
+                     select_region, standardise_coords, to_lon_convention, wrap_target_longitudes)
 from .io import InputError, median_step_seconds, open_static, open_variable, source_files, write_zarr
-from .grid import block_mean, crop_to_original, pad_grid, regrid  # noqa: F401 (crop_to_original: API)
+from .grid import bilinear, block_mean, crop_to_original, pad_grid, regrid  # noqa: F401 (crop_to_original: API)
 from .split import SPLITS, season_years, split_labels
 from .transform import TargetTransform
 from .units import MM_PER_DAY, SECONDS_PER_DAY, UnitsError, factor_to_mm_per_day
 
 log = logging.getLogger(__name__)
 
-LAT_NAMES = ("lat", "latitude", "y", "rlat", "nav_lat", "grid_latitude")
-LON_NAMES = ("lon", "longitude", "x", "rlon", "nav_lon", "grid_longitude")
-
-
-# ----------------------------------------------------------------------------- coordinates
-
-
-def standardise_coords(da: xr.DataArray, what: str) -> xr.DataArray:
-    """Rename spatial dims to (lat, lon), sort both ascending and check time.
-
-    Projected grids (y/x in km) are renamed too; the original names are kept in
-    the coordinate attribute ``original_name``.  Descending coordinates are
-    flipped (lazily).  Unsorted time is sorted with a log line; duplicate time
-    stamps and non-monotonic, non-unique spatial coordinates are errors.
-
-    Parameters
-    ----------
-    da : xr.DataArray (time, <lat>, <lon>)
-    what : str
-        'target' or 'predictor X', for messages.
-    """
-    where = f"{source_files(da)}: {what} {da.name!r}"
-    rename = {}
-    for std, names in (("lat", LAT_NAMES), ("lon", LON_NAMES)):
-        found = [d for d in da.dims if str(d).lower() in names]
-        if not found:
-            raise InputError(f"{where}: no {std} dimension; expected one of {list(names)}, got dims {da.dims}")
-        if found[0] != std:
-            rename[found[0]] = std
-    extra = [d for d in da.dims if d not in ("time", *rename, "lat", "lon")]
-    for d in extra:
-        if da.sizes[d] == 1:
-            da = da.isel({d: 0}, drop=True)
-        else:
-            raise InputError(f"{where}: unexpected dimension {d!r} of size {da.sizes[d]}; expected (time, lat, lon)")
-    if rename:
-        da = da.rename(rename)
-        for old, new in rename.items():
-            da[new].attrs["original_name"] = old
-    da = da.transpose("time", "lat", "lon")
-    for dim in ("lat", "lon"):
-        values = np.asarray(da[dim].values, dtype=float)
-        if not np.all(np.isfinite(values)):
-            raise InputError(f"{where}: coordinate {dim!r} has missing values")
-        if len(np.unique(values)) != len(values):
-            raise InputError(f"{where}: coordinate {dim!r} has repeated values; expected a unique 1-D axis")
-        diffs = np.diff(values)
-        if np.all(diffs < 0):
-            log.info("%s: %s is descending; flipped to ascending", where, dim)
-            da = da.isel({dim: slice(None, None, -1)})
-        elif not np.all(diffs > 0):
-            raise InputError(f"{where}: coordinate {dim!r} is not monotonic; expected a sorted grid axis")
-    times = da["time"].values
-    index = da.indexes["time"]
-    if index.has_duplicates:
-        dup = index[index.duplicated()][:5]
-        raise InputError(f"{where}: duplicate time stamps, e.g. {[str(t) for t in dup]}; expected unique days")
-    if not index.is_monotonic_increasing:
-        log.warning("%s: time is not sorted; sorting %d steps", where, len(times))
-        da = da.sortby("time")
-    return da
+# ----------------------------------------------------------------------------- time
 
 
 def calendar_of(da: xr.DataArray) -> str:
@@ -409,56 +351,47 @@ def match_predictor_steps(pr: xr.DataArray, preds: Sequence[xr.DataArray], flags
 # ----------------------------------------------------------------------------- grids
 
 
-def static_on_target(fields: dict, lat: xr.DataArray, lon: xr.DataArray, mask: xr.DataArray) -> xr.DataArray:
+def static_on_target(fields: dict, target: xr.DataArray, mask: xr.DataArray, centre: float | None = None
+                     ) -> xr.DataArray:
     """User static fields on the target grid: (static_channel, lat, lon), float32.
 
     Each field is a (lat, lon) array on its own grid (any names :func:`standardise_coords`
-    knows; a length-1 time or level axis is dropped), interpolated bilinearly.  A field
-    whose grid does not cover the target grid (beyond half a cell of its own spacing),
-    or that is missing at a valid target cell, is refused with the file and variable
-    named.
+    knows; a length-1 time or level axis is dropped), its longitudes brought to the target's
+    convention (``centre``), interpolated bilinearly to each target cell's own latitude and
+    longitude (:func:`precip_cvae.coords.cell_points`; on a projected target without them, on the
+    target's axes, which the field must share).  A field whose grid does not cover the target
+    (beyond half a cell of its own spacing), or that is missing at a valid target cell, is refused
+    with the file and variable named.
     """
+    points = cell_points(target)
+    if points is None:  # a projected target without each cell's lat/lon: the fields must be on its axes
+        points = tuple(np.meshgrid(np.asarray(target["lat"].values, float), np.asarray(target["lon"].values, float),
+                                   indexing="ij"))
     out = []
     for name, da in fields.items():
         where = f"{source_files(da)}: static variable {name!r}"
         if "time" not in da.dims:
             da = da.expand_dims(time=[0])
-        da = standardise_coords(da, f"static field {name!r}")
+        da = to_lon_convention(standardise_coords(da, f"static field {name!r}"), centre, "static field")
         if da.sizes["time"] != 1:
             raise InputError(f"{where}: has {da.sizes['time']} time steps; expected a time-invariant field")
         da = da.isel(time=0, drop=True).astype("float64")
-        for dim, target in (("lat", lat), ("lon", lon)):
+        for dim, t in (("lat", points[0]), ("lon", points[1])):
             src = np.asarray(da[dim].values, float)
             half = 0.5 * float(np.median(np.diff(src))) if src.size > 1 else 0.0
-            t = np.asarray(target.values, float)
             if t.min() < src.min() - half - 1e-9 or t.max() > src.max() + half + 1e-9:
                 raise InputError(
                     f"{where}: its {dim} {src.min():g}..{src.max():g} does not cover the target grid's "
                     f"{t.min():g}..{t.max():g}; expected a field over the whole target domain"
                 )
-        on = regrid(da.expand_dims(time=[0]), lat, lon).isel(time=0, drop=True)
+        values = bilinear(da.values, da["lat"].values, da["lon"].values, *points)
+        on = xr.DataArray(values, dims=("lat", "lon"), coords={"lat": target["lat"], "lon": target["lon"]})
         gaps = int((on.isnull() & mask.astype(bool)).sum())
         if gaps:
             raise InputError(f"{where}: missing at {gaps} valid target cells after regridding; expected values over "
                              "every cell of the target's mask")
         out.append(on.where(mask.astype(bool)).astype("float32"))
     return xr.concat(out, dim="static_channel").assign_coords(static_channel=("static_channel", list(fields)))
-
-
-def select_region(da: xr.DataArray, region) -> xr.DataArray:
-    """Cut ``[lat_min, lat_max, lon_min, lon_max]`` (coordinate units: degrees, or km on projected grids)."""
-    if len(region) != 4:
-        raise InputError(f"preprocess.region must be [lat_min, lat_max, lon_min, lon_max], got {list(region)}")
-    lat0, lat1, lon0, lon1 = (float(v) for v in region)
-    out = da.sel(lat=slice(lat0, lat1), lon=slice(lon0, lon1))
-    if out.sizes["lat"] == 0 or out.sizes["lon"] == 0:
-        raise InputError(
-            f"{source_files(da)}: preprocess.region {list(region)} selects no cell of the grid "
-            f"(lat {float(da.lat.min()):g}..{float(da.lat.max()):g}, lon {float(da.lon.min()):g}..{float(da.lon.max()):g})"
-        )
-    log.info("region %s: %dx%d of %dx%d cells", list(region), out.sizes["lat"], out.sizes["lon"],
-             da.sizes["lat"], da.sizes["lon"])
-    return out
 
 
 # ----------------------------------------------------------------------------- masks and values
@@ -598,34 +531,6 @@ def check_predictor_values(preds: Sequence[xr.DataArray]) -> None:
                 f"values outside {lo:g} to {hi:g}, the range of {what} (minimum {float(low):.4g}, maximum "
                 f"{float(high):.4g}; first on {_first_stamp(np.asarray(days), p)}); a fill value written as data "
                 "(give the file its _FillValue or missing_value attribute), or wrong units (data.predictors[].units)")
-
-
-def _in_degrees(coord: xr.DataArray) -> bool:
-    return str(coord.attrs.get("units", "degrees")).lower().startswith("degree")
-
-
-def check_coverage(target: xr.DataArray, preds: Sequence[xr.DataArray]) -> None:
-    """Every target cell lies inside each predictor's domain, within half a predictor cell; else refuse,
-    naming the predictor, its extent and the target's (a projected target against lat/lon predictors
-    is not compared: logged)."""
-    for p in preds:
-        for axis in ("lat", "lon"):
-            c = np.asarray(p[axis].values, dtype=float)
-            t = np.asarray(target[axis].values, dtype=float)
-            if _in_degrees(p[axis]) != _in_degrees(target[axis]):
-                log.info("%s: predictor %r: %s not compared with the target's (one is projected)", source_files(p),
-                         p.name, axis)
-                continue
-            half = 0.5 * float(np.median(np.diff(c))) if c.size > 1 else 0.0
-            lo, hi = float(c.min()) - half, float(c.max()) + half
-            tol = 1e-6 * max(1.0, abs(lo), abs(hi))
-            if t.min() < lo - tol or t.max() > hi + tol:
-                hint = (" (longitudes in another convention, 0..360 against -180..180?)" if axis == "lon" else "")
-                raise InputError(
-                    f"{source_files(p)}: predictor {p.name!r} covers {axis} {c.min():g} to {c.max():g} (its cells "
-                    f"reach {lo:g} to {hi:g}); the target's cells span {t.min():g} to {t.max():g}{hint}. Every target "
-                    "cell must lie inside each predictor's domain, within half a predictor cell: give predictors that "
-                    "cover the target, or cut the target with preprocess.region")
 
 
 def scan_target(pr: xr.DataArray, train: np.ndarray, cfg: PreprocessConfig, where: str,
@@ -826,10 +731,11 @@ def build_dataset(
             "no predictors and no block-averaged target (preprocess.target_coarse_factor): the condition would be "
             "empty; give data.predictors or set target_coarse_factor > 1"
         )
-    target = standardise_coords(target, "target")
+    target = wrap_target_longitudes(standardise_coords(target, "target"), "target")
     if cfg.region:
         target = select_region(target, cfg.region)
-    predictors = [standardise_coords(p, "predictor") for p in predictors]
+    centre = lon_centre(target)
+    predictors = [to_lon_convention(standardise_coords(p, "predictor"), centre, "predictor") for p in predictors]
     check_coverage(target, predictors)
     where = f"{source_files(target)}: target {target.name!r}"
     pr = convert_target_units(target, cfg.negative_tolerance)
@@ -945,7 +851,7 @@ def build_dataset(
         }
     )
     if static:
-        ds["static"] = static_on_target(static, pr["lat"], pr["lon"], mask)
+        ds["static"] = static_on_target(static, pr, mask, centre)
         ds["static"].attrs = {"long_name": "user static fields on the target grid (data.static)"}
         log.info("static fields %s regridded to the target grid", list(static))
     if coarse_pr is not None:

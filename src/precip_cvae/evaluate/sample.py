@@ -44,7 +44,7 @@ from ..calibration import QuantileMap, fit_quantile_map
 from ..checkpoint import check_matches_data, load_model
 from ..config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
 from ..data import FieldData, load_fields
-from ..grid import crop_array as crop, crop_to_original
+from ..grid import CELL_COORDS, crop_array as crop, crop_to_original, fine_positions
 from ..resources import limit_threads, select_device
 from ..transform import TargetTransform
 from .names import TRUTH, cvae_source
@@ -94,12 +94,19 @@ class Grid:
     coord_attrs: dict = field(default_factory=dict)  # CF attributes of lat, lon (units, standard_name, ...)
     calendar: str = "standard"  # of the time axis (the cache stores dates as ISO strings)
     grid_mapping_attrs: str = ""  # JSON of a projected target grid's CF grid mapping (io.open_variable)
+    cells: dict = field(default_factory=dict)  # cell_lat/cell_lon: ((h, w) values, attrs), curvilinear grids only
+    condition_attrs: dict = field(default_factory=dict)  # CF attributes of the condition grid's clat
+
+    def fine_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fine cells in the condition grid's coordinates (:func:`precip_cvae.grid.fine_positions`)."""
+        return fine_positions(self.lat, self.lon, {k: v for k, (v, _) in self.cells.items()}, self.condition_attrs)
 
 
 def read_grid(dataset: str) -> Grid:
     """The fine grid of ``dataset.zarr`` without its padding, and the condition grid."""
     ds = io.open_zarr(dataset)
     fine = crop_to_original(ds[["mask"]], ds.attrs)
+    cells = {name: (fine[name].values, dict(fine[name].attrs)) for name in CELL_COORDS if name in fine.coords}
     return Grid(
         lat=fine["lat"].values, lon=fine["lon"].values,
         clat=ds["clat"].values, clon=ds["clon"].values,
@@ -108,6 +115,7 @@ def read_grid(dataset: str) -> Grid:
         coord_attrs={k: dict(ds[k].attrs) for k in ("lat", "lon")},
         calendar=str(ds.attrs.get("calendar", "standard")),
         grid_mapping_attrs=str(ds["pr"].attrs.get("grid_mapping_attrs", "")),
+        cells=cells, condition_attrs=dict(ds["clat"].attrs),
     )
 
 
@@ -222,13 +230,14 @@ def _write_baseline(store, split: str, ev: FieldData, times: np.ndarray, name: s
     """One baseline on one split, appended batch by batch to ``{split}/<name>`` (masked like the truth)."""
     t0 = time.perf_counter()
     obs = crop(ev.pr_mm[:, 0], grid.attrs)  # (N, h, w), NaN invalid
+    fine = grid.fine_positions()
     for idx in _batches(len(ev), cfg.batch_size):
         n = idx.stop - idx.start
         inputs = BaselineInputs(
             train_pr=train["pr"], n_members=cfg.members, n_days=n, rng=rng,
             train_cond=train["cond"], target_cond=ev.y[idx].reshape(n, -1).numpy(),
             coarse_pr=None if ev.coarse_mm is None else ev.coarse_mm[idx].numpy(),
-            coarse_lat=grid.clat, coarse_lon=grid.clon, fine_lat=grid.lat, fine_lon=grid.lon,
+            coarse_lat=grid.clat, coarse_lon=grid.clon, fine_lat=fine[0], fine_lon=fine[1],
         )
         ens = get_baseline(name)(inputs)  # (M, B, h, w) mm/day
         # masked like the truth; the interpolation's round-off (-1e-16) clipped to 0
@@ -302,9 +311,11 @@ def _sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, baselines: tuple[
     root = xr.Dataset({"mask": (("lat", "lon"), grid.mask.astype("int8"), {
                           "long_name": "cell has data (1) or is masked (0)", "flag_values": np.array([0, 1], "int8"),
                           "flag_meanings": "masked valid"})},
-                      coords={k: (k, getattr(grid, k), grid.coord_attrs.get(k, {})) for k in ("lat", "lon")},
+                      coords={**{k: (k, getattr(grid, k), grid.coord_attrs.get(k, {})) for k in ("lat", "lon")},
+                              **{k: (("lat", "lon"), v, a) for k, (v, a) in grid.cells.items()}},
                       attrs={"title": "precip-cvae evaluated ensembles", "evaluate_meta": json.dumps(meta),
-                             "grid_mapping_attrs": grid.grid_mapping_attrs})
+                             "grid_mapping_attrs": grid.grid_mapping_attrs,
+                             "condition_on_cells": int(grid.fine_positions()[0].ndim == 2)})
     with io.atomic_path(paths.out) as store:
         io.write_zarr_group(root, store)
         for split in cfg.splits:

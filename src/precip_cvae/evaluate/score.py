@@ -202,12 +202,15 @@ class Evaluation:
         return float(hit["value"].iloc[0]) if len(hit) else float("nan")
 
 
-def _coarse_reference(truth: xr.Dataset) -> np.ndarray | None:
+def _coarse_reference(truth: xr.Dataset, root: xr.Dataset) -> np.ndarray | None:
     if "coarse_pr" not in truth:
         return None
+    on_cells = bool(root.attrs.get("condition_on_cells", 0)) and "cell_lat" in root.coords
+    lat, lon = (root["cell_lat"].values, root["cell_lon"].values) if on_cells else (truth["lat"].values,
+                                                                                     truth["lon"].values)
     return BASELINES["interpolation"](BaselineInputs(
         coarse_pr=truth["coarse_pr"].values, coarse_lat=truth["clat"].values, coarse_lon=truth["clon"].values,
-        fine_lat=truth["lat"].values, fine_lon=truth["lon"].values))[0]
+        fine_lat=lat, fine_lon=lon))[0]
 
 
 def day_thresholds(thresholds, truth: xr.Dataset) -> dict[str, np.ndarray]:
@@ -230,14 +233,15 @@ def score_cache(ensembles: str, thresholds, cfg: EvaluateConfig) -> Evaluation:
     fitted on fold k's train days only (:func:`day_thresholds`).  Reads one (split, source)
     ensemble into memory at a time: M x N x h x w x 8 bytes.
     """
-    meta = json.loads(io.open_zarr_group(ensembles).attrs["evaluate_meta"])
+    root = io.open_zarr_group(ensembles)
+    meta = json.loads(root.attrs["evaluate_meta"])
     rows, curves, n_days, components, days = [], {}, {}, {}, {}
     which = headline_interval_metrics(cfg)
     for split in meta["splits"]:
         truth = io.open_zarr_group(ensembles, f"{split}/{TRUTH}").load()
         obs = truth["pr"].values.astype("float64")
         heavy = truth["is_event"].values.astype(bool)
-        coarse_ref = _coarse_reference(truth)
+        coarse_ref = _coarse_reference(truth, root)
         thr_days = day_thresholds(thresholds, truth)
         subsets = {"all": np.arange(len(obs)), "heavy": np.flatnonzero(heavy)}
         if not heavy.any():
