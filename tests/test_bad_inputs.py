@@ -661,12 +661,42 @@ def test_real_predictors_cut_short_of_the_iberian_target_are_refused(iberia, tmp
     target = VariableSource(str(iberia / "eobs_rr_iberia_djf_1983-2002.nc"), "rr")
     data = DataConfig(target=target, predictors=(VariableSource(str(tmp_path / "cut.nc"), "psl"),))
     with pytest.raises(InputError, match=r"cut.nc: predictor 'psl' covers lon -5 to 5 .* target's cells span "
-                                         r"-9.75 to 4.25 \(longitudes in another convention"):
+                                         r"-9.75 to 4.25\. Every target cell"):
         preprocess.run(data, PreprocessConfig(), str(tmp_path / "dataset.zarr"))
     assert not (tmp_path / "dataset.zarr").exists()
     full = io.open_variable(VariableSource(str(iberia / "ncep_predictors_iberia_2.5deg_djf_1983-2002.nc"), "psl"))
     preprocess.check_coverage(preprocess.standardise_coords(io.open_variable(target), "target"),
                               [preprocess.standardise_coords(full, "predictor")])
+
+
+def test_longitudes_in_either_convention_give_the_reference_data_set(iberia, tmp_path, caplog):
+    """NCEP as downloaded (longitudes 0..357.5, the Iberian columns 350..357.5 after 0..5) against the E-OBS target
+    in -180..180; the E-OBS target in 0..360 (stored split at the meridian: 0.25..4.25 before 350.25..359.75)
+    against -180..180 predictors; and both in 0..360: each gives the data set of the files as they are (the same
+    grid, target values and condition), with the wrap in the log."""
+    eobs_path = iberia / "eobs_rr_iberia_djf_1983-2002.nc"
+    ncep_path = iberia / "ncep_predictors_iberia_2.5deg_djf_1983-2002.nc"
+    east = lambda ds: ds.assign_coords(lon=np.mod(ds["lon"], 360.0)).sortby("lon")  # noqa: E731
+    write_nc(east(xr.open_dataset(ncep_path)), tmp_path / "ncep360.nc")
+    write_nc(east(xr.open_dataset(eobs_path)), tmp_path / "eobs360.nc")
+    assert xr.open_dataset(tmp_path / "eobs360.nc")["lon"].values[0] == 0.25  # split at the meridian
+
+    def run(target, preds, name):
+        data = DataConfig(VariableSource(str(target), "rr"), tuple(VariableSource(str(preds), v)
+                                                                  for v in ("psl", "hus850")))
+        return preprocess.run(data, PreprocessConfig(split=SplitConfig(method="contiguous")), str(tmp_path / name))
+
+    ref = run(eobs_path, ncep_path, "ref.zarr")
+    for target, preds in ((eobs_path, tmp_path / "ncep360.nc"), (tmp_path / "eobs360.nc", ncep_path),
+                          (tmp_path / "eobs360.nc", tmp_path / "ncep360.nc")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="precip_cvae.coords"):
+            got = run(target, preds, "got.zarr")
+        assert "wrapped" in caplog.text, (target, preds)
+        for name in ("lat", "lon", "clat", "clon", "time"):
+            np.testing.assert_array_equal(got[name].values, ref[name].values, err_msg=name)
+        np.testing.assert_array_equal(got["pr"].values, ref["pr"].values)
+        np.testing.assert_array_equal(got["condition"].values, ref["condition"].values)
 
 
 def test_a_daily_target_stamped_at_noon_matches_predictors_at_midnight_by_day(iberia, tmp_path, caplog):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,102 @@ def test_iberia_30_days_are_refused_and_6_hourly_predictors_aggregated(iberia, c
     assert got.sizes["time"] == ref.sizes["time"] == 180
     np.testing.assert_allclose(got["condition"].values, ref["condition"].values, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got["cond_mean"].values, ref["cond_mean"].values, rtol=1e-6)
+
+
+POLE = {"grid_mapping_name": "rotated_latitude_longitude", "grid_north_pole_latitude": 39.25,
+        "grid_north_pole_longitude": -162.0}  # EURO-CORDEX's
+
+
+def rotated_iberia(iberia: Path, path: Path) -> Path:
+    """The E-OBS Iberia target on a EURO-CORDEX-like rotated-pole grid (0.44 deg, 19 x 21 cells around
+    Iberia), laid out as CORDEX files are: 1-D ``rlat``/``rlon`` axes, 2-D ``lat``/``lon`` auxiliary coordinates
+    and a ``rotated_pole`` grid-mapping variable; each cell takes the E-OBS value of the cell it falls in (NaN
+    over the sea and outside E-OBS)."""
+    from precip_cvae.grid import rotated_pole_to_geographic
+
+    from conftest import write_nc
+
+    eobs = xr.open_dataset(next(iberia.glob("eobs_rr_*.nc")))
+    rlat = -8.75 + np.arange(-4.0, 4.0, 0.44)
+    rlon = -16.0 + np.arange(-4.62, 4.6, 0.44)
+    lat, lon = rotated_pole_to_geographic(rlat, rlon, POLE)
+    elat, elon = eobs["lat"].values, eobs["lon"].values
+    i = np.rint((lat - elat[0]) / 0.5).astype(int)
+    j = np.rint((lon - elon[0]) / 0.5).astype(int)
+    inside = (i >= 0) & (i < elat.size) & (j >= 0) & (j < elon.size)
+    rr = eobs["rr"].values[:, np.clip(i, 0, elat.size - 1), np.clip(j, 0, elon.size - 1)]
+    rr[:, ~inside] = np.nan
+    ds = xr.Dataset(
+        {"rr": (("time", "rlat", "rlon"), rr.astype("float32"),
+                {**eobs["rr"].attrs, "grid_mapping": "rotated_pole", "coordinates": "lat lon"}),
+         "rotated_pole": ((), np.int32(0), POLE)},
+        coords={"time": eobs["time"],
+                "rlat": ("rlat", rlat, {"standard_name": "grid_latitude", "units": "degrees", "axis": "Y"}),
+                "rlon": ("rlon", rlon, {"standard_name": "grid_longitude", "units": "degrees", "axis": "X"}),
+                "lat": (("rlat", "rlon"), lat, {"standard_name": "latitude", "units": "degrees_north"}),
+                "lon": (("rlat", "rlon"), lon, {"standard_name": "longitude", "units": "degrees_east"})},
+        attrs={"title": "E-OBS Iberia on a rotated-pole grid (test data)", "Conventions": "CF-1.8"})
+    return write_nc(ds, path)
+
+
+def test_a_rotated_pole_target_runs_through_every_stage(iberia, tmp_path):
+    """Issue 26: E-OBS Iberia on a EURO-CORDEX rotated-pole grid, the NCEP predictors on their lat/lon grid, through
+    preprocess, detect_events, training, evaluation and generate: the predictors are read at each cell's own lat/lon
+    (the interpolation baseline on land is finite), and thresholds.nc, augmented.nc and an exported ensemble carry
+    rlat/rlon, the 2-D lat/lon and the rotated pole, and pass the CF checker and CDO."""
+    import subprocess
+
+    import yaml
+
+    from conftest import REPO, copy_workflow, snakemake
+    from precip_cvae import export
+    from test_cf import assert_cf_clean
+
+    work = copy_workflow(tmp_path / "wf")
+    target = rotated_iberia(iberia, tmp_path / "rr_rotated.nc")
+    cfg = yaml.safe_load((REPO / "config" / "iberia.yaml").read_text())
+    cfg["run"] = "rotated"
+    cfg["data"]["target"]["paths"] = str(target)
+    for source in cfg["data"]["predictors"]:
+        source["paths"] = str(iberia / Path(source["paths"]).name)
+    cfg["model"] = {"preset": "tiny"}
+    cfg["train"].update(epochs=2, patience=2, val_members=2, loss={"warmup_epochs": 1})
+    cfg["evaluate"].update(members=2, n_map_days=1, splits=["test"])
+    cfg["generate"].update(members=2, experiments=["default"])
+    cfg["downstream"] = {"enabled": False}
+    cfg["experiment_seeds"] = []
+    cfg["experiments"] = {"default": {}}
+    (work / "config" / "rotated.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(work, "--configfile", "config/rotated.yaml")
+
+    res, raw = work / "results" / "rotated", xr.open_dataset(target)
+    land = raw["rr"].notnull().any("time").values
+    ds = xr.open_zarr(res / "preprocess" / "dataset.zarr")
+    crop = preprocess.crop_to_original(ds["pr"], ds.attrs)
+    assert crop.shape[1:] == (19, 21) and float(crop.mean()) == pytest.approx(float(raw["rr"].mean()), rel=1e-4)
+    np.testing.assert_allclose(preprocess.crop_to_original(ds["cell_lat"], ds.attrs).values, raw["lat"].values)
+    exp = res / "experiments" / "default"
+    interp = xr.open_zarr(exp / "evaluate" / "ensembles.zarr", group="test/interpolation")["pr"].values
+    assert np.isfinite(interp[..., land]).all() and np.isnan(interp[..., ~land]).all()
+
+    store = exp / "evaluate" / "ensembles.zarr"
+    exported = export.export_ensemble(store, "test", "cvae_best", tmp_path / "ensemble.nc")
+    for path, name in ((res / "events" / "thresholds.nc", "threshold"), (exp / "generate" / "augmented.nc", "pr"),
+                       (exported, "pr")):
+        out = xr.open_dataset(path)
+        assert out[name].dims[-2:] == ("rlat", "rlon"), path
+        (a, b), (c, d) = (out.attrs.get(k, [0, 0]) for k in ("pad_lat", "pad_lon"))  # thresholds.nc is padded
+        out = out.isel(rlat=slice(a, out.sizes["rlat"] - b), rlon=slice(c, out.sizes["rlon"] - d))
+        np.testing.assert_allclose(out["rlat"].values, raw["rlat"].values)
+        np.testing.assert_allclose(out["lat"].values, raw["lat"].values)
+        np.testing.assert_allclose(out["lon"].values, raw["lon"].values)
+        assert out[name].attrs["grid_mapping"] == "crs" and out["crs"].attrs["grid_north_pole_latitude"] == 39.25
+        assert set(out[name].encoding["coordinates"].split()) >= {"lat", "lon"}, path
+        assert_cf_clean(path)
+        if shutil.which("cdo"):
+            grid = subprocess.run(["cdo", "-s", "griddes", f"-selname,{name}", str(path)], capture_output=True,
+                                  text=True, check=True).stdout
+            assert "gridtype  = projection" in grid and "rotated_latitude_longitude" in grid, grid
+            mean = subprocess.run(["cdo", "-s", "outputtab,value", "-timmean", "-fldmean", f"-selname,{name}",
+                                   str(path)], capture_output=True, text=True, check=True).stdout.split()
+            assert np.isfinite(float(mean[-1])), path
