@@ -699,6 +699,43 @@ def test_longitudes_in_either_convention_give_the_reference_data_set(iberia, tmp
         np.testing.assert_array_equal(got["condition"].values, ref["condition"].values)
 
 
+def test_values_outside_the_cf_valid_range_are_missing(iberia, tmp_path, caplog):
+    """E-OBS Iberia with its sea written as -999 and no _FillValue, flagged only by valid_min 0 (CF 2.5.1; xarray does
+    not apply it): the data set of the file as it is (the same mask and values); packed int16 with valid_range in
+    packed units the same; an inverted valid_range is refused by name."""
+    eobs = xr.open_dataset(iberia / "eobs_rr_iberia_djf_1983-2002.nc")
+    preds = (VariableSource(str(iberia / "ncep_predictors_iberia_2.5deg_djf_1983-2002.nc"), "psl"),)
+    cfg = PreprocessConfig(split=SplitConfig(method="contiguous"))
+    ref = preprocess.run(DataConfig(VariableSource(str(iberia / "eobs_rr_iberia_djf_1983-2002.nc"), "rr"), preds),
+                         cfg, str(tmp_path / "ref.zarr"))
+    flagged = eobs.copy()
+    flagged["rr"] = eobs["rr"].fillna(-999.0)
+    flagged["rr"].attrs = {**eobs["rr"].attrs, "valid_min": 0.0}
+    write_nc(flagged, tmp_path / "flagged.nc", encoding={"rr": {"_FillValue": None}})
+    assert np.isfinite(xr.open_dataset(tmp_path / "flagged.nc")["rr"].values).all()  # -999 reads as data
+    with caplog.at_level(logging.INFO, logger="precip_cvae.io"):
+        got = preprocess.run(DataConfig(VariableSource(str(tmp_path / "flagged.nc"), "rr"), preds), cfg,
+                             str(tmp_path / "flagged.zarr"))
+    assert "values outside its valid range [0, inf]" in caplog.text
+    np.testing.assert_array_equal(got["mask"].values, ref["mask"].values)
+    np.testing.assert_array_equal(got["pr"].values, ref["pr"].values)
+    packed = eobs.copy()
+    packed["rr"] = eobs["rr"].fillna(-99.9)
+    packed["rr"].attrs = {**eobs["rr"].attrs, "valid_range": np.array([0, 30000], "int16")}
+    write_nc(packed, tmp_path / "packed.nc",
+             encoding={"rr": {"dtype": "int16", "scale_factor": 0.1, "_FillValue": None}})
+    got = preprocess.run(DataConfig(VariableSource(str(tmp_path / "packed.nc"), "rr"), preds), cfg,
+                         str(tmp_path / "packed.zarr"))
+    np.testing.assert_array_equal(got["mask"].values, ref["mask"].values)
+    np.testing.assert_allclose(got["pr"].values, ref["pr"].values, atol=0.05 + 1e-6)
+    flagged["rr"].attrs = {**eobs["rr"].attrs, "valid_range": [10.0, 0.0]}
+    write_nc(flagged, tmp_path / "inverted.nc", encoding={"rr": {"_FillValue": None}})
+    with pytest.raises(InputError, match=r"inverted.nc: variable 'rr' has valid_range \[10.0, 0.0\]; expected two"):
+        preprocess.run(DataConfig(VariableSource(str(tmp_path / "inverted.nc"), "rr"), preds), cfg,
+                       str(tmp_path / "inverted.zarr"))
+    assert not (tmp_path / "inverted.zarr").exists()
+
+
 def test_a_daily_target_stamped_at_noon_matches_predictors_at_midnight_by_day(iberia, tmp_path, caplog):
     """E-OBS Iberia rewritten with its stamps at 12:00 (as CMIP day files are), NCEP at 00:00: the same data set
     as the files as they are (the same days, target values and condition), with the target's stamps kept and a log

@@ -230,6 +230,7 @@ def open_variable(source: VariableSource, precipitation: bool | None = None) -> 
     if "time" not in da.dims:
         raise InputError(f"{_describe(files)}: variable {source.variable!r} has no time dimension (dims {da.dims})")
     da.attrs = dict(da.attrs)
+    da = _mask_outside_valid_range(da, source)
     mapping = da.attrs.get("grid_mapping")
     if isinstance(mapping, str) and mapping in ds.variables:  # a projected grid: keep its CF grid mapping
         da.attrs["grid_mapping_attrs"] = json.dumps(
@@ -244,6 +245,44 @@ def open_variable(source: VariableSource, precipitation: bool | None = None) -> 
     da.attrs["source_pattern"] = source.paths
     da.name = source.variable
     return da
+
+
+def _mask_outside_valid_range(da: xr.DataArray, source: VariableSource) -> xr.DataArray:
+    """``da`` with the values outside its CF ``valid_range`` / ``valid_min`` / ``valid_max`` missing (CF 2.5.1:
+    they are not data; xarray decodes ``_FillValue`` and ``missing_value`` only), lazily, with a log line.
+    The bounds are in the packed representation when the variable is packed (``scale_factor``,
+    ``add_offset``), as CF says; the attributes are dropped once applied."""
+    attrs = da.attrs
+    lo = hi = None
+    if "valid_range" in attrs:
+        bounds = np.asarray(attrs["valid_range"], dtype=float).ravel()
+        if bounds.size != 2 or not bounds[0] <= bounds[1]:
+            raise InputError(f"{source.paths}: variable {source.variable!r} has valid_range {bounds.tolist()}; "
+                             "expected two values, the smallest first (CF 2.5.1)")
+        lo, hi = float(bounds[0]), float(bounds[1])
+    if "valid_min" in attrs:
+        lo = float(np.asarray(attrs["valid_min"], dtype=float).ravel()[0])
+    if "valid_max" in attrs:
+        hi = float(np.asarray(attrs["valid_max"], dtype=float).ravel()[0])
+    if lo is None and hi is None:
+        return da
+    scale = float(da.encoding.get("scale_factor", 1.0))
+    offset = float(da.encoding.get("add_offset", 0.0))
+    lo, hi = (None if v is None else v * scale + offset for v in (lo, hi))
+    if scale < 0:
+        lo, hi = hi, lo
+    keep = xr.ones_like(da, dtype=bool)
+    if lo is not None:
+        keep = keep & (da >= lo)
+    if hi is not None:
+        keep = keep & (da <= hi)
+    out = da.where(keep)
+    out.attrs = {k: v for k, v in attrs.items() if k not in ("valid_range", "valid_min", "valid_max")}
+    out.encoding = dict(da.encoding)
+    log.info("%s: variable %r: values outside its valid range [%s, %s] (CF valid_range/valid_min/valid_max) are "
+             "read as missing", source.paths, source.variable, "-inf" if lo is None else f"{lo:g}",
+             "inf" if hi is None else f"{hi:g}")
+    return out.rename(da.name)
 
 
 def median_step_seconds(index) -> float | None:
