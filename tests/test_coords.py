@@ -163,3 +163,15 @@ def test_a_region_in_either_longitude_convention_selects_the_same_cells():
     c = coords.select_region(t, [39.0, 42.0, 355.0, 362.0])
     assert a["lon"].values.tolist() == b["lon"].values.tolist() == c["lon"].values.tolist()
     assert a.sizes["lon"] == 14
+
+
+def test_a_level_axis_of_several_levels_and_a_global_grid_repeating_a_meridian_are_refused():
+    plev = _field(np.array([40.0, 42.5]), np.array([0.0, 2.5]), name="ta")
+    plev = plev.expand_dims(plev=[85000.0, 50000.0]).transpose("time", "plev", "lat", "lon")
+    with pytest.raises(InputError, match=r"ta.nc: predictor 'ta': unexpected dimension 'plev' of size 2"):
+        coords.standardise_coords(plev, "predictor")
+    one = coords.standardise_coords(plev.isel(plev=[0]), "predictor")  # one level: dropped
+    assert one.dims == ("time", "lat", "lon")
+    both = _field(np.array([40.0, 42.5]), np.arange(-180.0, 180.1, 2.5), name="psl")
+    with pytest.raises(InputError, match="repeat a cell after wrapping"):
+        coords.to_lon_convention(coords.standardise_coords(both, "predictor"), 10.0, "predictor")
