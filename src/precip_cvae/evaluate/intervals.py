@@ -137,14 +137,26 @@ def _kind(metric: str) -> str:
 # ----------------------------------------------------------------------------- components
 
 
-def _day_slice(thr, n_days: int, start: int, stop: int) -> np.ndarray:
-    """Days ``start:stop`` of a per-day (N, h, w) threshold; a (h, w) map (or a scalar) as it is."""
-    t = np.asarray(thr, dtype=np.float64)
-    if t.ndim == 3:
-        if t.shape[0] != n_days:
-            raise ValueError(f"per-day thresholds {t.shape} must have one map per day ({n_days})")
-        return t[start:stop]
-    return t
+class FoldMaps:
+    """Per-day threshold maps of a pooled ``kfold_years`` cache without an (N, h, w) copy: each day's map is
+    its fold's, looked up when a range of days is sliced (``maps[fold[start:stop]]``)."""
+
+    def __init__(self, maps: np.ndarray, fold: np.ndarray):
+        self.maps, self.fold = np.asarray(maps, dtype=np.float64), np.asarray(fold, dtype=int)
+        self.ndim, self.shape = 3, (self.fold.size,) + self.maps.shape[1:]
+
+    def __getitem__(self, days) -> np.ndarray:
+        return self.maps[self.fold[days]]
+
+
+def day_slice(thr, n_days: int, start: int, stop: int) -> np.ndarray:
+    """Days ``start:stop`` of per-day (N, h, w) thresholds (an array or :class:`FoldMaps`); a (h, w) map (or a
+    scalar) as it is."""
+    if getattr(thr, "ndim", None) == 3:
+        if thr.shape[0] != n_days:
+            raise ValueError(f"per-day thresholds {tuple(thr.shape)} must have one map per day ({n_days})")
+        return np.asarray(thr[start:stop], dtype=np.float64)
+    return np.asarray(thr, dtype=np.float64)
 
 
 def _sum_valid(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -221,7 +233,7 @@ def day_components(ens, obs, thresholds: Mapping[str, np.ndarray], windows: Sequ
         o = obs[s:s + chunk_days]  # (c, h, w)
         v = np.isfinite(o)
         cnt = v.sum(axis=(1, 2))
-        thr = {p: _day_slice(t, n, s, s + o.shape[0]) for p, t in thresholds.items()}
+        thr = {p: day_slice(t, n, s, s + o.shape[0]) for p, t in thresholds.items()}
         with np.errstate(invalid="ignore", divide="ignore"):  # NaN at excluded pixels is expected
             if "crps" in want:
                 put("crps", _sum_valid(metrics.crps_ensemble(e, o), v), cnt)
@@ -296,7 +308,7 @@ def _in_bin(j: np.ndarray, c_j: np.ndarray, before: np.ndarray, rank: np.ndarray
     return np.where(j >= WET_BINS, np.nan, x)
 
 
-def _hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
+def hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
     """``np.quantile(values, q)`` (linear) from counts on :data:`WET_EDGES` (+ overflow), in edge units.
 
     hist : (..., WET_BINS + 1) counts.  Each of the two order statistics is placed inside its bin
@@ -329,12 +341,12 @@ def _coarse(h: np.ndarray) -> np.ndarray:
 
 
 def _resampled_hist_quantile(counts: np.ndarray, h: np.ndarray, coarse: np.ndarray, q: float) -> np.ndarray:
-    """``_hist_quantile(counts @ h, q)`` without forming ``counts @ h`` (R, WET_BINS + 1).
+    """``hist_quantile(counts @ h, q)`` without forming ``counts @ h`` (R, WET_BINS + 1).
 
     The coarse cumulative counts (``counts @ coarse``) find the group of bins holding each order
     statistic; only that group's fine bins are then resampled (one small product per distinct
     group, a handful since the quantile barely moves between replicates).  Same integers, same
-    formula: the same numbers as :func:`_hist_quantile`, at a fraction of the cost.
+    formula: the same numbers as :func:`hist_quantile`, at a fraction of the cost.
 
     counts : (R, B) block counts of the replicates; h : (B, WET_BINS + 1) block histograms;
     coarse : :func:`_coarse` of ``h``.  Returns (R,), in edge units.
@@ -402,7 +414,7 @@ def finish(metric: str, summed) -> float | np.ndarray:
         nb = WET_BINS + 1
         if s.shape[-1] != 2 * nb:
             raise ValueError(f"tail_q99_ratio needs 2 x {nb} histogram columns, got {s.shape[-1]}")
-        out = _ratio(_hist_quantile(s[..., :nb], TAIL_LEVEL), _hist_quantile(s[..., nb:], TAIL_LEVEL))
+        out = _ratio(hist_quantile(s[..., :nb], TAIL_LEVEL), hist_quantile(s[..., nb:], TAIL_LEVEL))
     out = np.asarray(out, dtype=np.float64)
     return float(out) if out.ndim == 0 else out
 
