@@ -583,3 +583,80 @@ def test_sub_daily_steps_skip_the_daily_climate_indices_with_a_note(tmp_path):
     assert diag.bias_maps == {} and diag.return_levels.empty
     text = "\n".join(diagnostics_markdown(diag, meta))
     assert "12 time steps on 1 day(s)" in text and "time_step: 1D" in text
+
+
+@pytest.mark.parametrize("rows, chunk", [(None, None), (1, 7), (3, 400)])
+def test_diagnostics_by_blocks_of_rows_and_chunks_of_days_equal_the_whole_array_functions(rows, chunk):
+    """Issue 25: one source's diagnostics read lazily (dask) by blocks of grid rows and chunks of days give the
+    index table, the distribution scores and the domain-mean series of the whole-array functions, also with a
+    member NaN where the truth is valid (the NaN reaches the same scores)."""
+    import dask.array as da
+
+    from precip_cvae import indices
+    from precip_cvae.config import EvaluateConfig
+    from precip_cvae.evaluate import diagnostics
+
+    rng = np.random.default_rng(1)
+    m, n, h, w = 3, 400, 7, 6
+    dates = [str(d.date()) for d in pd.date_range("2001-01-01", periods=n)]
+    obs = rng.gamma(0.4, 5.0, (n, h, w))
+    obs[rng.random((n, h, w)) < 0.4] = 0.0
+    obs[:, 0, :2] = np.nan
+    obs[5, 3, 3] = np.nan
+    ens = rng.gamma(0.4, 5.0, (m, n, h, w))
+    ens[rng.random((m, n, h, w)) < 0.4] = 0.0
+    ens[:, :, 0, :2] = np.nan
+    cfg = EvaluateConfig()
+    pct = diagnostics.observed_percentiles(obs, cfg)
+    for members in (ens, np.where(np.arange(h)[:, None] == 4, np.where(np.arange(n)[:, None, None] == 9, np.nan,
+                                                                        ens), ens)):
+        got = diagnostics.source_diagnostics(da.from_array(members, chunks=(m, 50, h, w)), obs, dates, "standard",
+                                             pct, cfg, "calendar", True, rows, chunk)
+        table, bias = indices.ensemble_index_table(members, obs, dates, "standard", *pct.values(), cfg.wet_threshold,
+                                                   "calendar")
+        pd.testing.assert_frame_equal(got.table, table)
+        for name in bias:
+            np.testing.assert_array_equal(got.bias_maps[name], bias[name])
+        for key, value in indices.distribution_scores(members, obs).items():
+            assert got.distribution[key] == pytest.approx(value, rel=1e-12, nan_ok=True), key
+        for j in range(m):
+            np.testing.assert_allclose(indices.seasonal_maxima(got.domain_means[j], dates).to_numpy(),
+                                       indices.seasonal_maxima(members[j], dates).to_numpy(), rtol=1e-12)
+    assert math.isnan(got.distribution["ralsd"]) and math.isnan(got.distribution["wasserstein"]) is False
+
+
+def test_scores_from_one_pass_of_day_parts_equal_score_on_each_subset_and_read_lazily():
+    """Issue 25: the parts of one pass over the days, summed over a subset, give score() on that subset (every
+    score; the rank counts on tie-free fields); a dask ensemble read chunk by chunk gives the numpy result; without
+    the exact wet values the pooled quantiles come from the histograms within their stated bound."""
+    import dask.array as da
+
+    from precip_cvae.evaluate import intervals as iv
+
+    rng = np.random.default_rng(7)
+    m, n, h, w = 4, 30, 8, 9
+    obs = rng.gamma(0.5, 6.0, (n, h, w))
+    obs[:, 0, :3] = np.nan
+    ens = rng.gamma(0.5, 6.0, (m, n, h, w))
+    coarse = rng.gamma(2.0, 2.0, (n, h, w))
+    thr = {"p95": np.full((h, w), 8.0), "p99": np.full((h, w), 14.0)}
+    parts = scoring.day_parts(da.from_array(ens, chunks=(m, 7, h, w)), da.from_array(obs, chunks=(7, h, w)), thr,
+                              windows=(1, 3), coarse_ref=coarse, rng=0, chunk_days=4)
+    subset = np.array([0, 3, 4, 11, 17, 29])
+    for days in (np.arange(n), subset):
+        got, curves = scoring.scores_of(parts, days)
+        want, want_curves = scoring.score(ens[:, days], obs[days], thr, windows=(1, 3), coarse_ref=coarse[days], rng=0)
+        assert set(got) == set(want)
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), key
+        np.testing.assert_array_equal(curves["rank_counts"], want_curves["rank_counts"])
+        np.testing.assert_allclose(curves["qq_ens"], want_curves["qq_ens"], rtol=1e-12)
+    hist = scoring.day_parts(ens, obs, thr, windows=(1, 3), exact_quantiles=False)
+    assert hist.wet_ens is None
+    got, curves = scoring.scores_of(hist)
+    want, want_curves = scoring.score(ens, obs, thr, windows=(1, 3))
+    for key in ("tail_q99_ens", "tail_q99_obs", "tail_q99.9_ens", "tail_q99.9_obs"):
+        assert abs(got[key] / want[key] - 1) < iv.WET_BIN_WIDTH, key
+    assert np.all(np.abs(curves["qq_ens"] / want_curves["qq_ens"] - 1) < iv.WET_BIN_WIDTH)
+    assert got["crps"] == pytest.approx(want["crps"], rel=1e-12)
+    assert scoring.chunk_days_for(16, 465, 705) == 1 and scoring.chunk_days_for(4, 8, 9) == 256

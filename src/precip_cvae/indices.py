@@ -415,6 +415,60 @@ def _check_ens_obs(ens, obs) -> tuple[np.ndarray, np.ndarray]:
     return ens, obs
 
 
+def ensemble_index_maps(ens, obs, dates: Sequence[str], calendar: str, p95, p99, wet_threshold: float = 1.0,
+                        season_year: str = "calendar") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The observed and the ensemble index maps of :func:`ensemble_index_table` (name -> (h, w)).
+
+    Each pixel's value depends on that pixel's series only, so the maps of a block of rows are the
+    rows of the maps of the whole grid (``diagnostics`` computes them block by block).  The ensemble
+    map is NaN at a pixel where a member is NaN although the observation is valid.
+    """
+    ens, obs = _check_ens_obs(ens, obs)
+    if obs.shape[0] != len(dates):
+        raise ValueError(f"obs has {obs.shape[0]} days but dates {len(dates)}")
+    m, n, h, w = ens.shape
+    valid = _valid_pixels(obs)
+    idx = np.flatnonzero(valid)
+    t95 = _threshold_map(p95, (h, w), "p95", valid).reshape(-1)[idx]
+    t99 = _threshold_map(p99, (h, w), "p99", valid).reshape(-1)[idx]
+    ens, broken_map = _where_observed(ens, obs)  # a missing observation is a missing day of every member
+    e = ens.reshape(m, n, -1)[:, :, idx]  # (M, N, P): the valid pixels only
+    broken = broken_map.reshape(-1)[idx]  # (P,) a member NaN where obs is valid
+    # one stack: series 0 is obs, 1..M the members
+    series = np.concatenate([obs.reshape(n, 1, -1)[:, :, idx], e.transpose(1, 0, 2)], axis=1)
+    cells = _index_cells(series, dates, calendar, t95, t99, wet_threshold, season_year)
+    del series, e
+    obs_maps, ens_maps = {}, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name in INDEX_NAMES:
+            c_ens = np.nanmean(cells[name][1:], axis=0)
+            c_ens[broken] = np.nan
+            obs_maps[name] = _scatter(cells[name][0], idx, (h, w))
+            ens_maps[name] = _scatter(c_ens, idx, (h, w))
+    return obs_maps, ens_maps
+
+
+def index_table(obs_maps: dict, ens_maps: dict, valid: np.ndarray) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The table and bias maps of :func:`ensemble_index_table` from its maps; ``valid``: the (h, w) pixels with
+    an observation on some day."""
+    rows, bias_maps = [], {}
+    for name in INDEX_NAMES:
+        o, e = obs_maps[name], ens_maps[name]
+        bias = e - o
+        bias_maps[name] = bias
+        pick = valid & np.isfinite(o)
+        rows.append({
+            "index": name,
+            "obs_mean": float(np.mean(o[pick])) if pick.any() else float("nan"),
+            "ens_mean": float(np.mean(e[pick])) if pick.any() else float("nan"),
+            "bias_mean": float(np.mean(bias[pick])) if pick.any() else float("nan"),
+            "abs_bias_mean": float(np.mean(np.abs(bias[pick]))) if pick.any() else float("nan"),
+        })
+    table = pd.DataFrame(rows, columns=["index", "obs_mean", "ens_mean", "bias_mean", "abs_bias_mean"])
+    return table, bias_maps
+
+
 def ensemble_index_table(ens, obs, dates: Sequence[str], calendar: str, p95, p99,
                          wet_threshold: float = 1.0, season_year: str = "calendar"
                          ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
@@ -445,41 +499,8 @@ def ensemble_index_table(ens, obs, dates: Sequence[str], calendar: str, p95, p99
     bias_maps : dict[str, ndarray (h, w)]
         Ensemble map minus observed map; NaN at masked pixels.
     """
-    ens, obs = _check_ens_obs(ens, obs)
-    if obs.shape[0] != len(dates):
-        raise ValueError(f"obs has {obs.shape[0]} days but dates {len(dates)}")
-    m, n, h, w = ens.shape
-    valid = _valid_pixels(obs)
-    idx = np.flatnonzero(valid)
-    t95 = _threshold_map(p95, (h, w), "p95", valid).reshape(-1)[idx]
-    t99 = _threshold_map(p99, (h, w), "p99", valid).reshape(-1)[idx]
-    ens, broken_map = _where_observed(ens, obs)  # a missing observation is a missing day of every member
-    e = ens.reshape(m, n, -1)[:, :, idx]  # (M, N, P): the valid pixels only
-    broken = broken_map.reshape(-1)[idx]  # (P,) a member NaN where obs is valid
-    # one stack: series 0 is obs, 1..M the members
-    series = np.concatenate([obs.reshape(n, 1, -1)[:, :, idx], e.transpose(1, 0, 2)], axis=1)
-    cells = _index_cells(series, dates, calendar, t95, t99, wet_threshold, season_year)
-    del series, e
-    rows, bias_maps = [], {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for name in INDEX_NAMES:
-            c_ens = np.nanmean(cells[name][1:], axis=0)
-            c_ens[broken] = np.nan
-            o = _scatter(cells[name][0], idx, (h, w))
-            e = _scatter(c_ens, idx, (h, w))
-            bias = e - o
-            bias_maps[name] = bias
-            pick = valid & np.isfinite(o)
-            rows.append({
-                "index": name,
-                "obs_mean": float(np.mean(o[pick])) if pick.any() else float("nan"),
-                "ens_mean": float(np.mean(e[pick])) if pick.any() else float("nan"),
-                "bias_mean": float(np.mean(bias[pick])) if pick.any() else float("nan"),
-                "abs_bias_mean": float(np.mean(np.abs(bias[pick]))) if pick.any() else float("nan"),
-            })
-    table = pd.DataFrame(rows, columns=["index", "obs_mean", "ens_mean", "bias_mean", "abs_bias_mean"])
-    return table, bias_maps
+    obs_maps, ens_maps = ensemble_index_maps(ens, obs, dates, calendar, p95, p99, wet_threshold, season_year)
+    return index_table(obs_maps, ens_maps, _valid_pixels(np.asarray(obs, dtype=np.float64)))
 
 
 # ----------------------------------------------------------------------------- distributions

@@ -66,12 +66,106 @@ def observed_percentiles(obs: np.ndarray, cfg: EvaluateConfig) -> dict[str, np.n
     return out
 
 
-def _distribution_rows(source: str, ens: np.ndarray, obs: np.ndarray) -> list[dict]:
-    return [{"source": source, "index": k, "ens_mean": v} for k, v in indices.distribution_scores(ens, obs).items()]
+#: bytes of float64 members a block of grid rows may take while its per-pixel diagnostics are computed (the
+#: index, Wasserstein and Perkins computations hold a few copies of it); the rows per block follow
+DIAGNOSTIC_BLOCK_BYTES = 64 * 2**20
+
+
+def rows_per_block(members: int, days: int, width: int, budget: int = DIAGNOSTIC_BLOCK_BYTES) -> int:
+    """Grid rows per block of the per-pixel diagnostics: as many as keep the block's float64 members within
+    ``budget`` (at least one row)."""
+    return int(max(1, budget // max(1, members * days * width * 8)))
+
+
+@dataclass
+class SourceDiagnostics:
+    """The diagnostics of one source, computed with bounded memory (:func:`source_diagnostics`)."""
+
+    table: pd.DataFrame | None  # the index table (daily records), else None
+    bias_maps: dict  # index -> (h, w)
+    distribution: dict  # wasserstein, perkins_skill_score, ralsd
+    domain_means: np.ndarray  # (M, N): each member's domain-mean series (return levels)
+
+
+def source_diagnostics(ens, obs: np.ndarray, dates, calendar: str, pct: dict, cfg: EvaluateConfig,
+                       season_year: str, daily: bool, rows: int | None = None, chunk_days: int | None = None
+                       ) -> SourceDiagnostics:
+    """Every diagnostic of one source's members ``ens`` (M, N, h, w; numpy, dask or zarr, read lazily), with
+    memory bounded whatever M and N: the quantities over whole fields (the RALSD spectra, each member's
+    domain-mean series, the value range of the Perkins bins) in one pass over chunks of days, the per-pixel
+    ones (climate indices, Wasserstein distance, Perkins skill score) over blocks of grid rows with all their
+    days (``rows`` per block, default :func:`rows_per_block`; ``chunk_days`` per chunk, default
+    :func:`precip_cvae.evaluate.score.chunk_days_for`).  Equal to the whole-array functions of :mod:`precip_cvae.indices`: each
+    pixel's value depends on its own series, each spectrum on its own field.  A block of rows reads every chunk
+    of the store that holds those rows: with rows in one zarr chunk, the store is read once per block."""
+    from ..evaluate.score import chunk_days_for
+    from ..metrics import rapsd
+
+    m, n, h, w = (int(x) for x in ens.shape)
+    valid_px = np.isfinite(obs).any(axis=0)
+    if not np.isfinite(obs).any(axis=(1, 2)).all():
+        raise ValueError("ralsd: every obs day needs at least one valid pixel")
+    spec_e, spec_o, broken = None, None, False
+    domain = np.full((m, n), np.nan)
+    lo, hi = np.inf, -np.inf
+    step = chunk_days or chunk_days_for(m, h, w)
+    for s in range(0, n, step):
+        stop = min(s + step, n)
+        o = obs[s:stop]
+        valid = np.isfinite(o)
+        e = np.asarray(ens[:, s:stop], dtype=np.float64)
+        broken |= bool((valid & ~np.isfinite(e)).any())
+        fin = np.isfinite(e)  # the domain mean of each member's own finite pixels (indices.seasonal_maxima)
+        cnt = fin.sum(axis=(2, 3))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            domain[:, s:stop] = np.where(cnt > 0, np.where(fin, e, 0.0).sum(axis=(2, 3)) / cnt, np.nan)
+        e = np.where(valid, e, np.nan)
+        fin = np.isfinite(e)
+        if fin.any():
+            lo, hi = min(lo, float(e[fin].min())), max(hi, float(e[fin].max()))
+        if valid.any():
+            lo, hi = min(lo, float(o[valid].min())), max(hi, float(o[valid].max()))
+        for d in range(stop - s):
+            po = rapsd(o[d])[1]
+            pe = np.stack([rapsd(e[j, d])[1] for j in range(m)])
+            spec_o = po if spec_o is None else spec_o + po
+            spec_e = pe if spec_e is None else spec_e + pe
+    if broken:
+        ralsd = float("nan")
+    else:
+        dist = [indices._log_spectral_distance_sq(spec_e[j] / n, spec_o / n) for j in range(m)]
+        ralsd = float(np.nanmean(dist)) if np.isfinite(dist).any() else float("nan")
+    edges = indices._bin_edges(1.0, lo, hi) if np.isfinite(lo) else None
+    p_lo, p_hi = pct.values()
+    obs_maps, ens_maps = {}, {}
+    wmap, pmap = np.full((h, w), np.nan), np.full((h, w), np.nan)
+    rows = rows or rows_per_block(m, n, w)
+    for r0 in range(0, h, rows):
+        r1 = min(r0 + rows, h)
+        e = np.asarray(ens[:, :, r0:r1], dtype=np.float64)
+        o = obs[:, r0:r1]
+        if not np.isfinite(o).any():
+            continue
+        if daily:
+            om, em = indices.ensemble_index_maps(e, o, dates, calendar, p_lo[r0:r1], p_hi[r0:r1], cfg.wet_threshold,
+                                                 season_year)
+            for name in om:
+                obs_maps.setdefault(name, np.full((h, w), np.nan))[r0:r1] = om[name]
+                ens_maps.setdefault(name, np.full((h, w), np.nan))[r0:r1] = em[name]
+        wmap[r0:r1] = indices.wasserstein_map(e, o)
+        if edges is not None:
+            pmap[r0:r1] = indices.perkins_skill_score(e, o, bins=edges)[0]
+    table, bias = (indices.index_table(obs_maps, ens_maps, valid_px) if daily and obs_maps else (None, {}))
+    with np.errstate(invalid="ignore"):
+        w_mean = float(np.nanmean(wmap)) if np.isfinite(wmap).any() else float("nan")
+    pss = float(np.mean(pmap[valid_px])) if valid_px.any() else float("nan")
+    return SourceDiagnostics(table, bias, {"wasserstein": w_mean, "perkins_skill_score": pss, "ralsd": ralsd},
+                             domain)
 
 
 def _return_levels(label: str, values: np.ndarray, dates, season_year: str) -> pd.DataFrame:
-    """GEV return levels of the seasonal maxima of the domain mean; values (N, h, w) or members (M, N, h, w)."""
+    """GEV return levels of the seasonal maxima of the domain mean; values (N, h, w), or one domain-mean series
+    per member (M, N)."""
     series = [values] if values.ndim == 3 else list(values)
     maxima = np.concatenate([indices.seasonal_maxima(v, dates, season_year).to_numpy() for v in series])
     table = indices.gev_return_levels(maxima, RETURN_PERIODS)
@@ -87,7 +181,7 @@ def diagnose(ensembles: str, meta: dict, cfg: EvaluateConfig, season_year: str =
     t0 = time.perf_counter()
     split = headline_split(meta)
     truth = io.open_zarr_group(ensembles, f"{split}/{TRUTH}")
-    obs = truth["pr"].values.astype("float64")
+    obs = truth["pr"].values.astype("float64")  # days x grid (no member axis): the observed percentiles need it
     dates = [str(d)[:10] for d in truth["time"].values.astype(str)]
     calendar = meta.get("calendar", "standard")
     pct = observed_percentiles(obs, cfg)
@@ -106,17 +200,16 @@ def diagnose(ensembles: str, meta: dict, cfg: EvaluateConfig, season_year: str =
     else:
         levels.append(_return_levels("observed", obs, dates, season_year))
     for source in meta["sources"]:
-        ens = io.open_zarr_group(ensembles, f"{split}/{source}")["pr"].values.astype("float64")
-        if daily:
-            table, bias = indices.ensemble_index_table(ens, obs, dates, calendar, p_lo, p_hi, cfg.wet_threshold,
-                                                       season_year)
-            rows.extend(table.assign(source=source).to_dict("records"))
+        ens = io.open_zarr_group(ensembles, f"{split}/{source}")["pr"].data  # lazy (member, time, lat, lon)
+        result = source_diagnostics(ens, obs, dates, calendar, pct, cfg, season_year, daily)
+        if result.table is not None:
+            rows.extend(result.table.assign(source=source).to_dict("records"))
             if source == meta["primary"]:
-                maps = bias
-        rows.extend(_distribution_rows(source, ens, obs))
+                maps = result.bias_maps
+        rows.extend({"source": source, "index": k, "ens_mean": v} for k, v in result.distribution.items())
         if gev:
-            levels.append(_return_levels(source, ens, dates, season_year))
-        del ens
+            levels.append(_return_levels(source, result.domain_means, dates, season_year))
+        del result
     out = pd.DataFrame(rows).reindex(columns=["source", "index", "obs_mean", "ens_mean", "bias_mean", "abs_bias_mean"])
     rl = pd.concat(levels, ignore_index=True) if levels else pd.DataFrame(
         columns=["source", "period", "level", "lower", "upper", "n_maxima"])
