@@ -398,3 +398,51 @@ def test_crps_heavy_without_a_heavy_val_day_is_refused(prepared, tmp_path):
     with pytest.raises(D.InputError, match=r"events.csv: no heavy-event day in the val split.*CRPS_heavy"):
         train.run(paths, TINY, _cfg(early_stopping_metric="CRPS_heavy"))
     assert not (tmp_path / "train" / "best.pt").exists()
+
+
+def test_weight_ema_is_what_is_validated_saved_and_resumed(prepared, tmp_path, monkeypatch):
+    """train.ema_decay: after every step the average w <- d w + (1 - d) theta; best.pt and last.pt hold it (what
+    evaluate and generate sample), the raw weights travel in train_model_state, and a run cut mid-epoch resumes to
+    the same averaged and raw weights."""
+    cfg = _cfg(epochs=3, ema_decay=0.9)
+    steps = []
+    real_step = train.train_step
+
+    def record(model, *a, **k):
+        out = real_step(model, *a, **k)
+        steps.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return out
+
+    monkeypatch.setattr(train, "train_step", record)
+    train.run(_paths(prepared, tmp_path / "full"), TINY, cfg)
+    last = checkpoint.load(tmp_path / "full" / "train" / "last.pt")
+    name = next(iter(steps[0]))
+    expected = steps[0][name]  # the average starts at the first step's weights
+    for step in steps[1:]:
+        expected = 0.9 * expected + 0.1 * step[name]
+    torch.testing.assert_close(last["model_state"][name], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(last["train_model_state"][name], steps[-1][name])
+    assert not torch.equal(last["model_state"][name], last["train_model_state"][name])
+
+    monkeypatch.setattr(train, "train_step", real_step)
+    calls = {"n": 0}
+    real = train.augment
+
+    def kill_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == len(steps) // 3 * 2 + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "augment", kill_in_epoch_2)
+    paths = _paths(prepared, tmp_path / "cut")
+    with pytest.raises(train.TrainingInterrupted):
+        train.run(paths, TINY, cfg)
+    monkeypatch.setattr(train, "augment", real)
+    paths.best.unlink(missing_ok=True)
+    paths.last.unlink(missing_ok=True)
+    train.run(paths, TINY, cfg)
+    again = checkpoint.load(paths.last)
+    for key in ("model_state", "train_model_state"):
+        for k in last[key]:
+            torch.testing.assert_close(again[key][k], last[key][k], rtol=1e-5, atol=1e-6)

@@ -571,6 +571,7 @@ class TrainConfig(Section):
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     scheduler: str = "none"
+    ema_decay: float = 0.0
     early_stopping_metric: str | None = None
     patience: int | None = None
     oversample_heavy: float = 1.0

@@ -320,12 +320,21 @@ class _Session:
     autocast: Any
     history: list = field(default_factory=list)
     start_epoch: int = 0
+    ema: Any = None  # torch.optim.swa_utils.AveragedModel of ``model`` (train.ema_decay > 0), else None
+
+    @property
+    def eval_model(self) -> CVAE:
+        """The weights that are validated, saved as ``model_state`` and sampled: the moving average when on."""
+        return self.model if self.ema is None else self.ema.module
 
     def snapshot(self, epoch: int) -> dict:
+        extra = {} if self.ema is None else {"train_model_state": self.model.state_dict(),
+                                             "ema_state": self.ema.state_dict()}
         return {
             **self.meta,
+            **extra,
             "epoch": epoch,
-            "model_state": self.model.state_dict(),
+            "model_state": self.eval_model.state_dict(),
             "optimizer_state": self.opt.state_dict(),
             "scheduler_state": self.sched.state_dict() if self.sched is not None else None,
             "rng": _rng_state(),
@@ -418,6 +427,8 @@ def _set_up(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experim
         paths=paths, cfg=cfg, dist=dist, device=device, train=train, val=val, model=model, net=net, opt=opt,
         sched=build_scheduler(opt, cfg), stopper=EarlyStopping(cfg.early_stopping_metric, cfg.patience,
                                                                cfg.loss.warmup_epochs),
+        ema=None if not cfg.ema_decay else torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True),
         meta=meta, thr_x=train.thr_x.to(device), tail_x=static.tail_x.to(device),
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext(),
     )
@@ -437,7 +448,9 @@ def _resume(s: _Session) -> None:
         log.info("resume state %s is from another config (hash %s, now %s): starting afresh",
                  paths.resume, state.get("config_hash"), chash)
         return
-    s.model.load_state_dict(state["model_state"])
+    s.model.load_state_dict(state.get("train_model_state", state["model_state"]))
+    if s.ema is not None:
+        s.ema.load_state_dict(state["ema_state"])
     s.opt.load_state_dict(state["optimizer_state"])
     if s.sched is not None and state.get("scheduler_state"):
         s.sched.load_state_dict(state["scheduler_state"])
@@ -486,6 +499,8 @@ def _train_epoch(s: _Session, epoch: int, flag: SignalFlag) -> tuple[dict[str, f
                 f"non-finite loss at epoch {epoch} step {step}; the last good state (epoch "
                 f"{epoch - 1}) is in {paths.resume}. Lower train.lr or check the inputs."
             )
+        if s.ema is not None:
+            s.ema.update_parameters(s.model)
         for k in sums:
             sums[k] += float(losses[k].detach())
         n_steps += 1
@@ -499,7 +514,7 @@ def _validate_epoch(s: _Session, epoch: int) -> tuple[dict[str, float], float, b
     the learning rate this epoch trained with (read before the scheduler steps)."""
     cfg, dist = s.cfg, s.dist
     if dist.main:
-        scores = validate(s.model, s.val, cfg, epoch, s.device, max(cfg.batch_size, 64))
+        scores = validate(s.eval_model, s.val, cfg, epoch, s.device, max(cfg.batch_size, 64))
         value = scores[f"val_{cfg.early_stopping_metric}"]
     else:  # only rank 0 validates; the others follow its decisions
         scores, value = {}, 0.0
