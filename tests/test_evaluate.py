@@ -660,3 +660,4 @@ def test_scores_from_one_pass_of_day_parts_equal_score_on_each_subset_and_read_l
     assert np.all(np.abs(curves["qq_ens"] / want_curves["qq_ens"] - 1) < iv.WET_BIN_WIDTH)
     assert got["crps"] == pytest.approx(want["crps"], rel=1e-12)
     assert scoring.chunk_days_for(16, 465, 705) == 1 and scoring.chunk_days_for(4, 8, 9) == 256
+    assert scoring.chunk_days_for(16, 64, 64) == 128 * 2**20 // (6 * 16 * 64 * 64 * 8)

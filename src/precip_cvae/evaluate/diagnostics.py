@@ -66,15 +66,18 @@ def observed_percentiles(obs: np.ndarray, cfg: EvaluateConfig) -> dict[str, np.n
     return out
 
 
-#: bytes of float64 members a block of grid rows may take while its per-pixel diagnostics are computed (the
-#: index, Wasserstein and Perkins computations hold a few copies of it); the rows per block follow
-DIAGNOSTIC_BLOCK_BYTES = 64 * 2**20
+#: working memory (bytes) of the per-pixel diagnostics of one block of grid rows: its members in float64 and
+#: what the index, Wasserstein and Perkins computations make of them (about :data:`DIAGNOSTIC_COPIES` copies,
+#: measured with tracemalloc on the demo grid)
+DIAGNOSTIC_BLOCK_BYTES = 128 * 2**20
+DIAGNOSTIC_COPIES = 12
 
 
-def rows_per_block(members: int, days: int, width: int, budget: int = DIAGNOSTIC_BLOCK_BYTES) -> int:
-    """Grid rows per block of the per-pixel diagnostics: as many as keep the block's float64 members within
-    ``budget`` (at least one row)."""
-    return int(max(1, budget // max(1, members * days * width * 8)))
+def rows_per_block(members: int, days: int, width: int, budget: int | None = None) -> int:
+    """Grid rows per block of the per-pixel diagnostics: as many as keep a block's working memory within
+    ``budget`` (default :data:`DIAGNOSTIC_BLOCK_BYTES`), at least one row."""
+    budget = DIAGNOSTIC_BLOCK_BYTES if budget is None else budget
+    return int(max(1, budget // max(1, DIAGNOSTIC_COPIES * members * days * width * 8)))
 
 
 @dataclass

@@ -60,18 +60,21 @@ def tail_thresholds(dataset: str, cfg: EvaluateConfig) -> dict[str, np.ndarray]:
     return out
 
 
-#: bytes a day chunk of the ensemble may take in float64 while it is scored (about ten arrays of its size are
-#: alive at once: the member copies of the contingency, FSS and rank computations); the chunk's days follow
-SCORE_CHUNK_BYTES = 64 * 2**20
-#: pooled quantiles (``tail_q*``, the Q-Q curve) are exact (``np.quantile`` of every wet value) while the wet
-#: values of one ensemble would take at most this many bytes; beyond, from the wet-value histograms of
+#: working memory (bytes) of scoring one chunk of days: the chunk's members in float64 and the arrays made from
+#: them (about :data:`SCORE_COPIES` of its size: the contingency, FSS, rank and spectrum computations)
+SCORE_CHUNK_BYTES = 128 * 2**20
+SCORE_COPIES = 6
+#: pooled quantiles (``tail_q*``, the Q-Q curve) are exact (``np.quantile`` of every wet value) while the values
+#: of one ensemble take at most this many bytes; beyond, from the wet-value histograms of
 #: :mod:`precip_cvae.evaluate.intervals` (each quantile within a factor 1 + 0.213 % of the exact one)
-EXACT_QUANTILE_BYTES = 512 * 2**20
+EXACT_QUANTILE_BYTES = 64 * 2**20
 
 
-def chunk_days_for(members: int, h: int, w: int, budget: int = SCORE_CHUNK_BYTES) -> int:
-    """Days per scoring chunk: as many as keep the chunk's float64 ensemble within ``budget`` (at least 1)."""
-    return int(max(1, min(256, budget // max(1, members * h * w * 8))))
+def chunk_days_for(members: int, h: int, w: int, budget: int | None = None) -> int:
+    """Days per scoring chunk: as many as keep a chunk's working memory (:data:`SCORE_COPIES` float64 copies of
+    its members) within ``budget`` (default :data:`SCORE_CHUNK_BYTES`), at least 1 and at most 256."""
+    budget = SCORE_CHUNK_BYTES if budget is None else budget
+    return int(max(1, min(256, budget // max(1, SCORE_COPIES * members * h * w * 8))))
 
 
 @dataclass
