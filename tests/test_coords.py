@@ -175,3 +175,47 @@ def test_a_level_axis_of_several_levels_and_a_global_grid_repeating_a_meridian_a
     both = _field(np.array([40.0, 42.5]), np.arange(-180.0, 180.1, 2.5), name="psl")
     with pytest.raises(InputError, match="repeat a cell after wrapping"):
         coords.to_lon_convention(coords.standardise_coords(both, "predictor"), 10.0, "predictor")
+
+
+def test_geographic_condition_sampling_is_bilinear_at_each_cells_own_position():
+    """model.condition_interpolation geographic: F.grid_sample of the predictor grid at condition_sampling_grid
+    equals grid.bilinear of it at each fine cell's lat/lon (a rotated-pole target, a Gaussian-like uneven
+    predictor latitude axis, cells beyond the predictor hull clamped); the model keeps the grid in its checkpoint."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.nn.functional as F
+
+    from precip_cvae import checkpoint
+    from precip_cvae.conditioning import condition_sampling_grid
+    from precip_cvae.config import ModelConfig
+    from precip_cvae.model import CVAE
+
+    rlat, rlon = np.arange(-12.0, -5.0, 0.44)[:16], np.arange(-20.0, -12.0, 0.44)[:16]
+    lat2, lon2 = grid.rotated_pole_to_geographic(rlat, rlon, CORDEX_POLE)
+    clat, clon = np.array([33.0, 35.2, 37.1, 39.0, 41.0, 42.9, 44.8]), np.arange(-12.5, 8.0, 2.5)
+    data = SimpleNamespace(lat=rlat, lon=rlon, cells={"cell_lat": lat2, "cell_lon": lon2},
+                           condition_attrs={"standard_name": "latitude", "units": "degrees_north"}, clat=clat, clon=clon)
+    g = condition_sampling_grid(data)
+    y = np.random.default_rng(0).normal(size=(2, 3, clat.size, clon.size))
+    sampled = F.grid_sample(torch.from_numpy(y).float(), torch.from_numpy(g)[None].expand(2, -1, -1, -1),
+                            mode="bilinear", padding_mode="border", align_corners=True).numpy()
+    np.testing.assert_allclose(sampled, grid.bilinear(y, clat, clon, lat2, lon2), rtol=1e-5, atol=1e-5)
+    # a condition grid of the target's own blocks: the fine axes, not the cells
+    blocks = SimpleNamespace(**{**vars(data), "condition_attrs": {"standard_name": "grid_latitude"},
+                                "clat": rlat[::4] + 0.66, "clon": rlon[::4] + 0.66})
+    gb = condition_sampling_grid(blocks)
+    expected = 2.0 * ((rlat[8] - (rlat[0] + 0.66)) / (4 * 0.44)) / 3 - 1.0  # row 8 between block centres 1 and 2
+    assert gb[0, 0].tolist() == [-1.0, -1.0] and gb[8, 8].tolist() == pytest.approx([expected, expected], abs=1e-6)
+
+    cfg = ModelConfig(preset="tiny", condition_interpolation="geographic")
+    model = CVAE(cfg, 3, (16, 16), (clat.size, clon.size))
+    model.set_condition_grid(torch.from_numpy(g))
+    state = {"model_config": dict(vars(cfg)), "model_state": model.state_dict(),
+             "model_args": {"n_channels": 3, "fine_shape": [16, 16], "coarse_shape": [clat.size, clon.size]}}
+    again = checkpoint.build_model(state)
+    torch.testing.assert_close(again.cond_grid, model.cond_grid)
+    out = again.encode_condition(torch.from_numpy(y[:, :, :, :]).float())
+    assert out.maps[0].shape[-2:] == (16, 16)
+    with pytest.raises(ValueError, match="needs model.condition_interpolation 'geographic'"):
+        CVAE(ModelConfig(preset="tiny"), 3, (16, 16), (7, 8)).set_condition_grid(torch.from_numpy(g))

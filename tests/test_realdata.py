@@ -192,7 +192,7 @@ def test_a_rotated_pole_target_runs_through_every_stage(iberia, tmp_path):
     cfg["data"]["target"]["paths"] = str(target)
     for source in cfg["data"]["predictors"]:
         source["paths"] = str(iberia / Path(source["paths"]).name)
-    cfg["model"] = {"preset": "tiny"}
+    cfg["model"] = {"preset": "tiny", "condition_interpolation": "geographic"}
     cfg["train"].update(epochs=2, patience=2, val_members=2, loss={"warmup_epochs": 1})
     cfg["evaluate"].update(members=2, n_map_days=1, splits=["test"])
     cfg["generate"].update(members=2, experiments=["default"])
@@ -209,6 +209,13 @@ def test_a_rotated_pole_target_runs_through_every_stage(iberia, tmp_path):
     assert crop.shape[1:] == (19, 21) and float(crop.mean()) == pytest.approx(float(raw["rr"].mean()), rel=1e-4)
     np.testing.assert_allclose(preprocess.crop_to_original(ds["cell_lat"], ds.attrs).values, raw["lat"].values)
     exp = res / "experiments" / "default"
+    from precip_cvae import checkpoint
+    from precip_cvae.conditioning import condition_sampling_grid
+    from precip_cvae.data import load_fields
+
+    best = checkpoint.load(exp / "train" / "best.pt")  # the predictors sampled at each cell's own lat/lon
+    fields = load_fields(str(res / "preprocess" / "dataset.zarr"), str(res / "events" / "thresholds.nc"))
+    np.testing.assert_allclose(best["model_state"]["cond_grid"][0].numpy(), condition_sampling_grid(fields))
     interp = xr.open_zarr(exp / "evaluate" / "ensembles.zarr", group="test/interpolation")["pr"].values
     assert np.isfinite(interp[..., land]).all() and np.isnan(interp[..., ~land]).all()
 

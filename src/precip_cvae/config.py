@@ -433,7 +433,10 @@ class ModelConfig(Section):
     the target resolution) or ``vector`` (``d_z`` numbers, the seed's design).
     ``conditioning``: ``fine`` (predictors interpolated to the target grid and stacked
     with the static channels fitted on train) or ``coarse`` (encoded on their own grid,
-    the seed's design).  ``noise_channels``: fresh N(0, 1) channels (no KL) fed to every
+    the seed's design).  ``condition_interpolation`` (``fine`` only): ``index`` stretches the
+    predictor grid over the target grid (bilinear in index space); ``geographic`` samples it at
+    each target cell's own latitude and longitude (a rotated-pole or projected target, or a
+    predictor domain larger than the target's).  ``noise_channels``: fresh N(0, 1) channels (no KL) fed to every
     decoder scale finer than the map latent's, for small-scale variability between members.
     """
 
@@ -451,6 +454,7 @@ class ModelConfig(Section):
     latent_level: int = 1
     latent_channels: int = 8
     conditioning: str = "fine"
+    condition_interpolation: str = "index"
     noise_channels: int = 0
     residual: bool = False
 

@@ -50,6 +50,10 @@ class FieldData:
     static: torch.Tensor | None = None  # (S, H, W) user static fields (data.static), NaN-free
     static_names: tuple[str, ...] = ()
     thr_attrs: dict | None = None  # attributes of the thresholds map (wet threshold, min_wet_days)
+    clat: np.ndarray | None = None  # (h,) condition-grid coordinates
+    clon: np.ndarray | None = None  # (w,)
+    condition_attrs: dict | None = None  # CF attributes of clat (geographic or the target's own axes)
+    cells: dict | None = None  # cell_lat / cell_lon (H, W), each fine cell's lat/lon on curvilinear grids
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -147,6 +151,10 @@ def load_fields(dataset: str, thresholds: str, events: str | None = None, splits
         static=static,
         static_names=static_names,
         thr_attrs=thr_attrs,
+        clat=np.asarray(ds["clat"].values, dtype=float),
+        clon=np.asarray(ds["clon"].values, dtype=float),
+        condition_attrs=dict(ds["clat"].attrs),
+        cells={name: np.asarray(ds[name].values, dtype=float) for name in ("cell_lat", "cell_lon") if name in ds.coords},
     )
 
 

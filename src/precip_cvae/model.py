@@ -383,6 +383,9 @@ class CVAE(nn.Module):
         self.latent_ch = max(8, bottom // 4)  # channels of the decoder's first (bottom) map
         w, cw, L = self.widths, self.cond_widths, self.level
         self.register_buffer("static", torch.zeros(1, self.n_static, *fine_shape))
+        self.geographic = self.fine_condition and getattr(cfg, "condition_interpolation", "index") == "geographic"
+        if self.geographic:  # where each fine cell lies in the predictor grid, for F.grid_sample (x, y in [-1, 1])
+            self.register_buffer("cond_grid", torch.zeros(1, *fine_shape, 2))
 
         # --- condition encoder -> maps per scale + vector
         if self.fine_condition:
@@ -482,6 +485,17 @@ class CVAE(nn.Module):
         with torch.no_grad():
             self.static.copy_(static.to(self.static.device))
 
+    def set_condition_grid(self, grid: torch.Tensor) -> None:
+        """Set where each fine cell lies in the predictor grid: (H, W, 2) or (1, H, W, 2), (x, y) in [-1, 1]
+        (``align_corners=True``: -1 and 1 are the first and last predictor cells' centres)."""
+        if not self.geographic:
+            raise ValueError("a condition grid needs model.condition_interpolation 'geographic'")
+        grid = torch.as_tensor(grid, dtype=self.cond_grid.dtype).reshape(self.cond_grid.shape)
+        if not bool(torch.isfinite(grid).all()):
+            raise ValueError("the condition grid must be finite")
+        with torch.no_grad():
+            self.cond_grid.copy_(grid.to(self.cond_grid.device))
+
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one sample's ``z``: (d_z,) or (latent_channels, H / 2**L, W / 2**L)."""
         if self.latent == "map":
@@ -506,7 +520,11 @@ class CVAE(nn.Module):
     def encode_condition(self, y: torch.Tensor) -> Condition:
         """Encode ``y`` (B, C, h, w) into per-scale maps and the vector ``v_y`` (B, d_y)."""
         if self.fine_condition:
-            inp = F.interpolate(y, size=self.fine_shape, mode="bilinear", align_corners=False)  # (B, C, H, W)
+            if self.geographic:  # each cell's own position in the predictor grid (clamped at its edges)
+                inp = F.grid_sample(y, self.cond_grid.expand(y.shape[0], -1, -1, -1).to(y.dtype), mode="bilinear",
+                                    padding_mode="border", align_corners=True)  # (B, C, H, W)
+            else:
+                inp = F.interpolate(y, size=self.fine_shape, mode="bilinear", align_corners=False)  # (B, C, H, W)
             if self.n_static:
                 inp = torch.cat([inp, self.static.expand(y.shape[0], -1, -1, -1).to(y.dtype)], dim=1)
             h = self.cond_stem(inp)  # (B, c_0, H, W)

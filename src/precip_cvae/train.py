@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, distributed, metrics
-from .conditioning import fit_static
+from .conditioning import condition_sampling_grid, fit_static
 from .config import ModelConfig, TrainConfig, config_hash
 from .data import FieldData, augment, check_augmentations, epoch_indices, load_fields, make_batch
 from .io import InputError, atomic_path
@@ -386,6 +386,10 @@ def _set_up(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experim
         raise InputError(f"{paths.dataset}: {exc}") from exc
     if fine:
         model.set_static(static.values)
+        if model.geographic:
+            model.set_condition_grid(torch.from_numpy(condition_sampling_grid(train)))
+            log.info("condition: the predictor grid sampled at each target cell's own position "
+                     "(model.condition_interpolation geographic)")
     net = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
