@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
@@ -695,49 +695,38 @@ def condition_transform(on_grid: xr.DataArray, kind: str, source: xr.DataArray) 
     return out
 
 
-def build_dataset(
-    target: xr.DataArray,
-    predictors: Sequence[xr.DataArray],
-    cfg: PreprocessConfig,
-    precipitation_predictors: Sequence[bool] | None = None,
-    static: dict | None = None,
-    fold: int | None = None,
-    condition_transforms: Sequence[str] | None = None,
-) -> xr.Dataset:
-    """Checked, aligned, split and normalised dataset (lazy where it matters).
+@dataclass(frozen=True)
+class Condition:
+    """The condition of :func:`build_dataset` on its grid: normalised channels and what they came from."""
 
-    Parameters
-    ----------
-    target : xr.DataArray (time, lat, lon), any precipitation units
-    predictors : list of xr.DataArray (time, lat, lon) on their own grids
-    cfg : PreprocessConfig
-    precipitation_predictors : which predictors are precipitation (converted to
-        mm/day and also stored raw as ``coarse_pr``)
-    static : dict name -> xr.DataArray (lat, lon), optional
-        Time-invariant fields (``data.static``), regridded to the target grid.
-    fold : int, optional
-        The fold of ``split.method: kfold_years``: its held-out block is ``test``, the next
-        block ``val`` and every statistic (mask aside) is fitted on its ``train`` years only.
-    condition_transforms : list of {'none', 'log1p'}, optional
-        Per predictor (``data.predictors[i].condition_transform``): ``log1p`` of the
-        predictor on the condition grid before normalisation; a negative value is refused.
-    """
-    flags = list(precipitation_predictors or [False] * len(predictors))
-    transforms = list(condition_transforms or ["none"] * len(predictors))
-    if len(transforms) != len(predictors):
-        raise ValueError(f"{len(transforms)} condition transforms for {len(predictors)} predictors")
-    if not predictors and not (cfg.target_coarse_factor and cfg.target_coarse_factor > 1):
-        raise InputError(
-            "no predictors and no block-averaged target (preprocess.target_coarse_factor): the condition would be "
-            "empty; give data.predictors or set target_coarse_factor > 1"
-        )
+    values: xr.DataArray  # (time, channel, clat, clon), normalised, missing values 0
+    names: list  # channel names
+    mean: np.ndarray  # (channel,) train mean
+    std: np.ndarray  # (channel,) train standard deviation
+    coarse_pr: xr.DataArray | None  # (time, lat, lon) mm/day on the condition grid, the first precipitation channel
+    clat: xr.DataArray
+    clon: xr.DataArray
+    n_filled: np.ndarray  # (channel,) missing values set to the train mean
+
+
+def read_grids(target: xr.DataArray, predictors: Sequence[xr.DataArray], cfg: PreprocessConfig
+               ) -> tuple[xr.DataArray, list[xr.DataArray], float | None]:
+    """Step 1, coordinates (:mod:`precip_cvae.coords`): axes named and sorted, each cell's lat/lon kept, the
+    target's longitudes contiguous and its region cut, every predictor in the target's longitude convention and
+    covering it.  Returns the target, the predictors and the target's centre longitude (None if unknown)."""
     target = wrap_target_longitudes(standardise_coords(target, "target"), "target")
     if cfg.region:
         target = select_region(target, cfg.region)
     centre = lon_centre(target)
     predictors = [to_lon_convention(standardise_coords(p, "predictor"), centre, "predictor") for p in predictors]
     check_coverage(target, predictors)
-    where = f"{source_files(target)}: target {target.name!r}"
+    return target, predictors, centre
+
+
+def common_time(target: xr.DataArray, predictors: Sequence[xr.DataArray], flags: Sequence[bool],
+                cfg: PreprocessConfig, where: str) -> tuple[xr.DataArray, list[xr.DataArray]]:
+    """Step 2, units and time: precipitation in mm/day, one calendar, the target's time step (aggregated),
+    predictors on its stamps (aggregated, matched by day), their common days; predictor values checked."""
     pr = convert_target_units(target, cfg.negative_tolerance)
     preds = []
     for p, is_pr in zip(predictors, flags):
@@ -753,7 +742,12 @@ def build_dataset(
     pr, preds = align_time(pr, preds, cfg.min_overlap_days)
     pr = pr.chunk({"time": cfg.chunk_time, "lat": -1, "lon": -1})
     check_predictor_values([p for p, is_pr in zip(preds, flags) if not is_pr])
+    return pr, preds
 
+
+def split_days(pr: xr.DataArray, preds: list[xr.DataArray], cfg: PreprocessConfig, fold: int | None, where: str):
+    """Step 3, the split: train/val/test labels, the predictor missing-day policy (days dropped, counted per
+    split), split sizes checked.  Returns (pr, preds, labels, missing days per split, partial cells)."""
     try:
         labels = split_labels(pr.indexes["time"], cfg.split, fold)
     except InputError as exc:  # name the data: the split sees the target/predictor time intersection
@@ -772,7 +766,12 @@ def build_dataset(
         preds = [p.isel(time=np.flatnonzero(~drop)) for p in preds]
         labels = labels[~drop]
     check_split_sizes(labels, pr.indexes["time"], cfg, f"{where} (time stamps shared with the predictors)")
-    # one pass over the target: mask, value checks and the transform's train statistics
+    return pr, preds, labels, missing_days, partial_cells
+
+
+def mask_target(pr: xr.DataArray, preds: list[xr.DataArray], labels: np.ndarray, cfg: PreprocessConfig, where: str):
+    """Step 4, the target: one pass for its mask, value checks and the transform's train statistics; masked
+    cells NaN; days in no split dropped.  Returns (pr, preds, labels, mask, counts, transform)."""
     mask, counts, transform = scan_target(pr, labels == "train", cfg, where,
                                           max_rate_mm_day(cfg.max_rain_mm_day, time_step_seconds(pr)))
     log.info(
@@ -780,16 +779,19 @@ def build_dataset(
         counts["cells"], counts["masked_cells"], counts["sporadic_missing"], cfg.missing_policy, counts["minimum"],
     )
     pr = pr.where(mask.astype(bool))
-
     keep = labels != ""
     if not keep.all():
         log.info("split: %d days are in no split and are dropped", int((~keep).sum()))
         pr = pr.isel(time=np.flatnonzero(keep))
         preds = [p.isel(time=np.flatnonzero(keep)) for p in preds]
         labels = labels[keep]
-    train = labels == "train"
+    return pr, preds, labels, mask, counts, transform
 
-    # --- condition grid
+
+def build_condition(pr: xr.DataArray, preds: list[xr.DataArray], flags: Sequence[bool], transforms: Sequence[str],
+                    train: np.ndarray, cfg: PreprocessConfig) -> Condition:
+    """Step 5, the condition: every predictor (and the target's block means) on the condition grid, transformed,
+    normalised with train statistics; missing values the train mean (0), counted."""
     blocks = None
     if cfg.target_coarse_factor and cfg.target_coarse_factor > 1:
         blocks = block_mean(pr, cfg.target_coarse_factor)
@@ -837,31 +839,76 @@ def build_dataset(
                  dict(zip(names, n_filled.tolist())), dict(zip(names, n_fixed.tolist())))
     log.info("condition: channels %s on a %dx%d grid; train mean %s std %s", names, clat.size, clon.size,
              np.round(mean, 4).tolist(), np.round(std, 4).tolist())
+    return Condition(cond_n, names, mean, std, coarse_pr, clat, clon, n_filled)
 
+
+def build_dataset(
+    target: xr.DataArray,
+    predictors: Sequence[xr.DataArray],
+    cfg: PreprocessConfig,
+    precipitation_predictors: Sequence[bool] | None = None,
+    static: dict | None = None,
+    fold: int | None = None,
+    condition_transforms: Sequence[str] | None = None,
+) -> xr.Dataset:
+    """Checked, aligned, split and normalised dataset (lazy where it matters).
+
+    Parameters
+    ----------
+    target : xr.DataArray (time, lat, lon), any precipitation units
+    predictors : list of xr.DataArray (time, lat, lon) on their own grids
+    cfg : PreprocessConfig
+    precipitation_predictors : which predictors are precipitation (converted to
+        mm/day and also stored raw as ``coarse_pr``)
+    static : dict name -> xr.DataArray (lat, lon), optional
+        Time-invariant fields (``data.static``), regridded to the target grid.
+    fold : int, optional
+        The fold of ``split.method: kfold_years``: its held-out block is ``test``, the next
+        block ``val`` and every statistic (mask aside) is fitted on its ``train`` years only.
+    condition_transforms : list of {'none', 'log1p'}, optional
+        Per predictor (``data.predictors[i].condition_transform``): ``log1p`` of the
+        predictor on the condition grid before normalisation; a negative value is refused.
+    """
+    flags = list(precipitation_predictors or [False] * len(predictors))
+    transforms = list(condition_transforms or ["none"] * len(predictors))
+    if len(transforms) != len(predictors):
+        raise ValueError(f"{len(transforms)} condition transforms for {len(predictors)} predictors")
+    if not predictors and not (cfg.target_coarse_factor and cfg.target_coarse_factor > 1):
+        raise InputError(
+            "no predictors and no block-averaged target (preprocess.target_coarse_factor): the condition would be "
+            "empty; give data.predictors or set target_coarse_factor > 1"
+        )
+    target, predictors, centre = read_grids(target, predictors, cfg)
+    where = f"{source_files(target)}: target {target.name!r}"
+    pr, preds = common_time(target, predictors, flags, cfg, where)
+    pr, preds, labels, missing_days, partial_cells = split_days(pr, preds, cfg, fold, where)
+    pr, preds, labels, mask, counts, transform = mask_target(pr, preds, labels, cfg, where)
+    train = labels == "train"
+    cond = build_condition(pr, preds, flags, transforms, train, cfg)
     log.info("target transform %s, scale %.4f (fitted on %d train days)", transform.kind, transform.scale, int(train.sum()))
 
     ds = xr.Dataset(
         {
             "pr": pr.astype("float32"),
-            "condition": cond_n,
+            "condition": cond.values,
             "mask": mask,
             "split": ("time", labels),
-            "cond_mean": mean_da.astype("float64"),
-            "cond_std": std_da.astype("float64"),
+            "cond_mean": xr.DataArray(cond.mean, dims="channel", coords={"channel": cond.names}).astype("float64"),
+            "cond_std": xr.DataArray(cond.std, dims="channel", coords={"channel": cond.names}).astype("float64"),
         }
     )
     if static:
         ds["static"] = static_on_target(static, pr, mask, centre)
         ds["static"].attrs = {"long_name": "user static fields on the target grid (data.static)"}
         log.info("static fields %s regridded to the target grid", list(static))
-    if coarse_pr is not None:
-        ds["coarse_pr"] = coarse_pr.rename({"lat": "clat", "lon": "clon"}).astype("float32")
+    if cond.coarse_pr is not None:
+        ds["coarse_pr"] = cond.coarse_pr.rename({"lat": "clat", "lon": "clon"}).astype("float32")
         ds["coarse_pr"].attrs = {"units": MM_PER_DAY, "long_name": "coarse precipitation condition (raw)"}
     ds["pr"].attrs = pr.attrs
     ds["mask"].attrs = {"long_name": "cell has data (1) or is masked/padded (0)", "flag_values": [0, 1]}
     ds["split"].attrs = {"long_name": "train/val/test split label"}
-    ds["clat"].attrs = dict(clat.attrs)
-    ds["clon"].attrs = dict(clon.attrs)
+    ds["clat"].attrs = dict(cond.clat.attrs)
+    ds["clon"].attrs = dict(cond.clon.attrs)
     ds = pad_grid(ds, cfg.grid_multiple)
     ds.attrs.update(
         {
@@ -874,7 +921,7 @@ def build_dataset(
             "predictor_missing_policy": cfg.predictor_missing_policy,
             **{f"n_predictor_missing_days_{s}": missing_days[s] for s in SPLITS},
             "n_predictor_partial_cells": int(np.sum(partial_cells)),
-            "n_condition_filled": json.dumps(dict(zip(names, n_filled.tolist()))),
+            "n_condition_filled": json.dumps(dict(zip(cond.names, cond.n_filled.tolist()))),
             "source_target": target.attrs.get("source_files", ""),
             "source_predictors": json.dumps([p.attrs.get("source_files", "") for p in predictors]),
             **transform.to_attrs(),
