@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,3 +90,22 @@ def test_workflow_job_table_parsing():
            "train_cvae        1\ntotal             2\n\nReasons:\n")
     assert job_table(out) == {"all": 1, "train_cvae": 1}
     assert job_table("Building DAG of jobs...\nNothing to be done (all requested files are present).\n") == {}
+
+
+def test_perfect_model_heavy_days_are_detect_events_exceedance_days():
+    """benchmarks/perfect_model.py picks a truth's heavy days as detect_events does: at least min_exceed of the
+    day's valid cells above their threshold (strictly), missing cells left out of the count; per-day maps too."""
+    sys.path.insert(0, str(BENCH))
+    import perfect_model
+
+    truth = np.zeros((4, 2, 10))
+    truth[0, 0, 0] = 11.0  # 1 of 20 valid cells above 10: 5 %, heavy at 0.05
+    truth[1, 0, 0] = 10.0  # at the threshold, not above
+    truth[2, :, 1:] = np.nan  # 2 valid cells, one above: 50 %
+    truth[2, 0, 0] = 12.0
+    truth[3, 0, :2] = 11.0  # 10 % above, but its own map is higher
+    thr = np.full((2, 10), 10.0)
+    assert perfect_model.heavy_days(truth, thr, 0.05).tolist() == [True, False, True, True]
+    per_day = np.stack([thr, thr, thr, np.full((2, 10), 20.0)])
+    assert perfect_model.heavy_days(truth, per_day, 0.05).tolist() == [True, False, True, False]
+    assert perfect_model.heavy_days(truth, thr, 0.06).tolist() == [False, False, True, True]
