@@ -27,23 +27,23 @@ import pandas as pd
 
 from precip_cvae import io
 from precip_cvae.config import EvaluateConfig
+from precip_cvae.evaluate.intervals import day_slice
 from precip_cvae.evaluate.score import day_parts, day_thresholds, scores_of, tail_thresholds
+from precip_cvae.events import field_statistics
 
 KEYS = [("crps", "CRPS"), ("spread_skill", "spread/skill"), ("freq_bias_p99", "P99 freq. bias"),
         ("q99", "P99 wet / truth"), ("mass_error_bias", "mass bias"), ("rapsd_log_ratio", "RAPSD log ratio")]
 
 
 def heavy_days(truth: np.ndarray, thr99, min_exceed: float) -> np.ndarray:
-    """detect_events' exceedance criterion: the share of valid cells above their local P99 >= min_exceed."""
+    """detect_events' exceedance criterion (``events.field_statistics``): the share of a day's valid cells above
+    their local P99 >= min_exceed; ``thr99`` one map or per-day maps (an array or ``FoldMaps``)."""
     n = truth.shape[0]
     out = np.zeros(n, bool)
     for s in range(0, n, 256):
-        t = truth[s:s + 256]
-        thr = np.asarray(thr99[s:s + 256]) if getattr(thr99, "ndim", 2) == 3 else np.asarray(thr99)
-        v = np.isfinite(t)
-        with np.errstate(invalid="ignore"):
-            above = (v & (t > thr)).sum(axis=(1, 2))
-        out[s:s + 256] = above >= min_exceed * np.maximum(v.sum(axis=(1, 2)), 1)
+        stop = min(s + 256, n)
+        stats = field_statistics(truth[s:stop], day_slice(thr99, n, s, stop))
+        out[s:stop] = stats["exceed_fraction"].to_numpy() >= min_exceed
     return out
 
 

@@ -55,16 +55,21 @@ def _fractions_by_loop(field, valid, w):
     return out
 
 
-def test_score_gives_each_name_its_score_computed_by_hand():
-    """scoring.score, what evaluate writes, on 5 members x 6 days of 8 x 9 continuous fields (no ties), each score
-    written out again in numpy from its definition in the module docstring; day chunks change nothing."""
-    rng = np.random.default_rng(4)
-    m, n, h, w = 5, 6, 8, 9
+def _continuous_case(seed: int, m: int, n: int, h: int, w: int):
+    """Gamma truth (three masked cells a day), members and coarse reference (no ties), and the p95/p99 maps."""
+    rng = np.random.default_rng(seed)
     obs = rng.gamma(0.5, 6.0, (n, h, w))
     obs[:, 0, :3] = np.nan
     ens = rng.gamma(0.5, 6.0, (m, n, h, w))
     coarse = rng.gamma(2.0, 2.0, (n, h, w))
-    thr = {"p95": np.full((h, w), 8.0), "p99": np.full((h, w), 14.0)}
+    return obs, ens, coarse, {"p95": np.full((h, w), 8.0), "p99": np.full((h, w), 14.0)}
+
+
+def test_score_gives_each_name_its_score_computed_by_hand():
+    """scoring.score, what evaluate writes, on 5 members x 6 days of 8 x 9 continuous fields (no ties), each score
+    written out again in numpy from its definition in the module docstring; day chunks change nothing."""
+    m, n, h, w = 5, 6, 8, 9
+    obs, ens, coarse, thr = _continuous_case(4, m, n, h, w)
     thr["p99"][2:4, 2:4] = 20.0
     got, curves = scoring.score(ens, obs, thr, windows=(1, 3), coarse_ref=coarse, rng=0, chunk_days=4)
 
@@ -633,13 +638,8 @@ def test_scores_from_one_pass_of_day_parts_equal_score_on_each_subset_and_read_l
 
     from precip_cvae.evaluate import intervals as iv
 
-    rng = np.random.default_rng(7)
     m, n, h, w = 4, 30, 8, 9
-    obs = rng.gamma(0.5, 6.0, (n, h, w))
-    obs[:, 0, :3] = np.nan
-    ens = rng.gamma(0.5, 6.0, (m, n, h, w))
-    coarse = rng.gamma(2.0, 2.0, (n, h, w))
-    thr = {"p95": np.full((h, w), 8.0), "p99": np.full((h, w), 14.0)}
+    obs, ens, coarse, thr = _continuous_case(7, m, n, h, w)
     parts = scoring.day_parts(da.from_array(ens, chunks=(m, 7, h, w)), da.from_array(obs, chunks=(7, h, w)), thr,
                               windows=(1, 3), coarse_ref=coarse, rng=0, chunk_days=4)
     subset = np.array([0, 3, 4, 11, 17, 29])

@@ -119,15 +119,6 @@ def fit_static(data: FieldData, tail_percentile: float = 90.0, wet_threshold: fl
     return StaticFields(torch.from_numpy(values.astype(np.float32)), tuple(names), tail_x)
 
 
-def _fraction_index(axis: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Fractional index of ``values`` on a monotonic ``axis`` (linear between its points, clamped to its ends)."""
-    axis = np.asarray(axis, dtype=float)
-    if axis.size == 1:
-        return np.zeros(np.shape(values))
-    order = np.argsort(axis)
-    return np.interp(values, axis[order], np.arange(axis.size, dtype=float)[order])
-
-
 def condition_sampling_grid(data: FieldData) -> np.ndarray:
     """Where each fine cell lies in the predictor (condition) grid, for ``model.condition_interpolation:
     geographic``: (H, W, 2) with (x, y) = the fractional column and row of the cell's position scaled to
@@ -138,11 +129,11 @@ def condition_sampling_grid(data: FieldData) -> np.ndarray:
     (:func:`precip_cvae.grid.fine_positions`).  Sampling the predictors there with bilinear weights is
     :func:`precip_cvae.grid.bilinear` of the predictor grid at the same points.
     """
-    from .grid import fine_positions
+    from .grid import fine_positions, fractional_index
 
     lat, lon = fine_positions(data.lat, data.lon, data.cells or {}, data.condition_attrs or {})
     if lat.ndim == 1:
         lat, lon = np.meshgrid(lat, lon, indexing="ij")
-    fy, fx = _fraction_index(data.clat, lat), _fraction_index(data.clon, lon)
+    fy, fx = fractional_index(data.clat, lat), fractional_index(data.clon, lon)
     scale = lambda f, n: 2.0 * f / (n - 1) - 1.0 if n > 1 else np.zeros_like(f)  # noqa: E731
     return np.stack([scale(fx, data.clon.size), scale(fy, data.clat.size)], axis=-1).astype("float32")

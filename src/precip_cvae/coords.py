@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import xarray as xr
 
-from .grid import CELL_COORDS, rotated_pole_to_geographic, wrap_longitudes
+from .grid import CELL_COORDS, geographic, rotated_pole_to_geographic, wrap_longitudes
 from .io import InputError, source_files
 
 __all__ = ["LAT_NAMES", "LON_NAMES", "standardise_coords", "wrap_target_longitudes", "lon_centre",
@@ -50,7 +50,7 @@ def in_degrees(coord: xr.DataArray) -> bool:
 
 def _geographic_axis(coord: xr.DataArray) -> bool:
     """A geographic latitude/longitude axis (degrees, not a rotated pole's grid_latitude/longitude)."""
-    return in_degrees(coord) and not str(coord.attrs.get("standard_name", "")).startswith("grid_")
+    return geographic(coord.attrs)
 
 
 def _cell_kind(name: str, coord: xr.DataArray) -> str | None:

@@ -34,6 +34,16 @@ def _axis_weights(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndar
     return lo, lo + 1, (f - src[lo]) / (src[lo + 1] - src[lo])
 
 
+def fractional_index(axis, values) -> np.ndarray:
+    """Fractional index of ``values`` on a monotonic ``axis`` (ascending or descending): linear between its
+    points, clamped to its ends; the position :func:`bilinear` weights by."""
+    a, v = np.asarray(axis, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    if a.size > 1 and a[0] > a[-1]:
+        return (a.size - 1) - fractional_index(a[::-1], v)
+    lo, _, t = _axis_weights(a, v.ravel())
+    return (lo + t).reshape(v.shape)
+
+
 def bilinear(values, src_lat, src_lon, dst_lat, dst_lon, missing: str = "propagate") -> np.ndarray:
     """Bilinear interpolation of the last two (lat, lon) axes of ``values`` onto (dst_lat, dst_lon).
 

@@ -651,6 +651,12 @@ def _log_spectral_distance_sq(p_model: np.ndarray, p_obs: np.ndarray) -> float:
     return float(np.mean(db ** 2))
 
 
+def ralsd_of_mean_spectra(p_members: np.ndarray, p_obs: np.ndarray) -> float:
+    """The ``'ml-bench'`` :func:`ralsd` from each member's day-mean spectrum (M, K) and the truth's (K,)."""
+    d = [_log_spectral_distance_sq(p, p_obs) for p in p_members]
+    return float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
+
+
 def ralsd(ens, obs, definition: str = "ml-bench") -> float:
     """Radially averaged log spectral distance of the members to the truth.
 
@@ -695,9 +701,7 @@ def ralsd(ens, obs, definition: str = "ml-bench") -> float:
         return float("nan")
     ens = np.where(valid, ens, np.nan)
     if definition == "ml-bench":
-        _, p_obs = mean_rapsd(obs)
-        d = [_log_spectral_distance_sq(mean_rapsd(member)[1], p_obs) for member in ens]
-        return float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
+        return ralsd_of_mean_spectra(np.stack([mean_rapsd(member)[1] for member in ens]), mean_rapsd(obs)[1])
     spectra_obs = [rapsd(day)[1] for day in obs]
     dist = []
     for member in ens:

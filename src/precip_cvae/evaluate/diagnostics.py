@@ -36,7 +36,9 @@ import xarray as xr
 from .. import indices, io
 from ..config import EvaluateConfig, EventsConfig
 from ..events import wet_day_thresholds
+from ..metrics import rapsd
 from .names import TRUTH, headline_split, source_label
+from .score import chunk_days_for
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +103,6 @@ def source_diagnostics(ens, obs: np.ndarray, dates, calendar: str, pct: dict, cf
     :func:`precip_cvae.evaluate.score.chunk_days_for`).  Equal to the whole-array functions of :mod:`precip_cvae.indices`: each
     pixel's value depends on its own series, each spectrum on its own field.  A block of rows reads every chunk
     of the store that holds those rows: with rows in one zarr chunk, the store is read once per block."""
-    from ..evaluate.score import chunk_days_for
-    from ..metrics import rapsd
-
     m, n, h, w = (int(x) for x in ens.shape)
     valid_px = np.isfinite(obs).any(axis=0)
     if not np.isfinite(obs).any(axis=(1, 2)).all():
@@ -133,11 +132,7 @@ def source_diagnostics(ens, obs: np.ndarray, dates, calendar: str, pct: dict, cf
             pe = np.stack([rapsd(e[j, d])[1] for j in range(m)])
             spec_o = po if spec_o is None else spec_o + po
             spec_e = pe if spec_e is None else spec_e + pe
-    if broken:
-        ralsd = float("nan")
-    else:
-        dist = [indices._log_spectral_distance_sq(spec_e[j] / n, spec_o / n) for j in range(m)]
-        ralsd = float(np.nanmean(dist)) if np.isfinite(dist).any() else float("nan")
+    ralsd = float("nan") if broken else indices.ralsd_of_mean_spectra(spec_e / n, spec_o / n)
     edges = indices._bin_edges(1.0, lo, hi) if np.isfinite(lo) else None
     p_lo, p_hi = pct.values()
     obs_maps, ens_maps = {}, {}
