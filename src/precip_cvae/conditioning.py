@@ -29,7 +29,7 @@ import torch
 import xarray as xr
 
 from .config import EventsConfig
-from .data import FieldData
+from .data import FieldData, ZarrFields, day_blocks
 from .events import wet_day_thresholds
 
 __all__ = ["StaticFields", "fit_static", "tail_threshold", "STATIC_BASE_CHANNELS", "condition_sampling_grid"]
@@ -52,18 +52,52 @@ def _scaled_coord(values, n: int) -> np.ndarray:
     return np.zeros(n) if hi == lo else 2.0 * (v - lo) / (hi - lo) - 1.0
 
 
-def tail_threshold(train: FieldData, percentile: float, wet_threshold: float = 1.0,
-                   min_wet_days: int = 30) -> torch.Tensor:
+#: Days of a streamed train split held at once while the static channels are fitted (bytes of tensors).
+STATIC_BLOCK_BYTES = 256 * 2**20
+
+
+def _block_days(train: FieldData | ZarrFields) -> int:
+    """All days in memory; else as many whole time chunks as fit :data:`STATIC_BLOCK_BYTES`."""
+    if isinstance(train, FieldData):
+        return max(1, len(train))
+    per_chunk = train.chunk_days * train.bytes_per_day
+    return train.chunk_days * max(1, STATIC_BLOCK_BYTES // max(1, per_chunk))
+
+
+def _pr_blocks(train: FieldData | ZarrFields, days: int):
+    """The train days' mm/day fields (NaN invalid) as a dask array of blocks of ``days`` days, each block read
+    when the thresholds' passes reach it (:meth:`FieldData.pr_mm` of :func:`day_blocks`' blocks)."""
+    import dask
+    import dask.array as dsa
+
+    h, w = train.fine_shape
+
+    def block(start: int, stop: int) -> np.ndarray:
+        index = np.arange(start, stop)
+        part = train.subset(index) if isinstance(train, FieldData) else train.read(index)
+        return part.pr_mm[:, 0].cpu().numpy()
+
+    parts = [dsa.from_delayed(dask.delayed(block)(start, min(start + days, len(train))),
+                              shape=(min(start + days, len(train)) - start, h, w), dtype=np.float32)
+             for start in range(0, len(train), days)]
+    return dsa.concatenate(parts, axis=0)
+
+
+def tail_threshold(train: FieldData | ZarrFields, percentile: float, wet_threshold: float = 1.0,
+                   min_wet_days: int = 30, mask: np.ndarray | None = None) -> torch.Tensor:
     """The local wet-day ``percentile`` of the train days, (1, 1, H, W) in model space.
 
     Pixels with fewer than ``min_wet_days`` wet days take the pooled value
-    (:func:`precip_cvae.events.wet_day_thresholds`); +inf where the pixel has no data.
+    (:func:`precip_cvae.events.wet_day_thresholds`, which streams over the days); +inf where the pixel has no
+    data (``mask``: the pixels valid on any train day, computed when not given).
     """
-    pr = train.pr_mm[:, 0].cpu().numpy()  # (T, H, W) mm/day, NaN invalid
-    mask = xr.DataArray(np.isfinite(pr).any(axis=0).astype("int8"), dims=("lat", "lon"))
+    pr = _pr_blocks(train, _block_days(train))
+    if mask is None:
+        mask = np.asarray(np.isfinite(pr).any(axis=0).compute())
     ecfg = EventsConfig(percentile=float(percentile), wet_threshold=float(wet_threshold),
                         min_wet_days=int(min_wet_days))
-    thr = wet_day_thresholds(xr.DataArray(pr, dims=("time", "lat", "lon")), mask, ecfg).values  # (H, W)
+    region = xr.DataArray(np.asarray(mask).astype("int8"), dims=("lat", "lon"))
+    thr = wet_day_thresholds(xr.DataArray(pr, dims=("time", "lat", "lon")), region, ecfg).values  # (H, W)
     t = torch.from_numpy(np.asarray(thr, dtype=np.float32))[None, None]
     tx = train.transform.forward(torch.nan_to_num(t, nan=0.0))
     return torch.where(torch.isfinite(t), tx, torch.full_like(tx, float("inf")))
@@ -78,13 +112,16 @@ def _standardise(a: np.ndarray, region: np.ndarray) -> np.ndarray:
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def fit_static(data: FieldData, tail_percentile: float = 90.0, wet_threshold: float = 1.0,
+def fit_static(data: FieldData | ZarrFields, tail_percentile: float = 90.0, wet_threshold: float = 1.0,
                min_wet_days: int = 30) -> StaticFields:
     """Fit the static channels on the train days of ``data`` (other splits are never read).
 
+    In memory or streamed from the store (:class:`ZarrFields`, a block of whole time chunks at a time): the
+    same sums over the same tensors, so the same channels.
+
     Parameters
     ----------
-    data : FieldData
+    data : FieldData or ZarrFields
         The data set (any splits; only ``split == 'train'`` days are used).
     tail_percentile, wet_threshold, min_wet_days
         The ``tail_x`` channel's local wet-day percentile and its fallback.
@@ -94,19 +131,22 @@ def fit_static(data: FieldData, tail_percentile: float = 90.0, wet_threshold: fl
     StaticFields
     """
     train = data.select("train")
-    x = train.x[:, 0].double().cpu().numpy()  # (T, H, W) model space, 0 invalid
-    valid = train.valid[:, 0].cpu().numpy()  # (T, H, W)
-    pr = train.pr_mm[:, 0].double().cpu().numpy()
-    n_valid = valid.sum(axis=0)
+    H, W = train.fine_shape
+    n_valid, x_sum, n_wet = np.zeros((H, W)), np.zeros((H, W)), np.zeros((H, W))
+    for _, block in day_blocks(train, _block_days(train)):
+        x = block.x[:, 0].double().cpu().numpy()  # (T, H, W) model space, 0 invalid
+        valid = block.valid[:, 0].cpu().numpy()
+        pr = block.pr_mm[:, 0].double().cpu().numpy()
+        n_valid += valid.sum(axis=0)
+        x_sum += (x * valid).sum(axis=0)
+        n_wet += (np.nan_to_num(pr, nan=0.0) >= wet_threshold).sum(axis=0)
     region = n_valid > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        valid_fraction = n_valid / max(valid.shape[0], 1)
-        clim = np.where(region, (x * valid).sum(axis=0) / np.maximum(n_valid, 1), np.nan)
-        wet = np.where(region, (np.nan_to_num(pr, nan=0.0) >= wet_threshold).sum(axis=0) / np.maximum(n_valid, 1),
-                       np.nan)
+        valid_fraction = n_valid / max(len(train), 1)
+        clim = np.where(region, x_sum / np.maximum(n_valid, 1), np.nan)
+        wet = np.where(region, n_wet / np.maximum(n_valid, 1), np.nan)
     thr_x = train.thr_x[0, 0].double().cpu().numpy()
-    tail_x = tail_threshold(train, tail_percentile, wet_threshold, min_wet_days)
-    H, W = x.shape[-2:]
+    tail_x = tail_threshold(train, tail_percentile, wet_threshold, min_wet_days, mask=region)
     lat = np.broadcast_to(_scaled_coord(data.lat, H)[:, None], (H, W))
     lon = np.broadcast_to(_scaled_coord(data.lon, W)[None, :], (H, W))
     channels = [valid_fraction, clim, wet, thr_x, tail_x[0, 0].double().numpy(), lat, lon]

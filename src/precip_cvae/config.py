@@ -587,6 +587,10 @@ class TrainConfig(Section):
     device: str = "auto"
     gpus: int = 1
     num_threads: int = 0
+    in_memory: str | bool = "auto"
+    memory_budget_gb: float = 4.0
+    loader_workers: int = 2
+    shuffle_buffer_days: int = 512
     loss: LossConfig | None = None
 
     def _resolve(self):

@@ -16,11 +16,12 @@ demo data set is 60 MB, E-OBS Iberia 6 MB.  Dims and units:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import xarray as xr
 
 from .config import ConfigError, lookup
 from .io import InputError, open_netcdf, open_zarr, read_csv
@@ -30,14 +31,10 @@ from .transform import TargetTransform
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FieldData:
-    """Tensors of one data set (or one split of it); see the module docstring for dims."""
+@dataclass(kw_only=True)
+class FieldMeta:
+    """What a data set's days share (grid, thresholds, transform, channels) and their labels (split, date, heavy)."""
 
-    x: torch.Tensor
-    valid: torch.Tensor
-    y: torch.Tensor
-    coarse_mm: torch.Tensor | None
     is_event: torch.Tensor  # (T,) bool
     split: np.ndarray  # (T,) str
     dates: np.ndarray  # (T,) str
@@ -56,32 +53,59 @@ class FieldData:
     cells: dict | None = None  # cell_lat / cell_lon (H, W), each fine cell's lat/lon on curvilinear grids
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return len(self.dates)
 
     @property
     def thr_x(self) -> torch.Tensor:
         thr = self.transform.forward(torch.nan_to_num(self.thr_mm, nan=float("inf")))
         return torch.where(torch.isnan(self.thr_mm), torch.full_like(thr, float("inf")), thr)
 
-    def subset(self, index) -> "FieldData":
+    def _labels(self, index) -> dict:
+        """The per-day labels of the days ``index`` (positions)."""
         index = np.asarray(index)
-        t = torch.as_tensor(index, dtype=torch.long)
-        return replace(
-            self,
-            x=self.x[t],
-            valid=self.valid[t],
-            y=self.y[t],
-            coarse_mm=None if self.coarse_mm is None else self.coarse_mm[t],
-            is_event=self.is_event[t],
-            split=self.split[index],
-            dates=self.dates[index],
-        )
+        return dict(is_event=self.is_event[torch.as_tensor(index, dtype=torch.long)], split=self.split[index],
+                    dates=self.dates[index])
 
-    def select(self, split: str) -> "FieldData":
+    def subset(self, index):
+        raise NotImplementedError
+
+    def select(self, split: str):
+        """The days of one split (same type)."""
         idx = np.flatnonzero(self.split == split)
         if idx.size == 0:
             raise InputError(f"the data set has no {split!r} days")
         return self.subset(idx)
+
+
+@dataclass(kw_only=True)
+class FieldData(FieldMeta):
+    """Tensors of one data set (or one split of it) in memory; see the module docstring for dims."""
+
+    x: torch.Tensor
+    valid: torch.Tensor
+    y: torch.Tensor
+    coarse_mm: torch.Tensor | None
+
+    @property
+    def fine_shape(self) -> tuple[int, int]:
+        return tuple(self.x.shape[-2:])
+
+    @property
+    def coarse_shape(self) -> tuple[int, int]:
+        return tuple(self.y.shape[-2:])
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.y.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.x, self.valid, self.y, self.coarse_mm) if t is not None)
+
+    def subset(self, index) -> "FieldData":
+        t = torch.as_tensor(np.asarray(index), dtype=torch.long).to(self.x.device)
+        return replace(self, x=self.x[t], valid=self.valid[t], y=self.y[t],
+                       coarse_mm=None if self.coarse_mm is None else self.coarse_mm[t], **self._labels(index))
 
     def to(self, device) -> "FieldData":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -95,8 +119,73 @@ class FieldData:
         return torch.where(self.valid, pr, torch.full_like(pr, float("nan")))
 
 
-def load_fields(dataset: str, thresholds: str, events: str | None = None, splits=None) -> FieldData:
-    """Load ``dataset.zarr`` (+ thresholds map, + events table) into tensors.
+@dataclass(kw_only=True)
+class ZarrFields(FieldMeta):
+    """The days of ``dataset.zarr`` (or some of them) left on disk: :meth:`read` gives any of them as a
+    :class:`FieldData`, the same tensors :func:`load_fields` holds.  Memory: the per-day labels only.
+
+    ``times`` are the days' positions on the store's time axis (increasing), ``chunk_days`` its time chunk:
+    days in one chunk are read together (:func:`epoch_plan` shuffles whole chunks, then days within a buffer).
+    Picklable (a worker process reopens the store).
+    """
+
+    path: str
+    times: np.ndarray  # (T,) int64 positions on the store's time axis
+    mask: np.ndarray  # (H, W) bool
+    chunk_days: int
+    fine_shape: tuple[int, int]
+    coarse_shape: tuple[int, int]
+    n_channels: int
+    has_coarse: bool
+    _store: object = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_store": None}
+
+    @property
+    def bytes_per_day(self) -> int:
+        """Bytes one day takes in memory as tensors (x float32, valid bool, condition and coarse float32)."""
+        h, w = self.fine_shape
+        ch, cw = self.coarse_shape
+        return h * w * 5 + self.n_channels * ch * cw * 4 + (ch * cw * 4 if self.has_coarse else 0)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.bytes_per_day
+
+    @property
+    def chunk_of_day(self) -> np.ndarray:
+        """(T,) the store's time chunk each day lies in."""
+        return self.times // self.chunk_days
+
+    def subset(self, index) -> "ZarrFields":
+        return replace(self, times=self.times[np.asarray(index)], **self._labels(index))
+
+    def _open(self) -> xr.Dataset:
+        if self._store is None:  # zarr's own lazy indexing, no dask: a read takes only the chunks it needs
+            self._store = xr.open_zarr(self.path, chunks=None, decode_timedelta=False)
+        return self._store
+
+    def read(self, index=None) -> FieldData:
+        """The days ``index`` (positions in this object; None: all) in memory, in that order."""
+        index = np.arange(len(self)) if index is None else np.asarray(index, dtype=np.int64)
+        times = self.times[index]
+        uniq, back = np.unique(times, return_inverse=True)
+        ds = self._open()
+        take = lambda name: ds[name].isel(time=uniq).values.astype("float32")[back]  # noqa: E731
+        pr = take("pr")  # (N, H, W) mm/day
+        valid = np.isfinite(pr) & self.mask[None]
+        x = self.transform.forward(np.where(valid, pr, 0.0)).astype("float32")
+        meta = {f.name: getattr(self, f.name) for f in fields(FieldMeta)}
+        return FieldData(**{**meta, **self._labels(index)},
+                         x=torch.from_numpy(x[:, None]), valid=torch.from_numpy(valid[:, None]),
+                         y=torch.from_numpy(take("condition")),
+                         coarse_mm=torch.from_numpy(take("coarse_pr")) if self.has_coarse else None)
+
+
+def open_fields(dataset: str, thresholds: str, events: str | None = None, splits=None) -> ZarrFields:
+    """``dataset.zarr`` (+ thresholds map, + events table) as :class:`ZarrFields`: metadata and labels read,
+    the fields left on disk.
 
     Parameters
     ----------
@@ -110,13 +199,7 @@ def load_fields(dataset: str, thresholds: str, events: str | None = None, splits
     split = ds["split"].values.astype(str)
     keep = np.ones(len(split), bool) if splits is None else np.isin(split, list(splits))
     idx = np.flatnonzero(keep)
-    transform = TargetTransform.from_attrs(ds.attrs)
-    pr = ds["pr"].isel(time=idx).values.astype("float32")  # (T, H, W) mm/day
     mask = ds["mask"].values.astype(bool)
-    valid = np.isfinite(pr) & mask[None]
-    x = transform.forward(np.where(valid, pr, 0.0)).astype("float32")
-    y = ds["condition"].isel(time=idx).values.astype("float32")
-    coarse = ds["coarse_pr"].isel(time=idx).values.astype("float32") if "coarse_pr" in ds else None
     thr_ds = open_netcdf(thresholds)
     thr = thr_ds["threshold"].values.astype("float32")
     if thr.shape != mask.shape:
@@ -134,16 +217,14 @@ def load_fields(dataset: str, thresholds: str, events: str | None = None, splits
         is_event = table["is_event"].to_numpy(bool)[idx]
     else:
         is_event = np.zeros(len(idx), bool)
-    return FieldData(
-        x=torch.from_numpy(x[:, None]),
-        valid=torch.from_numpy(valid[:, None]),
-        y=torch.from_numpy(y),
-        coarse_mm=None if coarse is None else torch.from_numpy(coarse),
+    chunks = ds["pr"].encoding.get("chunks") or (len(split),)
+    cond = ds["condition"]
+    return ZarrFields(
         is_event=torch.from_numpy(is_event),
         split=split[idx],
         dates=dates,
         thr_mm=torch.from_numpy(thr[None, None]),
-        transform=transform,
+        transform=TargetTransform.from_attrs(ds.attrs),
         channels=tuple(str(c) for c in ds["channel"].values),
         attrs=dict(ds.attrs),
         lat=np.asarray(ds["lat"].values, dtype=float),
@@ -155,7 +236,28 @@ def load_fields(dataset: str, thresholds: str, events: str | None = None, splits
         clon=np.asarray(ds["clon"].values, dtype=float),
         condition_attrs=dict(ds["clat"].attrs),
         cells={name: np.asarray(ds[name].values, dtype=float) for name in ("cell_lat", "cell_lon") if name in ds.coords},
+        path=str(dataset),
+        times=idx.astype(np.int64),
+        mask=mask,
+        chunk_days=max(1, int(chunks[0])),
+        fine_shape=tuple(int(n) for n in mask.shape),
+        coarse_shape=tuple(int(n) for n in cond.shape[-2:]),
+        n_channels=int(cond.shape[1]),
+        has_coarse="coarse_pr" in ds,
     )
+
+
+def load_fields(dataset: str, thresholds: str, events: str | None = None, splits=None) -> FieldData:
+    """``dataset.zarr`` (+ thresholds map, + events table) in memory as tensors (:func:`open_fields`, then every
+    day read)."""
+    return open_fields(dataset, thresholds, events, splits).read()
+
+
+def day_blocks(source: FieldData | ZarrFields, days: int) -> Iterator[tuple[np.ndarray, FieldData]]:
+    """``source`` in order, ``days`` consecutive days at a time: (positions, those days in memory)."""
+    for start in range(0, len(source), max(1, int(days))):
+        index = np.arange(start, min(start + days, len(source)))
+        yield index, (source.subset(index) if isinstance(source, FieldData) else source.read(index))
 
 
 def _format_dates(index) -> list[str]:
@@ -176,6 +278,86 @@ def epoch_indices(is_event: torch.Tensor, oversample: float, generator: torch.Ge
         return torch.randperm(n, generator=generator)
     weights = torch.where(is_event.cpu(), float(oversample), 1.0).double()
     return torch.multinomial(weights, n, replacement=True, generator=generator)
+
+
+def epoch_plan(source: ZarrFields, oversample: float, generator: torch.Generator, batch_size: int,
+               buffer_days: int) -> list[list[torch.Tensor]]:
+    """The batches of one streamed epoch, grouped by the buffer that reads them (positions in ``source``).
+
+    The rules, so that a day's chunk is read once per epoch and memory holds one buffer per reader:
+
+    1. How often each day is drawn: once (``oversample == 1``), or as many times as it comes up in ``len(source)``
+       draws with replacement, heavy days weighted ``oversample`` (the in-memory path's law, :func:`epoch_indices`).
+    2. The store's time chunks that hold ``source``'s days are shuffled; consecutive ones form a buffer until it
+       holds at least ``buffer_days`` days.
+    3. Within a buffer its days (each as often as drawn) are shuffled, after the days the previous buffer left
+       over; they are cut into batches of ``batch_size`` and the remainder (fewer than ``batch_size``) carries
+       to the next buffer, so only the epoch's last batch is short.
+
+    Every random choice comes from ``generator``, in this order: the draws, the chunk order, each buffer's shuffle.
+    """
+    n = len(source)
+    counts = np.ones(n, np.int64)
+    if oversample != 1.0 and bool(source.is_event.any()):
+        weights = torch.where(source.is_event.cpu(), float(oversample), 1.0).double()
+        counts = np.bincount(torch.multinomial(weights, n, replacement=True, generator=generator).numpy(), minlength=n)
+    chunk = source.chunk_of_day
+    ids = np.unique(chunk)
+    ids = ids[torch.randperm(len(ids), generator=generator).numpy()]
+    groups, current, size = [], [], 0
+    for c in ids:
+        current.append(c)
+        size += int(counts[chunk == c].sum())
+        if size >= buffer_days:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    plan, carry = [], np.empty(0, np.int64)
+    for group in groups:
+        days = np.flatnonzero(np.isin(chunk, group))
+        days = np.repeat(days, counts[days])
+        days = np.concatenate([carry, days[torch.randperm(len(days), generator=generator).numpy()]])
+        full = len(days) // batch_size * batch_size
+        plan.append([torch.from_numpy(days[i : i + batch_size]) for i in range(0, full, batch_size)])
+        carry = days[full:]
+    if len(carry):
+        plan.append([torch.from_numpy(carry)])
+    return [batches for batches in plan if batches]
+
+
+class StreamedEpoch(torch.utils.data.IterableDataset):
+    """One epoch of :func:`epoch_plan` read from the store: yields ``(positions, x, valid, y, coarse_mm)`` per
+    batch (``coarse_mm`` None without a coarse channel), this rank's share ``positions[rank::world]`` of it.
+
+    Each buffer is read once (:meth:`ZarrFields.read` of its days), then cut into its batches.  With ``W`` loader
+    workers, worker ``w`` reads buffers ``w, w + W, ...`` and a ``DataLoader`` takes one batch from each worker in
+    turn, so the order of batches is the plan's for 0 or 1 worker and interleaved by buffer otherwise; the
+    batches themselves are the plan's, each exactly :func:`make_batch` of the in-memory data at its positions.
+    """
+
+    def __init__(self, source: ZarrFields, plan: list[list[torch.Tensor]], rank: int = 0, world: int = 1):
+        super().__init__()
+        self.source, self.plan, self.rank, self.world = source, plan, rank, world
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for batches in self.plan[worker::workers]:
+            days = np.unique(torch.cat(batches).numpy())
+            block = self.source.read(days)
+            for index in batches:
+                share = index[self.rank :: self.world]
+                at = torch.from_numpy(np.searchsorted(days, share.numpy()))
+                yield (share, block.x[at], block.valid[at], block.y[at],
+                       None if block.coarse_mm is None else block.coarse_mm[at])
+
+
+def stream_batches(source: ZarrFields, plan: list[list[torch.Tensor]], workers: int, rank: int = 0,
+                   world: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` over :class:`StreamedEpoch` with ``workers`` reader processes (0: read in this process)."""
+    return torch.utils.data.DataLoader(StreamedEpoch(source, plan, rank, world), batch_size=None,
+                                       num_workers=min(int(workers), len(plan)), pin_memory=pin_memory)
 
 
 @dataclass

@@ -39,6 +39,8 @@ __all__ = [
     "mae_tail",
     "rmse_ext",
     "pearson",
+    "pearson_parts",
+    "pearson_of_parts",
     "frequency_bias",
     "contingency",
     "pod",
@@ -182,6 +184,32 @@ def pearson(pred, obs) -> float:
     b = obs[v] - obs[v].mean()
     den = np.sqrt(np.sum(a * a) * np.sum(b * b))
     return _safe_ratio(np.sum(a * b), den)
+
+
+def pearson_parts(mean: np.ndarray, o: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per day: count, means and centred second moments of (ensemble mean, truth) over valid pixels (c, 6)."""
+    n = v.sum(axis=(1, 2)).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ma = np.where(n > 0, np.where(v, mean, 0.0).sum(axis=(1, 2)) / n, 0.0)
+        mb = np.where(n > 0, np.where(v, o, 0.0).sum(axis=(1, 2)) / n, 0.0)
+    a = np.where(v, mean - ma[:, None, None], 0.0)
+    b = np.where(v, o - mb[:, None, None], 0.0)
+    return np.stack([n, ma, mb, (a * a).sum(axis=(1, 2)), (b * b).sum(axis=(1, 2)), (a * b).sum(axis=(1, 2))], -1)
+
+
+def pearson_of_parts(parts: np.ndarray) -> float:
+    """Pooled Pearson correlation from the per-day parts of :func:`pearson_parts` (Chan et al.'s combination of
+    counts, means and centred moments); :func:`pearson` over the same pixels, to rounding."""
+    n, ma, mb, caa, cbb, cab = (parts[:, i] for i in range(6))
+    total = n.sum()
+    if total < 2:
+        return float("nan")
+    ga, gb = (n * ma).sum() / total, (n * mb).sum() / total
+    saa = caa.sum() + (n * (ma - ga) ** 2).sum()
+    sbb = cbb.sum() + (n * (mb - gb) ** 2).sum()
+    sab = cab.sum() + (n * (ma - ga) * (mb - gb)).sum()
+    den = np.sqrt(saa * sbb)
+    return float(sab / den) if den > 0 else float("nan")
 
 
 # ----------------------------------------------------------------------------- categorical

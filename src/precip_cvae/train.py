@@ -41,7 +41,8 @@ import torch
 from . import checkpoint, distributed, metrics
 from .conditioning import condition_sampling_grid, fit_static
 from .config import ModelConfig, TrainConfig, config_hash
-from .data import FieldData, augment, check_augmentations, epoch_indices, load_fields, make_batch
+from .data import (Batch, FieldData, ZarrFields, augment, check_augmentations, day_blocks, epoch_indices, epoch_plan,
+                   make_batch, open_fields, stream_batches)
 from .io import InputError, atomic_path
 from .losses import beta_schedule, compute_loss, extreme_mae, kl_divergence, masked_mae, warmup_finished
 from .model import CVAE, count_parameters
@@ -138,53 +139,93 @@ class EarlyStopping:
         return dataclasses.asdict(self)
 
 
+#: Per-day sums of the validation scores (:func:`_val_day_sums`), in this column order.
+VAL_SUMS = ("n", "abs", "n_tail", "abs_tail", "sq_tail", "fc_exceed", "obs_exceed", "crps", "tw")
+
+
+def _val_day_sums(ens: np.ndarray, obs: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per day of a block: the additive parts of the val scores (:data:`VAL_SUMS`, (N, 9)) and of the pooled
+    correlation (:func:`precip_cvae.metrics.pearson_parts`, (N, 6)).  ``ens`` (M, N, H, W) and ``obs`` (N, H, W)
+    mm/day, NaN invalid; ``thr`` (H, W) the heavy threshold (NaN: none)."""
+    ens, obs = ens.astype(np.float64), obs.astype(np.float64)
+    v = np.isfinite(obs)
+    t = np.nan_to_num(thr.astype(np.float64), nan=np.inf)[None]
+    mean = ens.mean(axis=0)
+    crps = metrics.crps_ensemble(ens, obs) if ens.shape[0] > 1 else np.abs(mean - obs)
+    tw = metrics.twcrps_ensemble(ens, obs, t[0])
+    ext = v & (np.nan_to_num(obs, nan=-np.inf) > t)
+    err = np.where(v, np.abs(mean - np.nan_to_num(obs)), 0.0)
+    day = lambda a: a.sum(axis=(-2, -1))  # noqa: E731
+    sums = np.stack([
+        day(v), day(err), day(ext), day(np.where(ext, err, 0.0)), day(np.where(ext, err * err, 0.0)),
+        day((ens > t) & v).mean(axis=0), day(ext), day(np.where(v, crps, 0.0)), day(np.where(v, tw, 0.0)),
+    ], axis=-1)
+    return sums, metrics.pearson_parts(mean, obs, v)
+
+
+def _val_scores(sums: np.ndarray, corr: np.ndarray, heavy: np.ndarray) -> dict[str, float]:
+    """The val scores from the per-day parts: pooled over every valid pixel of the days (as the whole-array
+    metrics compute them: :func:`precip_cvae.metrics.mae`, ``mae_tail``, ``rmse_ext``, ``frequency_bias``)."""
+    total = dict(zip(VAL_SUMS, sums.sum(axis=0)))
+    ratio = lambda a, b: float(a / b) if b > 0 else float("nan")  # noqa: E731
+    crps_heavy = sums[heavy]
+    return {
+        "val_MAE_all": ratio(total["abs"], total["n"]),
+        "val_MAE_tail": ratio(total["abs_tail"], total["n_tail"]),
+        "val_RMSE_ext": float(np.sqrt(total["sq_tail"] / total["n_tail"])) if total["n_tail"] > 0 else float("nan"),
+        "val_corr": metrics.pearson_of_parts(corr),
+        "val_freq_ratio": ratio(total["fc_exceed"], total["obs_exceed"]),
+        "val_CRPS": ratio(total["crps"], total["n"]),
+        "val_CRPS_heavy": ratio(crps_heavy[:, 7].sum(), crps_heavy[:, 0].sum()) if heavy.any() else float("nan"),
+        "val_twCRPS": ratio(total["tw"], total["n"]),
+    }
+
+
 @torch.no_grad()
-def validate(model: CVAE, val: FieldData, cfg: TrainConfig, epoch: int, device, batch_size: int) -> dict[str, float]:
+def validate(model: CVAE, val: FieldData | ZarrFields, cfg: TrainConfig, epoch: int, device,
+             batch_size: int) -> dict[str, float]:
     """Scores of prior samples on the val days (mm/day), plus posterior reconstruction MAE.
 
-    A fixed generator seeds the prior draws, so epochs are compared on the same noise.
+    A fixed generator seeds the prior draws, so epochs are compared on the same noise.  The val days come in
+    blocks (all of them in memory, or whole time chunks from the store) and every score is summed per day, so
+    memory holds one block's members.
     """
     model.eval()
     g = torch.Generator(device="cpu").manual_seed(cfg.seed + 7919)
     transform = val.transform
     thr_x = val.thr_x.to(device)
-    members, post_err, kl_sum, lrec_sum, n_seen = [], [], 0.0, 0.0, 0
-    for start in range(0, len(val), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(val)))
-        b = make_batch(val, idx, thr_x, device)
-        out = model(b.x, b.y, b.valid)
-        kl_sum += float(kl_divergence(out.mu_q, out.logvar_q, out.mu_p, out.logvar_p)) * len(idx)
-        recon = model.reconstruct(b.x, b.y, b.valid)
-        post_err.append(float(masked_mae(transform.inverse(recon), transform.inverse(b.x), b.valid)) * len(idx))
-        s = model.sample(b.y, b.valid, n_samples=cfg.val_members, generator=g)  # (M, B, 1, H, W)
-        first = s[0]
-        if cfg.loss.space == "mm":
-            p0, t0 = transform.inverse(first), transform.inverse(b.x)
-        else:
-            p0, t0 = first, b.x
-        lrec = cfg.loss.lambda_base * masked_mae(p0, t0, b.valid) + cfg.loss.lambda_ext * extreme_mae(p0, t0, b.extreme)
-        lrec_sum += float(lrec) * len(idx)
-        members.append(transform.inverse(s[:, :, 0]).float().cpu())  # (M, B, H, W) mm/day
-        n_seen += len(idx)
-    ens = torch.cat(members, dim=1).numpy()  # (M, N, H, W)
-    obs = val.pr_mm[:, 0].cpu().numpy()  # (N, H, W), NaN invalid
     thr = val.thr_mm[0, 0].cpu().numpy()  # (H, W)
-    mean = ens.mean(axis=0)
-    crps = metrics.crps_ensemble(ens, obs) if ens.shape[0] > 1 else np.abs(mean - obs)
-    tw = metrics.twcrps_ensemble(ens, obs, np.nan_to_num(thr, nan=np.inf))
+    block_days = len(val) if isinstance(val, FieldData) else val.chunk_days * max(1, -(-batch_size // val.chunk_days))
+    post_err, kl_sum, lrec_sum, n_seen, sums, corr = 0.0, 0.0, 0.0, 0, [], []
+    for _, block in day_blocks(val, block_days):
+        members = []
+        for start in range(0, len(block), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(block)))
+            b = make_batch(block, idx, thr_x, device)
+            out = model(b.x, b.y, b.valid)
+            kl_sum += float(kl_divergence(out.mu_q, out.logvar_q, out.mu_p, out.logvar_p)) * len(idx)
+            recon = model.reconstruct(b.x, b.y, b.valid)
+            post_err += float(masked_mae(transform.inverse(recon), transform.inverse(b.x), b.valid)) * len(idx)
+            s = model.sample(b.y, b.valid, n_samples=cfg.val_members, generator=g)  # (M, B, 1, H, W)
+            first = s[0]
+            if cfg.loss.space == "mm":
+                p0, t0 = transform.inverse(first), transform.inverse(b.x)
+            else:
+                p0, t0 = first, b.x
+            lrec = (cfg.loss.lambda_base * masked_mae(p0, t0, b.valid)
+                    + cfg.loss.lambda_ext * extreme_mae(p0, t0, b.extreme))
+            lrec_sum += float(lrec) * len(idx)
+            members.append(transform.inverse(s[:, :, 0]).float().cpu())  # (M, B, H, W) mm/day
+            n_seen += len(idx)
+        part, moments = _val_day_sums(torch.cat(members, dim=1).numpy(), block.pr_mm[:, 0].cpu().numpy(), thr)
+        sums.append(part)
+        corr.append(moments)
     heavy = val.is_event.cpu().numpy().astype(bool)
     return {
-        "val_MAE_all": metrics.mae(mean, obs),
-        "val_MAE_tail": metrics.mae_tail(mean, obs, thr),
-        "val_RMSE_ext": metrics.rmse_ext(mean, obs, thr),
-        "val_corr": metrics.pearson(mean, obs),
-        "val_freq_ratio": metrics.frequency_bias(ens, obs, thr, member_axis=0),
-        "val_CRPS": float(np.nanmean(crps)),
-        "val_CRPS_heavy": float(np.nanmean(crps[heavy])) if heavy.any() else float("nan"),
-        "val_twCRPS": float(np.nanmean(tw)),
+        **_val_scores(np.concatenate(sums), np.concatenate(corr), heavy),
         "val_L_rec": lrec_sum / n_seen,
         "val_KL": kl_sum / n_seen,
-        "val_post_MAE_all": sum(post_err) / n_seen,
+        "val_post_MAE_all": post_err / n_seen,
     }
 
 
@@ -307,8 +348,8 @@ class _Session:
     cfg: TrainConfig
     dist: Dist
     device: torch.device
-    train: FieldData
-    val: FieldData
+    train: FieldData | ZarrFields  # in memory, or streamed from the store (train.in_memory)
+    val: FieldData | ZarrFields
     model: CVAE
     net: torch.nn.Module  # what a training step calls: the DDP wrapper under DDP
     opt: torch.optim.Optimizer
@@ -343,12 +384,25 @@ class _Session:
         }
 
 
+def in_memory(cfg: TrainConfig, nbytes: int) -> bool:
+    """Whether training holds its days in memory (``train.in_memory``; ``auto``: when their tensors, ``nbytes``,
+    fit ``train.memory_budget_gb``) or streams them from the store by time chunks."""
+    budget = cfg.memory_budget_gb * 1e9
+    held = cfg.in_memory is True or (cfg.in_memory == "auto" and nbytes <= budget)
+    log.info("train and val days: %.2f GB as tensors, budget %.2f GB (train.in_memory %s): %s", nbytes / 1e9,
+             budget / 1e9, cfg.in_memory, "held in memory" if held else
+             f"streamed from the store ({cfg.loader_workers} reader processes, buffers of {cfg.shuffle_buffer_days} days)")
+    return held
+
+
 def _set_up(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experiment: str, dist: Dist) -> _Session:
     """Data (on the GPU when it fits), static channels, model, optimiser and the checkpoints' metadata."""
     device = select_device(cfg.device, "train.device")
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
-    data = load_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", "val"))
+    data = open_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", "val"))
+    if in_memory(cfg, data.nbytes):
+        data = data.read()
     try:
         train, val = data.select("train"), data.select("val")
     except InputError as exc:
@@ -359,14 +413,11 @@ def _set_up(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experim
     if cfg.early_stopping_metric == "CRPS_heavy" and not bool(val.is_event.any()):
         raise InputError(f"{paths.events}: no heavy-event day in the val split; train.early_stopping_metric "
                          "CRPS_heavy needs at least one (choose CRPS, or a val period with heavy days)")
-    if device.type == "cuda":  # the whole data set on the GPU when it fits (a quarter of free memory)
+    if device.type == "cuda" and isinstance(data, FieldData):  # on the GPU when it fits (a quarter of free memory)
         free, _ = torch.cuda.mem_get_info()
-        nbytes = sum(t.numel() * t.element_size() for t in (data.x, data.valid, data.y))
-        if nbytes < free / 4:
+        if data.nbytes < free / 4:
             train, val = train.to(device), val.to(device)
-    fine_shape = tuple(train.x.shape[-2:])
-    coarse_shape = tuple(train.y.shape[-2:])
-    n_channels = train.y.shape[1]
+    fine_shape, coarse_shape, n_channels = train.fine_shape, train.coarse_shape, train.n_channels
     fine = model_cfg.conditioning == "fine"
     if fine and any(a in ("flip", "rot90") for a in cfg.augment):
         raise InputError(f"train.augment {list(cfg.augment)}: flip/rot90 would move the fields against the static "
@@ -466,6 +517,27 @@ def _resume(s: _Session) -> None:
              s.stopper.metric, s.stopper.best_value, s.stopper.best_epoch)
 
 
+def epoch_batches(s: _Session, g: torch.Generator):
+    """This rank's share of each batch of one epoch, on the training device.
+
+    In memory: a permutation of the train days (or weighted draws, :func:`precip_cvae.data.epoch_indices`) cut
+    into batches.  Streamed: :func:`precip_cvae.data.epoch_plan`'s batches (shuffled by time chunk, then within
+    a buffer), read by ``train.loader_workers`` processes.  Both draw from ``g`` first (the augmentations after).
+    """
+    cfg, dist = s.cfg, s.dist
+    if isinstance(s.train, FieldData):
+        order = epoch_indices(s.train.is_event, cfg.oversample_heavy, g)
+        for start in range(0, len(s.train), cfg.batch_size):
+            index = order[start : start + cfg.batch_size][dist.rank :: dist.world]
+            yield make_batch(s.train, index, s.thr_x, s.device, s.tail_x)
+        return
+    plan = epoch_plan(s.train, cfg.oversample_heavy, g, cfg.batch_size, cfg.shuffle_buffer_days)
+    move = lambda t: None if t is None else t.to(s.device, non_blocking=True)  # noqa: E731
+    for _, x, valid, y, coarse in stream_batches(s.train, plan, cfg.loader_workers, dist.rank, dist.world,
+                                                 pin_memory=s.device.type == "cuda"):
+        yield Batch(move(x), move(valid), move(y), move(coarse), s.thr_x, s.tail_x)
+
+
 LOSS_TERMS = ("total", "rec", "mae_all", "mae_ext", "kl", "mass", "crps", "tail", "energy", "mean")
 
 
@@ -484,18 +556,16 @@ def _train_epoch(s: _Session, epoch: int, flag: SignalFlag) -> tuple[dict[str, f
     t0 = time.perf_counter()
     s.net.train()
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    order = epoch_indices(s.train.is_event, cfg.oversample_heavy, g)
     sums = dict.fromkeys(LOSS_TERMS, 0.0)
     n_steps = 0
-    for step, start in enumerate(range(0, len(s.train), cfg.batch_size)):
+    for step, batch in enumerate(epoch_batches(s, g)):
         if dist.any_true(flag.signum is not None):
             raise TrainingInterrupted(
                 flag.signum or signal.SIGTERM,
                 f"interrupted by signal {flag.signum} in epoch {epoch} step {step}; the state after epoch "
                 f"{epoch - 1} is in {paths.resume}; rerun to resume",
             )
-        index = order[start : start + cfg.batch_size][dist.rank :: dist.world]  # this rank's share
-        batch = augment(make_batch(s.train, index, s.thr_x, s.device, s.tail_x), cfg.augment, g, cfg)
+        batch = augment(batch, cfg.augment, g, cfg)
         losses = train_step(s.net, s.opt, batch, cfg, epoch, s.train.transform, s.autocast,
                             dist if dist.world > 1 else None)
         if losses is None:

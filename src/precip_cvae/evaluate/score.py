@@ -100,31 +100,6 @@ class DayParts:
     wet_threshold: float
 
 
-def _corr_parts(mean: np.ndarray, o: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Per day: count, means and centred second moments of (ensemble mean, truth) over valid pixels (c, 6)."""
-    n = v.sum(axis=(1, 2)).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ma = np.where(n > 0, np.where(v, mean, 0.0).sum(axis=(1, 2)) / n, 0.0)
-        mb = np.where(n > 0, np.where(v, o, 0.0).sum(axis=(1, 2)) / n, 0.0)
-    a = np.where(v, mean - ma[:, None, None], 0.0)
-    b = np.where(v, o - mb[:, None, None], 0.0)
-    return np.stack([n, ma, mb, (a * a).sum(axis=(1, 2)), (b * b).sum(axis=(1, 2)), (a * b).sum(axis=(1, 2))], -1)
-
-
-def _pearson_of(parts: np.ndarray) -> float:
-    """Pooled Pearson correlation from per-day count, means and centred moments (Chan et al.'s combination)."""
-    n, ma, mb, caa, cbb, cab = (parts[:, i] for i in range(6))
-    total = n.sum()
-    if total < 2:
-        return float("nan")
-    ga, gb = (n * ma).sum() / total, (n * mb).sum() / total
-    saa = caa.sum() + (n * (ma - ga) ** 2).sum()
-    sbb = cbb.sum() + (n * (mb - gb) ** 2).sum()
-    sab = cab.sum() + (n * (ma - ga) * (mb - gb)).sum()
-    den = np.sqrt(saa * sbb)
-    return float(sab / den) if den > 0 else float("nan")
-
-
 def _day_ranks(e: np.ndarray, o: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Rank counts per day (c, M + 1), ties broken at random (:func:`precip_cvae.metrics.rank_histogram`)."""
     m = e.shape[0]
@@ -166,7 +141,7 @@ def day_parts(ens, obs, thresholds: Mapping[str, np.ndarray], windows: Sequence[
         thr = {p: day_slice(t, n, s, stop) for p, t in thresholds.items()}
         comps.append(day_components(e, o, thr, windows, wet_threshold, chunk_days=stop - s))
         mean = e.mean(axis=0)
-        extra = {"corr": _corr_parts(mean, o, v)}
+        extra = {"corr": metrics.pearson_parts(mean, o, v)}
         with np.errstate(invalid="ignore"):
             for p, t in thr.items():
                 ext = v & (o > np.broadcast_to(t, o.shape))
@@ -228,7 +203,7 @@ def scores_of(parts: DayParts, days=None) -> tuple[dict[str, float], dict[str, n
         out[f"mae_tail_{p}"] = fin(f"mae_tail_{p}")
         sq, cnt = total(parts.sums[f"rmse_ext_{p}"])
         out[f"rmse_ext_{p}"] = float(np.sqrt(sq / cnt)) if cnt > 0 else float("nan")
-    out["corr"] = _pearson_of(parts.sums["corr"][days])
+    out["corr"] = metrics.pearson_of_parts(parts.sums["corr"][days])
     for p in parts.names:
         out[f"freq_bias_{p}"] = fin(f"freq_bias_{p}")
     out["crps"] = fin("crps")
