@@ -109,7 +109,13 @@ def experiment_train(wildcards):
 
 
 def experiment_gpus(wildcards):
-    return int(experiment_train(wildcards).get("gpus", 1))
+    """The job's GPUs (sbatch --gpus counts them over all its nodes): train.gpus on each of train.nodes."""
+    train = experiment_train(wildcards)
+    return int(train.get("gpus", 1)) * int(train.get("nodes", 1))
+
+
+def experiment_nodes(wildcards):
+    return int(experiment_train(wildcards).get("nodes", 1))
 
 
 def device_gpus(section):

@@ -19,6 +19,7 @@ rule train_cvae:
     threads: 8
     resources:
         gpu=experiment_gpus,
+        nodes=experiment_nodes,
         mem_mb=16000,
         runtime=720,
     script:

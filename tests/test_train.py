@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 
 import numpy as np
 import pandas as pd
@@ -446,3 +447,79 @@ def test_weight_ema_is_what_is_validated_saved_and_resumed(prepared, tmp_path, m
     for key in ("model_state", "train_model_state"):
         for k in last[key]:
             torch.testing.assert_close(again[key][k], last[key][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("expr, hosts", [
+    ("gpu07", ["gpu07"]),
+    ("gpu[07-09]", ["gpu07", "gpu08", "gpu09"]),
+    ("gpu[01,03-04],login2", ["gpu01", "gpu03", "gpu04", "login2"]),
+    ("n[8-10]-ib", ["n8-ib", "n9-ib", "n10-ib"]),
+    ("a[1-2],b[001-002]", ["a1", "a2", "b001", "b002"]),
+])
+def test_a_slurm_host_list_expands_as_scontrol_shows_it(expr, hosts):
+    from precip_cvae import distributed
+
+    assert distributed.expand_hostlist(expr) == hosts
+
+
+def test_the_multi_node_rendezvous_comes_from_the_slurm_job():
+    from precip_cvae import distributed
+
+    env = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "2"}
+    r = distributed.Rendezvous.from_slurm(2, env)
+    assert r == distributed.Rendezvous(nodes=2, host="gpu07", port=29500 + 456, job_id="123456")
+    assert distributed.Rendezvous.from_slurm(2, {**env, "MASTER_PORT": "41000"}).port == 41000
+    cmd = distributed.torchrun_command(4, "spec.pkl", r)
+    assert cmd[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert cmd[5:8] == [sys.executable, "-m", "torch.distributed.run"]
+    for arg in ("--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu07:29956",
+                "--rdzv-id=123456"):
+        assert arg in cmd, arg
+    assert "--standalone" not in cmd and cmd[-3:] == ["-m", "precip_cvae.distributed", "spec.pkl"]
+    assert "--standalone" in distributed.torchrun_command(2, "spec.pkl")  # one node: as before
+    with pytest.raises(RuntimeError, match=r"train.nodes 2: multi-node training runs inside a SLURM job \(SLURM_JOB_ID"):
+        distributed.Rendezvous.from_slurm(2, {})
+    with pytest.raises(RuntimeError, match=r"SLURM job 123456 has 1 node\(s\) \(gpu07\); ask for 2"):
+        distributed.Rendezvous.from_slurm(2, {**env, "SLURM_JOB_NODELIST": "gpu07", "SLURM_JOB_NUM_NODES": "1"})
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun on one machine: --nodes=N starts the command N times (one "node" each), fails if any fails
+n=1
+while [[ "$1" == --* ]]; do case "$1" in --nodes=*) n="${1#--nodes=}";; esac; shift; done
+pids=()
+for ((i = 0; i < n; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done
+code=0
+for p in "${pids[@]}"; do wait "$p" || code=$?; done
+exit $code
+"""
+
+
+def test_two_nodes_under_srun_train_as_one_job(prepared, tmp_path, monkeypatch):
+    """train.nodes 2 inside a (faked) two-node SLURM job: launch() runs srun, which starts one torchrun per node;
+    the two agents meet at the c10d rendezvous on the job's first node and train two gloo ranks as one job.
+    (The fake srun starts both 'nodes' on this machine; a real srun places one on each node.)"""
+    import socket
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "localhost,localhost")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    paths = _paths(prepared, tmp_path)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, val_members=2, seed=3, gpus=1, nodes=2, device="cpu",
+                      loss=LossConfig(warmup_epochs=1))
+    history = train.run(paths, TINY, cfg)
+    assert [r["epoch"] for r in history] == [0, 1]
+    from precip_cvae import distributed
+
+    assert distributed.read_statuses(tmp_path / "resume" / "ddp") == [{"rank": 0, "outcome": "ok"},
+                                                                        {"rank": 1, "outcome": "ok"}]
+    assert checkpoint.load(paths.last)["epoch"] == 1

@@ -91,13 +91,16 @@ def tail_threshold(train: FieldData | ZarrFields, percentile: float, wet_thresho
     (:func:`precip_cvae.events.wet_day_thresholds`, which streams over the days); +inf where the pixel has no
     data (``mask``: the pixels valid on any train day, computed when not given).
     """
+    import dask
+
     pr = _pr_blocks(train, _block_days(train))
     if mask is None:
-        mask = np.asarray(np.isfinite(pr).any(axis=0).compute())
+        mask = np.asarray(np.isfinite(pr).any(axis=0).compute(scheduler="synchronous"))
     ecfg = EventsConfig(percentile=float(percentile), wet_threshold=float(wet_threshold),
                         min_wet_days=int(min_wet_days))
     region = xr.DataArray(np.asarray(mask).astype("int8"), dims=("lat", "lon"))
-    thr = wet_day_thresholds(xr.DataArray(pr, dims=("time", "lat", "lon")), region, ecfg).values  # (H, W)
+    with dask.config.set(scheduler="synchronous"):  # one block in memory at a time
+        thr = wet_day_thresholds(xr.DataArray(pr, dims=("time", "lat", "lon")), region, ecfg).values  # (H, W)
     t = torch.from_numpy(np.asarray(thr, dtype=np.float32))[None, None]
     tx = train.transform.forward(torch.nan_to_num(t, nan=0.0))
     return torch.where(torch.isfinite(t), tx, torch.full_like(tx, float("inf")))

@@ -586,6 +586,7 @@ class TrainConfig(Section):
     seed: int = 0
     device: str = "auto"
     gpus: int = 1
+    nodes: int = 1
     num_threads: int = 0
     in_memory: str | bool = "auto"
     memory_budget_gb: float = 4.0

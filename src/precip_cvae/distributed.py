@@ -10,8 +10,8 @@ process runs :func:`main`: ``init_process_group`` from that environment (``env:/
 on GPUs, gloo on CPU), then one training process on its share of every batch
 (:func:`precip_cvae.train.train_process`, named by the :class:`RankJob` the launcher
 writes, so that this module never imports the training).  Only rank 0 validates, writes checkpoints and
-logs.  The same entry point runs across nodes when started by the user under ``srun``
-with a rendezvous instead of ``--standalone`` (docs/hpc.md).
+logs.  With ``train.nodes`` M > 1 the launcher runs one torchrun per node under ``srun`` inside the SLURM
+job, meeting at a c10d rendezvous on the job's first node (:class:`Rendezvous`, docs/hpc.md).
 
 How a process ended is not read from tracebacks: each rank writes a small JSON status
 (``ok``, ``interrupted`` with the signal, ``non_finite`` or ``error``) into the status
@@ -141,11 +141,86 @@ def write_spec(status_dir: str | Path, job: RankJob, log_path: str | None = None
     return spec
 
 
-def torchrun_command(world: int, spec: str | Path) -> list[str]:
-    """torchrun starting ``world`` ranks on this node; SIGUSR1 (SLURM's warning before a time limit) is passed
-    on to them, not left to kill torchrun."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-            f"--signals-to-handle={SIGNALS_TO_HANDLE}", "-m", "precip_cvae.distributed", str(spec)]
+def expand_hostlist(expr: str) -> list[str]:
+    """The host names of a SLURM host list (``SLURM_JOB_NODELIST``), as ``scontrol show hostnames`` gives
+    them: ``gpu[01-03,07],login2`` -> gpu01, gpu02, gpu03, gpu07, login2 (zero padding kept)."""
+    hosts, i, expr = [], 0, expr.strip()
+    while i < len(expr):
+        j = i
+        while j < len(expr) and expr[j] not in ",[":
+            j += 1
+        prefix = expr[i:j]
+        if j < len(expr) and expr[j] == "[":
+            close = expr.index("]", j)
+            tail_end = close + 1
+            while tail_end < len(expr) and expr[tail_end] != ",":
+                tail_end += 1
+            suffix = expr[close + 1 : tail_end]
+            for part in expr[j + 1 : close].split(","):
+                lo, _, hi = part.partition("-")
+                if not hi:
+                    hosts.append(f"{prefix}{lo}{suffix}")
+                    continue
+                if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+                    raise ValueError(f"SLURM host list {expr!r}: range {part!r} is not lo-hi")
+                hosts += [f"{prefix}{n:0{len(lo)}d}{suffix}" for n in range(int(lo), int(hi) + 1)]
+            i = tail_end + 1
+        else:
+            if prefix:
+                hosts.append(prefix)
+            i = j + 1
+    return hosts
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ranks of a multi-node training meet (torchrun's c10d rendezvous): ``nodes`` nodes, the first
+    node of the job's host list as the endpoint, a port, and the SLURM job id as the rendezvous id."""
+
+    nodes: int
+    host: str
+    port: int
+    job_id: str
+
+    @classmethod
+    def from_slurm(cls, nodes: int, env=None) -> "Rendezvous":
+        """From the SLURM allocation this process runs in (``SLURM_JOB_ID``, ``SLURM_JOB_NODELIST``,
+        ``SLURM_JOB_NUM_NODES``).  ``MASTER_PORT`` sets the port, else 29500 + the job id modulo 1000 (two
+        jobs sharing a first node rarely share a port).
+
+        Raises
+        ------
+        RuntimeError
+            Not inside a SLURM job, or the job has fewer nodes than asked for.
+        """
+        env = os.environ if env is None else env
+        missing = [k for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST") if not env.get(k)]
+        if missing:
+            raise RuntimeError(f"train.nodes {nodes}: multi-node training runs inside a SLURM job ({', '.join(missing)} "
+                               "not set); submit with the slurm profile, or set train.nodes 1")
+        hosts = expand_hostlist(env["SLURM_JOB_NODELIST"])
+        have = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(hosts))
+        if have < nodes or len(hosts) < nodes:
+            raise RuntimeError(f"train.nodes {nodes}: SLURM job {env['SLURM_JOB_ID']} has {have} node(s) "
+                               f"({env['SLURM_JOB_NODELIST']}); ask for {nodes} (the rule's nodes resource)")
+        job_id = str(env["SLURM_JOB_ID"])
+        port = int(env.get("MASTER_PORT") or 29500 + int("".join(c for c in job_id if c.isdigit()) or 0) % 1000)
+        return cls(nodes, hosts[0], port, job_id)
+
+
+def torchrun_command(world: int, spec: str | Path, rendezvous: Rendezvous | None = None) -> list[str]:
+    """torchrun starting ``world`` ranks on this node (``--standalone``), or, with a ``rendezvous``, ``world``
+    ranks on each of its nodes, one torchrun per node started by ``srun`` (c10d rendezvous at its endpoint).
+    SIGUSR1 (SLURM's warning before a time limit) is passed on to the ranks, not left to kill torchrun."""
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    tail = [f"--nproc-per-node={world}", f"--signals-to-handle={SIGNALS_TO_HANDLE}", "-m", "precip_cvae.distributed",
+            str(spec)]
+    if rendezvous is None:
+        return [*run, "--standalone", *tail]
+    n = rendezvous.nodes
+    return ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *run,
+            f"--nnodes={n}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous.host}:{rendezvous.port}",
+            f"--rdzv-id={rendezvous.job_id}", *tail]
 
 
 def read_statuses(status_dir: str | Path) -> list[dict]:
@@ -153,10 +228,12 @@ def read_statuses(status_dir: str | Path) -> list[dict]:
     return sorted((json.loads(p.read_text()) for p in Path(status_dir).glob("rank*.json")), key=lambda s: s["rank"])
 
 
-def launch(world: int, job: RankJob, work_dir: str | Path) -> None:
-    """Run ``job`` in ``world`` processes started by torchrun; return when all succeeded.
+def launch(world: int, job: RankJob, work_dir: str | Path, nodes: int = 1) -> None:
+    """Run ``job`` in ``world`` processes on each of ``nodes`` nodes started by torchrun (across nodes: one
+    torchrun per node under ``srun``, :class:`Rendezvous` from the SLURM job); return when all succeeded.
 
-    ``work_dir`` (the resume directory) receives the spec and the ranks' statuses.
+    ``work_dir`` (the resume directory, on a file system every node sees) receives the spec and the ranks'
+    statuses.
     ``job.threads`` (threads per process) becomes each process's ``OMP_NUM_THREADS``.
 
     Raises
@@ -170,9 +247,12 @@ def launch(world: int, job: RankJob, work_dir: str | Path) -> None:
     """
     status_dir = Path(work_dir) / "ddp"
     log_path = next((h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
-    cmd = torchrun_command(world, write_spec(status_dir, job, log_path))
+    rendezvous = Rendezvous.from_slurm(nodes) if nodes > 1 else None
+    cmd = torchrun_command(world, write_spec(status_dir, job, log_path), rendezvous)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(job.threads)))}
-    log.info("DDP: %d processes (%s) with torchrun", world, "nccl" if torch.cuda.is_available() else "gloo")
+    log.info("DDP: %d processes (%s) with torchrun%s", world * nodes, "nccl" if torch.cuda.is_available() else "gloo",
+             "" if rendezvous is None else f" on {nodes} nodes, rendezvous {rendezvous.host}:{rendezvous.port}")
+    world = world * nodes  # the ranks that report
     for handler in logging.getLogger().handlers:
         handler.flush()
     proc = subprocess.Popen(cmd, env=env)

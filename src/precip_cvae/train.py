@@ -187,15 +187,16 @@ def validate(model: CVAE, val: FieldData | ZarrFields, cfg: TrainConfig, epoch: 
     """Scores of prior samples on the val days (mm/day), plus posterior reconstruction MAE.
 
     A fixed generator seeds the prior draws, so epochs are compared on the same noise.  The val days come in
-    blocks (all of them in memory, or whole time chunks from the store) and every score is summed per day, so
-    memory holds one block's members.
+    blocks (all of them in memory, or whole batches of about a time chunk from the store) and every score is
+    summed per day, so memory holds one block's members; both give the same batches, hence the same draws.
     """
     model.eval()
     g = torch.Generator(device="cpu").manual_seed(cfg.seed + 7919)
     transform = val.transform
     thr_x = val.thr_x.to(device)
     thr = val.thr_mm[0, 0].cpu().numpy()  # (H, W)
-    block_days = len(val) if isinstance(val, FieldData) else val.chunk_days * max(1, -(-batch_size // val.chunk_days))
+    # whole batches a block (the same batches, so the same draws, in memory or streamed), about a time chunk
+    block_days = len(val) if isinstance(val, FieldData) else batch_size * max(1, -(-val.chunk_days // batch_size))
     post_err, kl_sum, lrec_sum, n_seen, sums, corr = 0.0, 0.0, 0.0, 0, [], []
     for _, block in day_blocks(val, block_days):
         members = []
@@ -287,7 +288,8 @@ def run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: in
     With ``cfg.gpus > 1`` training runs data-parallel in ``cfg.gpus`` processes started
     by torchrun (:mod:`precip_cvae.distributed`: NCCL on GPUs, gloo on CPU), each taking
     its share of every global batch of ``batch_size``; only rank 0 validates, writes
-    checkpoints and logs.
+    checkpoints and logs.  With ``cfg.nodes > 1``, ``cfg.gpus`` processes on each node of
+    the SLURM job (one torchrun per node under ``srun``).
 
     ``threads`` (the rule's) reach dask, torch and BLAS through
     :func:`precip_cvae.resources.limit_threads`; ``train.num_threads``, when set, replaces
@@ -299,11 +301,11 @@ def run(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, threads: in
     """
     check_augmentations(cfg.augment)
     world = max(1, int(cfg.gpus))
-    if world > 1:
+    if world > 1 or cfg.nodes > 1:
         threads = max(1, int(cfg.num_threads or threads) // world)
         job = RankJob("precip_cvae.train:train_process", dict(paths=paths, model_cfg=model_cfg, cfg=cfg,
                                                                 threads=threads, experiment=experiment), threads)
-        distributed.launch(world, job, paths.resume_dir)
+        distributed.launch(world, job, paths.resume_dir, nodes=cfg.nodes)
         import pandas as pd
 
         return pd.read_csv(paths.log_csv).to_dict("records")
