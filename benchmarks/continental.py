@@ -1,0 +1,213 @@
+"""Training at E-OBS-Europe size: peak memory and throughput, streamed from the store against in memory.
+
+Goal (issue 25): the train_cvae stage in bounded memory when the record doubles (peak RSS ratio <= 1.25 from
+5 to 10 years, absolute <= 6 GB on this machine), with its throughput, and where the in-memory path also runs,
+the ratio between the two.
+
+    python benchmarks/continental.py                       # 465 x 705, 5 and 10 years (2.4 and 4.8 GB of rain)
+    python benchmarks/continental.py --years 1 2 --nlat 120 --nlon 160 --steps 4   # a quick look
+
+Data (written here, not by preprocess, in the layout preprocess writes): a 0.1 deg grid padded to a multiple
+of 8 (472 x 712), a sea mask (about 45 % sea), wet days on 10-50 % of days by place with a day-to-day
+large-scale modulation, gamma amounts (shape 0.75, scale 2-8 mm/day), three predictors on a 2 deg grid,
+time chunks of 128 days, 70/15/15 % train/val/test by time; thresholds the per-pixel gamma P99; 2 % of days
+flagged heavy.  What each child measures, in its own process: the stage's set-up (open, the static channels
+fitted on every train day), ``--steps`` training steps of ``--batch`` days through the stage's own batch
+iterator (``train.epoch_batches``) with the tiny model, and validation on ``--val-days`` days with 2 members.
+Peak RSS is the training process's; the reader processes' largest peak is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import add_child_argument, emit, free_disk_gb, machine, run_as_child, run_child, verdict
+
+RSS_RATIO = 1.25
+RSS_LIMIT_MB = 6 * 1024
+CHUNK = 128
+
+
+def _grid(nlat: int, nlon: int) -> tuple[int, int]:
+    return -(-nlat // 8) * 8, -(-nlon // 8) * 8
+
+
+def child_write(root: str, years: str, nlat: str, nlon: str) -> None:
+    """dataset.zarr, thresholds.nc and events.csv of ``years`` years on an ``nlat`` x ``nlon`` land-sea grid."""
+    import pandas as pd
+    import xarray as xr
+    from scipy import stats
+
+    from precip_cvae.split import format_times
+
+    root_p = Path(root)
+    root_p.mkdir(parents=True, exist_ok=True)
+    n_lat, n_lon = int(nlat), int(nlon)
+    H, W = _grid(n_lat, n_lon)
+    days = 365 * int(years)
+    rng = np.random.default_rng(int(years))
+    lat = 34.0 + 0.1 * np.arange(H)
+    lon = -25.0 + 0.1 * np.arange(W)
+    yy, xx = np.meshgrid(np.linspace(0, 1, H), np.linspace(0, 1, W), indexing="ij")
+    land = (np.sin(7 * xx + 2) * np.cos(5 * yy) + 0.6 * np.sin(13 * yy * xx + 1)) > -0.15
+    land[n_lat:], land[:, n_lon:] = False, False  # the padding
+    p_wet = 0.1 + 0.4 * yy * (0.5 + 0.5 * np.cos(3 * xx))  # wetter to the north
+    scale = 2.0 + 6.0 * (1 - xx) * (0.5 + 0.5 * yy)  # heavier to the west
+    time = pd.date_range("1990-01-01", periods=days, freq="D")
+    clat, clon = np.arange(34.0, 34.0 + 0.1 * H + 2, 2.0), np.arange(-25.0, -25.0 + 0.1 * W + 2, 2.0)
+    n_split = [int(days * 0.7), int(days * 0.85)]
+    split = np.array(["train"] * n_split[0] + ["val"] * (n_split[1] - n_split[0]) + ["test"] * (days - n_split[1]))
+    import dask.array as dsa
+
+    template = xr.Dataset(
+        {"pr": (("time", "lat", "lon"), dsa.zeros((days, H, W), chunks=(CHUNK, H, W), dtype="float32")),
+         "condition": (("time", "channel", "clat", "clon"),
+                       dsa.zeros((days, 3, clat.size, clon.size), chunks=(CHUNK, 3, clat.size, clon.size),
+                                 dtype="float32")),
+         "mask": (("lat", "lon"), land.astype("int8")), "split": (("time",), split)},
+        coords={"time": time, "lat": lat, "lon": lon, "clat": clat, "clon": clon,
+                "channel": ["psl", "hus850", "ta850"]},
+        attrs={"target_transform": "log1p", "target_transform_scale": 1.0, "pad_lat": [0, H - n_lat],
+               "pad_lon": [0, W - n_lon], "orig_nlat": n_lat, "orig_nlon": n_lon})
+    template.to_zarr(root_p / "dataset.zarr", mode="w", compute=False)
+    for start in range(0, days, CHUNK):
+        n = min(CHUNK, days - start)
+        coarse = rng.normal(size=(n, 3, clat.size, clon.size)).astype("float32")
+        # the wet probability of the day: the first predictor's anomaly, smoothed onto the fine grid
+        iy = np.minimum((np.arange(H) * 0.1 / 2.0).astype(int), clat.size - 1)
+        ix = np.minimum((np.arange(W) * 0.1 / 2.0).astype(int), clon.size - 1)
+        push = 1.0 / (1.0 + np.exp(-coarse[:, 0][:, iy][:, :, ix]))  # (n, H, W) in (0, 1)
+        wet = rng.random((n, H, W)) < np.clip(p_wet[None] * 2 * push, 0, 1)
+        amount = rng.gamma(0.75, 1.0, (n, H, W)).astype("float32") * scale[None].astype("float32") + 1.0
+        pr = np.where(land[None], np.where(wet, amount, 0.0), np.nan).astype("float32")
+        part = xr.Dataset({"pr": (("time", "lat", "lon"), pr),
+                           "condition": (("time", "channel", "clat", "clon"), coarse)})
+        part.to_zarr(root_p / "dataset.zarr", region={"time": slice(start, start + n)})
+    thr = np.where(land, stats.gamma.ppf(0.99, 0.75) * scale + 1.0, np.nan).astype("float32")
+    da = xr.DataArray(thr, dims=("lat", "lon"), coords={"lat": lat, "lon": lon}, name="threshold",
+                      attrs={"wet_threshold_mm_day": 1.0, "min_wet_days": 30})
+    da.to_dataset().to_netcdf(root_p / "thresholds.nc")
+    pd.DataFrame({"date": format_times(time), "split": split,
+                  "is_event": rng.random(days) < 0.02}).to_csv(root_p / "events.csv", index=False)
+    emit({"days": days, "shape": [H, W], "land_fraction": float(land.mean()),
+          "wet_fraction": float(np.nanmean(np.where(land[None], pr >= 1.0, np.nan))),
+          "gb": days * H * W * 4 / 1e9})
+
+
+def child_train(root: str, in_memory: str, steps: str, batch: str, val_days: str, threads: str,
+                workers: str) -> None:
+    """The stage's set-up, ``steps`` steps through its batch iterator, validation on ``val_days`` days."""
+    import gc
+    import resource
+
+    import torch
+
+    from precip_cvae import train
+    from precip_cvae.config import LossConfig, ModelConfig, TrainConfig
+    from precip_cvae.distributed import Dist
+    from precip_cvae.logs import setup
+    from precip_cvae.resources import limit_threads
+
+    setup(None)
+    paths = train.TrainPaths.in_dir(f"{root}/dataset.zarr", f"{root}/thresholds.nc", f"{root}/events.csv",
+                                    f"{root}/train_{in_memory}", f"{root}/resume_{in_memory}")
+    cfg = TrainConfig(epochs=1, batch_size=int(batch), val_members=2, num_threads=int(threads),
+                      in_memory=in_memory == "true", loader_workers=int(workers), shuffle_buffer_days=256,
+                      loss=LossConfig(warmup_epochs=0, ensemble_members=2))
+    with limit_threads(int(threads)):
+        t0 = time.perf_counter()
+        s = train._set_up(paths, ModelConfig(preset="tiny"), cfg, "continental", Dist())
+        setup_s = time.perf_counter() - t0
+        g = torch.Generator().manual_seed(0)
+        batches = train.epoch_batches(s, g)
+        wait = compute = 0.0
+        n = 0
+        for step in range(int(steps)):
+            t1 = time.perf_counter()
+            b = next(batches)
+            t2 = time.perf_counter()
+            train.train_step(s.net, s.opt, b, cfg, 1, s.train.transform, s.autocast)
+            t3 = time.perf_counter()
+            if step > 0:  # the first batch waits for the readers to start and fill their buffers
+                wait, compute = wait + t2 - t1, compute + t3 - t2
+                n += len(b.x)
+        batches.close()
+        del batches
+        gc.collect()
+        val = s.val.subset(np.arange(min(int(val_days), len(s.val))))
+        t4 = time.perf_counter()
+        scores = train.validate(s.eval_model, val, cfg, 0, s.device, int(batch))
+        val_s = time.perf_counter() - t4
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    emit({"setup_s": setup_s, "samples_per_s": n / max(compute + wait, 1e-9), "input_wait": wait / max(compute, 1e-9),
+          "val_fields_per_s": len(val) * 2 / val_s, "val_CRPS": scores["val_CRPS"], "train_days": len(s.train),
+          "streamed": not isinstance(s.train, train.FieldData), "workers_peak_mb": children})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--years", type=int, nargs=2, default=[5, 10])
+    ap.add_argument("--nlat", type=int, default=465)
+    ap.add_argument("--nlon", type=int, default=705)
+    ap.add_argument("--steps", type=int, default=8, help="training steps (the first one is not timed)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--val-days", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--in-memory-years", type=int, default=None,
+                    help="also run the in-memory path at this many years (default: the first of --years)")
+    ap.add_argument("--workdir", default=None, help="where the data go (default: a temporary directory)")
+    add_child_argument(ap)
+    args = ap.parse_args()
+    if run_as_child(args, {"write": child_write, "train": child_train}):
+        return 0
+    held_years = args.years[0] if args.in_memory_years is None else args.in_memory_years
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        need = 4 * args.years[1] * 365 * _grid(args.nlat, args.nlon)[0] * _grid(args.nlat, args.nlon)[1] * 1.6 / 1e9
+        if free_disk_gb(tmp) < need:
+            print(f"needs about {need:.0f} GB free under {tmp}; pass --workdir", file=sys.stderr)
+            return 1
+        print(f"# {machine()}; grid {args.nlat} x {args.nlon}, years {args.years}, {args.steps} steps of "
+              f"{args.batch} days, {args.val_days} val days, {args.workers} reader(s), {args.threads} threads")
+        rows = {}
+        for years in args.years:
+            root = f"{tmp}/y{years}"
+            t0 = time.perf_counter()
+            info = run_child([__file__, "--child", "write", root, str(years), str(args.nlat), str(args.nlon)])
+            print(f"data {years} y: {info['days']} days {info['shape'][0]} x {info['shape'][1]}, land "
+                  f"{info['land_fraction']:.2f}, wet {info['wet_fraction']:.2f}, {info['gb']:.2f} GB of rain as "
+                  f"float32 (written in {time.perf_counter() - t0:.0f} s)", flush=True)
+            paths = ["streamed"] + (["in memory"] if years == held_years else [])
+            for path in paths:
+                r = run_child([__file__, "--child", "train", root, "true" if path == "in memory" else "false",
+                               str(args.steps), str(args.batch), str(args.val_days), str(args.threads),
+                               str(args.workers)])
+                rows[(years, path)] = r
+                print(f"  {path:9s}: peak RSS {r['peak_rss_mb']:.0f} MB (readers {r['workers_peak_mb']:.0f} MB); "
+                      f"set-up {r['setup_s']:.0f} s; {r['samples_per_s']:.2f} samples/s, input wait "
+                      f"{100 * r['input_wait']:.1f} % of compute; validation {r['val_fields_per_s']:.2f} fields/s",
+                      flush=True)
+        small, large = rows[(args.years[0], "streamed")], rows[(args.years[1], "streamed")]
+        ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
+        print(f"streamed peak RSS {args.years[0]} -> {args.years[1]} years: {small['peak_rss_mb']:.0f} -> "
+              f"{large['peak_rss_mb']:.0f} MB (x{ratio:.2f}; goal <= x{RSS_RATIO}): {verdict(ratio <= RSS_RATIO)}")
+        worst = max(r["peak_rss_mb"] + r["workers_peak_mb"] * args.workers for k, r in rows.items() if k[1] == "streamed")
+        print(f"largest streamed peak, training process + readers: {worst:.0f} MB (goal <= {RSS_LIMIT_MB} MB): "
+              f"{verdict(worst <= RSS_LIMIT_MB)}")
+        if (held_years, "in memory") in rows:
+            held, streamed = rows[(held_years, "in memory")], rows[(held_years, "streamed")]
+            print(f"{held_years} years, in memory / streamed: peak RSS {held['peak_rss_mb']:.0f} / "
+                  f"{streamed['peak_rss_mb']:.0f} MB (x{held['peak_rss_mb'] / streamed['peak_rss_mb']:.2f}), "
+                  f"samples/s {held['samples_per_s']:.2f} / {streamed['samples_per_s']:.2f} "
+                  f"(x{held['samples_per_s'] / streamed['samples_per_s']:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
