@@ -504,14 +504,14 @@ def test_scores_are_recomputed_from_the_cache_without_sampling(evaluated, padded
 
 
 def test_missing_coarse_precipitation_skips_interpolation_with_a_log_line(padded, tmp_path, caplog, monkeypatch):
-    real = sampling.load_fields
+    import dataclasses
+
+    real = sampling.open_fields
 
     def without_coarse(*a, **k):
-        fields = real(*a, **k)
-        fields.coarse_mm = None
-        return fields
+        return dataclasses.replace(real(*a, **k), has_coarse=False)
 
-    monkeypatch.setattr(sampling, "load_fields", without_coarse)
+    monkeypatch.setattr(sampling, "open_fields", without_coarse)
     sample = sampling.SamplePaths(str(padded / "dataset.zarr"), str(padded / "thresholds.nc"), str(padded / "events.csv"),
                            {"best": str(padded / "train" / "best.pt")}, str(tmp_path / "ens.zarr"))
     with caplog.at_level("INFO"):
@@ -520,6 +520,32 @@ def test_missing_coarse_precipitation_skips_interpolation_with_a_log_line(padded
     meta = json.loads(xr.open_zarr(tmp_path / "ens.zarr").attrs["evaluate_meta"])
     assert meta["sources"] == ["cvae_best"] and "interpolation" in meta["skipped_baselines"]
     assert "coarse_pr" not in xr.open_zarr(tmp_path / "ens.zarr", group="test/truth")
+
+
+def test_a_cache_sampled_from_the_store_block_by_block_equals_the_one_sampled_in_memory(padded, tmp_path,
+                                                                                         monkeypatch):
+    """Above SAMPLE_MEMORY_BYTES the days are read a block at a time and the baselines' train fields day by day as
+    they are taken: every group of the cache is the same, value for value (the same batches, the same noise)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, calibrate="quantile_map", batch_size=20)  # blocks of 80 days: 4 batches
+    ckpts = {"best": str(padded / "train" / "best.pt"), "last": str(padded / "train" / "last.pt")}
+    out = {}
+    for name, budget in (("held", sampling.SAMPLE_MEMORY_BYTES), ("streamed", 0)):
+        monkeypatch.setattr(sampling, "SAMPLE_MEMORY_BYTES", budget)
+        sample = sampling.SamplePaths(str(padded / "dataset.zarr"), str(padded / "thresholds.nc"),
+                                      str(padded / "events.csv"), ckpts, str(tmp_path / f"{name}.zarr"))
+        sampling.sample_ensembles(sample, cfg, threads=1, experiment="default")
+        out[name] = sample.out
+    meta = json.loads(xr.open_zarr(out["held"]).attrs["evaluate_meta"])
+    assert meta == json.loads(xr.open_zarr(out["streamed"]).attrs["evaluate_meta"])
+    assert meta["sources"] == ["cvae_best", "cvae_last", "cvae_best_qm", "climatology", "analogs", "interpolation"]
+    for split in cfg.splits:
+        for group in ["truth", *meta["sources"]]:
+            a = xr.open_zarr(out["held"], group=f"{split}/{group}")
+            b = xr.open_zarr(out["streamed"], group=f"{split}/{group}")
+            xr.testing.assert_identical(a.load(), b.load())
+            assert a["pr"].encoding["chunks"] == b["pr"].encoding["chunks"], (split, group)
 
 
 # ----------------------------------------------------------------------------- the workflow and its report

@@ -51,6 +51,12 @@ __all__ = [
 # ----------------------------------------------------------------------------- functions
 
 
+def _days_array(train_pr):
+    """``train_pr`` as given when it is array-like with a shape (an ndarray, or fields read from the store only
+    for the days taken: :class:`precip_cvae.data.DayFields`), else as an ndarray."""
+    return train_pr if hasattr(train_pr, "shape") and hasattr(train_pr, "__getitem__") else np.asarray(train_pr)
+
+
 def climatology(train_pr, n_days: int, n_members: int,
                 rng: np.random.Generator | int | None = None) -> np.ndarray:
     """Climatological ensemble: independent random draws of train fields.
@@ -72,7 +78,7 @@ def climatology(train_pr, n_days: int, n_members: int,
     ndarray (M, N, H, W)
         Same dtype as ``train_pr``; every field is one of the train fields.
     """
-    train_pr = np.asarray(train_pr)
+    train_pr = _days_array(train_pr)
     if train_pr.ndim != 3 or train_pr.shape[0] < 1:
         raise ValueError(f"train_pr must be (T, H, W) with T >= 1, got {train_pr.shape}")
     if n_members < 1 or n_days < 0:
@@ -112,7 +118,7 @@ def analogs(train_cond, target_cond, train_pr, n_members: int,
     """
     tc = np.asarray(train_cond, dtype=np.float64)
     qc = np.asarray(target_cond, dtype=np.float64)
-    train_pr = np.asarray(train_pr)
+    train_pr = _days_array(train_pr)
     if tc.ndim != 2 or qc.ndim != 2 or tc.shape[1] != qc.shape[1]:
         raise ValueError(
             f"train_cond (T, F) and target_cond (N, F) must share F, got {tc.shape}, {qc.shape}"
@@ -164,7 +170,8 @@ class BaselineInputs:
 
     Attributes
     ----------
-    train_pr : ndarray (T, H, W), mm day-1 -- climatology, analogs
+    train_pr : ndarray (T, H, W), mm day-1 -- climatology, analogs (or any object indexed like one by integer
+        arrays, e.g. :class:`precip_cvae.data.DayFields`: only the days taken are read)
     n_members : int -- M (climatology, analogs; interpolation always gives 1)
     n_days : int or None -- N for climatology; defaults to len(target_cond) or
         len(coarse_pr) when those are given

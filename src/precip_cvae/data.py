@@ -166,6 +166,12 @@ class ZarrFields(FieldMeta):
             self._store = xr.open_zarr(self.path, chunks=None, decode_timedelta=False)
         return self._store
 
+    def read_condition(self, index=None) -> torch.Tensor:
+        """The normalised condition (N, C, h, w) of the days ``index`` (None: all), without their fields."""
+        index = np.arange(len(self)) if index is None else np.asarray(index, dtype=np.int64)
+        uniq, back = np.unique(self.times[index], return_inverse=True)
+        return torch.from_numpy(self._open()["condition"].isel(time=uniq).values.astype("float32")[back])
+
     def read(self, index=None) -> FieldData:
         """The days ``index`` (positions in this object; None: all) in memory, in that order."""
         index = np.arange(len(self)) if index is None else np.asarray(index, dtype=np.int64)
@@ -251,6 +257,44 @@ def load_fields(dataset: str, thresholds: str, events: str | None = None, splits
     """``dataset.zarr`` (+ thresholds map, + events table) in memory as tensors (:func:`open_fields`, then every
     day read)."""
     return open_fields(dataset, thresholds, events, splits).read()
+
+
+def block_days_for(source: FieldData | ZarrFields, batch_size: int) -> int:
+    """Days a pass over ``source`` holds at once: all of them in memory; streamed, whole batches of about one
+    time chunk (so a pass in blocks cuts the same batches as a pass over all the days)."""
+    if isinstance(source, FieldData):
+        return max(1, len(source))
+    return batch_size * max(1, -(-source.chunk_days // batch_size))
+
+
+class DayFields:
+    """A split's fields in mm/day, indexed like a (T, h, w) array (``fields[idx]`` for integer arrays of any
+    shape gives ``idx.shape + (h, w)``) but read from the store only for the days asked for.
+
+    ``finish`` turns read fields (N, H, W) (NaN invalid) into what the user of the array sees (e.g. cropped to
+    the original grid, NaN as 0); its output for ``source.read(...)`` must be the same as for the in-memory
+    fields.  ``dtype`` and ``shape`` describe that output.  Each read decompresses the time chunks of the
+    days asked for (an analog ensemble of M members over B days reads up to M x B chunks).
+    """
+
+    ndim = 3
+
+    def __init__(self, source: ZarrFields, finish: Callable[[np.ndarray], np.ndarray]):
+        self.source, self.finish = source, finish
+        one = finish(source.read([0]).pr_mm[:, 0].cpu().numpy()) if len(source) else np.empty((0, 0, 0), "float32")
+        self.shape = (len(source), *one.shape[1:])
+        self.dtype = one.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = np.asarray(index)
+        if index.dtype.kind not in "iu":
+            raise TypeError(f"DayFields takes integer day indices, got {index.dtype}")
+        uniq, back = np.unique(index.ravel(), return_inverse=True)
+        fields_ = self.finish(self.source.read(uniq).pr_mm[:, 0].cpu().numpy())
+        return fields_[back].reshape(*index.shape, *fields_.shape[1:])
 
 
 def day_blocks(source: FieldData | ZarrFields, days: int) -> Iterator[tuple[np.ndarray, FieldData]]:

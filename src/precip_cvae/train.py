@@ -41,8 +41,8 @@ import torch
 from . import checkpoint, distributed, metrics
 from .conditioning import condition_sampling_grid, fit_static
 from .config import ModelConfig, TrainConfig, config_hash
-from .data import (Batch, FieldData, ZarrFields, augment, check_augmentations, day_blocks, epoch_indices, epoch_plan,
-                   make_batch, open_fields, stream_batches)
+from .data import (Batch, FieldData, ZarrFields, augment, block_days_for, check_augmentations, day_blocks,
+                   epoch_indices, epoch_plan, make_batch, open_fields, stream_batches)
 from .io import InputError, atomic_path
 from .losses import beta_schedule, compute_loss, extreme_mae, kl_divergence, masked_mae, warmup_finished
 from .model import CVAE, count_parameters
@@ -195,10 +195,8 @@ def validate(model: CVAE, val: FieldData | ZarrFields, cfg: TrainConfig, epoch: 
     transform = val.transform
     thr_x = val.thr_x.to(device)
     thr = val.thr_mm[0, 0].cpu().numpy()  # (H, W)
-    # whole batches a block (the same batches, so the same draws, in memory or streamed), about a time chunk
-    block_days = len(val) if isinstance(val, FieldData) else batch_size * max(1, -(-val.chunk_days // batch_size))
     post_err, kl_sum, lrec_sum, n_seen, sums, corr = 0.0, 0.0, 0.0, 0, [], []
-    for _, block in day_blocks(val, block_days):
+    for _, block in day_blocks(val, block_days_for(val, batch_size)):
         members = []
         for start in range(0, len(block), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(block)))

@@ -43,7 +43,7 @@ from ..baselines import BaselineInputs, get_baseline
 from ..calibration import QuantileMap, fit_quantile_map
 from ..checkpoint import check_matches_data, load_model
 from ..config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
-from ..data import FieldData, load_fields
+from ..data import DayFields, FieldData, ZarrFields, block_days_for, day_blocks, open_fields
 from ..grid import CELL_COORDS, crop_array as crop, crop_to_original, fine_positions
 from ..resources import limit_threads, select_device
 from ..transform import TargetTransform
@@ -119,9 +119,9 @@ def read_grid(dataset: str) -> Grid:
     )
 
 
-def _load_checkpoint(path: str, data: FieldData, device) -> tuple[torch.nn.Module, TargetTransform, dict]:
+def _load_checkpoint(path: str, data: FieldData | ZarrFields, device) -> tuple[torch.nn.Module, TargetTransform, dict]:
     model, state = load_model(path, device)
-    check_matches_data(state, data.channels, tuple(data.x.shape[-2:]), path)
+    check_matches_data(state, data.channels, tuple(data.fine_shape), path)
     transform = TargetTransform.from_attrs(state["data"]["transform"])
     if transform != data.transform:
         log.warning("%s was trained with target transform %s, the data set has %s; sampling with the checkpoint's",
@@ -185,6 +185,10 @@ def _seed(cfg: EvaluateConfig, split: str, salt: int) -> int:
     return int(cfg.seed) * 1_000_003 + 7919 * ("val", "test", "train").index(split) + salt
 
 
+def _has_coarse(data: FieldData | ZarrFields) -> bool:
+    return data.has_coarse if isinstance(data, ZarrFields) else data.coarse_mm is not None
+
+
 def _batches(n: int, size: int):
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
@@ -202,55 +206,76 @@ def fit_calibration(fit: FieldData, loaded, cfg: EvaluateConfig, grid: Grid, dev
     return qmap
 
 
-def _write_cvae(store, split: str, ev: FieldData, times: np.ndarray, label: str, loaded, cfg: EvaluateConfig,
-                grid: Grid, device, qmap: QuantileMap | None = None) -> None:
-    """Prior samples of one checkpoint on one split, appended batch by batch to ``{split}/cvae_<label>`` (and,
-    mapped by ``qmap``, to ``{split}/cvae_<label>_qm``)."""
-    model, transform, _ = loaded
-    t0 = time.perf_counter()
-    g = torch.Generator(device="cpu").manual_seed(_seed(cfg, split, 0))  # the same noise for every checkpoint
-    for idx in _batches(len(ev), cfg.batch_size):
-        ens = crop(sample_cvae(model, transform, ev.y[idx], ev.valid[idx], cfg.members, g, device), grid.attrs)
-        io.append_zarr(_fields_dataset(ens, times[idx], grid), store, f"{split}/{cvae_source(label)}")
-        if qmap is not None:
-            io.append_zarr(_fields_dataset(qmap.apply(ens), times[idx], grid), store,
-                           f"{split}/{cvae_source(calibrated_label(label))}")
-    seconds = time.perf_counter() - t0
-    log.info("%s: sampled cVAE %s, %d days x %d members in %.1f s (%.0f fields/s)", split, label, len(ev),
-             cfg.members, seconds, len(ev) * cfg.members / max(seconds, 1e-9))
-
-
 def calibrated_label(label: str) -> str:
     """The checkpoint label of a calibrated source: 'best' -> 'best_qm'."""
     return f"{label}_qm"
 
 
-def _write_baseline(store, split: str, ev: FieldData, times: np.ndarray, name: str, train: dict, cfg: EvaluateConfig,
-                    grid: Grid, rng: np.random.Generator) -> None:
-    """One baseline on one split, appended batch by batch to ``{split}/<name>`` (masked like the truth)."""
-    t0 = time.perf_counter()
-    obs = crop(ev.pr_mm[:, 0], grid.attrs)  # (N, h, w), NaN invalid
-    fine = grid.fine_positions()
-    for idx in _batches(len(ev), cfg.batch_size):
-        n = idx.stop - idx.start
-        inputs = BaselineInputs(
-            train_pr=train["pr"], n_members=cfg.members, n_days=n, rng=rng,
-            train_cond=train["cond"], target_cond=ev.y[idx].reshape(n, -1).numpy(),
-            coarse_pr=None if ev.coarse_mm is None else ev.coarse_mm[idx].numpy(),
-            coarse_lat=grid.clat, coarse_lon=grid.clon, fine_lat=fine[0], fine_lon=fine[1],
-        )
-        ens = get_baseline(name)(inputs)  # (M, B, h, w) mm/day
-        # masked like the truth; the interpolation's round-off (-1e-16) clipped to 0
-        ens = np.where(np.isfinite(obs[idx])[None], np.maximum(ens, 0.0), np.nan)
-        io.append_zarr(_fields_dataset(ens, times[idx], grid), store, f"{split}/{name}")
-    log.info("%s: baseline %s in %.1f s", split, name, time.perf_counter() - t0)
+class _SplitWriter:
+    """Writes one split of the cache batch by batch: the truth, each checkpoint's members (and the calibrated
+    ones), each baseline.  Every source keeps its own noise across batches (a generator per checkpoint seeded
+    alike: common random numbers; one per baseline), so the cache does not depend on how the days are read."""
+
+    def __init__(self, store, split: str, models: dict, baselines: tuple, train: dict, cfg: EvaluateConfig,
+                 grid: Grid, device, qmap: QuantileMap | None):
+        self.store, self.split, self.models, self.baselines = store, split, models, baselines
+        self.train, self.cfg, self.grid, self.device, self.qmap = train, cfg, grid, device, qmap
+        self.gens = {label: torch.Generator(device="cpu").manual_seed(_seed(cfg, split, 0)) for label in models}
+        self.rngs = {name: np.random.default_rng(_seed(cfg, split, 1 + k)) for k, name in enumerate(baselines)}
+        self.seconds = dict.fromkeys([*models, *baselines], 0.0)
+        self.days = 0
+        self.fine = grid.fine_positions()
+
+    def write(self, ev: FieldData, times: np.ndarray) -> None:
+        """Days ``ev`` (at most one batch), dated ``times``, appended to every group of the split."""
+        cfg, grid, split = self.cfg, self.grid, self.split
+        io.append_zarr(_truth_dataset(ev, times, grid), self.store, f"{split}/{TRUTH}")
+        for k, (label, (model, transform, _)) in enumerate(self.models.items()):
+            t0 = time.perf_counter()
+            ens = crop(sample_cvae(model, transform, ev.y, ev.valid, cfg.members, self.gens[label], self.device),
+                       grid.attrs)
+            io.append_zarr(_fields_dataset(ens, times, grid), self.store, f"{split}/{cvae_source(label)}")
+            if k == 0 and self.qmap is not None:
+                io.append_zarr(_fields_dataset(self.qmap.apply(ens), times, grid), self.store,
+                               f"{split}/{cvae_source(calibrated_label(label))}")
+            self.seconds[label] += time.perf_counter() - t0
+        obs = crop(ev.pr_mm[:, 0], grid.attrs)  # (B, h, w), NaN invalid
+        for name in self.baselines:
+            t0 = time.perf_counter()
+            n = len(ev)
+            inputs = BaselineInputs(
+                train_pr=self.train["pr"], n_members=cfg.members, n_days=n, rng=self.rngs[name],
+                train_cond=self.train["cond"], target_cond=ev.y.reshape(n, -1).numpy(),
+                coarse_pr=None if ev.coarse_mm is None else ev.coarse_mm.numpy(),
+                coarse_lat=grid.clat, coarse_lon=grid.clon, fine_lat=self.fine[0], fine_lon=self.fine[1],
+            )
+            ens = get_baseline(name)(inputs)  # (M, B, h, w) mm/day
+            # masked like the truth; the interpolation's round-off (-1e-16) clipped to 0
+            ens = np.where(np.isfinite(obs)[None], np.maximum(ens, 0.0), np.nan)
+            io.append_zarr(_fields_dataset(ens, times, grid), self.store, f"{split}/{name}")
+            self.seconds[name] += time.perf_counter() - t0
+        self.days += len(ev)
+
+    def report(self) -> None:
+        for label in self.models:
+            seconds = self.seconds[label]
+            log.info("%s: sampled cVAE %s, %d days x %d members in %.1f s (%.0f fields/s)", self.split, label,
+                     self.days, self.cfg.members, seconds, self.days * self.cfg.members / max(seconds, 1e-9))
+        for name in self.baselines:
+            log.info("%s: baseline %s in %.1f s", self.split, name, self.seconds[name])
+
+
+#: Fields of the data set (train and the sampled splits, bytes as tensors) held in memory; larger ones are read
+#: from the store a block of days at a time, and the train fields of the baselines day by day as they are taken.
+SAMPLE_MEMORY_BYTES = 2 * 2**30
 
 
 def sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, threads: int = 1, experiment: str = "default") -> Path:
     """Step 1: sample the checkpoints and build the baselines on ``cfg.splits``; write the cache.
 
-    Reads the sampling keys of ``cfg`` only (``config.EVALUATE_SAMPLING_KEYS``).  Memory:
-    the data set's fields plus one batch of ``members x batch_size`` fields.
+    Reads the sampling keys of ``cfg`` only (``config.EVALUATE_SAMPLING_KEYS``).  Memory: the data set's
+    fields when they fit :data:`SAMPLE_MEMORY_BYTES`, else one block of days (about a time chunk) and the
+    train condition, plus one batch of ``members x batch_size`` fields.
 
     Parameters
     ----------
@@ -277,20 +302,26 @@ def sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, threads: int = 1, 
 
 def _sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, baselines: tuple[str, ...], device,
                       experiment: str) -> Path:
-    data = load_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", *cfg.splits))
+    data = open_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", *cfg.splits))
+    held = data.nbytes <= SAMPLE_MEMORY_BYTES
+    log.info("train and sampled days: %.2f GB as tensors: %s", data.nbytes / 1e9,
+             "held in memory" if held else "read from the store a block of days at a time")
+    if held:
+        data = data.read()
     grid = read_grid(paths.dataset)
     train_days = data.select("train")
     skipped = {}
-    if "interpolation" in baselines and data.coarse_mm is None:
+    if "interpolation" in baselines and not _has_coarse(data):
         log.info("baseline 'interpolation' skipped: the condition has no precipitation channel "
                  "(set a predictor's precipitation: true or preprocess.target_coarse_factor)")
         skipped["interpolation"] = "no coarse precipitation in the condition"
         baselines = tuple(b for b in baselines if b != "interpolation")
     if "analogs" in baselines and cfg.members > len(train_days):
         raise ValueError(f"evaluate.members = {cfg.members} exceeds the {len(train_days)} train days of the analogs")
+    finish = lambda pr: np.nan_to_num(crop(pr, grid.attrs), nan=0.0)  # noqa: E731 -- (T, h, w) mm/day
     train = {
-        "pr": np.nan_to_num(crop(train_days.pr_mm[:, 0], grid.attrs), nan=0.0),  # (T, h, w) mm/day
-        "cond": train_days.y.reshape(len(train_days), -1).numpy(),  # (T, F) normalised
+        "pr": finish(train_days.pr_mm[:, 0].numpy()) if held else DayFields(train_days, finish),
+        "cond": (train_days.y if held else train_days.read_condition()).reshape(len(train_days), -1).numpy(),
     }
     models = {label: _load_checkpoint(path, data, device) for label, path in paths.checkpoints.items()}
     for label, (_, _, info) in models.items():
@@ -298,7 +329,7 @@ def _sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, baselines: tuple[
     qmap, calibrated = None, []
     if cfg.calibrate == "quantile_map":
         first = next(iter(models))
-        qmap = fit_calibration(train_days, models[first], cfg, grid, device)
+        qmap = fit_calibration(train_days if held else train_days.read(), models[first], cfg, grid, device)
         calibrated = [cvae_source(calibrated_label(first))]
     sources = [cvae_source(label) for label in models] + calibrated + list(baselines)
     meta = {
@@ -321,13 +352,11 @@ def _sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, baselines: tuple[
         for split in cfg.splits:
             ev = data.select(split)
             times = np.asarray(ev.dates, dtype=str)  # ISO strings: any calendar
-            io.write_zarr_group(_truth_dataset(ev, times, grid).chunk({"time": cfg.batch_size}), store,
-                                f"{split}/{TRUTH}")
-            for k, (label, loaded) in enumerate(models.items()):
-                _write_cvae(store, split, ev, times, label, loaded, cfg, grid, device, qmap if k == 0 else None)
-            for k, name in enumerate(baselines):
-                rng = np.random.default_rng(_seed(cfg, split, 1 + k))
-                _write_baseline(store, split, ev, times, name, train, cfg, grid, rng)
+            writer = _SplitWriter(store, split, models, baselines, train, cfg, grid, device, qmap)
+            for index, block in day_blocks(ev, block_days_for(ev, cfg.batch_size)):
+                for idx in _batches(len(block), cfg.batch_size):
+                    writer.write(block.subset(np.arange(idx.start, idx.stop)), times[index[idx]])
+            writer.report()
         io.consolidate_zarr(store)
     log.info("wrote %s: splits %s, sources %s", paths.out, list(cfg.splits), sources)
     return Path(paths.out)
