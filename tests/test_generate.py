@@ -315,3 +315,25 @@ def test_generated_maps_show_the_heaviest_sampled_days_beside_their_samples(prep
     assert np.isnan(f.truth[:, ~mask]).all() and np.isnan(f.samples[..., ~mask]).all()
     png = plots.write_generated_maps(str(tmp_path / "augmented.zarr"), prepared["dataset"], str(tmp_path / "g.png"))
     assert png.stat().st_size > 10_000
+
+
+def test_generating_from_the_store_equals_generating_in_memory(prepared, trained, tmp_path, monkeypatch):
+    """Above GENERATE_MEMORY_BYTES the heavy days' conditions and fields are read from the store as needed and
+    the memorisation reference a block of 7 fields at a time: the samples, the training set and the report are
+    the same as with the data set in memory (calibration on: its val days are read too)."""
+    from precip_cvae import neighbours
+
+    held = _run(prepared, trained, tmp_path / "held", calibrate="quantile_map")
+    monkeypatch.setattr(generate, "GENERATE_MEMORY_BYTES", 0)
+    monkeypatch.setattr(neighbours, "B_BLOCK_BYTES", 7 * 16 * 16 * 8)
+    streamed = _run(prepared, trained, tmp_path / "streamed", calibrate="quantile_map")
+    timed = ("creation_time", "history", "generation_creation_time")  # the times of the two runs differ
+    for name in ("augmented.zarr", "augmented_training_set.zarr"):
+        a, b = (xr.open_zarr(tmp_path / run / name).load() for run in ("held", "streamed"))
+        xr.testing.assert_equal(a, b)
+        assert {k: v for k, v in a.attrs.items() if k not in timed} == {k: v for k, v in b.attrs.items()
+                                                                        if k not in timed}
+    strip = lambda r: {k: v for k, v in r.items() if k != "provenance"}  # noqa: E731
+    assert json.dumps(strip(held), sort_keys=True, default=str) == json.dumps(strip(streamed), sort_keys=True,
+                                                                             default=str)
+    assert held["memorisation"]["reference_fields"] > 7

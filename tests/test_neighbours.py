@@ -40,3 +40,33 @@ def test_nearest_rmse_by_hand():
     # a pixel missing in one field is dropped from every distance: RMSE over the other pixel only
     c = np.array([[1.0, np.nan], [3.0, 4.0]])  # pixel 0 only: 1 is 1 from b[0]; 3 is 0 from b[1]
     np.testing.assert_allclose(nearest_rmse(c, b), [1.0, 0.0])
+
+
+def test_nearest_rmse_over_blocks_of_b_equals_one_block_and_reads_fields_as_indexed():
+    """b compared 3 rows at a time (the k nearest merged over blocks, ties to the lower index) gives what one
+    block gives, with exclusions that fall in any block; b may be an object indexed by integer arrays."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(9, 4, 5))
+    b = rng.normal(size=(11, 4, 5))
+    b[4] = b[7]  # a tie: the lower index wins in both
+    a[2] = b[7]
+    exclude = np.array([-1, 0, 4, 10, 3, -1, 8, 7, 1])
+
+    class Lazy:  # the interface of precip_cvae.data.DayFields
+        shape, ndim = b.shape, 3
+        reads = []
+
+        def __len__(self):
+            return len(b)
+
+        def __getitem__(self, idx):
+            Lazy.reads.append(np.asarray(idx).tolist())
+            return b[idx]
+
+    for k in (1, 2, 3):
+        whole = nearest_rmse(a.reshape(9, -1), b.reshape(11, -1), k=k, exclude=exclude)
+        np.testing.assert_array_equal(nearest_rmse(a.reshape(9, -1), b.reshape(11, -1), k=k, exclude=exclude, b_rows=3),
+                                      whole)
+        np.testing.assert_array_equal(nearest_rmse(a.reshape(9, -1), Lazy(), k=k, exclude=exclude, b_rows=3), whole)
+    assert Lazy.reads[:4] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]  # a pass for the valid pixels, then one more
+    assert nearest_rmse(a.reshape(9, -1), b.reshape(11, -1), k=1)[2] == 0.0  # a copy of b[7] (not excluded for a[2])

@@ -107,6 +107,19 @@ class FieldData(FieldMeta):
         return replace(self, x=self.x[t], valid=self.valid[t], y=self.y[t],
                        coarse_mm=None if self.coarse_mm is None else self.coarse_mm[t], **self._labels(index))
 
+    def condition(self, index) -> torch.Tensor:
+        """The normalised condition (N, C, h, w) of the days ``index``."""
+        return self.y[torch.as_tensor(np.asarray(index), dtype=torch.long).to(self.y.device)]
+
+    def coarse(self, index) -> torch.Tensor | None:
+        """The coarse precipitation (N, h, w) mm/day of the days ``index``, or None."""
+        t = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        return None if self.coarse_mm is None else self.coarse_mm[t.to(self.coarse_mm.device)]
+
+    def fields_mm(self, index) -> np.ndarray:
+        """The fields (N, H, W) mm/day, NaN invalid, of the days ``index``."""
+        return self.subset(index).pr_mm[:, 0].cpu().numpy()
+
     def to(self, device) -> "FieldData":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, x=mv(self.x), valid=mv(self.valid), y=mv(self.y), coarse_mm=mv(self.coarse_mm),
@@ -166,11 +179,21 @@ class ZarrFields(FieldMeta):
             self._store = xr.open_zarr(self.path, chunks=None, decode_timedelta=False)
         return self._store
 
-    def read_condition(self, index=None) -> torch.Tensor:
-        """The normalised condition (N, C, h, w) of the days ``index`` (None: all), without their fields."""
-        index = np.arange(len(self)) if index is None else np.asarray(index, dtype=np.int64)
-        uniq, back = np.unique(self.times[index], return_inverse=True)
-        return torch.from_numpy(self._open()["condition"].isel(time=uniq).values.astype("float32")[back])
+    def _read_array(self, name: str, index) -> torch.Tensor:
+        uniq, back = np.unique(self.times[np.asarray(index, dtype=np.int64)], return_inverse=True)
+        return torch.from_numpy(self._open()[name].isel(time=uniq).values.astype("float32")[back])
+
+    def condition(self, index) -> torch.Tensor:
+        """The normalised condition (N, C, h, w) of the days ``index``, read without their fields."""
+        return self._read_array("condition", index)
+
+    def coarse(self, index) -> torch.Tensor | None:
+        """The coarse precipitation (N, h, w) mm/day of the days ``index``, or None."""
+        return self._read_array("coarse_pr", index) if self.has_coarse else None
+
+    def fields_mm(self, index) -> np.ndarray:
+        """The fields (N, H, W) mm/day, NaN invalid, of the days ``index``."""
+        return self.read(index).pr_mm[:, 0].cpu().numpy()
 
     def read(self, index=None) -> FieldData:
         """The days ``index`` (positions in this object; None: all) in memory, in that order."""
@@ -253,6 +276,14 @@ def open_fields(dataset: str, thresholds: str, events: str | None = None, splits
     )
 
 
+def held_or_streamed(fields: ZarrFields, budget: int, stage: str) -> FieldData | ZarrFields:
+    """``fields`` read into memory when their tensors fit ``budget`` bytes, else left on disk (logged)."""
+    held = fields.nbytes <= budget
+    log.info("%s: %d days, %.2f GB as tensors (budget %.2f GB): %s", stage, len(fields), fields.nbytes / 1e9,
+             budget / 1e9, "held in memory" if held else "read from the store as needed")
+    return fields.read() if held else fields
+
+
 def load_fields(dataset: str, thresholds: str, events: str | None = None, splits=None) -> FieldData:
     """``dataset.zarr`` (+ thresholds map, + events table) in memory as tensors (:func:`open_fields`, then every
     day read)."""
@@ -281,7 +312,7 @@ class DayFields:
 
     def __init__(self, source: ZarrFields, finish: Callable[[np.ndarray], np.ndarray]):
         self.source, self.finish = source, finish
-        one = finish(source.read([0]).pr_mm[:, 0].cpu().numpy()) if len(source) else np.empty((0, 0, 0), "float32")
+        one = finish(source.fields_mm([0])) if len(source) else np.empty((0, 0, 0), "float32")
         self.shape = (len(source), *one.shape[1:])
         self.dtype = one.dtype
 
@@ -293,7 +324,7 @@ class DayFields:
         if index.dtype.kind not in "iu":
             raise TypeError(f"DayFields takes integer day indices, got {index.dtype}")
         uniq, back = np.unique(index.ravel(), return_inverse=True)
-        fields_ = self.finish(self.source.read(uniq).pr_mm[:, 0].cpu().numpy())
+        fields_ = self.finish(self.source.fields_mm(uniq))
         return fields_[back].reshape(*index.shape, *fields_.shape[1:])
 
 

@@ -28,7 +28,7 @@ import xarray as xr
 from . import __version__, cf, checkpoint, indices
 from .calibration import QuantileMap, fit_quantile_map
 from .config import EventsConfig, GenerateConfig, config_hash
-from .data import load_fields
+from .data import DayFields, FieldData, held_or_streamed, open_fields
 from .events import apply_criterion, field_statistics, wet_day_thresholds
 from .grid import crop_array, crop_to_original
 from .split import format_times, season_year_rule
@@ -74,18 +74,22 @@ def memorisation_check(samples: np.ndarray, reference: np.ndarray, warn_fraction
 
     Parameters
     ----------
-    samples : (Ns, ...) synthetic fields; reference : (Nr, ...) real train fields (NaN = masked)
+    samples : (Ns, ...) synthetic fields; reference : (Nr, ...) real train fields (NaN = masked), an ndarray or
+        fields read from the store as they are indexed (:class:`precip_cvae.data.DayFields`; compared a block
+        at a time, :func:`precip_cvae.neighbours.nearest_rmse`)
     anchors : (Na, ...) real fields like the samples, optional
     anchor_index : (Na,) int, the position of each anchor in ``reference`` (-1: not in it);
         that pair is skipped
     """
     s = samples.reshape(samples.shape[0], -1)
-    r = reference.reshape(reference.shape[0], -1)
-    two = nearest_rmse(s, r, k=2) if r.shape[0] > 1 else np.repeat(nearest_rmse(s, r)[:, None], 2, 1)
+    r = reference.reshape(reference.shape[0], -1) if isinstance(reference, np.ndarray) else reference
+    n_ref = len(r)
+    two = nearest_rmse(s, r, k=2) if n_ref > 1 else np.repeat(nearest_rmse(s, r)[:, None], 2, 1)
     d_sample = two[:, 0]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(two[:, 1] > 0, two[:, 0] / two[:, 1], 1.0)  # d1 = d2 = 0: several identical fields
     if anchors is None:
+        r = np.asarray(r[np.arange(n_ref)]).reshape(n_ref, -1) if not isinstance(r, np.ndarray) else r
         d_real = nearest_rmse(r, r, exclude_self=True)
     else:
         a = anchors.reshape(anchors.shape[0], -1)
@@ -101,7 +105,7 @@ def memorisation_check(samples: np.ndarray, reference: np.ndarray, warn_fraction
         "real_nn_rmse_p5": p5,
         "real_nn_rmse_median": float(np.median(d_real)) if d_real.size else float("nan"),
         "fraction_closer_than_real_p5": float((d_sample < p5).mean()) if d_sample.size else 0.0,
-        "reference_fields": int(r.shape[0]),
+        "reference_fields": int(n_ref),
         "warn_fraction": warn_fraction,
         "warning": frac_copy > warn_fraction,
         "per_sample_nn_rmse": d_sample,
@@ -165,7 +169,7 @@ def condition_dataset(data, days: np.ndarray, ds: xr.Dataset, attrs: dict) -> xr
     gives the channel back in its units)."""
     time = ds["time"].isel(time=days)
     t = cf.time_variable(time, "date of the condition")
-    y = data.y[days].numpy()  # (D, C, clat, clon)
+    y = data.condition(days).numpy()  # (D, C, clat, clon)
     mean, std = ds["cond_mean"].values, ds["cond_std"].values
     variables = {}
     for c, name in enumerate(data.channels):
@@ -247,7 +251,7 @@ class _Setup:
     device: torch.device
     model: torch.nn.Module
     state: dict
-    data: object  # precip_cvae.data.FieldData
+    data: object  # precip_cvae.data.FieldData, or ZarrFields above GENERATE_MEMORY_BYTES
     ds: xr.Dataset
     pads: dict  # pad_lat / pad_lon of the padded grid
     lat: np.ndarray
@@ -300,8 +304,9 @@ def _set_up(paths: GeneratePaths, cfg: GenerateConfig, events_cfg: EventsConfig)
     """Load the checkpoint and the data, check they match, pick the heavy days, build the provenance."""
     device = select_device(cfg.device, "generate.device")
     model, state = checkpoint.load_model(paths.checkpoint, device)
-    data = load_fields(paths.dataset, paths.thresholds, paths.events)
-    checkpoint.check_matches_data(state, data.channels, tuple(data.x.shape[-2:]), paths.checkpoint)
+    data = held_or_streamed(open_fields(paths.dataset, paths.thresholds, paths.events), GENERATE_MEMORY_BYTES,
+                            "generate")
+    checkpoint.check_matches_data(state, data.channels, tuple(data.fine_shape), paths.checkpoint)
     ds = open_zarr(paths.dataset)
     thr_ds = open_netcdf(paths.thresholds)
     limits = {"domain_mean_threshold_mm_day": float(thr_ds["threshold"].attrs.get("domain_mean_threshold_mm_day",
@@ -334,13 +339,15 @@ def _fit_calibration(setup: _Setup, cfg: GenerateConfig, dataset: str) -> tuple[
         raise InputError(f"{dataset}: generate.calibrate 'quantile_map' needs a split that generate does not sample "
                          f"to fit on (generate.splits is {list(cfg.splits)}); drop one split or set calibrate 'none'")
     days = np.flatnonzero(setup.data.split == free[0])
+    fit = setup.data.subset(days)
+    fit = fit if isinstance(fit, FieldData) else fit.read()  # the fitting split in memory
     g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 17)
     ens = []
     for start in range(0, days.size, cfg.batch_days):
-        idx = days[start:start + cfg.batch_days]
-        valid = setup.data.valid[idx].to(setup.device)
-        ens.append(_sample_mm(setup, setup.data.y[idx].to(setup.device), valid, cfg, g))
-    obs = crop_array(setup.data.pr_mm[days, 0].numpy(), setup.pads)
+        idx = np.arange(start, min(start + cfg.batch_days, days.size))
+        valid = fit.valid[idx].to(setup.device)
+        ens.append(_sample_mm(setup, fit.y[idx].to(setup.device), valid, cfg, g))
+    obs = crop_array(fit.pr_mm[:, 0].numpy(), setup.pads)
     qmap = fit_quantile_map(np.concatenate(ens, axis=1), obs)
     log.info("quantile map fitted on the %d %s days x %d members", days.size, free[0], cfg.members)
     return qmap, free[0]
@@ -393,7 +400,7 @@ def _draw(setup: _Setup, days: np.ndarray, cfg: GenerateConfig, events_cfg: Even
     :func:`precip_cvae.events.field_statistics` like the real days; up to ``max_rounds`` rounds.
     """
     data, device = setup.data, setup.device
-    y = data.y[days].to(device)
+    y = data.condition(days).to(device)
     # the whole static mask, not the source day's observed cells: a gap in the observations of that day
     # (a station missing) is no gap in a new field
     valid = setup.field_mask.expand(len(days), -1, -1, -1).to(device)
@@ -441,8 +448,9 @@ def _assemble(setup: _Setup, days: np.ndarray, accepted: list[list[np.ndarray]],
     st = field_statistics(fields, setup.thr, events_cfg.wet_threshold)
     st["source_date"] = np.repeat(setup.data.dates[src], counts)
     tally.stats.append(st)
-    if setup.data.coarse_mm is not None:
-        cmean = np.repeat(np.nanmean(setup.data.coarse_mm[src].numpy(), axis=(1, 2)), counts)
+    coarse = setup.data.coarse(src)
+    if coarse is not None:
+        cmean = np.repeat(np.nanmean(coarse.numpy(), axis=(1, 2)), counts)
         tally.mass.append(relative_mass_error(st["domain_mean"].values, cmean))
     budget = cfg.memorisation_max_samples - sum(f.shape[0] for f in tally.memo_fields)
     if budget > 0:
@@ -506,6 +514,9 @@ def _finish(setup: _Setup, tally: _Tally, paths: GeneratePaths, cfg: GenerateCon
     return report
 
 
+#: The data set's tensors (every split) held in memory; larger ones are read from the store as needed: the
+#: heavy days' conditions and fields, the memorisation reference a block at a time.
+GENERATE_MEMORY_BYTES = 2 * 2**30
 #: at most this many values (float64: 400 MB) of samples are held for :func:`index_diagnostics`
 MAX_INDEX_VALUES = 50_000_000
 #: the indices of :data:`precip_cvae.indices.INDEX_NAMES` that mean something on isolated heavy days
@@ -579,7 +590,7 @@ def index_diagnostics(setup: _Setup, store: Path, events_cfg: EventsConfig) -> d
 def _real_mass_error(data, chosen, real_stats) -> dict:
     """The same relative domain-mean error for the real fields of the sampled days: the reference for
     the samples' (the fine target and the coarse channel can be different products, e.g. E-OBS and NCEP)."""
-    cmean = np.nanmean(data.coarse_mm[chosen].numpy(), axis=(1, 2))
+    cmean = np.nanmean(data.coarse(chosen).numpy(), axis=(1, 2))
     rel = relative_mass_error(real_stats["domain_mean"].values, cmean)
     return {"mean_abs": float(np.mean(np.abs(rel))), **_summary(rel)}
 
@@ -591,21 +602,23 @@ def _report(setup: _Setup, tally: _Tally, cfg: GenerateConfig, events_cfg: Event
     n_written, short_days, n_bad = tally.written, tally.short_days, tally.bad
     acceptance = tally.written / max(tally.drawn, 1)
     train_idx = np.flatnonzero(data.split == "train")
-    real = crop_array(data.pr_mm[:, 0].numpy(), pads)
-    real_events = real[chosen]
+    finish = lambda pr: crop_array(pr, pads)  # noqa: E731 -- the original grid
+    real_events = finish(data.fields_mm(chosen))
     real_stats = field_statistics(real_events, thr, events_cfg.wet_threshold)
-    reference = real[train_idx]
-    if reference.shape[0] > cfg.memorisation_max_reference:
-        pick = np.random.default_rng(cfg.seed).choice(reference.shape[0], cfg.memorisation_max_reference, replace=False)
+    if train_idx.size > cfg.memorisation_max_reference:
+        pick = np.random.default_rng(cfg.seed).choice(train_idx.size, cfg.memorisation_max_reference, replace=False)
         reference_idx = train_idx[np.sort(pick)]
     else:
         reference_idx = train_idx
+    # the reference train fields: in memory with the data set, else read a block at a time as they are compared
+    reference = (finish(data.fields_mm(reference_idx)) if isinstance(data, FieldData)
+                 else DayFields(data.subset(reference_idx), finish))
     # the anchors: the real fields of the sampled days; each is skipped in its own distance
     position = {int(day): k for k, day in enumerate(reference_idx)}
     anchor_index = np.array([position.get(int(day), -1) for day in chosen], dtype=int)
     memo = memorisation_check(
-        np.concatenate(tally.memo_fields) if tally.memo_fields else np.zeros((0, *real.shape[1:])),
-        real[reference_idx], cfg.memorisation_warn_fraction, anchors=real_events, anchor_index=anchor_index)
+        np.concatenate(tally.memo_fields) if tally.memo_fields else np.zeros((0, *real_events.shape[1:])),
+        reference, cfg.memorisation_warn_fraction, anchors=real_events, anchor_index=anchor_index)
     if memo["warning"]:
         log.warning("memorisation: %.1f %% of samples are near-copies of a real training field (nearest closer "
                     "than 1/3 of the second nearest; warning above %.1f %%)",

@@ -3,7 +3,8 @@
 generated fields (nearest train fields, :func:`precip_cvae.generate.memorisation_check`).
 
 Distances come from BLAS (``|a|^2 + |b|^2 - 2 a.b``, clipped at 0), a block of query rows at a
-time so that memory stays at ``chunk x len(b)``; ties go to the lower index of ``b``.
+time so that memory stays at ``chunk x len(b)``; ties go to the lower index of ``b``.  :func:`nearest_rmse`
+also takes ``b`` a block of rows at a time (fields larger than memory, read as they are indexed).
 """
 
 from __future__ import annotations
@@ -65,25 +66,61 @@ def nearest(a: np.ndarray, b: np.ndarray, k: int, exclude=None, chunk: int = 512
     return indices, dist
 
 
-def nearest_rmse(a: np.ndarray, b: np.ndarray, k: int = 1, exclude=None, exclude_self: bool = False,
-                 chunk: int = 256) -> np.ndarray:
+#: Bytes of ``b``'s rows (float64) that :func:`nearest_rmse` compares at once.
+B_BLOCK_BYTES = 256 * 2**20
+
+
+def _row_reader(b):
+    """(number of rows, rows(start, stop) -> (n, P) ndarray) of ``b``: an ndarray, or fields indexed by integer
+    arrays and read on demand (:class:`precip_cvae.data.DayFields`)."""
+    if isinstance(b, np.ndarray):
+        flat = b.reshape(b.shape[0], -1)
+        return flat.shape[0], lambda s, e: flat[s:e]
+    return len(b), lambda s, e: np.asarray(b[np.arange(s, e)]).reshape(e - s, -1)
+
+
+def nearest_rmse(a: np.ndarray, b, k: int = 1, exclude=None, exclude_self: bool = False,
+                 chunk: int = 256, b_rows: int | None = None) -> np.ndarray:
     """RMSE from each field of ``a`` to its ``k`` nearest field(s) of ``b``, over the pixels valid in both.
+
+    ``b`` is compared a block of rows at a time (``b_rows``; default: as many as fit :data:`B_BLOCK_BYTES` in
+    float64) and the ``k`` nearest are merged over the blocks (ties: lower index), so ``b`` may be larger than
+    memory: fields read from the store as they are indexed (:class:`precip_cvae.data.DayFields`, read twice:
+    once for the valid pixels, once for the distances).  Exact, as with one block.
 
     Parameters
     ----------
-    a : ndarray (Na, P), b : ndarray (Nb, P); NaN = invalid pixel (the mask is assumed common,
-        so a pixel NaN in any field is dropped)
+    a : ndarray (Na, P), b : ndarray (Nb, P) or fields indexed like (Nb, ...); NaN = invalid pixel (the mask is
+        assumed common, so a pixel NaN in any field is dropped)
     k : 1 (returns (Na,)) or more (returns (Na, k), nearest first)
     exclude : ndarray (Na,) of int, optional: for each field of ``a``, the field of ``b`` to skip
         (itself), or -1
     exclude_self : ``a`` is ``b``: skip each field's own pair (real-to-real distances)
     """
+    a = a.reshape(a.shape[0], -1)
     if exclude_self:
         exclude = np.arange(a.shape[0])
-    valid = np.isfinite(b).all(axis=0)
+    nb, rows = _row_reader(b)
+    step = int(b_rows or max(1, B_BLOCK_BYTES // max(1, a.shape[1] * 8)))
+    valid = np.ones(a.shape[1], bool)
+    for start in range(0, nb, step):
+        valid &= np.isfinite(rows(start, min(start + step, nb))).all(axis=0)
     for start in range(0, a.shape[0], chunk):
         valid &= np.isfinite(a[start:start + chunk]).all(axis=0)
     p = max(int(valid.sum()), 1)
-    _, d2 = nearest(a[:, valid], b[:, valid].astype("float64"), k, exclude=exclude, chunk=chunk)
-    out = np.sqrt(d2 / p)  # float64 one block of `a` at a time inside `nearest` (memory)
+    k = int(k)
+    if not 1 <= k <= nb:
+        raise ValueError(f"k = {k} must be in 1..{nb} (rows of b)")
+    av = a[:, valid]
+    ex = exclusions(exclude, a.shape[0])
+    best_i = np.empty((a.shape[0], 0), np.int64)
+    best_d = np.empty((a.shape[0], 0), np.float64)
+    for start in range(0, nb, step):
+        block = rows(start, min(start + step, nb))[:, valid].astype("float64")
+        local = None if ex is None else np.where((ex >= start) & (ex < start + len(block)), ex - start, -1)
+        idx, d2 = nearest(av, block, min(k, len(block)), exclude=local, chunk=chunk)  # excluded rows: inf
+        cand_i, cand_d = np.concatenate([best_i, idx + start], 1), np.concatenate([best_d, d2], 1)
+        order = np.argsort(cand_d, axis=1, kind="stable")[:, :k]  # earlier blocks first: ties to the lower index
+        best_i, best_d = np.take_along_axis(cand_i, order, 1), np.take_along_axis(cand_d, order, 1)
+    out = np.sqrt(best_d / p)  # float64 one block of `a` and of `b` at a time inside `nearest` (memory)
     return out[:, 0] if k == 1 else out

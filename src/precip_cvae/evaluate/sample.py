@@ -43,7 +43,7 @@ from ..baselines import BaselineInputs, get_baseline
 from ..calibration import QuantileMap, fit_quantile_map
 from ..checkpoint import check_matches_data, load_model
 from ..config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
-from ..data import DayFields, FieldData, ZarrFields, block_days_for, day_blocks, open_fields
+from ..data import DayFields, FieldData, ZarrFields, block_days_for, day_blocks, held_or_streamed, open_fields
 from ..grid import CELL_COORDS, crop_array as crop, crop_to_original, fine_positions
 from ..resources import limit_threads, select_device
 from ..transform import TargetTransform
@@ -302,12 +302,9 @@ def sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, threads: int = 1, 
 
 def _sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, baselines: tuple[str, ...], device,
                       experiment: str) -> Path:
-    data = open_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", *cfg.splits))
-    held = data.nbytes <= SAMPLE_MEMORY_BYTES
-    log.info("train and sampled days: %.2f GB as tensors: %s", data.nbytes / 1e9,
-             "held in memory" if held else "read from the store a block of days at a time")
-    if held:
-        data = data.read()
+    data = held_or_streamed(open_fields(paths.dataset, paths.thresholds, paths.events, splits=("train", *cfg.splits)),
+                            SAMPLE_MEMORY_BYTES, "train and sampled days")
+    held = isinstance(data, FieldData)
     grid = read_grid(paths.dataset)
     train_days = data.select("train")
     skipped = {}
@@ -320,8 +317,8 @@ def _sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, baselines: tuple[
         raise ValueError(f"evaluate.members = {cfg.members} exceeds the {len(train_days)} train days of the analogs")
     finish = lambda pr: np.nan_to_num(crop(pr, grid.attrs), nan=0.0)  # noqa: E731 -- (T, h, w) mm/day
     train = {
-        "pr": finish(train_days.pr_mm[:, 0].numpy()) if held else DayFields(train_days, finish),
-        "cond": (train_days.y if held else train_days.read_condition()).reshape(len(train_days), -1).numpy(),
+        "pr": finish(train_days.fields_mm(np.arange(len(train_days)))) if held else DayFields(train_days, finish),
+        "cond": train_days.condition(np.arange(len(train_days))).reshape(len(train_days), -1).numpy(),
     }
     models = {label: _load_checkpoint(path, data, device) for label, path in paths.checkpoints.items()}
     for label, (_, _, info) in models.items():
