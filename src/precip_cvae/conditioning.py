@@ -57,9 +57,9 @@ STATIC_BLOCK_BYTES = 256 * 2**20
 
 
 def _block_days(train: FieldData | ZarrFields) -> int:
-    """All days in memory; else as many whole time chunks as fit :data:`STATIC_BLOCK_BYTES`."""
+    """As many days as fit :data:`STATIC_BLOCK_BYTES` (in memory) or as many whole time chunks (streamed)."""
     if isinstance(train, FieldData):
-        return max(1, len(train))
+        return max(1, STATIC_BLOCK_BYTES // max(1, train.nbytes // max(1, len(train))))
     per_chunk = train.chunk_days * train.bytes_per_day
     return train.chunk_days * max(1, STATIC_BLOCK_BYTES // max(1, per_chunk))
 

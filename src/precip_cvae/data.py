@@ -290,12 +290,16 @@ def load_fields(dataset: str, thresholds: str, events: str | None = None, splits
     return open_fields(dataset, thresholds, events, splits).read()
 
 
+#: Days of a pass over data in memory taken together (a streamed pass takes the store's time chunk).
+MEMORY_BLOCK_DAYS = 128
+
+
 def block_days_for(source: FieldData | ZarrFields, batch_size: int) -> int:
-    """Days a pass over ``source`` holds at once: all of them in memory; streamed, whole batches of about one
-    time chunk (so a pass in blocks cuts the same batches as a pass over all the days)."""
-    if isinstance(source, FieldData):
-        return max(1, len(source))
-    return batch_size * max(1, -(-source.chunk_days // batch_size))
+    """Days a pass over ``source`` takes at once: whole batches of about one time chunk of the store
+    (:data:`MEMORY_BLOCK_DAYS` in memory), so a pass in blocks cuts the same batches as a pass over all the days
+    and holds what it derives from one block only."""
+    chunk = MEMORY_BLOCK_DAYS if isinstance(source, FieldData) else source.chunk_days
+    return batch_size * max(1, -(-chunk // batch_size))
 
 
 class DayFields:

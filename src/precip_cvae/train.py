@@ -187,8 +187,9 @@ def validate(model: CVAE, val: FieldData | ZarrFields, cfg: TrainConfig, epoch: 
     """Scores of prior samples on the val days (mm/day), plus posterior reconstruction MAE.
 
     A fixed generator seeds the prior draws, so epochs are compared on the same noise.  The val days come in
-    blocks (all of them in memory, or whole batches of about a time chunk from the store) and every score is
-    summed per day, so memory holds one block's members; both give the same batches, hence the same draws.
+    blocks of whole batches (:func:`precip_cvae.data.block_days_for`, in memory or from the store) and every
+    score is summed per day, so memory holds one block's members; both give the same batches, hence the same
+    draws.
     """
     model.eval()
     g = torch.Generator(device="cpu").manual_seed(cfg.seed + 7919)
