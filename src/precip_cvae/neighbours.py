@@ -1,6 +1,6 @@
 """Nearest neighbours by Euclidean distance, one owner for the package: the analog baseline
 (nearest train conditions, :func:`precip_cvae.baselines.analogs`) and the memorisation check of
-generated fields (nearest train fields, :func:`precip_cvae.generate.memorisation_check`).
+generated fields (nearest train fields, :func:`precip_cvae.generate.memorisation.memorisation_check`).
 
 Distances come from BLAS (``|a|^2 + |b|^2 - 2 a.b``, clipped at 0), a block of query rows at a
 time so that memory stays at ``chunk x len(b)``; ties go to the lower index of ``b``.  :func:`nearest_rmse`
