@@ -378,16 +378,30 @@ class CVAE(nn.Module):
         div = 2 if self.fine_condition else 4
         self.cond_widths = [max(4, w // div) for w in self.widths]
         self.sizes = [(fine_shape[0] >> s, fine_shape[1] >> s) for s in range(depth + 1)]
-        bottom = self.widths[depth]
-        hb, wb = self.sizes[depth]
-        self.latent_ch = max(8, bottom // 4)  # channels of the decoder's first (bottom) map
-        w, cw, L = self.widths, self.cond_widths, self.level
+        self.latent_ch = max(8, self.widths[depth] // 4)  # channels of the decoder's first (bottom) map
         self.register_buffer("static", torch.zeros(1, self.n_static, *fine_shape))
         self.geographic = self.fine_condition and getattr(cfg, "condition_interpolation", "index") == "geographic"
         if self.geographic:  # where each fine cell lies in the predictor grid, for F.grid_sample (x, y in [-1, 1])
             self.register_buffer("cond_grid", torch.zeros(1, *fine_shape, 2))
+        # the parts, built in this order (the order the weights are drawn in at a seed)
+        self._build_condition_encoder(p_enc)
+        self._build_posterior(p_enc)
+        self._build_prior(cfg.prior)
+        self._build_decoder(p_dec)
+        self.residual = bool(getattr(cfg, "residual", False))
+        if self.residual and output != "field":
+            raise ValueError("model.residual needs the decoder output 'field' (not a Bernoulli-gamma law)")
+        if self.residual:
+            self._build_mean()
+        self._build_head(output)
 
-        # --- condition encoder -> maps per scale + vector
+    # ------------------------------------------------------------------ the parts
+
+    def _build_condition_encoder(self, p_enc: float) -> None:
+        """The condition encoder: maps per scale (``cond_stem``, ``cond_down`` or ``cond_proj``) and the vector
+        ``v_y`` (``cond_vec``); fine: predictors on the target grid with the static channels, coarse: on their
+        own grid."""
+        cw, depth, n_channels = self.cond_widths, self.depth, self.n_channels
         if self.fine_condition:
             c_in = n_channels + self.n_static
             self.cond_stem = _ConvAct(c_in, cw[0], dropout=p_enc)
@@ -395,14 +409,14 @@ class CVAE(nn.Module):
                 _ConvAct(cw[s - 1], cw[s], stride=2, dropout=p_enc) for s in range(1, depth + 1)
             )
             self.cond_vec = nn.Sequential(
-                nn.Linear(n_channels * coarse_shape[0] * coarse_shape[1] + 2 * cw[depth], self.d_y),
+                nn.Linear(n_channels * self.coarse_shape[0] * self.coarse_shape[1] + 2 * cw[depth], self.d_y),
                 nn.SiLU(),
                 nn.Dropout(p_enc) if p_enc > 0 else nn.Identity(),
                 nn.Linear(self.d_y, self.d_y),
                 nn.SiLU(),
             )
         else:
-            c_trunk = fb
+            c_trunk = int(self.cfg.base_filters)
             self.cond_stem = _ConvAct(n_channels, c_trunk, dropout=p_enc)
             self.cond_block = _ResBlock(c_trunk, dropout=p_enc)
             self.cond_proj = nn.ModuleList(nn.Conv2d(c_trunk, c, 1) for c in cw)
@@ -412,8 +426,10 @@ class CVAE(nn.Module):
                 nn.Dropout(p_enc) if p_enc > 0 else nn.Identity(),
             )
 
-        # --- posterior encoder q(z | x, y): the condition map of scale s is concatenated
-        # to the input of the strided conv that leaves scale s, so every scale is injected once.
+    def _build_posterior(self, p_enc: float) -> None:
+        """The posterior encoder q(z | x, y): the condition map of scale s is concatenated to the input of the
+        strided conv that leaves scale s, so every scale is injected once."""
+        w, cw, L = self.widths, self.cond_widths, self.level
         self.enc_stem = _ConvAct(2, w[0])
         self.enc_down = nn.ModuleList(
             _ConvAct(w[s - 1] + cw[s - 1], w[s], stride=2, dropout=p_enc) for s in range(1, L + 1)
@@ -424,49 +440,63 @@ class CVAE(nn.Module):
                 nn.Conv2d(w[L], 2 * self.z_ch, 1),
             )
         else:
-            self.enc_reduce = nn.Conv2d(bottom + cw[depth], self.latent_ch, 1)
+            hb, wb = self.sizes[self.depth]
+            self.enc_reduce = nn.Conv2d(w[self.depth] + cw[self.depth], self.latent_ch, 1)
             self.enc_head = nn.Linear(self.latent_ch * hb * wb + self.d_y, 2 * self.d_z)
 
-        # --- prior p(z | y)
+    def _build_prior(self, prior: str) -> None:
+        """The prior p(z | y): learned from the condition, or none (the standard normal)."""
+        w, cw, L = self.widths, self.cond_widths, self.level
         self.prior_net = None
-        if cfg.prior == "learned":
-            if self.latent == "map":
-                self.prior_net = nn.Sequential(
-                    _ConvAct(cw[L] + self.d_y, w[L]),
-                    nn.Conv2d(w[L], 2 * self.z_ch, 1),
-                )
-            else:
-                self.prior_net = nn.Sequential(
-                    nn.Linear(self.d_y, self.d_y),
-                    nn.SiLU(),
-                    nn.Linear(self.d_y, 2 * self.d_z),
-                )
+        if prior != "learned":
+            return
+        if self.latent == "map":
+            self.prior_net = nn.Sequential(
+                _ConvAct(cw[L] + self.d_y, w[L]),
+                nn.Conv2d(w[L], 2 * self.z_ch, 1),
+            )
+        else:
+            self.prior_net = nn.Sequential(
+                nn.Linear(self.d_y, self.d_y),
+                nn.SiLU(),
+                nn.Linear(self.d_y, 2 * self.d_z),
+            )
 
-        # --- decoder p(x | z, y)
+    def _z_channels_at(self, s: int) -> int:
+        """Channels of fresh input the decoder takes at scale ``s``: a map latent at its level, noise channels
+        (no KL) at every finer scale."""
+        at_latent = self.z_ch if (self.latent == "map" and s == self.level) else 0
+        return at_latent + (self.noise_ch if s < self.level else 0)
+
+    def _build_decoder(self, p_dec: float) -> None:
+        """The decoder p(x | z, y): from the bottom map up, each scale s -> s-1 a 1x1 channel reduction at scale s
+        (cheap), nearest x2 upsampling, then a 3x3 conv over [h, condition map of scale s-1 (, z)]."""
+        w, cw, depth = self.widths, self.cond_widths, self.depth
+        bottom = w[depth]
         if self.latent == "map":
             self.dec_in = nn.Linear(self.d_y, self.latent_ch)  # broadcast over the bottom map
         else:
+            hb, wb = self.sizes[depth]
             self.dec_in = nn.Linear(self.d_z + self.d_y, self.latent_ch * hb * wb)
-        # a map latent enters at scale L; fresh N(0, 1) noise channels (no KL) at every finer scale
-        z_at = lambda s: (self.z_ch if (self.latent == "map" and s == L) else 0) + (  # noqa: E731
-            self.noise_ch if s < L else 0)
-        self.dec_bottom = _ConvAct(self.latent_ch + cw[depth] + z_at(depth), bottom, dropout=p_dec)
+        self.dec_bottom = _ConvAct(self.latent_ch + cw[depth] + self._z_channels_at(depth), bottom, dropout=p_dec)
         self.dec_bottom_res = _ResBlock(bottom, dropout=p_dec)
-        # scale s -> s-1: 1x1 channel reduction at scale s (cheap), nearest x2 upsampling,
-        # then a 3x3 conv over [h, condition map of scale s-1 (, z at the latent level)]
         self.dec_reduce = nn.ModuleList(nn.Conv2d(w[s], w[s - 1], 1) for s in range(1, depth + 1))
         self.dec_up = nn.ModuleList(
-            _ConvAct(w[s - 1] + cw[s - 1] + z_at(s - 1), w[s - 1], dropout=p_dec) for s in range(1, depth + 1)
+            _ConvAct(w[s - 1] + cw[s - 1] + self._z_channels_at(s - 1), w[s - 1], dropout=p_dec)
+            for s in range(1, depth + 1)
         )
-        self.residual = bool(getattr(cfg, "residual", False))
-        if self.residual and output != "field":
-            raise ValueError("model.residual needs the decoder output 'field' (not a Bernoulli-gamma law)")
-        if self.residual:  # the conditional mean m(y): the decoder's shape, without z, without dropout
-            self.mean_bottom = _ConvAct(cw[depth], bottom)
-            self.mean_reduce = nn.ModuleList(nn.Conv2d(w[s], w[s - 1], 1) for s in range(1, depth + 1))
-            self.mean_up = nn.ModuleList(_ConvAct(w[s - 1] + cw[s - 1], w[s - 1]) for s in range(1, depth + 1))
-            self.mean_head = nn.Conv2d(w[0], 1, 3, padding=1)
-        self.dec_head = nn.Conv2d(w[0], 3 if output == "bernoulli_gamma" else 1, 3, padding=1)
+
+    def _build_mean(self) -> None:
+        """The conditional mean m(y) of ``model.residual``: the decoder's shape, without z, without dropout."""
+        w, cw, depth = self.widths, self.cond_widths, self.depth
+        self.mean_bottom = _ConvAct(cw[depth], w[depth])
+        self.mean_reduce = nn.ModuleList(nn.Conv2d(w[s], w[s - 1], 1) for s in range(1, depth + 1))
+        self.mean_up = nn.ModuleList(_ConvAct(w[s - 1] + cw[s - 1], w[s - 1]) for s in range(1, depth + 1))
+        self.mean_head = nn.Conv2d(w[0], 1, 3, padding=1)
+
+    def _build_head(self, output: str) -> None:
+        """The output head: one field channel, or the three of a Bernoulli-gamma law, with its starting bias."""
+        self.dec_head = nn.Conv2d(self.widths[0], 3 if output == "bernoulli_gamma" else 1, 3, padding=1)
         with torch.no_grad():
             if output == "bernoulli_gamma":
                 # start at p = 0.5, shape ~0.7 and scale ~5 mm/day: a wet-day mean of a few mm
