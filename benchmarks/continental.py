@@ -6,6 +6,7 @@ the ratio between the two.
 
     python benchmarks/continental.py                       # 465 x 705, 5 and 10 years (2.4 and 4.8 GB of rain)
     python benchmarks/continental.py --years 1 2 --nlat 120 --nlon 160 --steps 4   # a quick look
+    python benchmarks/continental.py --smoke                   # seconds; used by the tests
 
 Data (written here, not by preprocess, in the layout preprocess writes): a 0.1 deg grid padded to a multiple
 of 8 (472 x 712), a sea mask (about 45 % sea), wet days on 10-50 % of days by place with a day-to-day
@@ -163,10 +164,13 @@ def main() -> int:
     ap.add_argument("--in-memory-years", type=int, default=None,
                     help="also run the in-memory path at this many years (default: the first of --years)")
     ap.add_argument("--workdir", default=None, help="where the data go (default: a temporary directory)")
+    ap.add_argument("--smoke", action="store_true", help="1 and 2 years of 40 x 48, 3 steps (for the tests)")
     add_child_argument(ap)
     args = ap.parse_args()
     if run_as_child(args, {"write": child_write, "train": child_train}):
         return 0
+    if args.smoke:
+        args.years, args.nlat, args.nlon, args.steps, args.val_days, args.threads = [1, 2], 40, 48, 3, 4, 1
     held_years = args.years[0] if args.in_memory_years is None else args.in_memory_years
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         need = 4 * args.years[1] * 365 * _grid(args.nlat, args.nlon)[0] * _grid(args.nlat, args.nlon)[1] * 1.6 / 1e9

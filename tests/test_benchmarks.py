@@ -60,6 +60,12 @@ def test_evaluate_memory_smoke(tiny_data):
     assert "ms/day/member" in out
 
 
+def test_continental_smoke(tmp_path):
+    out = run(str(BENCH / "continental.py"), "--smoke", "--workdir", str(tmp_path))
+    assert "streamed peak RSS 1 -> 2 years" in out and "1 years, in memory / streamed" in out
+    assert not any(tmp_path.iterdir()), "the generated inputs must be removed"
+
+
 def test_workflow_overhead_smoke(tmp_path):
     out = run(str(BENCH / "workflow_overhead.py"), "--smoke", "--workdir", str(tmp_path / "wf"))
     assert "upstream jobs: 0 (goal 0) -> MET" in out, out
