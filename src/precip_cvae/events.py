@@ -147,7 +147,8 @@ def wet_day_thresholds(pr: xr.DataArray, mask: xr.DataArray, cfg: EventsConfig) 
         raise InputError(f"no wet day (pr >= {cfg.wet_threshold} mm/day) in the train split; cannot fit thresholds")
     # pass 2: the extreme wet values per pixel
     k, largest = _extremes_needed(max(int(n_wet.max()), 1), q)
-    (ext,) = dask.compute(extreme_values(dsa.where(wet, data, -np.inf if largest else np.inf), k, largest))
+    (ext,) = dask.compute(extreme_values(dsa.where(wet, data, -np.inf if largest else np.inf), k, largest,
+                                         split_every=2))  # 2 x k values a position in a combine
     local = xr.DataArray(_linear_percentile(ext, n_wet.values, q, largest), dims=("lat", "lon"), coords=coords)
     pooled = np.nan
     if bool(use_pooled.any()):  # pass 3 (a pass of its own: together with pass 2 the peak memory is higher)
