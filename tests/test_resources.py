@@ -277,15 +277,18 @@ def test_training_threads_per_process(monkeypatch, tmp_path):
     assert seen[-1] == (1, 1)  # train.num_threads replaces the rule's threads
     # DDP: each of the gpus processes gets its share of the rule's threads
     spawned = []
-    def launch(world, job, work_dir):
+    def launch(world, job, work_dir, nodes=1):
         assert job.kwargs["threads"] == job.threads and job.function() is train.train_process
-        spawned.append((world, job.threads))
+        spawned.append((world, job.threads) if nodes == 1 else (world, job.threads, nodes))
         train._write_log([], job.kwargs["paths"].log_csv)
 
     monkeypatch.setattr(train.distributed, "launch", launch)
     train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, gpus=2), threads=8)
     train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, gpus=4), threads=2)
-    assert spawned == [(2, 4), (4, 1)]
+    # several nodes: gpus processes on each, each with its share of the node's threads
+    train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, gpus=2, nodes=3), threads=8)
+    train.run(paths, ModelConfig(preset="tiny"), TrainConfig(epochs=1, gpus=1, nodes=2), threads=8)
+    assert spawned == [(2, 4), (4, 1), (2, 4, 3), (1, 8, 2)]
     train.train_process(paths, ModelConfig(preset="tiny"), cfg, 4, "default", dist=train.Dist(1, 2))
     assert seen[-1] == (4, 4)  # a rank applies the share it was given
 
