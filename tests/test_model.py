@@ -349,3 +349,56 @@ def test_residual_mode_mean_plus_residual_and_checkpoint_round_trip(tmp_path):
     assert torch.equal(s, b)
     with pytest.raises(ValueError, match="residual"):
         CVAE(cfg, 3, (16, 16), (4, 4), output="bernoulli_gamma", transform=TargetTransform())
+
+
+def test_correlated_bernoulli_gamma_draws_keep_the_law_and_share_it_with_neighbours():
+    """model.bg_correlation: uniforms from a smoothed Gaussian field (a Gaussian copula). Each pixel keeps its
+    law (wet with probability p, gamma amounts of mean k theta), and neighbours' draws correlate as
+    exp(-d^2 / (4 L^2)) in the Gaussian field; L = 0 draws them independently."""
+    from scipy import stats
+
+    from precip_cvae.model import BernoulliGamma, bernoulli_gamma_draw, bernoulli_gamma_draw_correlated, gaussian_field
+
+    g = gaussian_field((64, 1, 40, 48), 3.0, torch.Generator().manual_seed(0))
+    assert float(g.mean()) == pytest.approx(0.0, abs=0.05) and float(g.std()) == pytest.approx(1.0, abs=0.03)
+    edge = gaussian_field((2000, 1, 40, 2), 3.0, torch.Generator().manual_seed(1))[..., 0]  # the first column
+    assert float(edge.std()) == pytest.approx(1.0, abs=0.03)  # unit variance at the edges too
+    lag = lambda a, d: float(torch.corrcoef(torch.stack([a[..., :-d].flatten(), a[..., d:].flatten()]))[0, 1])  # noqa: E731
+    assert lag(g, 1) == pytest.approx(np.exp(-1 / 36), abs=0.02) and lag(g, 6) == pytest.approx(np.exp(-1), abs=0.05)
+    law = BernoulliGamma(torch.full((64, 1, 40, 48), 0.3), torch.full((64, 1, 40, 48), 0.8),
+                         torch.full((64, 1, 40, 48), 5.0))
+    draws = {L: bernoulli_gamma_draw_correlated(law, L, torch.Generator().manual_seed(1)) for L in (0.0, 3.0)}
+    draws["independent"] = bernoulli_gamma_draw(law, torch.Generator().manual_seed(1))
+    for name, d in draws.items():
+        wet = d[d > 0]
+        assert float((d > 0).float().mean()) == pytest.approx(0.3, abs=0.02), name
+        assert float(wet.mean()) == pytest.approx(0.8 * 5.0, rel=0.05), name
+        assert stats.kstest(wet[::7].numpy(), stats.gamma(0.8, scale=5.0).cdf).pvalue > 0.001, name
+    wet_lag = {name: lag((d > 0).float(), 1) for name, d in draws.items()}
+    assert abs(wet_lag[0.0]) < 0.02 and abs(wet_lag["independent"]) < 0.02 and wet_lag[3.0] > 0.6
+    again = bernoulli_gamma_draw_correlated(law, 3.0, torch.Generator().manual_seed(1))
+    assert torch.equal(again, draws[3.0])
+
+
+def test_a_bernoulli_gamma_model_samples_correlated_fields_and_trains_with_independent_draws():
+    from precip_cvae.transform import TargetTransform
+
+    tf = TargetTransform("log1p", 0.9)
+    x, y, valid = _batch(2, 3, (16, 16), (4, 4))
+    out = {}
+    for L in (0.0, 2.0):
+        torch.manual_seed(4)
+        model = CVAE(ModelConfig(preset="tiny", bg_correlation=L), 3, (16, 16), (4, 4), output="bernoulli_gamma",
+                     transform=tf).eval()
+        with torch.no_grad():
+            out[L] = model.sample(y, valid, n_samples=4, generator=torch.Generator().manual_seed(5))
+            cond = model.encode_condition(y)
+            z = torch.zeros(2, *model.latent_shape())
+            a = model.decode(z, cond, valid, torch.Generator().manual_seed(2), straight_through=True)
+            b = model.decode(z, cond, valid, torch.Generator().manual_seed(2), straight_through=True)
+        out[f"train{L}"] = a
+        assert torch.equal(a, b)
+    assert out[2.0].shape == out[0.0].shape == (4, 2, 1, 16, 16)
+    assert float(out[2.0][:, ~valid].abs().max()) == 0 and float(out[2.0].min()) >= 0
+    assert not torch.equal(out[0.0], out[2.0])
+    assert torch.equal(out["train0.0"], out["train2.0"])  # training's draws do not depend on bg_correlation

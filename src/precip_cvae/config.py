@@ -437,7 +437,9 @@ class ModelConfig(Section):
     predictor grid over the target grid (bilinear in index space); ``geographic`` samples it at
     each target cell's own latitude and longitude (a rotated-pole or projected target, or a
     predictor domain larger than the target's).  ``noise_channels``: fresh N(0, 1) channels (no KL) fed to every
-    decoder scale finer than the map latent's, for small-scale variability between members.
+    decoder scale finer than the map latent's, for small-scale variability between members.  ``bg_correlation``
+    (Bernoulli-gamma output): the correlation length in cells of the uniforms a sampled field is drawn from
+    (0: every pixel independently).
     """
 
     SCHEMA = "model"
@@ -457,6 +459,7 @@ class ModelConfig(Section):
     condition_interpolation: str = "index"
     noise_channels: int = 0
     residual: bool = False
+    bg_correlation: float = 0.0
 
     def _resolve(self):
         for key, value in lookup(MODEL_PRESETS, self.preset, "model preset").items():

@@ -81,6 +81,7 @@ MAE gradient, while a dry pixel predicted as exactly 0 gets no push at all
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -107,6 +108,8 @@ __all__ = [
     "relu_leaky_grad",
     "BernoulliGamma",
     "bernoulli_gamma_draw",
+    "bernoulli_gamma_draw_correlated",
+    "gaussian_field",
     "OUTPUTS",
     "LOGVAR_MIN",
     "LOGVAR_MAX",
@@ -189,6 +192,49 @@ def bernoulli_gamma_draw(law: BernoulliGamma, generator: torch.Generator | None 
     else:
         g = torch._standard_gamma(k, generator=generator)
     return wet * g * law.scale
+
+
+def gaussian_field(shape: tuple[int, ...], length: float, generator: torch.Generator | None = None,
+                   device=None, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal fields (B, C, H, W), each value N(0, 1), correlated over about ``length`` cells.
+
+    White noise on a grid padded by ``ceil(3 length)`` cells a side, smoothed by a separable Gaussian of standard
+    deviation ``length`` whose weights are scaled to unit sum of squares, then cut to (H, W): every value is a
+    weighted sum of the same number of independent N(0, 1) (unit variance everywhere, edges included); the
+    correlation of two cells ``d`` apart is ``exp(-d**2 / (4 length**2))``.  ``length`` 0: white noise.
+    """
+    b, c, h, w = shape
+    gen_device = generator.device if generator is not None else device
+    if length <= 0:
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+    r = int(math.ceil(3 * length))
+    noise = torch.randn((b * c, 1, h + 2 * r, w + 2 * r), generator=generator, device=gen_device, dtype=dtype).to(device)
+    t = torch.arange(-r, r + 1, device=device, dtype=dtype)
+    k = torch.exp(-0.5 * (t / length) ** 2)
+    k = k / torch.sqrt((k * k).sum())
+    out = F.conv2d(F.conv2d(noise, k.view(1, 1, -1, 1)), k.view(1, 1, 1, -1))  # (B C, 1, H, W)
+    return out.view(b, c, h, w)
+
+
+def bernoulli_gamma_draw_correlated(law: BernoulliGamma, length: float,
+                                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw (mm/day) per pixel of ``law`` from spatially correlated uniforms (a Gaussian copula).
+
+    Two fields of :func:`gaussian_field` with correlation length ``length`` cells become uniforms
+    (``u = Phi(g)``); a pixel is wet when ``u_wet < p`` and its amount is the gamma quantile of ``u_amount``
+    (``scipy.special.gammaincinv``).  Each pixel's law is exactly ``law`` (the marginals of
+    :func:`bernoulli_gamma_draw`); neighbours share their draws, so wet areas and heavy amounts come in patches
+    rather than as independent speckle.  For sampling (no gradient).
+    """
+    from scipy.special import gammaincinv
+
+    p = law.p
+    u = torch.special.ndtr(gaussian_field((p.shape[0], 2, *p.shape[-2:]), length, generator, p.device,
+                                          torch.float64))  # (B, 2, H, W) in (0, 1)
+    wet = u[:, 0:1] < p.double()
+    q = gammaincinv(law.shape.double().cpu().numpy(), u[:, 1:2].cpu().numpy())
+    amount = torch.from_numpy(q).to(p.device) * law.scale.double()
+    return (wet * amount).to(p.dtype)
 
 
 class Condition(NamedTuple):
@@ -370,6 +416,7 @@ class CVAE(nn.Module):
         self.d_y = int(cfg.d_y)
         self.fine_condition = cfg.conditioning == "fine"
         self.noise_ch = int(getattr(cfg, "noise_channels", 0))
+        self.bg_correlation = float(getattr(cfg, "bg_correlation", 0.0))
         fb = int(cfg.base_filters)
         p_enc, p_dec = float(cfg.dropout_encoder), float(cfg.dropout_decoder)
 
@@ -608,7 +655,10 @@ class CVAE(nn.Module):
         """
         if self.output == "bernoulli_gamma":
             law = self.decode_law(z, cond, generator)
-            draw = bernoulli_gamma_draw(law, generator, straight_through)
+            if self.bg_correlation > 0 and not straight_through:  # a sampled field, not a training draw
+                draw = bernoulli_gamma_draw_correlated(law, self.bg_correlation, generator)
+            else:
+                draw = bernoulli_gamma_draw(law, generator, straight_through)
             return self._mask(self.transform.forward(draw), valid)
         head = self._decode_head(z, cond, generator)
         if self.residual:  # m(y) without gradient: the generative terms shape the residual only
