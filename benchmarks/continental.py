@@ -15,7 +15,11 @@ time chunks of 128 days, 70/15/15 % train/val/test by time; thresholds the per-p
 flagged heavy.  What each child measures, in its own process: the stage's set-up (open, the static channels
 fitted on every train day), ``--steps`` training steps of ``--batch`` days through the stage's own batch
 iterator (``train.epoch_batches``) with the tiny model, and validation on ``--val-days`` days with 2 members.
-Peak RSS is the training process's; the reader processes' largest peak is printed beside it.
+Peak RSS is the training process's; the reader processes' largest peak is printed beside it.  With
+``--stages``, at each size the streamed training's model is then sampled on the whole test split
+(sample_ensembles: the cVAE, climatology and analogs, ``--members``), scored (evaluate) and used to generate
+``--members`` samples for every heavy train day (generate, the memorisation check against every train field),
+each stage in its own process.
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ def child_write(root: str, years: str, nlat: str, nlon: str) -> None:
          "condition": (("time", "channel", "clat", "clon"),
                        dsa.zeros((days, 3, clat.size, clon.size), chunks=(CHUNK, 3, clat.size, clon.size),
                                  dtype="float32")),
-         "mask": (("lat", "lon"), land.astype("int8")), "split": (("time",), split)},
+         "mask": (("lat", "lon"), land.astype("int8")), "split": (("time",), split),
+         "cond_mean": (("channel",), np.zeros(3)), "cond_std": (("channel",), np.ones(3))},
         coords={"time": time, "lat": lat, "lon": lon, "clat": clat, "clon": clon,
                 "channel": ["psl", "hus850", "ta850"]},
         attrs={"target_transform": "log1p", "target_transform_scale": 1.0, "pad_lat": [0, H - n_lat],
@@ -145,10 +150,63 @@ def child_train(root: str, in_memory: str, steps: str, batch: str, val_days: str
         t4 = time.perf_counter()
         scores = train.validate(s.eval_model, val, cfg, 0, s.device, int(batch))
         val_s = time.perf_counter() - t4
+    from precip_cvae import checkpoint
+
+    checkpoint.save(s.snapshot(0), f"{root}/model_{in_memory}.pt")  # what the later stages sample
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     emit({"setup_s": setup_s, "samples_per_s": n / max(compute + wait, 1e-9), "input_wait": wait / max(compute, 1e-9),
           "val_fields_per_s": len(val) * 2 / val_s, "val_CRPS": scores["val_CRPS"], "train_days": len(s.train),
           "streamed": not isinstance(s.train, train.FieldData), "workers_peak_mb": children})
+
+
+def child_sample(root: str, members: str, threads: str) -> None:
+    """sample_ensembles on the test split: the cVAE checkpoint of the streamed training, climatology, analogs."""
+    from precip_cvae.config import EvaluateConfig
+    from precip_cvae.evaluate import sample
+    from precip_cvae.logs import setup
+
+    setup(None)
+    cfg = EvaluateConfig(members=int(members), splits=("test",), checkpoints=("best",),
+                         baselines=("climatology", "analogs"), batch_size=32, device="cpu")
+    paths = sample.SamplePaths(f"{root}/dataset.zarr", f"{root}/thresholds.nc", f"{root}/events.csv",
+                               {"best": f"{root}/model_false.pt"}, f"{root}/ensembles.zarr")
+    t0 = time.perf_counter()
+    sample.sample_ensembles(paths, cfg, threads=int(threads), experiment="continental")
+    import xarray as xr
+
+    days = xr.open_zarr(paths.out, group="test/truth").sizes["time"]
+    emit({"seconds": time.perf_counter() - t0, "fields": days * int(members) * 3})
+
+
+def child_score(root: str, members: str) -> None:
+    """evaluate's scores of the cache (every source, all and heavy days, bootstrap intervals)."""
+    from precip_cvae.config import EvaluateConfig
+    from precip_cvae.evaluate import report
+    from precip_cvae.logs import setup
+
+    setup(None)
+    cfg = EvaluateConfig(members=int(members), splits=("test",), checkpoints=("best",),
+                         baselines=("climatology", "analogs"))
+    paths = report.ScorePaths.in_dir(ensembles=f"{root}/ensembles.zarr", dataset=f"{root}/dataset.zarr",
+                                      train_log="", out_dir=f"{root}/evaluate")
+    t0 = time.perf_counter()
+    report.run(paths, cfg, experiment="continental")
+    emit({"seconds": time.perf_counter() - t0})
+
+
+def child_generate(root: str, members: str) -> None:
+    """generate on the heavy train days (no NetCDF copy; memorisation against every train field)."""
+    from precip_cvae import generate
+    from precip_cvae.config import EventsConfig, GenerateConfig
+    from precip_cvae.logs import setup
+
+    setup(None)
+    cfg = GenerateConfig(members=int(members), splits=("train",), batch_days=4, device="cpu")
+    paths = generate.GeneratePaths.in_dir(f"{root}/generate", f"{root}/model_false.pt", f"{root}/dataset.zarr",
+                                          f"{root}/thresholds.nc", f"{root}/events.csv")
+    t0 = time.perf_counter()
+    out = generate.run(paths, cfg, EventsConfig())
+    emit({"seconds": time.perf_counter() - t0, "samples": out["samples"]})
 
 
 def main() -> int:
@@ -164,10 +222,14 @@ def main() -> int:
     ap.add_argument("--in-memory-years", type=int, default=None,
                     help="also run the in-memory path at this many years (default: the first of --years)")
     ap.add_argument("--workdir", default=None, help="where the data go (default: a temporary directory)")
+    ap.add_argument("--stages", action="store_true",
+                    help="also sample_ensembles (test split), evaluate and generate (heavy train days) at each size")
+    ap.add_argument("--members", type=int, default=4, help="members of --stages")
     ap.add_argument("--smoke", action="store_true", help="1 and 2 years of 40 x 48, 3 steps (for the tests)")
     add_child_argument(ap)
     args = ap.parse_args()
-    if run_as_child(args, {"write": child_write, "train": child_train}):
+    if run_as_child(args, {"write": child_write, "train": child_train, "sample": child_sample, "score": child_score,
+                           "generate": child_generate}):
         return 0
     if args.smoke:
         args.years, args.nlat, args.nlon, args.steps, args.val_days, args.threads = [1, 2], 40, 48, 3, 4, 1
@@ -197,10 +259,25 @@ def main() -> int:
                       f"set-up {r['setup_s']:.0f} s; {r['samples_per_s']:.2f} samples/s, input wait "
                       f"{100 * r['input_wait']:.1f} % of compute; validation {r['val_fields_per_s']:.2f} fields/s",
                       flush=True)
+            if args.stages:
+                m = str(args.members)
+                for stage, extra in (("sample", [m, str(args.threads)]), ("score", [m]), ("generate", [m])):
+                    r = run_child([__file__, "--child", stage, root, *extra])
+                    rows[(years, stage)] = r
+                    rate = (f"{r['fields'] / r['seconds']:.1f} fields/s" if "fields" in r else
+                            f"{r['samples'] / r['seconds']:.2f} samples/s" if "samples" in r else "")
+                    print(f"  {stage:9s}: peak RSS {r['peak_rss_mb']:.0f} MB; {r['seconds']:.0f} s {rate}", flush=True)
         small, large = rows[(args.years[0], "streamed")], rows[(args.years[1], "streamed")]
         ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
         print(f"streamed peak RSS {args.years[0]} -> {args.years[1]} years: {small['peak_rss_mb']:.0f} -> "
               f"{large['peak_rss_mb']:.0f} MB (x{ratio:.2f}; goal <= x{RSS_RATIO}): {verdict(ratio <= RSS_RATIO)}")
+        if args.stages:
+            for stage in ("sample", "score", "generate"):
+                a, b = rows[(args.years[0], stage)], rows[(args.years[1], stage)]
+                ratio = b["peak_rss_mb"] / a["peak_rss_mb"]
+                print(f"{stage} peak RSS {args.years[0]} -> {args.years[1]} years: {a['peak_rss_mb']:.0f} -> "
+                      f"{b['peak_rss_mb']:.0f} MB (x{ratio:.2f}; goal <= x{RSS_RATIO}, <= {RSS_LIMIT_MB} MB): "
+                      f"{verdict(ratio <= RSS_RATIO and b['peak_rss_mb'] <= RSS_LIMIT_MB)}")
         worst = max(r["peak_rss_mb"] + r["workers_peak_mb"] * args.workers for k, r in rows.items() if k[1] == "streamed")
         print(f"largest streamed peak, training process + readers: {worst:.0f} MB (goal <= {RSS_LIMIT_MB} MB): "
               f"{verdict(worst <= RSS_LIMIT_MB)}")
