@@ -20,6 +20,7 @@ from ..grid import crop_array, crop_to_original
 from ..io import open_zarr
 from ..metrics import relative_mass_error
 from ..split import format_times, season_year_rule
+from ..evaluate.diagnostics import rows_per_block
 from .memorisation import memorisation_check
 
 if TYPE_CHECKING:
@@ -87,8 +88,21 @@ def index_diagnostics(setup: _Setup, store: Path, events_cfg: EventsConfig) -> d
     note = ("each realization is a daily series over the sampled heavy days (not consecutive: CWD and CDD are not "
             "defined); P95/P99 are the train days' wet-day percentiles")
     if daily:
-        table, _ = indices.ensemble_index_table(ens, real, dates, calendar, thr[95.0], thr[99.0],
-                                                events_cfg.wet_threshold, season_year)
+        # by blocks of grid rows (each pixel's indices depend on its own series): xclim's working memory is
+        # many times the values it is given, a continental grid's would not fit
+        rows_per = rows_per_block(n_real + 1, d, w)
+        obs_maps, ens_maps = {}, {}
+        for r0 in range(0, h, rows_per):
+            r1 = min(r0 + rows_per, h)
+            om, em = indices.ensemble_index_maps(ens[..., r0:r1, :], real[:, r0:r1], dates, calendar,
+                                                 thr[95.0][r0:r1], thr[99.0][r0:r1], events_cfg.wet_threshold,
+                                                 season_year)
+            for name in om:
+                obs_maps.setdefault(name, []).append(om[name])
+                ens_maps.setdefault(name, []).append(em[name])
+        table, _ = indices.index_table({k: np.concatenate(v) for k, v in obs_maps.items()},
+                                       {k: np.concatenate(v) for k, v in ens_maps.items()},
+                                       np.isfinite(real).any(axis=0))
         table = table[table["index"].isin(SAMPLE_INDICES)]
     else:
         table = pd.DataFrame(columns=["index", "obs_mean", "ens_mean", "bias_mean", "abs_bias_mean"])
