@@ -2,7 +2,7 @@
 
 Each benchmark measures what it compares in the same run, on the same machine
 and inputs, and runs the memory-sensitive parts in a fresh subprocess whose
-peak resident set size (``ru_maxrss`` of ``RUSAGE_SELF`` read at the child's end)
+peak resident set size (``VmHWM``, read at the child's end)
 is that part's alone.
 """
 
@@ -26,8 +26,13 @@ RESULT_TAG = "BENCH_RESULT "  # a child prints one line "BENCH_RESULT {json}" on
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (Linux: ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process so far, MiB: ``VmHWM`` of /proc/self/status (ru_maxrss keeps the
+    peak of the process that forked this one across exec; it is the fallback where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024.0
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def emit(result: dict) -> None:
