@@ -66,18 +66,13 @@ def _block_days(train: FieldData | ZarrFields) -> int:
 
 def _pr_blocks(train: FieldData | ZarrFields, days: int):
     """The train days' mm/day fields (NaN invalid) as a dask array of blocks of ``days`` days, each block read
-    when the thresholds' passes reach it (:meth:`FieldData.pr_mm` of :func:`day_blocks`' blocks)."""
+    when the thresholds' passes reach it (``fields_mm``, the same fields in memory or from the store)."""
     import dask
     import dask.array as dsa
 
     h, w = train.fine_shape
 
-    def block(start: int, stop: int) -> np.ndarray:
-        index = np.arange(start, stop)
-        part = train.subset(index) if isinstance(train, FieldData) else train.read(index)
-        return part.pr_mm[:, 0].cpu().numpy()
-
-    parts = [dsa.from_delayed(dask.delayed(block)(start, min(start + days, len(train))),
+    parts = [dsa.from_delayed(dask.delayed(train.fields_mm)(np.arange(start, min(start + days, len(train)))),
                               shape=(min(start + days, len(train)) - start, h, w), dtype=np.float32)
              for start in range(0, len(train), days)]
     return dsa.concatenate(parts, axis=0)

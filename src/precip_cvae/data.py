@@ -116,6 +116,10 @@ class FieldData(FieldMeta):
         t = torch.as_tensor(np.asarray(index), dtype=torch.long)
         return None if self.coarse_mm is None else self.coarse_mm[t.to(self.coarse_mm.device)]
 
+    def days(self, index) -> "FieldData":
+        """The days ``index`` in memory (here: a subset)."""
+        return self.subset(index)
+
     def fields_mm(self, index) -> np.ndarray:
         """The fields (N, H, W) mm/day, NaN invalid, of the days ``index``."""
         return self.subset(index).pr_mm[:, 0].cpu().numpy()
@@ -191,6 +195,10 @@ class ZarrFields(FieldMeta):
         """The coarse precipitation (N, h, w) mm/day of the days ``index``, or None."""
         return self._read_array("coarse_pr", index) if self.has_coarse else None
 
+    def days(self, index) -> FieldData:
+        """The days ``index`` in memory (read from the store)."""
+        return self.read(index)
+
     def fields_mm(self, index) -> np.ndarray:
         """The fields (N, H, W) mm/day, NaN invalid, of the days ``index``."""
         return self.read(index).pr_mm[:, 0].cpu().numpy()
@@ -198,18 +206,13 @@ class ZarrFields(FieldMeta):
     def read(self, index=None) -> FieldData:
         """The days ``index`` (positions in this object; None: all) in memory, in that order."""
         index = np.arange(len(self)) if index is None else np.asarray(index, dtype=np.int64)
-        times = self.times[index]
-        uniq, back = np.unique(times, return_inverse=True)
-        ds = self._open()
-        take = lambda name: ds[name].isel(time=uniq).values.astype("float32")[back]  # noqa: E731
-        pr = take("pr")  # (N, H, W) mm/day
+        pr = self._read_array("pr", index).numpy()  # (N, H, W) mm/day
         valid = np.isfinite(pr) & self.mask[None]
         x = self.transform.forward(np.where(valid, pr, 0.0)).astype("float32")
         meta = {f.name: getattr(self, f.name) for f in fields(FieldMeta)}
         return FieldData(**{**meta, **self._labels(index)},
                          x=torch.from_numpy(x[:, None]), valid=torch.from_numpy(valid[:, None]),
-                         y=torch.from_numpy(take("condition")),
-                         coarse_mm=torch.from_numpy(take("coarse_pr")) if self.has_coarse else None)
+                         y=self.condition(index), coarse_mm=self.coarse(index))
 
 
 def open_fields(dataset: str, thresholds: str, events: str | None = None, splits=None) -> ZarrFields:
@@ -336,7 +339,7 @@ def day_blocks(source: FieldData | ZarrFields, days: int) -> Iterator[tuple[np.n
     """``source`` in order, ``days`` consecutive days at a time: (positions, those days in memory)."""
     for start in range(0, len(source), max(1, int(days))):
         index = np.arange(start, min(start + days, len(source)))
-        yield index, (source.subset(index) if isinstance(source, FieldData) else source.read(index))
+        yield index, source.days(index)
 
 
 def _format_dates(index) -> list[str]:
