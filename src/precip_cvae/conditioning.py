@@ -44,6 +44,7 @@ class StaticFields:
     values: torch.Tensor
     names: tuple[str, ...]
     tail_x: torch.Tensor
+    region: np.ndarray | None = None  # (H, W) bool: cells with data on some train day
 
 
 def _scaled_coord(values, n: int) -> np.ndarray:
@@ -154,7 +155,7 @@ def fit_static(data: FieldData | ZarrFields, tail_percentile: float = 90.0, wet_
             channels.append(field)
             names.append(f"static_{name}")
     values = np.stack([_standardise(np.asarray(c, dtype=np.float64), region) for c in channels])
-    return StaticFields(torch.from_numpy(values.astype(np.float32)), tuple(names), tail_x)
+    return StaticFields(torch.from_numpy(values.astype(np.float32)), tuple(names), tail_x, region)
 
 
 def condition_sampling_grid(data: FieldData) -> np.ndarray:

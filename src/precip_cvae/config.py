@@ -439,7 +439,10 @@ class ModelConfig(Section):
     predictor domain larger than the target's).  ``noise_channels``: fresh N(0, 1) channels (no KL) fed to every
     decoder scale finer than the map latent's, for small-scale variability between members.  ``bg_correlation``
     (Bernoulli-gamma output): the correlation length in cells of the uniforms a sampled field is drawn from
-    (0: every pixel independently).
+    (0: every pixel independently).  ``context``: ``global`` (the condition vector sees the whole field and
+    GroupNorm its statistics) or ``local`` (every value depends on the cells within a bounded distance only:
+    the vector pools ``context_cells`` around each cell and the norms are per pixel), which ``train.patch_size``
+    and tiled sampling need.
     """
 
     SCHEMA = "model"
@@ -460,6 +463,8 @@ class ModelConfig(Section):
     noise_channels: int = 0
     residual: bool = False
     bg_correlation: float = 0.0
+    context: str = "global"
+    context_cells: int = 32
 
     def _resolve(self):
         for key, value in lookup(MODEL_PRESETS, self.preset, "model preset").items():
@@ -595,6 +600,8 @@ class TrainConfig(Section):
     memory_budget_gb: float = 4.0
     loader_workers: int = 2
     shuffle_buffer_days: int = 512
+    patch_size: tuple[int, int] | None = None
+    patch_min_valid: float = 0.5
     loss: LossConfig | None = None
 
     def _resolve(self):
@@ -713,6 +720,7 @@ class GenerateConfig(Section):
     memorisation_max_samples: int = 5000
     experiments: tuple[str, ...] = ()
     device: str = "auto"
+    inference_memory_gb: float = 2.0
     calibrate: str = "none"
 
 
@@ -764,6 +772,7 @@ class EvaluateConfig(Section):
     batch_size: int = 32
     n_map_days: int = 4
     device: str = "auto"
+    inference_memory_gb: float = 2.0
     calibrate: str = "none"
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
 

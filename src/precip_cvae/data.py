@@ -26,6 +26,7 @@ import xarray as xr
 from .config import ConfigError, lookup
 from .io import InputError, open_netcdf, open_zarr, read_csv
 from .split import format_times
+from .model import Window
 from .transform import TargetTransform
 
 log = logging.getLogger(__name__)
@@ -452,6 +453,7 @@ class Batch:
     coarse_mm: torch.Tensor | None
     thr_x: torch.Tensor  # (1 or B, 1, H, W)
     tail_x: torch.Tensor | None = None  # (1 or B, 1, H, W): the twCRPS threshold, model space
+    window: Window | None = None  # a patch of each field (train.patch_size): x, valid, thr_x, tail_x are that window
 
     @property
     def extreme(self) -> torch.Tensor:
@@ -469,6 +471,59 @@ def make_batch(data: FieldData, index: torch.Tensor, thr_x: torch.Tensor, device
         thr_x=thr_x.to(device),
         tail_x=None if tail_x is None else tail_x.to(device),
     )
+
+
+# ----------------------------------------------------------------------------- patches
+
+
+class PatchSampler:
+    """Random patches of ``size`` cells for ``train.patch_size``, placed where the data are.
+
+    A patch's top-left corner lies on the lattice of multiples of ``multiple`` (``2**depth``, so every scale of
+    the patch is a window of the field's own cells) and it is admitted when at least ``min_valid`` of its
+    cells are in ``region`` (cells with data on some train day).  Every admitted place is equally likely.
+
+    Raises
+    ------
+    ValueError
+        The patch does not fit the grid, is not a multiple of ``multiple``, or no place meets ``min_valid``
+        (the message gives the best fraction found).
+    """
+
+    def __init__(self, region: np.ndarray, size: tuple[int, int], multiple: int, min_valid: float):
+        region = np.asarray(region, dtype=bool)
+        H, W = region.shape
+        h, w = (int(v) for v in size)
+        if h > H or w > W or h < multiple or w < multiple or h % multiple or w % multiple:
+            raise ValueError(f"train.patch_size {[h, w]} must be multiples of 2**depth = {multiple} no larger "
+                             f"than the (padded) grid {[H, W]}")
+        tops, lefts = np.arange(0, H - h + 1, multiple), np.arange(0, W - w + 1, multiple)
+        integral = np.pad(region.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        t, l = np.meshgrid(tops, lefts, indexing="ij")
+        inside = integral[t + h, l + w] - integral[t, l + w] - integral[t + h, l] + integral[t, l]
+        fraction = inside / (h * w)
+        ok = fraction >= min_valid
+        if not ok.any():
+            raise ValueError(f"no {h} x {w} patch on the {multiple}-cell lattice has {min_valid:.0%} of its cells "
+                             f"with data (best {fraction.max():.0%}); lower train.patch_min_valid or enlarge "
+                             "train.patch_size")
+        self.size = (h, w)
+        self.offsets = torch.from_numpy(np.stack([t[ok], l[ok]], axis=1).astype(np.int64))  # (K, 2)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def draw(self, n: int, g: torch.Generator) -> Window:
+        """``n`` places, independently and uniformly over the admitted ones (from ``g``)."""
+        at = self.offsets[torch.randint(len(self.offsets), (n,), generator=g)]
+        return Window(at[:, 0].clone(), at[:, 1].clone(), self.size)
+
+    def crop(self, batch: Batch, g: torch.Generator) -> Batch:
+        """``batch`` with a patch of every sample: the fields, validity and threshold maps are cut to it.  The
+        coarse precipitation is dropped: the mass term compares it with the whole domain's mean, not a patch's."""
+        window = self.draw(batch.x.shape[0], g)
+        cut = lambda t: None if t is None else window.crop(t)  # noqa: E731
+        return Batch(cut(batch.x), cut(batch.valid), batch.y, None, cut(batch.thr_x), cut(batch.tail_x), window)
 
 
 # ----------------------------------------------------------------------------- augmentations

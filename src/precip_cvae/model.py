@@ -279,6 +279,26 @@ def relu_leaky_grad(a: torch.Tensor, leak: float = OUTPUT_GRAD_LEAK) -> torch.Te
     return _ReLULeakyGrad.apply(a, leak)
 
 
+class _ChannelNorm(nn.Module):
+    """Normalisation over the channels of each pixel (a layer norm on dim 1, with a per-channel scale and
+    shift): no statistic crosses pixels, so a window of a field is normalised as it is inside the field."""
+
+    def __init__(self, ch: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ch))
+        self.bias = nn.Parameter(torch.zeros(ch))
+        self.eps = eps
+
+    def forward(self, h):
+        h = F.layer_norm(h.movedim(1, -1), (h.shape[1],), self.weight, self.bias, self.eps)
+        return h.movedim(-1, 1)
+
+
+def _norm(ch: int, local: bool) -> nn.Module:
+    """GroupNorm over each group's channels and the whole map (global), or a per-pixel channel norm (local)."""
+    return _ChannelNorm(ch) if local else nn.GroupNorm(_groups(ch), ch)
+
+
 def _groups(ch: int) -> int:
     """Largest divisor of ``ch`` that is <= 8 and leaves >= 2 channels per group."""
     for g in range(min(8, max(ch // 2, 1)), 0, -1):
@@ -288,12 +308,12 @@ def _groups(ch: int) -> int:
 
 
 class _ConvAct(nn.Sequential):
-    """3x3 conv (optionally strided) -> GroupNorm -> SiLU -> Dropout2d."""
+    """3x3 conv (optionally strided) -> GroupNorm (or the per-pixel norm, ``local``) -> SiLU -> Dropout2d."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1, dropout: float = 0.0):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, dropout: float = 0.0, local: bool = False):
         super().__init__(
             nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
-            nn.GroupNorm(_groups(c_out), c_out),
+            _norm(c_out, local),
             nn.SiLU(),
             nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
         )
@@ -302,13 +322,13 @@ class _ConvAct(nn.Sequential):
 class _ResBlock(nn.Module):
     """Pre-activation residual block: x + conv(act(norm(conv(act(norm(x))))))."""
 
-    def __init__(self, ch: int, dropout: float = 0.0):
+    def __init__(self, ch: int, dropout: float = 0.0, local: bool = False):
         super().__init__()
         self.body = nn.Sequential(
-            nn.GroupNorm(_groups(ch), ch),
+            _norm(ch, local),
             nn.SiLU(),
             nn.Conv2d(ch, ch, 3, padding=1),
-            nn.GroupNorm(_groups(ch), ch),
+            _norm(ch, local),
             nn.SiLU(),
             nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
             nn.Conv2d(ch, ch, 3, padding=1),
@@ -327,8 +347,50 @@ def _resize(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _broadcast(v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, C) -> (B, C, *size)."""
+    """(B, C) -> (B, C, *size); a local vector map (B, C, h, w) -> its nearest upsampling to ``size``."""
+    if v.ndim == 4:
+        return v if tuple(v.shape[-2:]) == tuple(size) else F.interpolate(v, size=tuple(size), mode="nearest")
     return v[:, :, None, None].expand(-1, -1, *size)
+
+
+def _per_pixel(layers: nn.Module, v: torch.Tensor) -> torch.Tensor:
+    """Apply ``layers`` (Linear, activations) to a vector (B, C) or to every pixel of a map (B, C, h, w)."""
+    if v.ndim == 4:
+        return layers(v.movedim(1, -1)).movedim(-1, 1)
+    return layers(v)
+
+
+class Window(NamedTuple):
+    """A window of the fine grid per sample: rows ``top[b] : top[b] + size[0]``, columns ``left[b] : left[b] +
+    size[1]`` (a training patch, or a tile of inference).  Offsets are multiples of ``2**depth`` so every scale of
+    the window lies on the field's own cells."""
+
+    top: torch.Tensor  # (B,) long
+    left: torch.Tensor  # (B,) long
+    size: tuple[int, int]
+
+    @classmethod
+    def fixed(cls, top: int, left: int, size: tuple[int, int], batch: int, device=None) -> "Window":
+        """The same window for ``batch`` samples."""
+        full = lambda v: torch.full((batch,), int(v), dtype=torch.long, device=device)  # noqa: E731
+        return cls(full(top), full(left), (int(size[0]), int(size[1])))
+
+    def scaled(self, s: int) -> "Window":
+        """The window at scale ``s`` (resolution / 2**s)."""
+        f = 2**s
+        return Window(self.top // f, self.left // f, (self.size[0] // f, self.size[1] // f))
+
+    def crop(self, t: torch.Tensor) -> torch.Tensor:
+        """(1 or B, C, H, W) -> (B, C, h, w): each sample's window (a field shared by the batch is cropped for
+        every sample)."""
+        h, w = self.size
+        B = self.top.shape[0]
+        top, left = self.top.to(t.device), self.left.to(t.device)
+        rows = top[:, None] + torch.arange(h, device=t.device)  # (B, h)
+        cols = left[:, None] + torch.arange(w, device=t.device)  # (B, w)
+        t = t.expand(B, *t.shape[1:]) if t.shape[0] == 1 else t
+        b = torch.arange(B, device=t.device)[:, None, None]
+        return t.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------- model
@@ -402,6 +464,13 @@ class CVAE(nn.Module):
             raise ValueError(f"model.latent_level {cfg.latent_level} must be in 1..depth ({depth})")
         if cfg.conditioning != "fine" and n_static:
             raise ValueError("static fine-grid channels need model.conditioning 'fine'")
+        self.local = getattr(cfg, "context", "global") == "local"
+        if self.local and (cfg.latent != "map" or cfg.conditioning != "fine"):
+            raise ValueError(f"model.context 'local' needs model.latent 'map' and model.conditioning 'fine' (got "
+                             f"{cfg.latent!r} and {cfg.conditioning!r}): a vector latent or a coarse-grid encoder "
+                             "sees the whole field at once")
+        #: local: the condition vector of a cell pools the coarsest condition map over (2 r + 1)^2 cells around it
+        self.pool_radius = max(1, math.ceil(int(getattr(cfg, "context_cells", 32)) / 2 / 2**depth)) if self.local else 0
 
         self.cfg = cfg
         self.n_channels = int(n_channels)
@@ -451,12 +520,15 @@ class CVAE(nn.Module):
         cw, depth, n_channels = self.cond_widths, self.depth, self.n_channels
         if self.fine_condition:
             c_in = n_channels + self.n_static
-            self.cond_stem = _ConvAct(c_in, cw[0], dropout=p_enc)
+            lc = self.local
+            self.cond_stem = _ConvAct(c_in, cw[0], dropout=p_enc, local=lc)
             self.cond_down = nn.ModuleList(
-                _ConvAct(cw[s - 1], cw[s], stride=2, dropout=p_enc) for s in range(1, depth + 1)
+                _ConvAct(cw[s - 1], cw[s], stride=2, dropout=p_enc, local=lc) for s in range(1, depth + 1)
             )
+            # global: the flattened coarse predictors and the whole map pooled; local: the map pooled around each cell
+            n_flat = 0 if lc else n_channels * self.coarse_shape[0] * self.coarse_shape[1]
             self.cond_vec = nn.Sequential(
-                nn.Linear(n_channels * self.coarse_shape[0] * self.coarse_shape[1] + 2 * cw[depth], self.d_y),
+                nn.Linear(n_flat + 2 * cw[depth], self.d_y),
                 nn.SiLU(),
                 nn.Dropout(p_enc) if p_enc > 0 else nn.Identity(),
                 nn.Linear(self.d_y, self.d_y),
@@ -477,13 +549,14 @@ class CVAE(nn.Module):
         """The posterior encoder q(z | x, y): the condition map of scale s is concatenated to the input of the
         strided conv that leaves scale s, so every scale is injected once."""
         w, cw, L = self.widths, self.cond_widths, self.level
-        self.enc_stem = _ConvAct(2, w[0])
+        lc = self.local
+        self.enc_stem = _ConvAct(2, w[0], local=lc)
         self.enc_down = nn.ModuleList(
-            _ConvAct(w[s - 1] + cw[s - 1], w[s], stride=2, dropout=p_enc) for s in range(1, L + 1)
+            _ConvAct(w[s - 1] + cw[s - 1], w[s], stride=2, dropout=p_enc, local=lc) for s in range(1, L + 1)
         )
         if self.latent == "map":
             self.enc_head = nn.Sequential(
-                _ConvAct(w[L] + cw[L], w[L]),
+                _ConvAct(w[L] + cw[L], w[L], local=lc),
                 nn.Conv2d(w[L], 2 * self.z_ch, 1),
             )
         else:
@@ -499,7 +572,7 @@ class CVAE(nn.Module):
             return
         if self.latent == "map":
             self.prior_net = nn.Sequential(
-                _ConvAct(cw[L] + self.d_y, w[L]),
+                _ConvAct(cw[L] + self.d_y, w[L], local=self.local),
                 nn.Conv2d(w[L], 2 * self.z_ch, 1),
             )
         else:
@@ -525,20 +598,23 @@ class CVAE(nn.Module):
         else:
             hb, wb = self.sizes[depth]
             self.dec_in = nn.Linear(self.d_z + self.d_y, self.latent_ch * hb * wb)
-        self.dec_bottom = _ConvAct(self.latent_ch + cw[depth] + self._z_channels_at(depth), bottom, dropout=p_dec)
-        self.dec_bottom_res = _ResBlock(bottom, dropout=p_dec)
+        lc = self.local
+        self.dec_bottom = _ConvAct(self.latent_ch + cw[depth] + self._z_channels_at(depth), bottom, dropout=p_dec,
+                                   local=lc)
+        self.dec_bottom_res = _ResBlock(bottom, dropout=p_dec, local=lc)
         self.dec_reduce = nn.ModuleList(nn.Conv2d(w[s], w[s - 1], 1) for s in range(1, depth + 1))
         self.dec_up = nn.ModuleList(
-            _ConvAct(w[s - 1] + cw[s - 1] + self._z_channels_at(s - 1), w[s - 1], dropout=p_dec)
+            _ConvAct(w[s - 1] + cw[s - 1] + self._z_channels_at(s - 1), w[s - 1], dropout=p_dec, local=lc)
             for s in range(1, depth + 1)
         )
 
     def _build_mean(self) -> None:
         """The conditional mean m(y) of ``model.residual``: the decoder's shape, without z, without dropout."""
         w, cw, depth = self.widths, self.cond_widths, self.depth
-        self.mean_bottom = _ConvAct(cw[depth], w[depth])
+        lc = self.local
+        self.mean_bottom = _ConvAct(cw[depth], w[depth], local=lc)
         self.mean_reduce = nn.ModuleList(nn.Conv2d(w[s], w[s - 1], 1) for s in range(1, depth + 1))
-        self.mean_up = nn.ModuleList(_ConvAct(w[s - 1] + cw[s - 1], w[s - 1]) for s in range(1, depth + 1))
+        self.mean_up = nn.ModuleList(_ConvAct(w[s - 1] + cw[s - 1], w[s - 1], local=lc) for s in range(1, depth + 1))
         self.mean_head = nn.Conv2d(w[0], 1, 3, padding=1)
 
     def _build_head(self, output: str) -> None:
@@ -573,19 +649,38 @@ class CVAE(nn.Module):
         with torch.no_grad():
             self.cond_grid.copy_(grid.to(self.cond_grid.device))
 
-    def latent_shape(self) -> tuple[int, ...]:
-        """Shape of one sample's ``z``: (d_z,) or (latent_channels, H / 2**L, W / 2**L)."""
+    def latent_shape(self, window: Window | None = None) -> tuple[int, ...]:
+        """Shape of one sample's ``z``: (d_z,) or (latent_channels, H / 2**L, W / 2**L) (of ``window``'s size)."""
         if self.latent == "map":
-            return (self.z_ch, *self.sizes[self.level])
+            size = self.sizes[self.level] if window is None else window.scaled(self.level).size
+            return (self.z_ch, *size)
         return (self.d_z,)
 
-    def _check_inputs(self, y: torch.Tensor, valid: torch.Tensor | None, x: torch.Tensor | None = None):
+    def _check_window(self, window: Window | None, batch: int) -> None:
+        if window is None:
+            return
+        if not self.local:
+            raise ValueError("a window of the field (patch training, tiled sampling) needs model.context 'local'")
+        m, (H, W) = 2**self.depth, self.fine_shape
+        h, w = window.size
+        if h < m or w < m or h % m or w % m or window.top.shape != (batch,) or window.left.shape != (batch,):
+            raise ValueError(f"a window must be a multiple of 2**depth = {m} in both sizes with one offset per "
+                             f"sample ({batch}), got size {window.size} and {tuple(window.top.shape)} offsets")
+        top, left = window.top.cpu(), window.left.cpu()
+        if bool((top % m).any() or (left % m).any() or (top < 0).any() or (left < 0).any()
+                or (top + h > H).any() or (left + w > W).any()):
+            raise ValueError(f"window offsets must be multiples of {m} and keep the {window.size} window inside "
+                             f"the {self.fine_shape} grid")
+
+    def _check_inputs(self, y: torch.Tensor, valid: torch.Tensor | None, x: torch.Tensor | None = None,
+                      window: Window | None = None):
         if y.ndim != 4 or y.shape[1] != self.n_channels:
             raise ValueError(f"y must be (B, {self.n_channels}, h, w), got {tuple(y.shape)}")
         if self.fine_condition and tuple(y.shape[-2:]) != self.coarse_shape:
             raise ValueError(f"y must be on the {self.coarse_shape} grid the model was built for, got "
                              f"{tuple(y.shape[-2:])}")
-        H, W = self.fine_shape
+        self._check_window(window, y.shape[0])
+        H, W = self.fine_shape if window is None else window.size
         for name, t in (("x", x), ("valid", valid)):
             if t is None:
                 continue
@@ -594,21 +689,45 @@ class CVAE(nn.Module):
                     f"{name} must be (B, 1, {H}, {W}) with B = {y.shape[0]} as in y, got {tuple(t.shape)}"
                 )
 
-    def encode_condition(self, y: torch.Tensor) -> Condition:
-        """Encode ``y`` (B, C, h, w) into per-scale maps and the vector ``v_y`` (B, d_y)."""
+    def _fine_input(self, y: torch.Tensor, window: Window | None) -> torch.Tensor:
+        """The predictors at the fine cells (of ``window``) with the static channels: (B, C + S, H, W)."""
+        B = y.shape[0]
+        if self.geographic:  # each cell's own position in the predictor grid (clamped at its edges)
+            grid = self.cond_grid.expand(B, -1, -1, -1)
+            if window is not None:
+                grid = window.crop(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            inp = F.grid_sample(y, grid.to(y.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+        elif not self.local:
+            inp = F.interpolate(y, size=self.fine_shape, mode="bilinear", align_corners=False)  # (B, C, H, W)
+        else:  # local: F.interpolate's sampling points written out, so a window gets exactly its cells' values
+            H, W = self.fine_shape
+            w = window if window is not None else Window.fixed(0, 0, self.fine_shape, B, y.device)
+            rows = w.top.to(y.device)[:, None] + torch.arange(w.size[0], device=y.device)  # (B, h)
+            cols = w.left.to(y.device)[:, None] + torch.arange(w.size[1], device=y.device)  # (B, w)
+            gy = ((2 * rows + 1) / H - 1).to(y.dtype)[:, :, None].expand(-1, -1, w.size[1])
+            gx = ((2 * cols + 1) / W - 1).to(y.dtype)[:, None, :].expand(-1, w.size[0], -1)
+            inp = F.grid_sample(y, torch.stack([gx, gy], dim=-1), mode="bilinear", padding_mode="border",
+                                align_corners=False)  # (B, C, h, w)
+        if self.n_static:
+            static = self.static.expand(B, -1, -1, -1)
+            inp = torch.cat([inp, (static if window is None else window.crop(static)).to(y.dtype)], dim=1)
+        return inp
+
+    def encode_condition(self, y: torch.Tensor, window: Window | None = None) -> Condition:
+        """Encode ``y`` (B, C, h, w) into per-scale maps and the vector ``v_y``: (B, d_y), or (B, d_y, H / 2**depth,
+        W / 2**depth) for ``context='local'``, where a ``window`` of the field can be encoded alone."""
+        self._check_window(window, y.shape[0])
         if self.fine_condition:
-            if self.geographic:  # each cell's own position in the predictor grid (clamped at its edges)
-                inp = F.grid_sample(y, self.cond_grid.expand(y.shape[0], -1, -1, -1).to(y.dtype), mode="bilinear",
-                                    padding_mode="border", align_corners=True)  # (B, C, H, W)
-            else:
-                inp = F.interpolate(y, size=self.fine_shape, mode="bilinear", align_corners=False)  # (B, C, H, W)
-            if self.n_static:
-                inp = torch.cat([inp, self.static.expand(y.shape[0], -1, -1, -1).to(y.dtype)], dim=1)
-            h = self.cond_stem(inp)  # (B, c_0, H, W)
+            h = self.cond_stem(self._fine_input(y, window))  # (B, c_0, H, W)
             maps = [h]
             for down in self.cond_down:
                 h = down(h)  # (B, c_s, H/2**s, W/2**s)
                 maps.append(h)
+            if self.local:  # mean and max over the (2 r + 1)^2 cells around each cell (those inside the window)
+                k, r = 2 * self.pool_radius + 1, self.pool_radius
+                pooled = torch.cat([F.avg_pool2d(h, k, 1, r, count_include_pad=False), F.max_pool2d(h, k, 1, r)],
+                                   dim=1)  # (B, 2 c_D, H/2**D, W/2**D)
+                return Condition(tuple(maps), _per_pixel(self.cond_vec, pooled))
             pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # (B, 2 c_D)
             return Condition(tuple(maps), self.cond_vec(torch.cat([y.flatten(1), pooled], dim=1)))
         t = self.cond_block(self.cond_stem(y))  # (B, F, h, w)
@@ -632,12 +751,13 @@ class CVAE(nn.Module):
 
     def prior(self, cond: Condition):
         """``mu_p, logvar_p`` of ``p(z | y)`` (shape of the posterior's); zeros for the standard prior."""
-        v = cond.vector  # (B, d_y)
+        v = cond.vector  # (B, d_y) or (B, d_y, H/2**D, W/2**D)
         if self.prior_net is None:
-            zeros = v.new_zeros(v.shape[0], *self.latent_shape())
+            shape = (self.z_ch, *cond.maps[self.level].shape[-2:]) if self.latent == "map" else (self.d_z,)
+            zeros = v.new_zeros(v.shape[0], *shape)
             return zeros, zeros.clone()
         if self.latent == "map":
-            size = self.sizes[self.level]
+            size = tuple(cond.maps[self.level].shape[-2:])
             stats = self.prior_net(torch.cat([cond.maps[self.level], _broadcast(v, size)], dim=1))
         else:
             stats = self.prior_net(v)
@@ -645,7 +765,8 @@ class CVAE(nn.Module):
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def decode(self, z: torch.Tensor, cond: Condition, valid: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, straight_through: bool = False) -> torch.Tensor:
+               generator: torch.Generator | None = None, straight_through: bool = False,
+               noise: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Decode ``z`` to a field (B, 1, H, W) >= 0 in model space, 0 where ``valid`` is False.
 
         With ``noise_channels`` > 0, fresh N(0, 1) noise (from ``generator`` when given) is
@@ -653,17 +774,28 @@ class CVAE(nn.Module):
         ``output='bernoulli_gamma'`` the field is a draw of the decoded law (from
         ``generator``; differentiable with ``straight_through``).
         """
+        return self._finish(self._raw_field(z, cond, generator, noise), valid, generator, straight_through)
+
+    def _raw_field(self, z: torch.Tensor, cond: Condition, generator: torch.Generator | None,
+                   noise: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """The head's raw output (B, 1 or 3, H, W), plus ``m(y)`` in residual mode: what :meth:`_finish` makes a
+        field of (the part of decoding that a tile can do alone)."""
+        head = self._decode_head(z, cond, generator, noise)
+        if self.residual:  # m(y) without gradient: the generative terms shape the residual only
+            mean = cond.mean if cond.mean is not None else self.mean_field(cond)
+            head = mean.detach() + head
+        return head
+
+    def _finish(self, head: torch.Tensor, valid: torch.Tensor | None, generator: torch.Generator | None,
+                straight_through: bool = False) -> torch.Tensor:
+        """A field (B, 1, H, W) >= 0 in model space from :meth:`_raw_field`: its ReLU, or a draw of the law."""
         if self.output == "bernoulli_gamma":
-            law = self.decode_law(z, cond, generator)
+            law = BernoulliGamma.from_head(head)
             if self.bg_correlation > 0 and not straight_through:  # a sampled field, not a training draw
                 draw = bernoulli_gamma_draw_correlated(law, self.bg_correlation, generator)
             else:
                 draw = bernoulli_gamma_draw(law, generator, straight_through)
             return self._mask(self.transform.forward(draw), valid)
-        head = self._decode_head(z, cond, generator)
-        if self.residual:  # m(y) without gradient: the generative terms shape the residual only
-            mean = cond.mean if cond.mean is not None else self.mean_field(cond)
-            head = mean.detach() + head
         return self._mask(relu_leaky_grad(head), valid)
 
     def mean_field(self, cond: Condition) -> torch.Tensor:
@@ -694,12 +826,25 @@ class CVAE(nn.Module):
         """The law's mean (mm/day) in model space, 0 where ``valid`` is False."""
         return self._mask(self.transform.forward(law.mean_mm()), valid)
 
-    def _decode_head(self, z: torch.Tensor, cond: Condition, generator: torch.Generator | None) -> torch.Tensor:
-        """The decoder up to its head's raw output (B, 1 or 3, H, W)."""
-        hb, wb = self.sizes[self.depth]
+    def _one_noise(self, B: int, size, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+        """(B, noise_channels, *size) N(0, 1) from ``generator`` (on its device), on ``like``'s device."""
+        gen_device = generator.device if generator is not None else like.device
+        return torch.randn((B, self.noise_ch, *size), generator=generator, device=gen_device,
+                           dtype=like.dtype).to(like.device)
+
+    def _noise(self, B: int, generator: torch.Generator | None, like: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The whole field's noise channels per scale (those finer than the latent's), drawn in the order
+        :meth:`_decode_head` draws them."""
+        return {s - 1: self._one_noise(B, self.sizes[s - 1], generator, like)
+                for s in range(self.depth, 0, -1) if self.noise_ch and s - 1 < self.level}
+
+    def _decode_head(self, z: torch.Tensor, cond: Condition, generator: torch.Generator | None,
+                     noise: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """The decoder up to its head's raw output (B, 1 or 3, H, W); ``noise`` (scale -> map) when drawn before."""
+        hb, wb = cond.maps[self.depth].shape[-2:]
         B = z.shape[0]
         if self.latent == "map":
-            base = _broadcast(F.silu(self.dec_in(cond.vector)), (hb, wb))  # (B, latent_ch, hb, wb)
+            base = _broadcast(F.silu(_per_pixel(self.dec_in, cond.vector)), (hb, wb))  # (B, latent_ch, hb, wb)
         else:
             base = F.silu(self.dec_in(torch.cat([z, cond.vector], dim=1))).view(B, self.latent_ch, hb, wb)
         parts = [base, cond.maps[self.depth]]
@@ -713,9 +858,8 @@ class CVAE(nn.Module):
             if self.latent == "map" and self.level == s - 1:
                 parts.append(z)
             if self.noise_ch and s - 1 < self.level:
-                shape = (B, self.noise_ch, *self.sizes[s - 1])
-                device = generator.device if generator is not None else h.device
-                parts.append(torch.randn(shape, generator=generator, device=device, dtype=h.dtype).to(h.device))
+                size = tuple(cond.maps[s - 1].shape[-2:])
+                parts.append(self._one_noise(B, size, generator, h) if noise is None else noise[s - 1])
             h = self.dec_up[s - 1](torch.cat(parts, dim=1))
         return self.dec_head(h)  # (B, 1 or 3, H, W)
 
@@ -727,7 +871,8 @@ class CVAE(nn.Module):
 
     # ------------------------------------------------------------------ public API
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, n_prior: int = 0) -> CVAEOutput:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, n_prior: int = 0,
+                window: Window | None = None) -> CVAEOutput:
         """Encode, sample ``z ~ q(z | x, y)`` (reparameterised) and decode.
 
         Parameters
@@ -740,13 +885,15 @@ class CVAE(nn.Module):
             Pixel validity.
         n_prior : int
             Also decode this many reparameterised draws from the prior (0: none).
+        window : Window, optional
+            ``context='local'``: ``x`` and ``valid`` are this window of each sample's field (a training patch).
 
         Returns
         -------
         CVAEOutput
         """
-        self._check_inputs(y, valid, x)
-        cond = self._with_mean(self.encode_condition(y))
+        self._check_inputs(y, valid, x, window)
+        cond = self._with_mean(self.encode_condition(y, window))
         mu_q, logvar_q = self.posterior(x, valid, cond)
         mu_p, logvar_p = self.prior(cond)
         z = mu_q + torch.exp(0.5 * logvar_q) * torch.randn_like(mu_q)
@@ -761,19 +908,19 @@ class CVAE(nn.Module):
             zp = self._prior_draws(mu_p, logvar_p, n_prior)  # (M, B, *latent_shape)
             B = x.shape[0]
             # one decoder pass over M * B: the condition repeated member-major
-            rep = Condition(tuple(m.repeat(n_prior, *([1] * (m.ndim - 1))) for m in cond.maps),
-                            cond.vector.repeat(n_prior, 1),
-                            None if cond.mean is None else cond.mean.repeat(n_prior, 1, 1, 1))
+            again = lambda m: None if m is None else m.repeat(n_prior, *([1] * (m.ndim - 1)))  # noqa: E731
+            rep = Condition(tuple(again(m) for m in cond.maps), again(cond.vector), again(cond.mean))
             dec = self.decode(zp.reshape(n_prior * B, *zp.shape[2:]), rep, valid.repeat(n_prior, 1, 1, 1),
                               straight_through=True)
             prior_samples = dec.view(n_prior, B, *dec.shape[1:])  # (M, B, 1, H, W)
         mean = None if cond.mean is None else self._mask(cond.mean, valid)
         return CVAEOutput(recon, mu_q, logvar_q, mu_p, logvar_p, prior_samples, law, mean)
 
-    def reconstruct(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor,
+                    window: Window | None = None) -> torch.Tensor:
         """Decode the posterior mean: (B, 1, H, W) in model space (the law's mean for a Bernoulli-gamma output)."""
-        self._check_inputs(y, valid, x)
-        cond = self._with_mean(self.encode_condition(y))
+        self._check_inputs(y, valid, x, window)
+        cond = self._with_mean(self.encode_condition(y, window))
         mu_q, _ = self.posterior(x, valid, cond)
         if self.output == "bernoulli_gamma":
             return self._law_mean(self.decode_law(mu_q, cond), valid)
@@ -786,6 +933,7 @@ class CVAE(nn.Module):
         n_samples: int = 1,
         z_scale: float = 1.0,
         generator: torch.Generator | None = None,
+        tile: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Draw fields from ``p(x | z, y)`` with ``z = mu_p + z_scale * sigma_p * eps``.
 
@@ -802,6 +950,11 @@ class CVAE(nn.Module):
         generator : torch.Generator, optional
             Source of ``eps``; the same generator state gives the same samples
             (in ``eval()`` mode, where dropout is off).
+        tile : (int, int), optional
+            ``context='local'``: decode the field by tiles of this interior size (multiples of ``2**depth``),
+            each computed with a margin of :meth:`receptive_radius` cells around it, so the field equals the
+            untiled one (to float round-off) with activations of one tile in memory
+            (:meth:`tile_for` picks it from a memory budget).  ``None``: the whole field at once.
 
         Returns
         -------
@@ -817,10 +970,98 @@ class CVAE(nn.Module):
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         self._check_inputs(y, valid)
+        if tile is not None and any(t < s for t, s in zip(tile, self.fine_shape)):
+            return self._sample_tiled(y, valid, n_samples, z_scale, generator, tile)
         cond = self._with_mean(self.encode_condition(y))
         mu_p, logvar_p = self.prior(cond)
         z = self._prior_draws(mu_p, logvar_p, n_samples, z_scale, generator)  # (n_samples, B, *latent_shape)
         out = [self.decode(z[i], cond, valid, generator) for i in range(n_samples)]
+        return torch.stack(out, dim=0)  # (n_samples, B, 1, H, W)
+
+    # ------------------------------------------------------------------ tiled inference (context 'local')
+
+    def receptive_radius(self) -> int:
+        """Fine cells around a cell that a sampled value can depend on (``context='local'``), rounded up to a
+        multiple of ``2**depth``: a bound summed over the 3x3 convolutions of the condition encoder, prior and
+        decoder at their scales, the nearest upsamplings and the condition vector's pooling window."""
+        if not self.local:
+            raise ValueError("a receptive radius needs model.context 'local' (a global model sees the whole field)")
+        m = 2**self.depth
+        encoder = 1 + sum(2 ** (s - 1) for s in range(1, self.depth + 1))  # stem + strided convs
+        vector = encoder + self.pool_radius * m
+        prior = max(encoder, vector) + 2**self.level + m
+        # bottom conv + residual block (3 convs at the coarsest scale), then per scale an upsampling and a conv
+        decoder = 3 * m + sum(2**s + 2 ** (s - 1) for s in range(1, self.depth + 1)) + 1
+        radius = max(vector, prior) + decoder + m  # the conditional mean's decoder is no deeper
+        return -(-radius // m) * m
+
+    def tile_for(self, batch: int, budget_bytes: float) -> tuple[int, int] | None:
+        """The interior size of square tiles whose activations for ``batch`` samples fit ``budget_bytes``, or None
+        when the whole field fits (or the model is global and cannot be tiled)."""
+        if not self.local:
+            return None
+        widths = sum((w + c) / 4**s for s, (w, c) in enumerate(zip(self.widths, self.cond_widths)))
+        per_cell = 4 * 6 * widths  # float32, a few activations of every scale alive at once
+        H, W = self.fine_shape
+        if batch * H * W * per_cell <= budget_bytes:
+            return None
+        m, margin = 2**self.depth, 2 * self.receptive_radius()
+        side = int(math.sqrt(budget_bytes / (batch * per_cell))) - margin
+        side = max(m, side // m * m)
+        return (min(side, H), min(side, W))
+
+    def _tiles(self, tile: tuple[int, int]):
+        """(outer, inner) windows of the tiling: ``inner`` (top, left, h, w) cut the field; ``outer`` adds the
+        receptive radius on every side (clipped at the field's edges)."""
+        m, R, (H, W) = 2**self.depth, self.receptive_radius(), self.fine_shape
+        th, tw = (int(t) for t in tile)
+        if th < m or tw < m or th % m or tw % m:
+            raise ValueError(f"tile {tuple(tile)} must be positive multiples of 2**depth = {m}")
+        for r0 in range(0, H, th):
+            for c0 in range(0, W, tw):
+                h, w = min(th, H - r0), min(tw, W - c0)
+                top, left = max(0, r0 - R), max(0, c0 - R)
+                bottom, right = min(H, r0 + h + R), min(W, c0 + w + R)
+                yield (top, left, bottom - top, right - left), (r0, c0, h, w)
+
+    @staticmethod
+    def _paste(dst: torch.Tensor, src: torch.Tensor, outer, inner, f: int) -> None:
+        """Copy the ``inner`` part of ``src`` (computed over ``outer``) into ``dst`` at scale factor ``f``."""
+        (t0, l0, _, _), (r0, c0, h, w) = outer, inner
+        dst[..., r0 // f:(r0 + h) // f, c0 // f:(c0 + w) // f] = \
+            src[..., (r0 - t0) // f:(r0 - t0 + h) // f, (c0 - l0) // f:(c0 - l0 + w) // f]
+
+    def _sample_tiled(self, y, valid, n_samples, z_scale, generator, tile):
+        """:meth:`sample` by tiles: the prior and then each member's raw field are computed tile by tile and
+        pasted; the draws (latent, noise channels, Bernoulli-gamma) are made for the whole field in the order
+        the untiled path makes them, so both give the same fields."""
+        if not self.local:
+            raise ValueError("tiled sampling needs model.context 'local'")
+        B, L = y.shape[0], self.level
+        tiles = list(self._tiles(tile))
+        window = lambda o: Window.fixed(o[0], o[1], o[2:], B, y.device)  # noqa: E731
+        mu_p = logvar_p = None
+        for outer, inner in tiles:
+            m, lv = self.prior(self.encode_condition(y, window(outer)))
+            if mu_p is None:
+                mu_p = m.new_empty(B, m.shape[1], *self.sizes[L])
+                logvar_p = torch.empty_like(mu_p)
+            self._paste(mu_p, m, outer, inner, 2**L)
+            self._paste(logvar_p, lv, outer, inner, 2**L)
+        z = self._prior_draws(mu_p, logvar_p, n_samples, z_scale, generator)  # (n, B, z_ch, H/2**L, W/2**L)
+        out = []
+        for i in range(n_samples):
+            noise = self._noise(B, generator, y)
+            raw = None
+            for outer, inner in tiles:
+                win = window(outer)
+                cond = self._with_mean(self.encode_condition(y, win))
+                part = self._raw_field(win.scaled(L).crop(z[i]), cond, None,
+                                       {s: win.scaled(s).crop(n) for s, n in noise.items()})
+                if raw is None:
+                    raw = part.new_empty(B, part.shape[1], *self.fine_shape)
+                self._paste(raw, part, outer, inner, 1)
+            out.append(self._finish(raw, valid, generator))
         return torch.stack(out, dim=0)  # (n_samples, B, 1, H, W)
 
 

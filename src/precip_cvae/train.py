@@ -40,8 +40,8 @@ import torch
 
 from . import checkpoint, distributed, metrics
 from .conditioning import condition_sampling_grid, fit_static
-from .config import ModelConfig, TrainConfig, config_hash
-from .data import (Batch, FieldData, ZarrFields, augment, block_days_for, check_augmentations, day_blocks,
+from .config import ConfigError, ModelConfig, TrainConfig, config_hash
+from .data import (Batch, FieldData, PatchSampler, ZarrFields, augment, block_days_for, check_augmentations, day_blocks,
                    epoch_indices, epoch_plan, make_batch, open_fields, stream_batches)
 from .io import InputError, atomic_path
 from .losses import beta_schedule, compute_loss, extreme_mae, kl_divergence, masked_mae, warmup_finished
@@ -258,7 +258,7 @@ def train_step(model: CVAE, opt, batch, cfg: TrainConfig, epoch: int, transform,
     """One optimisation step on ``batch``; returns the loss components, or None if the loss is not finite
     (then no update is made; under DDP every rank agrees before any backward pass)."""
     with autocast:
-        out = model(batch.x, batch.y, batch.valid, n_prior=cfg.loss.n_prior)
+        out = model(batch.x, batch.y, batch.valid, n_prior=cfg.loss.n_prior, window=batch.window)
     out = type(out)(*(None if t is None else (type(t)(*(u.float() for u in t)) if isinstance(t, tuple) else t.float())
                       for t in out))
     losses = compute_loss(out, batch.x, batch.valid, batch.extreme, cfg.loss, epoch, transform, batch.coarse_mm,
@@ -363,6 +363,7 @@ class _Session:
     history: list = field(default_factory=list)
     start_epoch: int = 0
     ema: Any = None  # torch.optim.swa_utils.AveragedModel of ``model`` (train.ema_decay > 0), else None
+    patches: PatchSampler | None = None  # train.patch_size: where each sample's patch is cut
 
     @property
     def eval_model(self) -> CVAE:
@@ -442,6 +443,18 @@ def _set_up(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experim
             model.set_condition_grid(torch.from_numpy(condition_sampling_grid(train)))
             log.info("condition: the predictor grid sampled at each target cell's own position "
                      "(model.condition_interpolation geographic)")
+    patches = None
+    if cfg.patch_size is not None:
+        if not model.local:
+            raise ConfigError(f"train.patch_size {list(cfg.patch_size)} needs model.context 'local' (a global model's "
+                              "condition vector and norms see the whole field, so a patch is not a window of it)")
+        try:
+            patches = PatchSampler(static.region, cfg.patch_size, 2**model.depth, cfg.patch_min_valid)
+        except ValueError as exc:
+            raise InputError(f"{paths.dataset}: {exc}") from exc
+        log.info("patches of %s cells at %d places (corners every %d cells, >= %.0f%% of cells with data); the "
+                 "model's values reach %d cells (model.receptive_radius)", list(cfg.patch_size), len(patches),
+                 2**model.depth, 100 * cfg.patch_min_valid, model.receptive_radius())
     net = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -485,7 +498,7 @@ def _set_up(paths: TrainPaths, model_cfg: ModelConfig, cfg: TrainConfig, experim
                                                                cfg.loss.warmup_epochs),
         ema=None if not cfg.ema_decay else torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True),
-        meta=meta, thr_x=train.thr_x.to(device), tail_x=static.tail_x.to(device),
+        meta=meta, thr_x=train.thr_x.to(device), tail_x=static.tail_x.to(device), patches=patches,
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext(),
     )
 
@@ -567,6 +580,8 @@ def _train_epoch(s: _Session, epoch: int, flag: SignalFlag) -> tuple[dict[str, f
                 f"{epoch - 1} is in {paths.resume}; rerun to resume",
             )
         batch = augment(batch, cfg.augment, g, cfg)
+        if s.patches is not None:
+            batch = s.patches.crop(batch, g)
         losses = train_step(s.net, s.opt, batch, cfg, epoch, s.train.transform, s.autocast,
                             dist if dist.world > 1 else None)
         if losses is None:

@@ -159,7 +159,7 @@ def _truth_dataset(split: FieldData, times: np.ndarray, grid: Grid) -> xr.Datase
 
 @torch.no_grad()
 def sample_cvae(model, transform: TargetTransform, y: torch.Tensor, valid: torch.Tensor, members: int,
-                generator: torch.Generator, device) -> np.ndarray:
+                generator: torch.Generator, device, memory_gb: float | None = None) -> np.ndarray:
     """Prior samples of one batch in mm/day.
 
     Parameters
@@ -170,12 +170,15 @@ def sample_cvae(model, transform: TargetTransform, y: torch.Tensor, valid: torch
     valid : Tensor (B, 1, H, W) bool
     members : M
     generator : CPU torch.Generator (the noise; same state -> same fields)
+    memory_gb : a local model samples a field whose activations exceed this by tiles (the same fields)
 
     Returns
     -------
     ndarray (M, B, H, W), float32, mm day-1, NaN where not valid (padded grid).
     """
-    s = model.sample(y.to(device), valid.to(device), n_samples=members, generator=generator)  # (M, B, 1, H, W)
+    tile = None if memory_gb is None else model.tile_for(y.shape[0], memory_gb * 1e9)
+    s = model.sample(y.to(device), valid.to(device), n_samples=members, generator=generator,
+                     tile=tile)  # (M, B, 1, H, W)
     pr = transform.inverse(s[:, :, 0].float()).cpu()  # (M, B, H, W)
     pr = torch.where(valid[None, :, 0].cpu(), pr, torch.full_like(pr, float("nan")))
     return pr.numpy()
@@ -198,8 +201,9 @@ def fit_calibration(fit: FieldData, loaded, cfg: EvaluateConfig, grid: Grid, dev
     model, transform, _ = loaded
     t0 = time.perf_counter()
     g = torch.Generator(device="cpu").manual_seed(_seed(cfg, "train", 0))
-    ens = np.concatenate([crop(sample_cvae(model, transform, fit.y[idx], fit.valid[idx], cfg.members, g, device),
-                               grid.attrs) for idx in _batches(len(fit), cfg.batch_size)], axis=1)  # (M, T, h, w)
+    ens = np.concatenate([crop(sample_cvae(model, transform, fit.y[idx], fit.valid[idx], cfg.members, g, device,
+                                           cfg.inference_memory_gb), grid.attrs)
+                          for idx in _batches(len(fit), cfg.batch_size)], axis=1)  # (M, T, h, w)
     qmap = fit_quantile_map(ens, crop(fit.pr_mm[:, 0].numpy(), grid.attrs))
     log.info("quantile map fitted on %d train days x %d members in %.1f s", len(fit), cfg.members,
              time.perf_counter() - t0)
@@ -232,8 +236,8 @@ class _SplitWriter:
         io.append_zarr(_truth_dataset(ev, times, grid), self.store, f"{split}/{TRUTH}")
         for k, (label, (model, transform, _)) in enumerate(self.models.items()):
             t0 = time.perf_counter()
-            ens = crop(sample_cvae(model, transform, ev.y, ev.valid, cfg.members, self.gens[label], self.device),
-                       grid.attrs)
+            ens = crop(sample_cvae(model, transform, ev.y, ev.valid, cfg.members, self.gens[label], self.device,
+                                   cfg.inference_memory_gb), grid.attrs)
             io.append_zarr(_fields_dataset(ens, times, grid), self.store, f"{split}/{cvae_source(label)}")
             if k == 0 and self.qmap is not None:
                 io.append_zarr(_fields_dataset(self.qmap.apply(ens), times, grid), self.store,

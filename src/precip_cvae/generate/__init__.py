@@ -236,7 +236,8 @@ def _sample_mm(setup: _Setup, y: torch.Tensor, valid: torch.Tensor, cfg: Generat
     """``cfg.members`` prior samples of each condition in ``y``: (K, B, h, w) mm/day on the original grid, NaN
     outside ``valid``."""
     with torch.no_grad():
-        s = setup.model.sample(y, valid, n_samples=cfg.members, z_scale=cfg.z_scale, generator=g)
+        s = setup.model.sample(y, valid, n_samples=cfg.members, z_scale=cfg.z_scale, generator=g,
+                               tile=setup.model.tile_for(y.shape[0], cfg.inference_memory_gb * 1e9))
     mm = setup.data.transform.inverse(s[:, :, 0].float()).cpu().numpy()  # (K, B, H, W)
     return crop_array(np.where(valid[:, 0].cpu().numpy()[None], mm, np.nan), setup.pads)
 
