@@ -107,8 +107,10 @@ def child_write(root: str, years: str, nlat: str, nlon: str) -> None:
 
 
 def child_train(root: str, in_memory: str, steps: str, batch: str, val_days: str, threads: str,
-                workers: str) -> None:
-    """The stage's set-up, ``steps`` steps through its batch iterator, validation on ``val_days`` days."""
+                workers: str, patch: str = "0") -> None:
+    """The stage's set-up, ``steps`` steps through its batch iterator, validation on ``val_days`` days.  With
+    ``patch`` > 0: a local model on ``patch`` x ``patch`` patches, and one batch of val days sampled whole and by
+    tiles (a quarter of the whole field's activations)."""
     import gc
     import resource
 
@@ -121,14 +123,18 @@ def child_train(root: str, in_memory: str, steps: str, batch: str, val_days: str
     from precip_cvae.resources import limit_threads
 
     setup(None)
+    patch = int(patch)
+    label = in_memory + (f"_patch{patch}" if patch else "")
     paths = train.TrainPaths.in_dir(f"{root}/dataset.zarr", f"{root}/thresholds.nc", f"{root}/events.csv",
-                                    f"{root}/train_{in_memory}", f"{root}/resume_{in_memory}")
+                                    f"{root}/train_{label}", f"{root}/resume_{label}")
     cfg = TrainConfig(epochs=1, batch_size=int(batch), val_members=2, num_threads=int(threads),
                       in_memory=in_memory == "true", loader_workers=int(workers), shuffle_buffer_days=256,
+                      patch_size=(patch, patch) if patch else None,
                       loss=LossConfig(warmup_epochs=0, ensemble_members=2))
+    model_cfg = ModelConfig(preset="tiny", context="local", context_cells=patch) if patch else ModelConfig(preset="tiny")
     with limit_threads(int(threads)):
         t0 = time.perf_counter()
-        s = train._set_up(paths, ModelConfig(preset="tiny"), cfg, "continental", Dist())
+        s = train._set_up(paths, model_cfg, cfg, "continental", Dist())
         setup_s = time.perf_counter() - t0
         g = torch.Generator().manual_seed(0)
         batches = train.epoch_batches(s, g)
@@ -137,6 +143,8 @@ def child_train(root: str, in_memory: str, steps: str, batch: str, val_days: str
         for step in range(int(steps)):
             t1 = time.perf_counter()
             b = next(batches)
+            if s.patches is not None:
+                b = s.patches.crop(b, g)
             t2 = time.perf_counter()
             train.train_step(s.net, s.opt, b, cfg, 1, s.train.transform, s.autocast)
             t3 = time.perf_counter()
@@ -150,6 +158,13 @@ def child_train(root: str, in_memory: str, steps: str, batch: str, val_days: str
         t4 = time.perf_counter()
         scores = train.validate(s.eval_model, val, cfg, 0, s.device, int(batch))
         val_s = time.perf_counter() - t4
+        tiles = _tiled_sampling(s.eval_model, val, int(batch)) if patch else {}
+    if patch:
+        emit({"setup_s": setup_s, "samples_per_s": n / max(compute + wait, 1e-9),
+              "input_wait": wait / max(compute, 1e-9), "val_fields_per_s": len(val) * 2 / val_s,
+              "val_CRPS": scores["val_CRPS"], "train_days": len(s.train), "streamed": not isinstance(s.train, train.FieldData),
+              "workers_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0, **tiles})
+        return
     from precip_cvae import checkpoint
 
     checkpoint.save(s.snapshot(0), f"{root}/model_{in_memory}.pt")  # what the later stages sample
@@ -157,6 +172,29 @@ def child_train(root: str, in_memory: str, steps: str, batch: str, val_days: str
     emit({"setup_s": setup_s, "samples_per_s": n / max(compute + wait, 1e-9), "input_wait": wait / max(compute, 1e-9),
           "val_fields_per_s": len(val) * 2 / val_s, "val_CRPS": scores["val_CRPS"], "train_days": len(s.train),
           "streamed": not isinstance(s.train, train.FieldData), "workers_peak_mb": children})
+
+
+def _tiled_sampling(model, val, batch: int) -> dict:
+    """One batch of val days, 2 members, sampled whole and by the tiles of a quarter of the whole field's
+    activations: seconds of each, the tile and the largest difference."""
+    import torch
+
+    from precip_cvae.data import make_batch
+
+    days = val.read(np.arange(min(batch, len(val)))) if hasattr(val, "read") else val
+    b = make_batch(days, torch.arange(min(batch, len(days))), val.thr_x, "cpu")
+    whole_bytes = 1e12
+    while model.tile_for(len(b.x), whole_bytes / 2) is None:  # about the whole field's activations
+        whole_bytes /= 2
+    tile = model.tile_for(len(b.x), whole_bytes / 4)
+    out = {}
+    with torch.no_grad():
+        for name, t in (("whole", None), ("tiled", tile)):
+            t0 = time.perf_counter()
+            out[name] = model.sample(b.y, b.valid, 2, generator=torch.Generator().manual_seed(0), tile=t)
+            out[f"{name}_s"] = time.perf_counter() - t0
+    return {"tile": list(tile), "receptive_radius": model.receptive_radius(), "sample_whole_s": out["whole_s"],
+            "sample_tiled_s": out["tiled_s"], "tiled_max_diff": float((out["whole"] - out["tiled"]).abs().max())}
 
 
 def child_sample(root: str, members: str, threads: str) -> None:
@@ -225,6 +263,9 @@ def main() -> int:
     ap.add_argument("--stages", action="store_true",
                     help="also sample_ensembles (test split), evaluate and generate (heavy train days) at each size")
     ap.add_argument("--members", type=int, default=4, help="members of --stages")
+    ap.add_argument("--patch", type=int, default=0,
+                    help="also train a local model on patches of this many cells (and sample it by tiles)")
+    ap.add_argument("--patch-batch", type=int, default=32, help="patches per step of --patch")
     ap.add_argument("--smoke", action="store_true", help="1 and 2 years of 40 x 48, 3 steps (for the tests)")
     add_child_argument(ap)
     args = ap.parse_args()
@@ -233,6 +274,7 @@ def main() -> int:
         return 0
     if args.smoke:
         args.years, args.nlat, args.nlon, args.steps, args.val_days, args.threads = [1, 2], 40, 48, 3, 4, 1
+        args.patch, args.patch_batch = 16, 8
     held_years = args.years[0] if args.in_memory_years is None else args.in_memory_years
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         need = 4 * args.years[1] * 365 * _grid(args.nlat, args.nlon)[0] * _grid(args.nlat, args.nlon)[1] * 1.6 / 1e9
@@ -259,6 +301,16 @@ def main() -> int:
                       f"set-up {r['setup_s']:.0f} s; {r['samples_per_s']:.2f} samples/s, input wait "
                       f"{100 * r['input_wait']:.1f} % of compute; validation {r['val_fields_per_s']:.2f} fields/s",
                       flush=True)
+            if args.patch:
+                r = run_child([__file__, "--child", "train", root, "false", str(args.steps), str(args.patch_batch),
+                               str(args.val_days), str(args.threads), str(args.workers), str(args.patch)])
+                rows[(years, "patches")] = r
+                print(f"  patches  : {args.patch} x {args.patch}, {args.patch_batch} a step: peak RSS "
+                      f"{r['peak_rss_mb']:.0f} MB (readers {r['workers_peak_mb']:.0f} MB); {r['samples_per_s']:.2f} "
+                      f"patches/s, input wait {100 * r['input_wait']:.1f} % of compute; sampling {args.batch} days "
+                      f"x 2 members whole {r['sample_whole_s']:.1f} s, by tiles of {r['tile']} (margin "
+                      f"{r['receptive_radius']}) {r['sample_tiled_s']:.1f} s, largest difference "
+                      f"{r['tiled_max_diff']:.1e}", flush=True)
             if args.stages:
                 m = str(args.members)
                 for stage, extra in (("sample", [m, str(args.threads)]), ("score", [m]), ("generate", [m])):
@@ -278,7 +330,14 @@ def main() -> int:
                 print(f"{stage} peak RSS {args.years[0]} -> {args.years[1]} years: {a['peak_rss_mb']:.0f} -> "
                       f"{b['peak_rss_mb']:.0f} MB (x{ratio:.2f}; goal <= x{RSS_RATIO}, <= {RSS_LIMIT_MB} MB): "
                       f"{verdict(ratio <= RSS_RATIO and b['peak_rss_mb'] <= RSS_LIMIT_MB)}")
-        worst = max(r["peak_rss_mb"] + r["workers_peak_mb"] * args.workers for k, r in rows.items() if k[1] == "streamed")
+        if args.patch:
+            a, b = rows[(args.years[0], "patches")], rows[(args.years[1], "patches")]
+            ratio = b["peak_rss_mb"] / a["peak_rss_mb"]
+            print(f"patch training peak RSS {args.years[0]} -> {args.years[1]} years: {a['peak_rss_mb']:.0f} -> "
+                  f"{b['peak_rss_mb']:.0f} MB (x{ratio:.2f}; goal <= x{RSS_RATIO}, <= {RSS_LIMIT_MB} MB): "
+                  f"{verdict(ratio <= RSS_RATIO and b['peak_rss_mb'] <= RSS_LIMIT_MB)}")
+        worst = max(r["peak_rss_mb"] + r["workers_peak_mb"] * args.workers for k, r in rows.items()
+                    if k[1] in ("streamed", "patches"))
         print(f"largest streamed peak, training process + readers: {worst:.0f} MB (goal <= {RSS_LIMIT_MB} MB): "
               f"{verdict(worst <= RSS_LIMIT_MB)}")
         if (held_years, "in memory") in rows:

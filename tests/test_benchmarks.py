@@ -64,6 +64,7 @@ def test_continental_smoke(tmp_path):
     out = run(str(BENCH / "continental.py"), "--smoke", "--stages", "--workdir", str(tmp_path), timeout=400)
     assert "streamed peak RSS 1 -> 2 years" in out and "1 years, in memory / streamed" in out
     assert all(f"{stage} peak RSS 1 -> 2 years" in out for stage in ("sample", "score", "generate"))
+    assert "patch training peak RSS 1 -> 2 years" in out and "largest difference 0.0e+00" in out
     assert not any(tmp_path.iterdir()), "the generated inputs must be removed"
 
 
