@@ -132,3 +132,25 @@ def prepared(tmp_path_factory):
     return prepare_demo(tmp_path_factory.mktemp("prepared"),
                         DemoConfig(seed=3, years=2, nlat=16, nlon=16, nclat=4, nclon=4, heavy_fraction=0.04),
                         EventsConfig(min_exceed_fraction=0.05))
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(session, config, items):
+    """When the tests on the SLURM cluster are selected, start the cluster and their workflow run now, in a
+    background thread (tests/test_slurm.py, ClusterRun): it mostly waits for SLURM, and the other tests run
+    meanwhile instead of after it."""
+    if config.option.collectonly:
+        return
+    for item in items:
+        if "slurm_run" in getattr(item, "fixturenames", ()):
+            item.module.start_cluster_run(config._tmp_path_factory.mktemp("cluster"))
+            config._cluster_run_module = item.module
+            return
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A cluster run started at collection is ended and the cluster stopped, even when its tests never ran
+    (-x, a keyboard interrupt, deselection)."""
+    module = getattr(session.config, "_cluster_run_module", None)
+    if module is not None:
+        module.stop_cluster_run()

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -118,38 +119,8 @@ def _cannot(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    """A single-node SLURM cluster for this module: started by .ci/slurm.sh, stopped by PID after."""
-    if os.environ.get("PRECIP_CVAE_SLURM") == "0":
-        pytest.skip("SLURM tests disabled by PRECIP_CVAE_SLURM=0")
-    if sys.platform != "linux":
-        _cannot(f"SLURM tests need Linux, this is {sys.platform}")
-    # one test cluster per machine: wait for another session's to be stopped
-    try:
-        lock = open(LOCK, "a")
-    except OSError as exc:
-        _cannot(f"cannot open the SLURM test lock {LOCK}: {exc}")
-    deadline = time.monotonic() + 900
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                lock.close()
-                _cannot(f"another test session holds the SLURM test cluster ({LOCK}) for over 15 minutes")
-            time.sleep(2)
-    try:
-        start = subprocess.run(["bash", str(SLURM_SH), "start"], capture_output=True, text=True, timeout=600)
-        if start.returncode != 0:
-            _cannot(start.stderr.strip().splitlines()[-1] if start.stderr.strip() else f"slurm.sh start: rc {start.returncode}")
-        print(start.stderr.strip())
-        yield
-    finally:
-        subprocess.run(["bash", str(SLURM_SH), "stop"], capture_output=True, text=True, timeout=120)
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()
+class _Cannot(Exception):
+    """The cluster cannot be brought up here (the reason); the tests skip, or fail where SLURM is required."""
 
 
 def ci_profile(work: Path) -> None:
@@ -166,7 +137,7 @@ def ci_profile(work: Path) -> None:
     profile["default-resources"]["mem_mb"] = 2000
     rules = sorted({r for f in (work / "rules").glob("*.smk") for r in re.findall(r"^rule (\w+):", f.read_text(), re.M)})
     set_resources = profile.setdefault("set-resources", {})
-    for rule in rules:  # the tiny data needs little memory; the rules ask for 8-16 GB
+    for rule in rules:  # the tiny data need little memory; the rules ask for 8-16 GB
         set_resources.setdefault(rule, {})["mem_mb"] = 2000
     set_resources["train_cvae"]["cpus_per_gpu"] = ncpu
     (work / "slurm").mkdir()
@@ -180,48 +151,168 @@ def slurm_job_of(rule: str) -> str | None:
     return ids[0] if ids else None
 
 
+class ClusterRun(threading.Thread):
+    """The single-node cluster (.ci/slurm.sh) brought up and the tiny workflow (EPOCHS epochs) run through the
+    SLURM profile, with train_cvae sent SIGUSR1 after its first epoch; beside it, the same config run locally,
+    for the structure of the results.
+
+    It runs in a thread that conftest starts as soon as these tests are collected: the run mostly waits for
+    SLURM (the plugin polls job states at growing intervals), so the rest of the suite runs meanwhile.  The
+    cluster stays up until :meth:`stop` (the tests read job states from it).
+    """
+
+    def __init__(self, root: Path):
+        super().__init__(name="slurm-cluster-run", daemon=True)
+        self.root = root
+        self.result: dict | None = None
+        self.reason: str | None = None  # why the cluster cannot run here
+        self.error: BaseException | None = None
+        self.lock = None
+        self.started_cluster = False
+        self.procs: list[subprocess.Popen] = []
+        self.cancelled = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._acquire()
+            self._start_cluster()
+            self.result = self._workflow()
+        except _Cannot as exc:
+            self.reason = str(exc)
+        except BaseException as exc:  # noqa: BLE001 - handed to the fixture, which raises it in the test
+            self.error = exc
+
+    def _acquire(self) -> None:
+        if sys.platform != "linux":
+            raise _Cannot(f"SLURM tests need Linux, this is {sys.platform}")
+        # one test cluster per machine: wait for another session's to be stopped
+        try:
+            self.lock = open(LOCK, "a")
+        except OSError as exc:
+            raise _Cannot(f"cannot open the SLURM test lock {LOCK}: {exc}") from None
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.lock.close()
+                    self.lock = None
+                    raise _Cannot(f"another test session holds the SLURM test cluster ({LOCK}) for over 15 minutes") \
+                        from None
+                time.sleep(2)
+
+    def _start_cluster(self) -> None:
+        if self.cancelled.is_set():
+            raise _Cannot("the test session ended before the cluster started")
+        self.started_cluster = True
+        start = subprocess.run(["bash", str(SLURM_SH), "start"], capture_output=True, text=True, timeout=600)
+        if start.returncode != 0:
+            raise _Cannot(start.stderr.strip().splitlines()[-1] if start.stderr.strip()
+                          else f"slurm.sh start: rc {start.returncode}")
+        print(start.stderr.strip())
+
+    def _workflow(self) -> dict:
+        t0 = time.monotonic()
+        work = copy_workflow(self.root / "slurm" / "wf")
+        local = copy_workflow(self.root / "local" / "wf")
+        for where in (work, local):
+            cfg = yaml.safe_load((where / "config" / "tiny.yaml").read_text())
+            cfg["train"]["epochs"] = EPOCHS
+            (where / "config" / "tiny_slurm.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        ci_profile(work)
+        env = clean_env()
+        # the local run shares the CPUs with the SLURM run, which spends most of its time waiting
+        local_log = open(local / "snakemake.out", "w")
+        if self.cancelled.is_set():
+            raise _Cannot("the test session ended before the workflow started")
+        local_proc = subprocess.Popen(snakemake_cmd("--cores", "2", "--configfile", "config/tiny_slurm.yaml"),
+                                      cwd=local, stdout=local_log, stderr=subprocess.STDOUT, text=True, env=env)
+        self.procs.append(local_proc)
+        log_path = work / "snakemake.out"
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen(snakemake_cmd("--cores", "8", "--profile", "slurm", "--verbose",
+                                                  "--configfile", "config/tiny_slurm.yaml"),
+                                    cwd=work, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+            self.procs.append(proc)
+            train_log = work / "results" / "tiny" / "experiments" / "default" / "train" / "train_log.csv"
+            signalled = None
+            deadline = time.monotonic() + 900
+            while proc.poll() is None and time.monotonic() < deadline and not self.cancelled.is_set():
+                if signalled is None and train_log.exists() and len(train_log.read_text().splitlines()) >= 2:
+                    signalled = slurm_job_of("train_cvae")
+                    if signalled:  # SLURM's warning before a time limit, by hand: to the job's steps
+                        subprocess.run(["scancel", "--signal=USR1", signalled], check=True)
+                time.sleep(0.5)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        local_proc.wait(timeout=900)
+        local_log.close()
+        return {"work": work, "local": local, "text": log_path.read_text(), "local_text": (local / "snakemake.out")
+                .read_text(), "signalled": signalled, "returncode": proc.returncode,
+                "local_returncode": local_proc.returncode, "seconds": time.monotonic() - t0}
+
+    def stop(self) -> None:
+        """Stop the cluster (by PID) and release the machine's lock."""
+        if self.is_alive():  # the session ends before the tests that wait for it: end the run first
+            self.cancelled.set()
+            for proc in self.procs:
+                proc.terminate()
+            self.join(timeout=60)
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.kill()
+            subprocess.run(["scancel", "--full", "--user", str(os.getuid())], capture_output=True)
+        if self.started_cluster:
+            subprocess.run(["bash", str(SLURM_SH), "stop"], capture_output=True, text=True, timeout=120)
+        if self.lock is not None:
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
+            self.lock.close()
+            self.lock = None
+
+
+_RUN: ClusterRun | None = None
+
+
+def start_cluster_run(root: Path) -> None:
+    """Start the cluster and its workflow run in the background (conftest calls it after collection)."""
+    global _RUN
+    if _RUN is None and os.environ.get("PRECIP_CVAE_SLURM") != "0":
+        _RUN = ClusterRun(root)
+        _RUN.start()
+
+
 @pytest.fixture(scope="module")
-def slurm_run(slurm_cluster, tmp_path_factory):
-    """The tiny workflow (EPOCHS epochs) through the SLURM profile, with train_cvae sent SIGUSR1 after
-    its first epoch; beside it, the same config run locally, for the structure of the results."""
-    t0 = time.monotonic()
-    work = copy_workflow(tmp_path_factory.mktemp("slurm") / "wf")
-    local = copy_workflow(tmp_path_factory.mktemp("local") / "wf")
-    for where in (work, local):
-        cfg = yaml.safe_load((where / "config" / "tiny.yaml").read_text())
-        cfg["train"]["epochs"] = EPOCHS
-        (where / "config" / "tiny_slurm.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    ci_profile(work)
-    env = clean_env()
-    # the local run shares the CPUs with the SLURM run, which spends most of its time waiting
-    local_log = open(local / "snakemake.out", "w")
-    local_proc = subprocess.Popen(snakemake_cmd("--cores", "2", "--configfile", "config/tiny_slurm.yaml"), cwd=local,
-                                  stdout=local_log, stderr=subprocess.STDOUT, text=True, env=env)
-    log_path = work / "snakemake.out"
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(snakemake_cmd("--cores", "8", "--profile", "slurm", "--verbose",
-                                              "--configfile", "config/tiny_slurm.yaml"),
-                                cwd=work, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
-        train_log = work / "results" / "tiny" / "experiments" / "default" / "train" / "train_log.csv"
-        signalled = None
-        deadline = time.monotonic() + 600
-        while proc.poll() is None and time.monotonic() < deadline:
-            if signalled is None and train_log.exists() and len(train_log.read_text().splitlines()) >= 2:
-                signalled = slurm_job_of("train_cvae")
-                if signalled:  # SLURM's warning before a time limit, by hand: to the job's steps
-                    subprocess.run(["scancel", "--signal=USR1", signalled], check=True)
-            time.sleep(0.5)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    local_proc.wait(timeout=600)
-    local_log.close()
-    local_out = (local / "snakemake.out").read_text()
-    text = log_path.read_text()
-    assert proc.returncode == 0, f"snakemake --profile slurm failed (rc {proc.returncode}):\n{text[-6000:]}"
-    assert local_proc.returncode == 0, local_out[-4000:]
-    print(f"SLURM run and local run took {time.monotonic() - t0:.0f} s")
-    return {"work": work, "local": local, "text": text, "local_text": local_out, "signalled": signalled}
+def slurm_run(tmp_path_factory):
+    """The result of :class:`ClusterRun` (started here if conftest did not), the cluster stopped after."""
+    if os.environ.get("PRECIP_CVAE_SLURM") == "0":
+        pytest.skip("SLURM tests disabled by PRECIP_CVAE_SLURM=0")
+    start_cluster_run(tmp_path_factory.mktemp("cluster"))
+    _RUN.join(timeout=2400)
+    try:
+        if _RUN.is_alive():
+            pytest.fail("the SLURM cluster run did not end in 40 minutes")
+        if _RUN.reason is not None:
+            _cannot(_RUN.reason)
+        if _RUN.error is not None:
+            raise _RUN.error
+        run = _RUN.result
+        assert run["returncode"] == 0, f"snakemake --profile slurm failed (rc {run['returncode']}):\n{run['text'][-6000:]}"
+        assert run["local_returncode"] == 0, run["local_text"][-4000:]
+        print(f"SLURM run and local run took {run['seconds']:.0f} s")
+        yield run
+    finally:
+        stop_cluster_run()
+
+
+def stop_cluster_run() -> None:
+    """Stop the cluster run and the cluster, if they were started (also at the end of the session: conftest)."""
+    global _RUN
+    if _RUN is not None:
+        _RUN.stop()
+        _RUN = None
 
 
 def submissions(run) -> list[tuple[str, str, Path]]:
