@@ -159,3 +159,12 @@ def test_a_model_trained_on_patches_samples_whole_fields(prepared, tmp_path, cap
 def test_patches_need_a_local_model(prepared, tmp_path):
     with pytest.raises(ConfigError, match="needs model.context 'local'"):
         train.run(_paths(prepared, tmp_path), ModelConfig(preset="tiny"), _cfg(patch_size=(8, 8)))
+
+
+def test_validation_batches_shrink_to_the_memory_budget_on_large_grids():
+    tiny = CVAE(ModelConfig(preset="tiny"), 3, (472, 712), (25, 37))
+    # widths 4, 8, 16 and condition widths 4, 4, 8 at scales 0-2: (8 + 12 / 4 + 24 / 16) x 4 bytes x 6 alive
+    assert tiny.bytes_per_cell() == 300.0
+    assert train.validation_batch(tiny, _cfg()) == int(4e9 // (472 * 712 * 300))  # 39 whole fields in 4 GB
+    assert train.validation_batch(tiny, _cfg(memory_budget_gb=0.01)) == 1
+    assert train.validation_batch(CVAE(ModelConfig(preset="tiny"), 3, (16, 16), (4, 4)), _cfg()) == 64

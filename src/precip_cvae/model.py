@@ -995,13 +995,17 @@ class CVAE(nn.Module):
         radius = max(vector, prior) + decoder + m  # the conditional mean's decoder is no deeper
         return -(-radius // m) * m
 
+    def bytes_per_cell(self) -> float:
+        """Activation memory of one fine cell of one sample (float32, a few activations of every scale alive at
+        once): the estimate that sizes tiles and validation batches."""
+        return 4 * 6 * sum((w + c) / 4**s for s, (w, c) in enumerate(zip(self.widths, self.cond_widths)))
+
     def tile_for(self, batch: int, budget_bytes: float) -> tuple[int, int] | None:
         """The interior size of square tiles whose activations for ``batch`` samples fit ``budget_bytes``, or None
         when the whole field fits (or the model is global and cannot be tiled)."""
         if not self.local:
             return None
-        widths = sum((w + c) / 4**s for s, (w, c) in enumerate(zip(self.widths, self.cond_widths)))
-        per_cell = 4 * 6 * widths  # float32, a few activations of every scale alive at once
+        per_cell = self.bytes_per_cell()
         H, W = self.fine_shape
         if batch * H * W * per_cell <= budget_bytes:
             return None

@@ -229,6 +229,14 @@ def validate(model: CVAE, val: FieldData | ZarrFields, cfg: TrainConfig, epoch: 
     }
 
 
+def validation_batch(model: CVAE, cfg: TrainConfig) -> int:
+    """Val days per batch: the larger of ``train.batch_size`` and 64, fewer when their whole-field activations
+    (:meth:`CVAE.bytes_per_cell`) would exceed ``train.memory_budget_gb`` (continental grids)."""
+    H, W = model.fine_shape
+    fit = int(cfg.memory_budget_gb * 1e9 // (H * W * model.bytes_per_cell()))
+    return max(1, min(max(cfg.batch_size, 64), fit))
+
+
 def _write_log(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
@@ -604,7 +612,7 @@ def _validate_epoch(s: _Session, epoch: int) -> tuple[dict[str, float], float, b
     the learning rate this epoch trained with (read before the scheduler steps)."""
     cfg, dist = s.cfg, s.dist
     if dist.main:
-        scores = validate(s.eval_model, s.val, cfg, epoch, s.device, max(cfg.batch_size, 64))
+        scores = validate(s.eval_model, s.val, cfg, epoch, s.device, validation_batch(s.eval_model, cfg))
         value = scores[f"val_{cfg.early_stopping_metric}"]
     else:  # only rank 0 validates; the others follow its decisions
         scores, value = {}, 0.0
