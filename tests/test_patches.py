@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from precip_cvae import checkpoint, train
-from precip_cvae.config import ConfigError, LossConfig, ModelConfig, TrainConfig
+from precip_cvae.config import ConfigError, LossConfig, ModelConfig
 from precip_cvae.data import Batch, PatchSampler
 from precip_cvae.model import CVAE, Window
 from precip_cvae.transform import TargetTransform
+from test_train import _cfg as train_cfg, _paths
 
 LOCAL = ModelConfig(preset="tiny", context="local", context_cells=8)
 FIELD = (128, 136)  # four tiles of 64 x 72, each with a margin of the receptive radius (40 cells) inside it
@@ -133,15 +134,7 @@ def test_a_cropped_batch_holds_each_sample_s_own_patch():
 
 
 def _cfg(**kw):
-    base = dict(epochs=2, batch_size=32, lr=2e-3, val_members=2, loss=LossConfig(warmup_epochs=0), seed=1,
-                num_threads=1)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _paths(prepared, out):
-    return train.TrainPaths.in_dir(prepared["dataset"], prepared["thresholds"], prepared["events"],
-                                   str(out / "train"), str(out / "resume"))
+    return train_cfg(**{"epochs": 2, "loss": LossConfig(warmup_epochs=0), **kw})
 
 
 def test_a_model_trained_on_patches_samples_whole_fields(prepared, tmp_path, caplog):
