@@ -1055,7 +1055,7 @@ class CVAE(nn.Module):
         z = self._prior_draws(mu_p, logvar_p, n_samples, z_scale, generator)  # (n, B, z_ch, H/2**L, W/2**L)
         out = []
         for i in range(n_samples):
-            noise = self._noise(B, generator, y)
+            noise = self._noise(B, generator, mu_p)  # the decoder's dtype and device, as the untiled path draws
             raw = None
             for outer, inner in tiles:
                 win = window(outer)
