@@ -93,8 +93,9 @@ JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
-# finished jobs stay visible to squeue for 10 min (the profile's status command)
-MinJobAge=600
+# finished jobs stay visible to squeue for an hour (the profile's status command; the tests read their end
+# states after the rest of the suite)
+MinJobAge=3600
 KillWait=10
 GresTypes=gpu
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:1 State=UNKNOWN

@@ -250,8 +250,11 @@ class ClusterRun(threading.Thread):
                 proc.wait()
         local_proc.wait(timeout=900)
         local_log.close()
+        # every job's end state, read as soon as the run ends (squeue forgets a job MinJobAge after it ends)
+        states = dict(line.split("|") for line in subprocess.run(
+            ["squeue", "-h", "-t", "all", "-o", "%i|%T"], capture_output=True, text=True).stdout.split())
         return {"work": work, "local": local, "text": log_path.read_text(), "local_text": (local / "snakemake.out")
-                .read_text(), "signalled": signalled, "returncode": proc.returncode,
+                .read_text(), "signalled": signalled, "returncode": proc.returncode, "states": states,
                 "local_returncode": local_proc.returncode, "seconds": time.monotonic() - t0}
 
     def stop(self) -> None:
@@ -331,8 +334,7 @@ def test_every_job_went_through_sbatch(slurm_run):
     del expected["all"]  # a rule without an action: snakemake does it itself
     expected["train_cvae"] += 1  # its retry after the signal
     assert per_rule == expected, (per_rule, expected)
-    states = dict(line.split("|") for line in subprocess.run(
-        ["squeue", "-h", "-t", "all", "-o", "%i|%T"], capture_output=True, text=True).stdout.split())
+    states = slurm_run["states"]
     for rule, slurm_id, log in subs:
         assert log.exists(), log
         assert f"'SLURM_JOB_ID': '{slurm_id}'" in log.read_text(), log  # the job's environment (--verbose)
