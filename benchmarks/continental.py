@@ -159,19 +159,14 @@ def child_train(root: str, in_memory: str, steps: str, batch: str, val_days: str
         scores = train.validate(s.eval_model, val, cfg, 0, s.device, int(batch))
         val_s = time.perf_counter() - t4
         tiles = _tiled_sampling(s.eval_model, val, int(batch)) if patch else {}
-    if patch:
-        emit({"setup_s": setup_s, "samples_per_s": n / max(compute + wait, 1e-9),
-              "input_wait": wait / max(compute, 1e-9), "val_fields_per_s": len(val) * 2 / val_s,
-              "val_CRPS": scores["val_CRPS"], "train_days": len(s.train), "streamed": not isinstance(s.train, train.FieldData),
-              "workers_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0, **tiles})
-        return
-    from precip_cvae import checkpoint
+    if not patch:  # the later stages sample the whole-field model
+        from precip_cvae import checkpoint
 
-    checkpoint.save(s.snapshot(0), f"{root}/model_{in_memory}.pt")  # what the later stages sample
+        checkpoint.save(s.snapshot(0), f"{root}/model_{in_memory}.pt")
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     emit({"setup_s": setup_s, "samples_per_s": n / max(compute + wait, 1e-9), "input_wait": wait / max(compute, 1e-9),
           "val_fields_per_s": len(val) * 2 / val_s, "val_CRPS": scores["val_CRPS"], "train_days": len(s.train),
-          "streamed": not isinstance(s.train, train.FieldData), "workers_peak_mb": children})
+          "streamed": not isinstance(s.train, train.FieldData), "workers_peak_mb": children, **tiles})
 
 
 def _tiled_sampling(model, val, batch: int) -> dict:

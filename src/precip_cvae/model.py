@@ -380,14 +380,17 @@ class Window(NamedTuple):
         f = 2**s
         return Window(self.top // f, self.left // f, (self.size[0] // f, self.size[1] // f))
 
+    def cells(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's row (B, h) and column (B, w) indices of the field."""
+        rows = self.top.to(device)[:, None] + torch.arange(self.size[0], device=device)
+        cols = self.left.to(device)[:, None] + torch.arange(self.size[1], device=device)
+        return rows, cols
+
     def crop(self, t: torch.Tensor) -> torch.Tensor:
         """(1 or B, C, H, W) -> (B, C, h, w): each sample's window (a field shared by the batch is cropped for
         every sample)."""
-        h, w = self.size
         B = self.top.shape[0]
-        top, left = self.top.to(t.device), self.left.to(t.device)
-        rows = top[:, None] + torch.arange(h, device=t.device)  # (B, h)
-        cols = left[:, None] + torch.arange(w, device=t.device)  # (B, w)
+        rows, cols = self.cells(t.device)
         t = t.expand(B, *t.shape[1:]) if t.shape[0] == 1 else t
         b = torch.arange(B, device=t.device)[:, None, None]
         return t.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
@@ -702,8 +705,7 @@ class CVAE(nn.Module):
         else:  # local: F.interpolate's sampling points written out, so a window gets exactly its cells' values
             H, W = self.fine_shape
             w = window if window is not None else Window.fixed(0, 0, self.fine_shape, B, y.device)
-            rows = w.top.to(y.device)[:, None] + torch.arange(w.size[0], device=y.device)  # (B, h)
-            cols = w.left.to(y.device)[:, None] + torch.arange(w.size[1], device=y.device)  # (B, w)
+            rows, cols = w.cells(y.device)  # (B, h), (B, w)
             gy = ((2 * rows + 1) / H - 1).to(y.dtype)[:, :, None].expand(-1, -1, w.size[1])
             gx = ((2 * cols + 1) / W - 1).to(y.dtype)[:, None, :].expand(-1, w.size[0], -1)
             inp = F.grid_sample(y, torch.stack([gx, gy], dim=-1), mode="bilinear", padding_mode="border",
