@@ -138,21 +138,84 @@ def test_stage_writes_map_and_table(small_inputs):
     assert lines[-1].startswith(f"all: {int(table['is_event'].sum())} heavy days of {len(times)}")
 
 
+@pytest.mark.parametrize("memory_mb", [None, 0.0], ids=["extremes", "bracketing"])
 @pytest.mark.parametrize("percentile", [1.0, 50.0, 95.0, 99.0, 99.9])
-def test_streamed_thresholds_equal_numpy_on_both_ends(percentile):
-    """The streamed per-pixel and pooled percentiles (top or bottom
-    extreme values, chosen by the percentile) equal numpy's on chunked input, pooled fallback included."""
+def test_streamed_thresholds_equal_numpy_on_both_ends(percentile, memory_mb):
+    """The streamed per-pixel and pooled percentiles (top or bottom extreme values, chosen by the percentile;
+    or, with no memory for them, the bracketing passes) equal numpy's on chunked input, pooled fallback included;
+    values rounded to 0.1 mm as E-OBS's, so with ties."""
     rng = np.random.default_rng(4)
-    vals = rng.gamma(0.4, 6.0, size=(500, 3, 4)).astype("float32")
+    vals = np.round(rng.gamma(0.4, 6.0, size=(500, 3, 4)), 1).astype("float32")
     vals[rng.random(vals.shape) < 0.05] = np.nan
     pr = xr.DataArray(vals, dims=("time", "lat", "lon"),
                       coords={"time": pd.date_range("2000-01-01", periods=500)}).chunk({"time": 64})
     mask = xr.DataArray(np.ones((3, 4), "int8"), dims=("lat", "lon"))
-    thr = events.wet_day_thresholds(pr, mask, EventsConfig(percentile=percentile, min_wet_days=1))
+    thr = events.wet_day_thresholds(pr, mask, EventsConfig(percentile=percentile, min_wet_days=1), memory_mb)
     wet = np.where(vals >= 1.0, vals, np.nan)
     np.testing.assert_allclose(thr.values, np.nanpercentile(wet, percentile, axis=0), rtol=1e-6)
-    pooled = events.wet_day_thresholds(pr, mask, EventsConfig(percentile=percentile, min_wet_days=10**6))
+    pooled = events.wet_day_thresholds(pr, mask, EventsConfig(percentile=percentile, min_wet_days=10**6), memory_mb)
     np.testing.assert_allclose(pooled.values, np.percentile(wet[np.isfinite(wet)], percentile), rtol=1e-6)
+
+
+def test_bracketing_and_extreme_values_give_the_same_thresholds():
+    """Both ways read the same two order statistics: the thresholds are equal to the bit (a sea cell, a pixel
+    that takes the pooled value, a pixel with no wet day)."""
+    rng = np.random.default_rng(5)
+    vals = np.round(rng.gamma(0.5, 7.0, size=(700, 6, 5)), 1).astype("float32")
+    vals[:, 0, 0] = np.nan
+    vals[:680, 2, 3] = 0.0  # few wet days: pooled
+    vals[:, 4, 4] = 0.5  # never wet
+    pr = xr.DataArray(vals, dims=("time", "lat", "lon")).chunk({"time": 100})
+    mask = xr.DataArray(np.isfinite(vals).any(axis=0).astype("int8"), dims=("lat", "lon"))
+    for percentile in (90.0, 99.0):
+        cfg = EventsConfig(percentile=percentile, min_wet_days=30)
+        a, b = (events.wet_day_thresholds(pr, mask, cfg, memory_mb=m) for m in (None, 0.0))
+        np.testing.assert_array_equal(a.values, b.values)
+        assert a.attrs == b.attrs and a.attrs["n_pooled_pixels"] == 2
+
+
+def _slab_source(columns, rows=3):
+    """slabs() over the (n, P) array ``columns`` in slabs of ``rows`` rows, counting the passes."""
+    passes = []
+
+    def slabs():
+        passes.append(1)
+        for i in range(0, columns.shape[0], rows):
+            yield columns[i:i + rows]
+    return slabs, passes
+
+
+def test_order_statistics_by_hand():
+    """Ranks among the values >= 1 (NaN and values below the floor not counted), read by hand."""
+    x = np.array([[5.0, 0.2], [1.0, 7.0], [np.nan, 7.0], [3.0, 2.0], [9.0, 0.0], [4.0, 7.0], [2.0, 1.5]])
+    # column 0 counted: 1 2 3 4 5 9; column 1: 1.5 2 7 7 7
+    slabs, passes = _slab_source(x)
+    got = events.order_statistics(slabs, np.array([[0, 4], [5, 2], [3, -1]]), np.array([9.0, 7.0]), 1.0,
+                                  bins=2, collect=1)
+    np.testing.assert_array_equal(got, [[1.0, 7.0], [9.0, 7.0], [4.0, np.nan]])
+    assert len(passes) >= 3  # histogram passes narrowed the brackets before the values were read
+
+
+@pytest.mark.parametrize("bins, collect, max_rounds", [(2, 1, 8), (4, 3, 8), (64, 64, 8), (2, 1, 1)])
+def test_order_statistics_equal_sorting_with_ties_and_round_off_neighbours(bins, collect, max_rounds):
+    """Every rank of every column equals the sorted column's, whatever the bins, the collect size and the rounds
+    (one round: brackets still full are read whole); columns of ties and of 1.0 beside the next float32 above
+    it included."""
+    rng = np.random.default_rng(6)
+    cols = [np.round(rng.gamma(0.6, 8.0, 300), 1), np.full(300, 12.5),
+            np.where(rng.random(300) < 0.5, np.float32(1.0), np.nextafter(np.float32(1.0), np.float32(2.0))),
+            np.where(rng.random(300) < 0.3, np.nan, rng.exponential(20.0, 300))]
+    x = np.stack(cols, axis=1).astype("float32")
+    counted = [np.sort(c[np.isfinite(c) & (c >= 1.0)]) for c in x.T]
+    n = np.array([len(c) for c in counted])
+    ranks = np.stack([np.arange(r, r + 4) % n for r in (0, 37, 150, 299)])
+    ranks = np.concatenate([ranks, (n - 1)[None]])
+    top = np.array([c[-1] for c in counted], dtype=np.float64)
+    slabs, passes = _slab_source(x, rows=64)
+    got = events.order_statistics(slabs, ranks, top, 1.0, bins=bins, collect=collect, max_rounds=max_rounds)
+    expected = np.stack([[counted[p][r[p]] for p in range(4)] for r in ranks])
+    np.testing.assert_array_equal(got, expected)
+    assert len(passes) <= max_rounds + 1  # histogram passes and one that reads the brackets
 
 
 def test_closest_to_heavy_names_the_criterion_its_threshold_and_the_closest_train_day():

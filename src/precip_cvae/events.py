@@ -77,6 +77,24 @@ def extreme_values(x, k: int, largest: bool = True, split_every: int = 4):
                          split_every=split_every, concatenate=True, output_size=k)
 
 
+def _percentile_ranks(n: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lo, hi, gamma): numpy's 'linear' percentile ``q`` (0..1) of ``n`` sorted values is
+    ``x[lo] + gamma * (x[hi] - x[lo])`` (0-based ranks, ascending), computed as numpy does (:func:`_lerp`)."""
+    n = np.asarray(n, dtype=np.int64)
+    h = q * (np.maximum(n, 1) - 1)
+    lo = np.floor(h).astype(np.int64)
+    return lo, np.minimum(lo + 1, np.maximum(n - 1, 0)), h - lo
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, gamma: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """numpy's interpolation between the order statistics ``a`` and ``b``; NaN where ``n`` is 0."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        diff = b - a
+        out = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)  # numpy's _lerp
+    return np.where(np.asarray(n) > 0, out, np.nan)
+
+
 def _linear_percentile(ext: np.ndarray, n: np.ndarray, q: float, largest: bool) -> np.ndarray:
     """numpy's 'linear' percentile ``q`` (0..1) of ``n`` values from their extreme values.
 
@@ -85,18 +103,12 @@ def _linear_percentile(ext: np.ndarray, n: np.ndarray, q: float, largest: bool) 
     statistics the percentile reads (:func:`_extremes_needed`).  NaN where ``n`` is 0.
     """
     n = np.asarray(n, dtype=np.int64)
-    h = q * (np.maximum(n, 1) - 1)
-    lo = np.floor(h).astype(np.int64)
-    gamma = h - lo
-    hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
+    lo, hi, gamma = _percentile_ranks(n, q)
     if largest:  # ascending position i is position n - 1 - i of the decreasing list
         lo, hi = np.maximum(n - 1 - lo, 0), np.maximum(n - 1 - hi, 0)
-    a = np.take_along_axis(ext, lo[None], axis=0)[0].astype(np.float64)
-    b = np.take_along_axis(ext, hi[None], axis=0)[0].astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        diff = b - a
-        out = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)  # numpy's _lerp
-    return np.where(n > 0, out, np.nan)
+    a = np.take_along_axis(ext, lo[None], axis=0)[0]
+    b = np.take_along_axis(ext, hi[None], axis=0)[0]
+    return _lerp(a, b, gamma, n)
 
 
 def _extremes_needed(n: int, q: float) -> tuple[int, bool]:
@@ -106,7 +118,159 @@ def _extremes_needed(n: int, q: float) -> tuple[int, bool]:
     return (top, True) if top <= bottom else (bottom, False)
 
 
-def wet_day_thresholds(pr: xr.DataArray, mask: xr.DataArray, cfg: EventsConfig) -> xr.DataArray:
+# Percentiles from the k extreme values per pixel when those fit this budget; beyond it (k grows with the
+# record: a P90 keeps a tenth of every pixel's wet days), from bracketing histograms in memory bounded by the grid
+EXTREMES_MEMORY_MB = 256.0
+BRACKET_BINS = 64  # bins of one histogram pass
+BRACKET_COLLECT = 64  # a rank this near the low end of its bracket is read from the bracket's values
+_REFINE, _COLLECT, _DONE = 0, 1, 2
+
+
+def _bin_edge(lo: np.ndarray, hi: np.ndarray, b: np.ndarray, bins: int) -> np.ndarray:
+    """The lower edge of bin ``b`` of [lo, hi) cut in ``bins`` equal bins; bin ``bins`` starts at ``hi``.  Values
+    are binned by these same edges (:func:`_bin_of`), so a bracket holds exactly the values counted in its bin."""
+    return np.where(b >= bins, hi, lo + (hi - lo) * (b / bins))
+
+
+def _bin_of(v: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> np.ndarray:
+    """The bin of each value ``v`` in [lo, hi) (the arrays matched element by element)."""
+    b = np.clip(np.floor((v - lo) / (hi - lo) * bins), 0, bins - 1).astype(np.int64)
+    b -= (v < _bin_edge(lo, hi, b, bins)) & (b > 0)  # round-off in the division: the edges decide
+    b += (v >= _bin_edge(lo, hi, b + 1, bins)) & (b < bins - 1)
+    return b
+
+
+BRACKET_SLAB_VALUES = 2**22  # values binned at a time (the index arrays of a slab's wet values stay small)
+
+
+def _histogram_pass(slabs, lo, hi, active, bins):
+    """Counts per position and bin of [lo, hi) (``active`` positions only), and each bracket's smallest and
+    largest value, over one pass of ``slabs``."""
+    R, P = lo.shape
+    # ranks whose brackets are the same (the two ranks of a percentile start so, and often stay so) share counts
+    first = [next(j for j in range(r + 1) if np.array_equal(lo[j], lo[r]) and np.array_equal(hi[j], hi[r])
+                  and np.array_equal(active[j], active[r])) for r in range(R)]
+    counts = np.zeros((R, P * bins), np.int32)
+    vmin, vmax = np.full((R, P), np.inf), np.full((R, P), -np.inf)
+    one = np.int32(1)
+    for slab in slabs():
+        step = max(1, BRACKET_SLAB_VALUES // max(P, 1))
+        for i in range(0, slab.shape[0], step):
+            part = slab[i:i + step]
+            for r in (r for r in range(R) if first[r] == r):
+                inside = (part >= lo[r]) & (part < hi[r]) & active[r]  # NaN is never inside
+                t, p = np.nonzero(inside)
+                if not p.size:
+                    continue
+                b = _bin_of(part[t, p].astype(np.float64), lo[r, p], hi[r, p], bins)
+                np.add.at(counts[r], p * bins + b, one)
+                vmin[r] = np.minimum(vmin[r], np.where(inside, part, np.inf).min(axis=0))
+                vmax[r] = np.maximum(vmax[r], np.where(inside, part, -np.inf).max(axis=0))
+    for r in range(R):
+        if first[r] != r:
+            counts[r], vmin[r], vmax[r] = counts[first[r]], vmin[first[r]], vmax[first[r]]
+    return counts.reshape(R, P, bins), vmin, vmax
+
+
+def order_statistics(slabs, ranks: np.ndarray, top: np.ndarray, floor: float, bins: int = BRACKET_BINS,
+                     collect: int = BRACKET_COLLECT, max_rounds: int = 8) -> np.ndarray:
+    """Exact order statistics per position, in memory bounded by the number of positions, not of values.
+
+    Each pass over the values (``slabs()``: a fresh iterator of (t, P) arrays) counts them in ``bins`` bins of
+    every wanted rank's bracket [lo, hi) and narrows the bracket to the bin that holds the rank (the values
+    below it counted).  A bracket whose values are all equal gives the rank's value; once a bracket holds at
+    most ``collect`` values, one last pass reads them and the rank is picked among them.  Memory: a slab,
+    ``bins`` counts and ``collect`` values per position and rank.  Round-off cannot lose a value: values are
+    binned by the edges that become the brackets.  A bracket still fuller after ``max_rounds`` (values that
+    differ by round-off only) is read whole.
+
+    Parameters
+    ----------
+    slabs : callable returning an iterable of (t, P) arrays; the values counted are the finite ones >= ``floor``
+    ranks : (R, P) int, 0-based ranks in ascending order among each position's counted values; -1: none wanted
+    top : (P,), the largest counted value of each position (any value where no rank is wanted)
+    floor : the smallest value counted
+
+    Returns
+    -------
+    (R, P) float64, NaN where no rank is wanted.
+    """
+    ranks = np.asarray(ranks, dtype=np.int64)
+    R, P = ranks.shape
+    lo = np.full((R, P), float(floor))
+    hi = np.broadcast_to(np.nextafter(np.asarray(top, dtype=np.float64), np.inf), (R, P)).copy()
+    below = np.zeros((R, P), np.int64)  # counted values under lo
+    value = np.full((R, P), np.nan)
+    state = np.where(ranks < 0, _DONE, _REFINE)
+    for rounds in range(max_rounds):
+        refine = state == _REFINE
+        if not refine.any():
+            break
+        counts, vmin, vmax = _histogram_pass(slabs, lo, hi, refine, bins)
+        same = refine & (vmin == vmax)  # one value left in the bracket: the rank's
+        value[same], state[same] = vmin[same], _DONE
+        refine &= ~same
+        need = (ranks - below)[..., None]  # the rank among the bracket's values
+        cum = np.cumsum(counts, axis=-1)
+        b = np.minimum((cum <= need).sum(axis=-1), bins - 1)[..., None]  # the first bin whose count passes it
+        held = np.take_along_axis(counts, b, axis=-1)[..., 0]
+        first = np.take_along_axis(cum, b, axis=-1)[..., 0] - held
+        b = b[..., 0]
+        new_lo, new_hi = _bin_edge(lo, hi, b, bins), _bin_edge(lo, hi, b + 1, bins)
+        lo, hi = np.where(refine, new_lo, lo), np.where(refine, new_hi, hi)
+        below = np.where(refine, below + first, below)
+        state[refine & (held <= collect)] = _COLLECT
+    log.debug("order statistics: %d histogram passes", rounds + 1)
+    pending = state != _DONE  # in a bracket of at most ``collect`` values, or after max_rounds
+    if pending.any():
+        need = np.where(pending, ranks - below, 0)
+        vals: list[list] = [[] for _ in range(R)]
+        where: list[list] = [[] for _ in range(R)]
+        for slab in slabs():
+            step = max(1, BRACKET_SLAB_VALUES // max(P, 1))
+            for i in range(0, slab.shape[0], step):
+                part = slab[i:i + step]
+                for r in range(R):
+                    t, p = np.nonzero((part >= lo[r]) & (part < hi[r]) & pending[r])
+                    vals[r].append(part[t, p])
+                    where[r].append(p)
+        for r in range(R):
+            v, p = np.concatenate(vals[r]), np.concatenate(where[r])
+            order = np.lexsort((v, p))  # by position, then value
+            v, p = v[order], p[order]
+            idx = np.searchsorted(p, np.arange(P)) + need[r]
+            got = v[np.minimum(idx, max(v.size - 1, 0))] if v.size else np.full(P, np.nan)
+            value[r] = np.where(pending[r], got, value[r])
+    return value
+
+
+def _time_slabs(data, flatten: np.ndarray | None = None):
+    """A function returning an iterator over the time chunks of ``data`` (dask, (T, H, W)) as numpy (t, H * W)
+    arrays; with ``flatten`` (a (H, W) mask), the masked cells of each chunk as one column (t * cells, 1)."""
+    def slabs():
+        start = 0
+        for size in data.chunks[0]:
+            a = np.asarray(data[start:start + size].compute())
+            start += size
+            a = a.reshape(a.shape[0], -1)
+            yield a if flatten is None else a[:, flatten.reshape(-1)].reshape(-1, 1)
+    return slabs
+
+
+def _bracketed_percentile(data, floor: float, n: np.ndarray, top: np.ndarray, q: float,
+                          flatten: np.ndarray | None = None) -> np.ndarray:
+    """numpy's linear percentile ``q`` of each position's values >= ``floor`` (``n`` of them, the largest
+    ``top``) by :func:`order_statistics`: per pixel, or over the ``flatten`` cells as one position."""
+    lo, hi, gamma = _percentile_ranks(n, q)
+    wanted = np.asarray(n).reshape(-1) > 0
+    ranks = np.where(wanted, np.stack([lo.reshape(-1), hi.reshape(-1)]), -1)
+    top = np.where(wanted, np.asarray(top, dtype=np.float64).reshape(-1), floor)
+    a, b = order_statistics(_time_slabs(data, flatten), ranks, top, floor)
+    return _lerp(a, b, gamma.reshape(-1), np.asarray(n).reshape(-1)).reshape(np.shape(n))
+
+
+def wet_day_thresholds(pr: xr.DataArray, mask: xr.DataArray, cfg: EventsConfig,
+                       memory_mb: float | None = None) -> xr.DataArray:
     """Per-pixel wet-day percentile thresholds (lat, lon) in mm/day.
 
     Streams over time (dask or numpy input): a first pass counts the wet days per
@@ -115,13 +279,17 @@ def wet_day_thresholds(pr: xr.DataArray, mask: xr.DataArray, cfg: EventsConfig) 
     1 % for P99); when a valid pixel has fewer than ``min_wet_days`` wet days, a
     third keeps the same share of all wet values of the valid pixels for the
     pooled fallback.  Memory: a few time chunks plus those shares, never all of
-    time at once.  Values equal numpy's ``nanpercentile`` ('linear') of the
-    wet days.
+    time at once.  Where the shares would pass ``memory_mb`` (default
+    :data:`EXTREMES_MEMORY_MB`; they grow with the record), the second and third
+    passes are replaced by bracketing passes (:func:`order_statistics`) whose memory
+    is bounded by the grid alone.  Values equal numpy's ``nanpercentile``
+    ('linear') of the wet days either way.
 
     Parameters
     ----------
     pr : xr.DataArray (time, lat, lon), mm day-1 -- the train days only.
     mask : xr.DataArray (lat, lon), 1 = valid cell.
+    memory_mb : the budget of the extreme values kept per pixel (see above).
 
     Returns
     -------
@@ -138,24 +306,38 @@ def wet_day_thresholds(pr: xr.DataArray, mask: xr.DataArray, cfg: EventsConfig) 
         data = dsa.from_array(np.asarray(data), chunks=(256, -1, -1))
     wet = data >= cfg.wet_threshold  # NaN is not wet
     coords = {c: pr[c] for c in ("lat", "lon") if c in pr.coords}
-    # pass 1: wet days per pixel, which say how many extreme values the percentile needs
-    n_wet = xr.DataArray(wet.sum(axis=0).compute(), dims=("lat", "lon"), coords=coords)
+    # pass 1: wet days per pixel, which say how many extreme values the percentile needs, and the wettest
+    n_wet, top = dask.compute(wet.sum(axis=0), dsa.where(wet, data, -np.inf).max(axis=0))
+    n_wet = xr.DataArray(n_wet, dims=("lat", "lon"), coords=coords)
     valid = mask.astype(bool).compute()
     use_pooled = (n_wet < cfg.min_wet_days) & valid
     n_all = int(n_wet.where(valid, 0).sum())
     if bool(use_pooled.any()) and n_all == 0:
         raise InputError(f"no wet day (pr >= {cfg.wet_threshold} mm/day) in the train split; cannot fit thresholds")
-    # pass 2: the extreme wet values per pixel
+    budget = EXTREMES_MEMORY_MB if memory_mb is None else memory_mb
+    item = np.dtype(data.dtype).itemsize
+    # pass 2: the extreme wet values per pixel (or, beyond the budget, the bracketing passes)
     k, largest = _extremes_needed(max(int(n_wet.max()), 1), q)
-    (ext,) = dask.compute(extreme_values(dsa.where(wet, data, -np.inf if largest else np.inf), k, largest,
-                                         split_every=2))  # 2 x k values a position in a combine
-    local = xr.DataArray(_linear_percentile(ext, n_wet.values, q, largest), dims=("lat", "lon"), coords=coords)
+    if 3 * k * int(np.prod(data.shape[1:])) * item / 2**20 <= budget:  # a combine holds 2 x k, plus its result
+        (ext,) = dask.compute(extreme_values(dsa.where(wet, data, -np.inf if largest else np.inf), k, largest,
+                                             split_every=2))
+        local = _linear_percentile(ext, n_wet.values, q, largest)
+    else:
+        log.info("wet-day P%g from bracketing histograms (%d extreme values a pixel exceed %g MB)",
+                 cfg.percentile, k, budget)
+        local = _bracketed_percentile(data, cfg.wet_threshold, n_wet.values, top, q)
+    local = xr.DataArray(local, dims=("lat", "lon"), coords=coords)
     pooled = np.nan
     if bool(use_pooled.any()):  # pass 3 (a pass of its own: together with pass 2 the peak memory is higher)
         k_all, largest_all = _extremes_needed(n_all, q)
-        pooled_values = dsa.where(wet & np.asarray(valid.values)[None], data, -np.inf if largest_all else np.inf)
-        (ext_all,) = dask.compute(extreme_values(pooled_values.reshape(-1), k_all, largest_all))
-        pooled = float(_linear_percentile(ext_all, np.array(n_all), q, largest_all))
+        if 3 * k_all * item / 2**20 <= budget:
+            pooled_values = dsa.where(wet & np.asarray(valid.values)[None], data, -np.inf if largest_all else np.inf)
+            (ext_all,) = dask.compute(extreme_values(pooled_values.reshape(-1), k_all, largest_all))
+            pooled = float(_linear_percentile(ext_all, np.array(n_all), q, largest_all))
+        else:
+            top_all = float(np.max(np.where(valid.values, top, -np.inf)))
+            pooled = float(_bracketed_percentile(data, cfg.wet_threshold, np.array([n_all]), np.array([top_all]), q,
+                                                 flatten=np.asarray(valid.values))[0])
     thr = xr.where(use_pooled, pooled, local).where(valid).astype("float32")
     thr.name = "threshold"
     thr.attrs = {
