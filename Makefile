@@ -27,8 +27,10 @@ demo: env
 report: env
 	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml --report report.html
 
+# Two pytest-xdist workers (TEST_WORKERS=0: one process); tests that share a built fixture stay together
+TEST_WORKERS ?= 2
 test: env
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # Only the SLURM tests (root: installs and starts a one-node SLURM with .ci/slurm.sh; docs/hpc.md)
 test-slurm: env

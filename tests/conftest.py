@@ -89,11 +89,31 @@ def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = 
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """The whole workflow run once on config/tiny.yaml in a temporary copy (shared by the workflow tests)."""
+def tiny_run(request, tmp_path_factory):
+    """The whole workflow run once on config/tiny.yaml in a temporary copy (shared by the workflow tests); the
+    SLURM tests' cluster run, when they are selected, starts beside it (they are in this process: see
+    pytest_collection_modifyitems)."""
+    start_cluster_run(request.session)
     work = copy_workflow(tmp_path_factory.mktemp("wf"))
-    snakemake(work, "--configfile", "config/tiny.yaml")
+    proc = snakemake(work, "--configfile", "config/tiny.yaml")
+    # what the run said and left, before later tests add to it (test_slurm compares its SLURM run with them)
+    (work / "snakemake.out").write_text(proc.stdout + proc.stderr)
+    (work / "results.tree").write_text("\n".join(sorted(results_tree(work / "results"))) + "\n")
     return work
+
+
+def results_tree(root: Path) -> set[str]:
+    """Files under ``root`` relative to it; a zarr store counts as its arrays and metadata files."""
+    out = set()
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        zarr = next((i for i, part in enumerate(rel.parts) if part.endswith(".zarr")), None)
+        if zarr is not None:
+            if len(rel.parts) == zarr + 2:  # an array folder or a metadata file of the store
+                out.add(str(rel))
+        elif path.is_file():
+            out.add(str(rel))
+    return out
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -134,14 +154,29 @@ def prepared(tmp_path_factory):
                         EventsConfig(min_exceed_fraction=0.05))
 
 
-@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(session, config, items):
-    """When the tests on the SLURM cluster are selected, start the cluster and their workflow run now, in a
-    background thread (tests/test_slurm.py, ClusterRun): it mostly waits for SLURM, and the other tests run
-    meanwhile instead of after it."""
-    if config.option.collectonly:
-        return
+    """How `make test` shares the tests between pytest-xdist's workers (``-n 2 --dist loadgroup``): the tests
+    of the session's tiny workflow run, and the SLURM tests that compare with it, go to one worker, and the
+    tests that share a module fixture to one worker, so none of these is built twice; every other test goes
+    where there is room.  The SLURM tests go last: they wait for their cluster run (:func:`tiny_run`)."""
     for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "tiny_run" in names or "slurm_run" in names:
+            item.add_marker(pytest.mark.xdist_group("tiny_run"))
+        elif any(d.scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: "slurm_run" in getattr(item, "fixturenames", ()))  # stable
+
+
+def start_cluster_run(session) -> None:
+    """Start the SLURM cluster and its workflow run in a background thread (tests/test_slurm.py, ClusterRun), when
+    the SLURM tests are selected and it was not started: it mostly waits for SLURM, and the other tests of this
+    process run meanwhile."""
+    config = session.config
+    if getattr(config, "_cluster_run_module", None) is not None:
+        return
+    for item in session.items:
         if "slurm_run" in getattr(item, "fixturenames", ()):
             item.module.start_cluster_run(config._tmp_path_factory.mktemp("cluster"))
             config._cluster_run_module = item.module
@@ -149,8 +184,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """A cluster run started at collection is ended and the cluster stopped, even when its tests never ran
-    (-x, a keyboard interrupt, deselection)."""
+    """A cluster run started by :func:`start_cluster_run` is ended and the cluster stopped, even when its tests
+    never ran (-x, a keyboard interrupt)."""
     module = getattr(session.config, "_cluster_run_module", None)
     if module is not None:
         module.stop_cluster_run()
