@@ -154,19 +154,70 @@ def prepared(tmp_path_factory):
                         EventsConfig(min_exceed_fraction=0.05))
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_configure(config):
+    """Under pytest-xdist with ``--dist loadgroup`` (as `make test` runs), a file for the workers to tell the
+    scheduler the test groups (:func:`pytest_collection_modifyitems`, :func:`pytest_xdist_make_scheduler`)."""
+    if not hasattr(config, "workerinput") and getattr(config.option, "dist", "no") == "loadgroup":
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="precip-cvae-test-groups-", suffix=".json")
+        os.close(fd)
+        os.environ[GROUPS_ENV] = config._test_groups = path  # the workers start after this and inherit it
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_test_groups", None)
+    if path:
+        Path(path).unlink(missing_ok=True)
+
+
+GROUPS_ENV = "PRECIP_CVAE_TEST_GROUPS"
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
     """How `make test` shares the tests between pytest-xdist's workers (``-n 2 --dist loadgroup``): the tests
     of the session's tiny workflow run, and the SLURM tests that compare with it, go to one worker, and the
     tests that share a module fixture to one worker, so none of these is built twice; every other test goes
-    where there is room.  The SLURM tests go last: they wait for their cluster run (:func:`tiny_run`)."""
+    where there is room.  The SLURM tests go last: they wait for their cluster run (:func:`tiny_run`).
+
+    The groups reach the scheduler in the controller process through a file (xdist's own ``xdist_group``
+    marks rename the items' node ids, which pytest 9 no longer reads)."""
+    groups = {}
     for item in items:
         names = getattr(item, "fixturenames", ())
         if "tiny_run" in names or "slurm_run" in names:
-            item.add_marker(pytest.mark.xdist_group("tiny_run"))
+            groups[item.nodeid] = "tiny_run"
         elif any(d.scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            groups[item.nodeid] = item.nodeid.split("::")[0]
     items.sort(key=lambda item: "slurm_run" in getattr(item, "fixturenames", ()))  # stable
+    path = os.environ.get(GROUPS_ENV)
+    if path and hasattr(config, "workerinput"):  # every worker collects the same tests and writes the same groups
+        import json
+
+        tmp = f"{path}.{config.workerinput['workerid']}"
+        Path(tmp).write_text(json.dumps(groups))
+        os.replace(tmp, path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``: xdist's scheduling by scopes, the scopes being the groups the workers wrote."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    import json
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        groups: dict | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # written before the workers report their collections
+                self.groups = json.loads(Path(config._test_groups).read_text())
+            return self.groups.get(nodeid, nodeid)
+
+    return Groups(config, log)
 
 
 def start_cluster_run(session) -> None:
