@@ -337,3 +337,18 @@ def test_generating_from_the_store_equals_generating_in_memory(prepared, trained
     assert json.dumps(strip(held), sort_keys=True, default=str) == json.dumps(strip(streamed), sort_keys=True,
                                                                              default=str)
     assert held["memorisation"]["reference_fields"] > 7
+
+
+def test_the_memorisation_check_keeps_samples_within_its_byte_budget(prepared, trained, tmp_path, monkeypatch):
+    """memorisation_max_samples counts fields; the fields kept are also bounded in bytes: with room for 7 fields of
+    16 x 16 float32 (7 x 1024 bytes) the check compares 7 samples, and the report says how many."""
+    from precip_cvae.generate import memorisation
+
+    assert memorisation.samples_to_check(5000, 465 * 705) == 2**30 // (4 * 465 * 705) == 818
+    assert memorisation.samples_to_check(10, 16 * 16) == 10 and memorisation.samples_to_check(5000, 10**10) == 1
+    monkeypatch.setattr(memorisation, "MEMORISATION_SAMPLE_BYTES", 7 * 16 * 16 * 4)
+    report = _run(prepared, trained, tmp_path)
+    assert report["samples"] > 7 and report["memorisation"]["samples_checked"] == 7
+    assert "7 samples against" in (tmp_path / "generation_report.md").read_text()
+    full = _run(prepared, trained, tmp_path / "all", memorisation_max_samples=5)
+    assert full["memorisation"]["samples_checked"] == 5

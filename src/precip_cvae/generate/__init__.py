@@ -39,7 +39,7 @@ from ..io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_z
 from ..metrics import relative_mass_error
 from ..provenance import file_sha256
 from ..resources import select_device
-from .memorisation import NEAR_COPY_RATIO, memorisation_check
+from .memorisation import NEAR_COPY_RATIO, memorisation_check, samples_to_check
 from .outputs import CONDITION_GROUP, condition_dataset, hand_over, samples_dataset
 from .report import build_report, index_diagnostics, report_markdown
 from .training_set import write_training_set
@@ -302,7 +302,7 @@ def _assemble(setup: _Setup, days: np.ndarray, accepted: list[list[np.ndarray]],
     if coarse is not None:
         cmean = np.repeat(np.nanmean(coarse.numpy(), axis=(1, 2)), counts)
         tally.mass.append(relative_mass_error(st["domain_mean"].values, cmean))
-    budget = cfg.memorisation_max_samples - sum(f.shape[0] for f in tally.memo_fields)
+    budget = samples_to_check(cfg.memorisation_max_samples, mask.size) - sum(f.shape[0] for f in tally.memo_fields)
     if budget > 0:
         tally.memo_fields.append(fields[:budget])
     tally.source_days.extend(src.tolist())

@@ -6,13 +6,24 @@ import numpy as np
 
 from ..neighbours import nearest_rmse
 
-__all__ = ["NEAR_COPY_RATIO", "memorisation_check"]
+__all__ = ["NEAR_COPY_RATIO", "MEMORISATION_SAMPLE_BYTES", "memorisation_check", "samples_to_check"]
 
 
 #: A sample is a near-copy when its nearest real train field is closer than this fraction of the
 #: distance to the second nearest (the d1/d2 ratio test used for memorisation in generative
 #: models, e.g. Yoon et al. 2023): a copy sits next to one field, a novel field between several.
 NEAR_COPY_RATIO = 1.0 / 3.0
+
+#: The check holds the samples it compares (float32 fields, and their valid pixels once more while it compares):
+#: no more of them than this many bytes, whatever ``generate.memorisation_max_samples`` says (5000 fields of
+#: 465 x 705 cells would be 6.7 GB)
+MEMORISATION_SAMPLE_BYTES = 2**30
+
+
+def samples_to_check(max_samples: int, cells: int) -> int:
+    """How many samples the memorisation check keeps: ``max_samples``, fewer where their fields of ``cells``
+    cells would pass :data:`MEMORISATION_SAMPLE_BYTES` (at least one)."""
+    return max(1, min(int(max_samples), MEMORISATION_SAMPLE_BYTES // (4 * max(int(cells), 1))))
 
 
 def memorisation_check(samples: np.ndarray, reference: np.ndarray, warn_fraction: float,
@@ -66,6 +77,7 @@ def memorisation_check(samples: np.ndarray, reference: np.ndarray, warn_fraction
         "real_nn_rmse_median": float(np.median(d_real)) if d_real.size else float("nan"),
         "fraction_closer_than_real_p5": float((d_sample < p5).mean()) if d_sample.size else 0.0,
         "reference_fields": int(n_ref),
+        "samples_checked": int(s.shape[0]),
         "warn_fraction": warn_fraction,
         "warning": frac_copy > warn_fraction,
         "per_sample_nn_rmse": d_sample,

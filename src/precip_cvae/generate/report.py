@@ -211,7 +211,7 @@ def report_markdown(r: dict) -> str:
     lines += [
         f"- memorisation: {100 * mm['fraction_near_copies']:.1f} % of samples are near-copies of a real training "
         f"field (nearest closer than 1/3 of the second nearest; median ratio {mm['sample_nn_ratio_median']:.2f}; "
-        f"{mm['reference_fields']} train fields){' **WARNING**' if mm['warning'] else ''}. Nearest-field RMSE: "
+        f"{mm.get('samples_checked', '?')} samples against {mm['reference_fields']} train fields){' **WARNING**' if mm['warning'] else ''}. Nearest-field RMSE: "
         f"samples' median {mm['sample_nn_rmse_median']:.2f} mm/day; real heavy days to other train fields: median "
         f"{mm['real_nn_rmse_median']:.2f}, 5th percentile {mm['real_nn_rmse_p5']:.2f}",
         "",
