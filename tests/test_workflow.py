@@ -19,7 +19,7 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
     text = proc.stdout + proc.stderr
     if "Nothing to be done" in text:
         return {}
-    table = text.split("Job stats:")[1].split("Reasons:")[0] if "Reasons:" in text else text.split("Job stats:")[1]
+    table = text.split("Job stats:")[1].split("\n\n")[0]  # the table ends at the first blank line
     jobs = {}
     for line in table.splitlines():
         m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
@@ -102,10 +102,14 @@ def test_a_new_experiment_shares_preprocessing_and_events(tiny_run):
     expected = ("train_cvae", "sample_ensembles", "evaluate", "compare_experiments", "generate", "generated_maps",
                 "downstream", "all")
     assert jobs == {name: 1 for name in expected}, jobs
-    snakemake(tiny_run, "--configfile", str(path))
+    # the new experiment's training, run: it reads the shared stages' outputs and reruns neither
+    proc = snakemake(tiny_run, "results/tiny/experiments/no_ext/train/best.pt", "--configfile", str(path))
+    assert planned_jobs(proc) == {"train_cvae": 1}, proc.stdout
     exp = tiny_run / "results" / "tiny" / "experiments"
     assert (exp / "no_ext" / "train" / "best.pt").exists() and (exp / "default" / "train" / "best.pt").exists()
-    assert planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(path))) == {}
+    # what is left is the new experiment's later stages
+    left = planned_jobs(snakemake(tiny_run, "-n", "--configfile", str(path)))
+    assert left == {name: 1 for name in expected if name != "train_cvae"}, left
 
 
 def test_experiment_seeds_plan_one_training_per_seed_and_generate_only_the_chosen(tiny_run):

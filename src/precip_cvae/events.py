@@ -210,12 +210,14 @@ def order_statistics(slabs, ranks: np.ndarray, top: np.ndarray, floor: float, bi
         same = refine & (vmin == vmax)  # one value left in the bracket: the rank's
         value[same], state[same] = vmin[same], _DONE
         refine &= ~same
-        need = (ranks - below)[..., None]  # the rank among the bracket's values
-        cum = np.cumsum(counts, axis=-1)
-        b = np.minimum((cum <= need).sum(axis=-1), bins - 1)[..., None]  # the first bin whose count passes it
-        held = np.take_along_axis(counts, b, axis=-1)[..., 0]
-        first = np.take_along_axis(cum, b, axis=-1)[..., 0] - held
-        b = b[..., 0]
+        b, first, held = np.zeros((R, P), np.int64), np.zeros((R, P), np.int64), np.zeros((R, P), np.int64)
+        for r in range(R):  # one rank at a time, the counts made cumulative in place (memory)
+            cum = np.cumsum(counts[r], axis=-1, out=counts[r])
+            b[r] = np.minimum((cum <= (ranks[r] - below[r])[:, None]).sum(axis=-1), bins - 1)  # the bin of the rank
+            upto = np.take_along_axis(cum, b[r][:, None], axis=-1)[:, 0]
+            first[r] = np.where(b[r] > 0, np.take_along_axis(cum, np.maximum(b[r] - 1, 0)[:, None], axis=-1)[:, 0], 0)
+            held[r] = upto - first[r]
+        del counts
         new_lo, new_hi = _bin_edge(lo, hi, b, bins), _bin_edge(lo, hi, b + 1, bins)
         lo, hi = np.where(refine, new_lo, lo), np.where(refine, new_hi, hi)
         below = np.where(refine, below + first, below)
