@@ -188,7 +188,8 @@ def pytest_collection_modifyitems(session, config, items):
         names = getattr(item, "fixturenames", ())
         if "tiny_run" in names or "slurm_run" in names:
             groups[item.nodeid] = "tiny_run"
-        elif any(d.scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs):
+        elif any(d.scope == "module" for defs in getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+                 .values() for d in defs):
             groups[item.nodeid] = item.nodeid.split("::")[0]
     items.sort(key=lambda item: "slurm_run" in getattr(item, "fixturenames", ()))  # stable
     path = os.environ.get(GROUPS_ENV)
