@@ -276,7 +276,7 @@ def train_step(model: CVAE, opt, batch, cfg: TrainConfig, epoch: int, transform,
     if dist is not None:
         finite = dist.all_true(finite)
     if not finite:
-        log.error("non-finite loss components: %s", {k: float(v) for k, v in losses.items()})
+        log.error("non-finite loss components: %s", {k: float(torch.as_tensor(v).detach()) for k, v in losses.items()})
         return None
     opt.zero_grad(set_to_none=True)
     total.backward()
