@@ -186,7 +186,10 @@ def pytest_collection_modifyitems(session, config, items):
     groups = {}
     for item in items:
         names = getattr(item, "fixturenames", ())
-        if "tiny_run" in names or "slurm_run" in names:
+        mark = item.get_closest_marker("xdist_group")
+        if mark is not None:  # a test's own group
+            groups[item.nodeid] = str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+        elif "tiny_run" in names or "slurm_run" in names:
             groups[item.nodeid] = "tiny_run"
         elif any(d.scope == "module" for defs in getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
                  .values() for d in defs):
@@ -214,8 +217,9 @@ def pytest_xdist_make_scheduler(config, log):
         groups: dict | None = None
 
         def _split_scope(self, nodeid: str) -> str:
-            if self.groups is None:  # written before the workers report their collections
-                self.groups = json.loads(Path(config._test_groups).read_text())
+            if self.groups is None:  # written before the workers report their collections (none where the
+                text = Path(config._test_groups).read_text()  # workers did not inherit the environment)
+                self.groups = json.loads(text) if text.strip() else {}
             return self.groups.get(nodeid, nodeid)
 
     return Groups(config, log)
@@ -228,6 +232,8 @@ def start_cluster_run(session) -> None:
     config = session.config
     if getattr(config, "_cluster_run_module", None) is not None:
         return
+    if hasattr(config, "workerinput") and not os.environ.get(GROUPS_ENV):  # xdist without the groups: the SLURM
+        return  # tests may be in another worker (they start the run themselves, test_slurm.slurm_run)
     for item in session.items:
         if "slurm_run" in getattr(item, "fixturenames", ()):
             item.module.start_cluster_run(config._tmp_path_factory.mktemp("cluster"))

@@ -174,6 +174,40 @@ def test_bracketing_and_extreme_values_give_the_same_thresholds():
         assert a.attrs == b.attrs and a.attrs["n_pooled_pixels"] == 2
 
 
+def test_bracketing_compares_with_the_wet_threshold_as_the_data_see_it():
+    """0.7 mm is 0.69999999 in float32, and E-OBS's 0.1 mm steps hold that value: it is wet in both ways (and in
+    numpy's), so the ranks of the bracketing passes count it."""
+    rng = np.random.default_rng(8)
+    vals = np.round(rng.gamma(0.5, 4.0, size=(300, 2, 2)), 1).astype("float32")
+    assert (vals == np.float32(0.7)).any()
+    pr = xr.DataArray(vals, dims=("time", "lat", "lon")).chunk({"time": 64})
+    cfg = EventsConfig(percentile=50.0, wet_threshold=0.7, min_wet_days=1)
+    a, b = (events.wet_day_thresholds(pr, _mask(2, 2), cfg, memory_mb=m).values for m in (None, 0.0))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(b, np.nanpercentile(np.where(vals >= np.float32(0.7), vals, np.nan), 50.0, axis=0))
+
+
+def test_float64_values_a_few_ulps_apart_are_binned_by_the_edges():
+    """Values 1 + k ulp (float64): the brackets shrink to a few ulps, where bin edges coincide and the division's
+    estimate of a bin is several bins off; the edges still decide, and every rank comes out."""
+    rng = np.random.default_rng(9)
+    vals = 1.0 + rng.integers(0, 8, size=(400, 1, 2)) * np.spacing(1.0)
+    pr = xr.DataArray(vals, dims=("time", "lat", "lon")).chunk({"time": 64})
+    for percentile in (10.0, 50.0, 90.0):
+        cfg = EventsConfig(percentile=percentile, wet_threshold=1.0, min_wet_days=1)
+        a, b = (events.wet_day_thresholds(pr, _mask(1, 2), cfg, memory_mb=m).values for m in (None, 0.0))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_infinite_wet_value_is_refused_by_name():
+    vals = np.full((40, 1, 2), 3.0, dtype="float32")
+    vals[5, 0, 1] = np.inf
+    pr = xr.DataArray(vals, dims=("time", "lat", "lon"), name="rr").chunk({"time": 16})
+    for memory_mb in (None, 0.0):
+        with pytest.raises(io.InputError, match=r"rr: \+inf on a wet day at 1 cells"):
+            events.wet_day_thresholds(pr, _mask(1, 2), EventsConfig(min_wet_days=1), memory_mb=memory_mb)
+
+
 def _slab_source(columns, rows=3):
     """slabs() over the (n, P) array ``columns`` in slabs of ``rows`` rows, counting the passes."""
     passes = []

@@ -264,11 +264,12 @@ def start_cluster_run(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(tmp_path_factory, tiny_run):
+def slurm_run(request, tmp_path_factory):
     """The result of :class:`ClusterRun` (started here if conftest did not), the cluster stopped after; with
     ``local``, the session's local run of the tiny config."""
     if os.environ.get("PRECIP_CVAE_SLURM") == "0":
         pytest.skip("SLURM tests disabled by PRECIP_CVAE_SLURM=0")
+    tiny_run = request.getfixturevalue("tiny_run")  # after the skip: a disabled run builds nothing
     start_cluster_run(tmp_path_factory.mktemp("cluster"))
     _RUN.join(timeout=2400)
     try:

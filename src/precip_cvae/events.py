@@ -135,8 +135,12 @@ def _bin_edge(lo: np.ndarray, hi: np.ndarray, b: np.ndarray, bins: int) -> np.nd
 def _bin_of(v: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> np.ndarray:
     """The bin of each value ``v`` in [lo, hi) (the arrays matched element by element)."""
     b = np.clip(np.floor((v - lo) / (hi - lo) * bins), 0, bins - 1).astype(np.int64)
-    b -= (v < _bin_edge(lo, hi, b, bins)) & (b > 0)  # round-off in the division: the edges decide
-    b += (v >= _bin_edge(lo, hi, b + 1, bins)) & (b < bins - 1)
+    for _ in range(bins):  # round-off in the division: the edges decide (in a bracket a few ulps wide, edges
+        down = (v < _bin_edge(lo, hi, b, bins)) & (b > 0)  # coincide and the estimate can be bins away)
+        up = (v >= _bin_edge(lo, hi, b + 1, bins)) & (b < bins - 1)
+        if not (down.any() or up.any()):
+            break
+        b = b - down + up
     return b
 
 
@@ -150,7 +154,8 @@ def _histogram_pass(slabs, lo, hi, active, bins):
     # ranks whose brackets are the same (the two ranks of a percentile start so, and often stay so) share counts
     first = [next(j for j in range(r + 1) if np.array_equal(lo[j], lo[r]) and np.array_equal(hi[j], hi[r])
                   and np.array_equal(active[j], active[r])) for r in range(R)]
-    counts = np.zeros((R, P * bins), np.int32)
+    # a pixel's counts are at most its days; one position pooling a grid's values can pass 2**31
+    counts = np.zeros((R, P * bins), np.int32 if P > 4096 else np.int64)
     vmin, vmax = np.full((R, P), np.inf), np.full((R, P), -np.inf)
     one = np.int32(1)
     for slab in slabs():
@@ -180,7 +185,8 @@ def order_statistics(slabs, ranks: np.ndarray, top: np.ndarray, floor: float, bi
     every wanted rank's bracket [lo, hi) and narrows the bracket to the bin that holds the rank (the values
     below it counted).  A bracket whose values are all equal gives the rank's value; once a bracket holds at
     most ``collect`` values, one last pass reads them and the rank is picked among them.  Memory: a slab,
-    ``bins`` counts and ``collect`` values per position and rank.  Round-off cannot lose a value: values are
+    ``bins`` counts per position and rank (4 bytes each), and in the last pass up to ``collect`` values and their
+    positions per position and rank, sorted.  Round-off cannot lose a value: values are
     binned by the edges that become the brackets.  A bracket still fuller after ``max_rounds`` (values that
     differ by round-off only) is read whole.
 
@@ -235,7 +241,7 @@ def order_statistics(slabs, ranks: np.ndarray, top: np.ndarray, floor: float, bi
                 for r in range(R):
                     t, p = np.nonzero((part >= lo[r]) & (part < hi[r]) & pending[r])
                     vals[r].append(part[t, p])
-                    where[r].append(p)
+                    where[r].append(p.astype(np.int32))
         for r in range(R):
             v, p = np.concatenate(vals[r]), np.concatenate(where[r])
             order = np.lexsort((v, p))  # by position, then value
@@ -263,6 +269,8 @@ def _bracketed_percentile(data, floor: float, n: np.ndarray, top: np.ndarray, q:
                           flatten: np.ndarray | None = None) -> np.ndarray:
     """numpy's linear percentile ``q`` of each position's values >= ``floor`` (``n`` of them, the largest
     ``top``) by :func:`order_statistics`: per pixel, or over the ``flatten`` cells as one position."""
+    if np.issubdtype(data.dtype, np.floating):  # ``data >= floor`` compares in the data's precision (float32:
+        floor = float(np.asarray(floor, dtype=data.dtype))  # 0.7 is 0.69999999), so must the brackets
     lo, hi, gamma = _percentile_ranks(n, q)
     wanted = np.asarray(n).reshape(-1) > 0
     ranks = np.where(wanted, np.stack([lo.reshape(-1), hi.reshape(-1)]), -1)
@@ -311,6 +319,9 @@ def wet_day_thresholds(pr: xr.DataArray, mask: xr.DataArray, cfg: EventsConfig,
     # pass 1: wet days per pixel, which say how many extreme values the percentile needs, and the wettest
     n_wet, top = dask.compute(wet.sum(axis=0), dsa.where(wet, data, -np.inf).max(axis=0))
     n_wet = xr.DataArray(n_wet, dims=("lat", "lon"), coords=coords)
+    if np.isposinf(top).any():
+        raise InputError(f"{pr.name or 'precipitation'}: +inf on a wet day at {int(np.isposinf(top).sum())} cells; "
+                         "expected finite values (mm/day) to fit the wet-day percentiles")
     valid = mask.astype(bool).compute()
     use_pooled = (n_wet < cfg.min_wet_days) & valid
     n_all = int(n_wet.where(valid, 0).sum())

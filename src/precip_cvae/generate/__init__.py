@@ -304,7 +304,7 @@ def _assemble(setup: _Setup, days: np.ndarray, accepted: list[list[np.ndarray]],
         tally.mass.append(relative_mass_error(st["domain_mean"].values, cmean))
     budget = samples_to_check(cfg.memorisation_max_samples, mask.size) - sum(f.shape[0] for f in tally.memo_fields)
     if budget > 0:
-        tally.memo_fields.append(fields[:budget])
+        tally.memo_fields.append(fields[:budget].copy())  # not a view that holds the whole block
     tally.source_days.extend(src.tolist())
     tally.written += int(counts.sum())
     tally.days_written += len(src)
