@@ -206,8 +206,12 @@ xr.Dataset({"threshold": (("lat", "lon"), np.full((H, W), 30.0, "float32"))}).to
 
 MEMORY_SCRIPT = r"""
 import json, sys
-import numpy as np, torch, xarray as xr
+import dask, numpy as np, torch, xarray as xr, zarr
 torch.set_num_threads(1)
+# one read at a time: with threads and concurrent chunk reads, how far the reads run ahead of their use (and so
+# the peak) depends on the machine's load; under a busy test run that added 75 MB to one of the two peaks
+dask.config.set(scheduler="synchronous")
+zarr.config.set({"async.concurrency": 1})
 from precip_cvae import conditioning, data as D
 root, days, streamed = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 conditioning.STATIC_BLOCK_BYTES = 8 * 2**20  # a block of 2 chunks (the default, 256 MB, holds all of either)
@@ -239,17 +243,18 @@ def _epoch_memory(tmp_path, days: int, streamed: bool) -> dict:
 
 
 def test_a_streamed_epoch_does_not_grow_with_the_record(tmp_path):
-    """Static fitting and one epoch's batches, 128 x 128 cells, 1200 and 2400 days (94 and 188 MB as tensors):
+    """Static fitting and one epoch's batches, 128 x 128 cells, 1200 and 3600 days (94 and 282 MB as tensors):
     held in memory the peak grows by more than the extra days' tensors; streamed by less than half of them.
+    (With 2400 days the margin, 47 MB, was within the peaks' noise on a busy machine: +75 MB once.)
 
     What still grows when streamed is the exact local P90 of the tail channel, which keeps the top 10 % of each
     pixel's wet values (a few MB here; docs/benchmarks.md section 8); the rest is allocator noise (about 20 MB).
     """
-    small, large = (_epoch_memory(tmp_path, n, True) for n in (1200, 2400))
-    assert large["days"] == 2 * small["days"] == 1920
-    held_small, held_large = (_epoch_memory(tmp_path, n, False) for n in (1200, 2400))
+    small, large = (_epoch_memory(tmp_path, n, True) for n in (1200, 3600))
+    assert large["days"] == 3 * small["days"] == 2880
+    held_small, held_large = (_epoch_memory(tmp_path, n, False) for n in (1200, 3600))
     extra = held_large["data_mb"] - held_small["data_mb"]
-    assert extra > 90
+    assert extra > 180
     figures = dict(streamed=(small, large), held=(held_small, held_large))
     assert held_large["peak_mb"] - held_small["peak_mb"] > extra, figures  # the test can fail: in memory grows
     assert large["peak_mb"] - small["peak_mb"] < 0.5 * extra, figures
