@@ -203,8 +203,10 @@ def test_an_infinite_wet_value_is_refused_by_name():
     vals = np.full((40, 1, 2), 3.0, dtype="float32")
     vals[5, 0, 1] = np.inf
     pr = xr.DataArray(vals, dims=("time", "lat", "lon"), name="rr").chunk({"time": 16})
+    pr.encoding["source"] = "/data/eobs_rr.nc"  # as xarray records the file it read
     for memory_mb in (None, 0.0):
-        with pytest.raises(io.InputError, match=r"rr: \+inf on a wet day at 1 cells"):
+        with pytest.raises(io.InputError,
+                           match=r"/data/eobs_rr.nc: rr: \+inf on a wet day at 1 cells; expected finite"):
             events.wet_day_thresholds(pr, _mask(1, 2), EventsConfig(min_wet_days=1), memory_mb=memory_mb)
 
 

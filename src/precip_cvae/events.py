@@ -147,6 +147,14 @@ def _bin_of(v: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> np.ndar
 BRACKET_SLAB_VALUES = 2**22  # values binned at a time (the index arrays of a slab's wet values stay small)
 
 
+def _parts(slabs, positions: int):
+    """The (t, P) arrays of one pass of ``slabs()``, cut into parts of about :data:`BRACKET_SLAB_VALUES` values."""
+    step = max(1, BRACKET_SLAB_VALUES // max(positions, 1))
+    for slab in slabs():
+        for i in range(0, slab.shape[0], step):
+            yield slab[i:i + step]
+
+
 def _histogram_pass(slabs, lo, hi, active, bins):
     """Counts per position and bin of [lo, hi) (``active`` positions only), and each bracket's smallest and
     largest value, over one pass of ``slabs``."""
@@ -158,19 +166,16 @@ def _histogram_pass(slabs, lo, hi, active, bins):
     counts = np.zeros((R, P * bins), np.int32 if P > 4096 else np.int64)
     vmin, vmax = np.full((R, P), np.inf), np.full((R, P), -np.inf)
     one = np.int32(1)
-    for slab in slabs():
-        step = max(1, BRACKET_SLAB_VALUES // max(P, 1))
-        for i in range(0, slab.shape[0], step):
-            part = slab[i:i + step]
-            for r in (r for r in range(R) if first[r] == r):
-                inside = (part >= lo[r]) & (part < hi[r]) & active[r]  # NaN is never inside
-                t, p = np.nonzero(inside)
-                if not p.size:
-                    continue
-                b = _bin_of(part[t, p].astype(np.float64), lo[r, p], hi[r, p], bins)
-                np.add.at(counts[r], p * bins + b, one)
-                vmin[r] = np.minimum(vmin[r], np.where(inside, part, np.inf).min(axis=0))
-                vmax[r] = np.maximum(vmax[r], np.where(inside, part, -np.inf).max(axis=0))
+    for part in _parts(slabs, P):
+        for r in (r for r in range(R) if first[r] == r):
+            inside = (part >= lo[r]) & (part < hi[r]) & active[r]  # NaN is never inside
+            t, p = np.nonzero(inside)
+            if not p.size:
+                continue
+            b = _bin_of(part[t, p].astype(np.float64), lo[r, p], hi[r, p], bins)
+            np.add.at(counts[r], p * bins + b, one)
+            vmin[r] = np.minimum(vmin[r], np.where(inside, part, np.inf).min(axis=0))
+            vmax[r] = np.maximum(vmax[r], np.where(inside, part, -np.inf).max(axis=0))
     for r in range(R):
         if first[r] != r:
             counts[r], vmin[r], vmax[r] = counts[first[r]], vmin[first[r]], vmax[first[r]]
@@ -234,14 +239,11 @@ def order_statistics(slabs, ranks: np.ndarray, top: np.ndarray, floor: float, bi
         need = np.where(pending, ranks - below, 0)
         vals: list[list] = [[] for _ in range(R)]
         where: list[list] = [[] for _ in range(R)]
-        for slab in slabs():
-            step = max(1, BRACKET_SLAB_VALUES // max(P, 1))
-            for i in range(0, slab.shape[0], step):
-                part = slab[i:i + step]
-                for r in range(R):
-                    t, p = np.nonzero((part >= lo[r]) & (part < hi[r]) & pending[r])
-                    vals[r].append(part[t, p])
-                    where[r].append(p.astype(np.int32))
+        for part in _parts(slabs, P):
+            for r in range(R):
+                t, p = np.nonzero((part >= lo[r]) & (part < hi[r]) & pending[r])
+                vals[r].append(part[t, p])
+                where[r].append(p.astype(np.int32))
         for r in range(R):
             v, p = np.concatenate(vals[r]), np.concatenate(where[r])
             order = np.lexsort((v, p))  # by position, then value
@@ -320,8 +322,10 @@ def wet_day_thresholds(pr: xr.DataArray, mask: xr.DataArray, cfg: EventsConfig,
     n_wet, top = dask.compute(wet.sum(axis=0), dsa.where(wet, data, -np.inf).max(axis=0))
     n_wet = xr.DataArray(n_wet, dims=("lat", "lon"), coords=coords)
     if np.isposinf(top).any():
-        raise InputError(f"{pr.name or 'precipitation'}: +inf on a wet day at {int(np.isposinf(top).sum())} cells; "
-                         "expected finite values (mm/day) to fit the wet-day percentiles")
+        source = pr.encoding.get("source")
+        raise InputError(f"{source + ': ' if source else ''}{pr.name or 'precipitation'}: +inf on a wet day at "
+                         f"{int(np.isposinf(top).sum())} cells; expected finite values (mm/day) to fit the wet-day "
+                         "percentiles")
     valid = mask.astype(bool).compute()
     use_pooled = (n_wet < cfg.min_wet_days) & valid
     n_all = int(n_wet.where(valid, 0).sum())
