@@ -70,6 +70,41 @@ def test_parameter_counts_on_meta():
     assert all(p.device.type == "cpu" for p in real.parameters())
 
 
+def test_decoder_blocks_add_residual_blocks_at_every_finer_scale():
+    """model.decoder_blocks: each block is GroupNorm, conv 3x3, GroupNorm, conv 3x3 at the scale's width; the
+    tiny preset's decoder scales finer than the bottom are 4 and 8 channels wide (depth 2)."""
+    from precip_cvae import checkpoint
+
+    args = (3, (16, 16), (4, 4))
+    base = parameter_count(ModelConfig(preset="tiny"), *args)
+    per_block = {w: 2 * (9 * w * w + w) + 2 * (2 * w) for w in (4, 8)}  # 2 convs + 2 norms' scale and shift
+    assert per_block == {4: 312, 8: 1200}
+    for n in (1, 3):
+        assert parameter_count(ModelConfig(preset="tiny", decoder_blocks=n), *args) == base + n * (312 + 1200)
+    # without blocks the weights drawn at a seed are those of a model built before the option existed
+    torch.manual_seed(0)
+    plain = CVAE(ModelConfig(preset="tiny"), *args)
+    torch.manual_seed(0)
+    deep = CVAE(ModelConfig(preset="tiny", decoder_blocks=2), *args)
+    shared = {k: v for k, v in deep.state_dict().items() if not k.startswith(("dec_blocks", "dec_head"))}
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in shared.items())
+    assert plain.dec_blocks is None and len(deep.dec_blocks) == 2 and len(deep.dec_blocks[0]) == 2
+    # the blocks are used: members differ from the plain model's, and a checkpoint restores them
+    x, y, valid = _batch(2, 3, (16, 16), (4, 4))
+    deep.eval()
+    state = {"model_config": dict(deep.cfg.__dict__), "model_args": {"n_channels": 3, "fine_shape": [16, 16],
+                                                                     "coarse_shape": [4, 4], "n_static": 0},
+             "model_state": {k: v.clone() for k, v in deep.state_dict().items()}}
+    with torch.no_grad():
+        s = deep.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1))
+        deep.dec_blocks[0][0].body[-1].weight.add_(0.5)
+        changed = deep.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(s, changed)
+    rebuilt = checkpoint.build_model(state).eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1)), s)
+
+
 def test_output_non_negative_and_zero_on_invalid_pixels():
     torch.manual_seed(1)
     model = CVAE(ModelConfig(preset="tiny"), 2, (16, 16), (4, 4))

@@ -39,6 +39,7 @@ def _inputs():
     ("field", {"noise_channels": 2, "residual": True}),
     ("bernoulli_gamma", {"latent_level": 2}),
     ("field", {"prior": "standard", "condition_interpolation": "geographic"}),
+    ("field", {"decoder_blocks": 2}),
 ])
 def test_tiled_sampling_gives_the_whole_field_s_members(output, kw):
     model = _local_model(output, **kw)
@@ -61,6 +62,23 @@ def test_the_margin_is_what_makes_tiles_equal_the_whole_field(monkeypatch):
         monkeypatch.setattr(CVAE, "receptive_radius", lambda self: 4)
         tiled = model.sample(y, valid, 1, generator=torch.Generator().manual_seed(3), tile=(64, 72))
     assert float((tiled - whole).abs().max()) > 1e-3
+
+
+def test_the_decoder_blocks_widen_the_margin_tiles_need(monkeypatch):
+    """model.decoder_blocks: two more 3x3 convolutions per block and scale reach further. The bound grows (40 -> 52
+    cells for two blocks in the tiny model), and a margin of 24 cells, enough for the tiny model without blocks
+    (its bound of 40 is loose), leaves the deeper model's tiles different from its whole field."""
+    assert _local_model().receptive_radius() == 40 and _local_model(decoder_blocks=2).receptive_radius() == 52
+    y, valid = _inputs()
+    monkeypatch.setattr(CVAE, "receptive_radius", lambda self: 24)
+    gap = {}
+    for n in (0, 2):
+        model = _local_model(decoder_blocks=n)
+        with torch.no_grad():
+            whole = model.sample(y, valid, 1, generator=torch.Generator().manual_seed(3))
+            tiled = model.sample(y, valid, 1, generator=torch.Generator().manual_seed(3), tile=(64, 72))
+        gap[n] = float((tiled - whole).abs().max())
+    assert gap[0] < 1e-4 and gap[2] > 1e-3
 
 
 def test_a_window_is_encoded_as_the_field_s_own_cells_away_from_its_edges():

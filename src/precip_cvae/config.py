@@ -437,7 +437,9 @@ class ModelConfig(Section):
     predictor grid over the target grid (bilinear in index space); ``geographic`` samples it at
     each target cell's own latitude and longitude (a rotated-pole or projected target, or a
     predictor domain larger than the target's).  ``noise_channels``: fresh N(0, 1) channels (no KL) fed to every
-    decoder scale finer than the map latent's, for small-scale variability between members.  ``bg_correlation``
+    decoder scale finer than the map latent's, for small-scale variability between members.  ``decoder_blocks``:
+    residual blocks (two 3x3 convolutions each) after the decoder's convolution at every scale finer than the
+    bottom, a deeper decoder for few parameters (0: one convolution per scale).  ``bg_correlation``
     (Bernoulli-gamma output): the correlation length in cells of the uniforms a sampled field is drawn from
     (0: every pixel independently).  ``context``: ``global`` (the condition vector sees the whole field and
     GroupNorm its statistics) or ``local`` (every value depends on the cells within a bounded distance only:
@@ -461,6 +463,7 @@ class ModelConfig(Section):
     conditioning: str = "fine"
     condition_interpolation: str = "index"
     noise_channels: int = 0
+    decoder_blocks: int = 0
     residual: bool = False
     bg_correlation: float = 0.0
     context: str = "global"

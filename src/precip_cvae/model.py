@@ -42,7 +42,8 @@ Latent and prior:
 
 ``prior='standard'`` gives ``N(0, I)`` (zeros) in both cases.  Decoder: from the
 bottom, ``depth`` times a 1x1 channel reduction, nearest x2 upsampling, 3x3 conv over
-``[h, condition map of that scale]``; a 3x3 head.  Channel widths per scale are
+``[h, condition map of that scale]`` (followed by ``decoder_blocks`` residual blocks at that
+scale); a 3x3 head.  Channel widths per scale are
 ``F/2, F, 2F, ..., F * 2**(depth-1)`` (``F`` = ``base_filters``).  GroupNorm
 throughout; ``logvar`` is clamped to ``[LOGVAR_MIN, LOGVAR_MAX]``.
 
@@ -610,6 +611,15 @@ class CVAE(nn.Module):
             _ConvAct(w[s - 1] + cw[s - 1] + self._z_channels_at(s - 1), w[s - 1], dropout=p_dec, local=lc)
             for s in range(1, depth + 1)
         )
+        # a deeper decoder: residual blocks after each scale's conv (built last, so a model without them draws the
+        # same weights at a seed as before the option)
+        n_blocks = int(getattr(self.cfg, "decoder_blocks", 0))
+        self.dec_blocks = None
+        if n_blocks:
+            self.dec_blocks = nn.ModuleList(
+                nn.Sequential(*(_ResBlock(w[s - 1], dropout=p_dec, local=lc) for _ in range(n_blocks)))
+                for s in range(1, depth + 1)
+            )
 
     def _build_mean(self) -> None:
         """The conditional mean m(y) of ``model.residual``: the decoder's shape, without z, without dropout."""
@@ -863,6 +873,8 @@ class CVAE(nn.Module):
                 size = tuple(cond.maps[s - 1].shape[-2:])
                 parts.append(self._one_noise(B, size, generator, h) if noise is None else noise[s - 1])
             h = self.dec_up[s - 1](torch.cat(parts, dim=1))
+            if self.dec_blocks is not None:
+                h = self.dec_blocks[s - 1](h)
         return self.dec_head(h)  # (B, 1 or 3, H, W)
 
     def _prior_draws(self, mu_p, logvar_p, n: int, z_scale: float = 1.0, generator=None) -> torch.Tensor:
@@ -993,7 +1005,9 @@ class CVAE(nn.Module):
         vector = encoder + self.pool_radius * m
         prior = max(encoder, vector) + 2**self.level + m
         # bottom conv + residual block (3 convs at the coarsest scale), then per scale an upsampling and a conv
-        decoder = 3 * m + sum(2**s + 2 ** (s - 1) for s in range(1, self.depth + 1)) + 1
+        # (and the decoder blocks' two convs each)
+        n_blocks = int(getattr(self.cfg, "decoder_blocks", 0))
+        decoder = 3 * m + sum(2**s + (1 + 2 * n_blocks) * 2 ** (s - 1) for s in range(1, self.depth + 1)) + 1
         radius = max(vector, prior) + decoder + m  # the conditional mean's decoder is no deeper
         return -(-radius // m) * m
 
