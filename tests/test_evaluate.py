@@ -616,8 +616,9 @@ def test_sub_daily_steps_skip_the_daily_climate_indices_with_a_note(tmp_path):
     assert "12 time steps on 1 day(s)" in text and "time_step: 1D" in text
 
 
-@pytest.mark.parametrize("rows, chunk", [(None, None), (1, 7), (3, 400)])
-def test_diagnostics_by_blocks_of_rows_and_chunks_of_days_equal_the_whole_array_functions(rows, chunk):
+@pytest.mark.parametrize("rows, chunk, band", [(None, None, None), (1, 7, None), (3, 400, None), (1, 50, 3),
+                                               (2, None, 3)])
+def test_diagnostics_by_blocks_of_rows_and_chunks_of_days_equal_the_whole_array_functions(rows, chunk, band):
     """Issue 25: one source's diagnostics read lazily (dask) by blocks of grid rows and chunks of days give the
     index table, the distribution scores and the domain-mean series of the whole-array functions, also with a
     member NaN where the truth is valid (the NaN reaches the same scores)."""
@@ -642,7 +643,7 @@ def test_diagnostics_by_blocks_of_rows_and_chunks_of_days_equal_the_whole_array_
     for members in (ens, np.where(np.arange(h)[:, None] == 4, np.where(np.arange(n)[:, None, None] == 9, np.nan,
                                                                         ens), ens)):
         got = diagnostics.source_diagnostics(da.from_array(members, chunks=(m, 50, h, w)), obs, dates, "standard",
-                                             pct, cfg, "calendar", True, rows, chunk)
+                                             pct, cfg, "calendar", True, rows, chunk, band)
         table, bias = indices.ensemble_index_table(members, obs, dates, "standard", *pct.values(), cfg.wet_threshold,
                                                    "calendar")
         pd.testing.assert_frame_equal(got.table, table)
@@ -654,6 +655,48 @@ def test_diagnostics_by_blocks_of_rows_and_chunks_of_days_equal_the_whole_array_
             np.testing.assert_allclose(indices.seasonal_maxima(got.domain_means[j], dates).to_numpy(),
                                        indices.seasonal_maxima(members[j], dates).to_numpy(), rtol=1e-12)
     assert math.isnan(got.distribution["ralsd"]) and math.isnan(got.distribution["wasserstein"]) is False
+
+
+class _CountingStore:
+    """An array that records the grid rows of every read (a store chunked by days reads the whole grid's chunks)."""
+
+    def __init__(self, a):
+        self.a, self.shape, self.dtype, self.reads = a, a.shape, a.dtype, []
+
+    def __getitem__(self, key):
+        rows = key[2] if len(key) > 2 else slice(None)
+        self.reads.append((rows.start or 0, self.shape[2] if rows.stop is None else rows.stop))
+        return self.a[key]
+
+
+def test_diagnostics_read_the_store_once_per_band_of_rows_not_once_per_block():
+    """Issue 25: at continental size a block is one grid row; the blocks are cut from bands read at once, so the
+    store is read once by the whole-field pass (its chunks of days) and once per band, with the band's rows."""
+    from precip_cvae import indices
+    from precip_cvae.config import EvaluateConfig
+    from precip_cvae.evaluate import diagnostics
+
+    rng = np.random.default_rng(2)
+    m, n, h, w = 2, 60, 7, 5
+    dates = [str(d.date()) for d in pd.date_range("2001-01-01", periods=n)]
+    obs = rng.gamma(0.4, 5.0, (n, h, w))
+    obs[:, 0] = np.nan  # a sea row: its block reads nothing
+    ens = rng.gamma(0.4, 5.0, (m, n, h, w)).astype(np.float32)
+    cfg = EvaluateConfig()
+    pct = diagnostics.observed_percentiles(obs, cfg)
+    store = _CountingStore(ens)
+    got = diagnostics.source_diagnostics(store, obs, dates, "standard", pct, cfg, "calendar", True, rows=1,
+                                         chunk_days=30, band_rows=4)
+    whole_field = [(0, h)] * 2  # two chunks of 30 days
+    assert store.reads == whole_field + [(1, 5), (5, 7)]
+    # the bands' values are the store's float32 ones, taken in float64 as before
+    table, _ = indices.ensemble_index_table(ens.astype(np.float64), obs, dates, "standard", *pct.values(),
+                                            cfg.wet_threshold, "calendar")
+    pd.testing.assert_frame_equal(got.table, table)
+    # the default band: every row whose float32 members fit DIAGNOSTIC_BAND_BYTES, whole blocks of rows
+    assert diagnostics.rows_per_band(4, 274, 705, 4, rows=1) == 173  # 512 MiB / (4 x 274 x 705 x 4 B)
+    assert diagnostics.rows_per_band(4, 274, 705, 4, rows=10) == 170
+    assert diagnostics.rows_per_band(64, 5000, 705, 4, rows=1) == 1  # never less than one block
 
 
 def test_scores_from_one_pass_of_day_parts_equal_score_on_each_subset_and_read_lazily():

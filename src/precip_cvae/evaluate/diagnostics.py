@@ -75,11 +75,25 @@ DIAGNOSTIC_BLOCK_BYTES = 128 * 2**20
 DIAGNOSTIC_COPIES = 12
 
 
+#: the members' values (in the store's dtype) of the band of grid rows read from the store at once: every
+#: chunk of a store chunked by days holds the whole grid, so each band reads the whole store once, and a
+#: continental grid needs one row per block (465 reads of the store at 465 x 705 without bands)
+DIAGNOSTIC_BAND_BYTES = 512 * 2**20
+
+
 def rows_per_block(members: int, days: int, width: int, budget: int | None = None) -> int:
     """Grid rows per block of the per-pixel diagnostics: as many as keep a block's working memory within
     ``budget`` (default :data:`DIAGNOSTIC_BLOCK_BYTES`), at least one row."""
     budget = DIAGNOSTIC_BLOCK_BYTES if budget is None else budget
     return int(max(1, budget // max(1, DIAGNOSTIC_COPIES * members * days * width * 8)))
+
+
+def rows_per_band(members: int, days: int, width: int, itemsize: int, rows: int, budget: int | None = None) -> int:
+    """Grid rows read from the store at once: as many whole blocks of ``rows`` as keep the band's values
+    (``itemsize`` bytes each) within ``budget`` (default :data:`DIAGNOSTIC_BAND_BYTES`), at least one block."""
+    budget = DIAGNOSTIC_BAND_BYTES if budget is None else budget
+    fit = budget // max(1, members * days * width * itemsize)
+    return int(max(rows, fit // rows * rows))
 
 
 @dataclass
@@ -93,16 +107,18 @@ class SourceDiagnostics:
 
 
 def source_diagnostics(ens, obs: np.ndarray, dates, calendar: str, pct: dict, cfg: EvaluateConfig,
-                       season_year: str, daily: bool, rows: int | None = None, chunk_days: int | None = None
-                       ) -> SourceDiagnostics:
+                       season_year: str, daily: bool, rows: int | None = None, chunk_days: int | None = None,
+                       band_rows: int | None = None) -> SourceDiagnostics:
     """Every diagnostic of one source's members ``ens`` (M, N, h, w; numpy, dask or zarr, read lazily), with
     memory bounded whatever M and N: the quantities over whole fields (the RALSD spectra, each member's
     domain-mean series, the value range of the Perkins bins) in one pass over chunks of days, the per-pixel
     ones (climate indices, Wasserstein distance, Perkins skill score) over blocks of grid rows with all their
     days (``rows`` per block, default :func:`rows_per_block`; ``chunk_days`` per chunk, default
     :func:`precip_cvae.evaluate.score.chunk_days_for`).  Equal to the whole-array functions of :mod:`precip_cvae.indices`: each
-    pixel's value depends on its own series, each spectrum on its own field.  A block of rows reads every chunk
-    of the store that holds those rows: with rows in one zarr chunk, the store is read once per block."""
+    pixel's value depends on its own series, each spectrum on its own field.  The blocks are cut from bands of
+    ``band_rows`` rows (default :func:`rows_per_band`) read from the store at once, in its dtype: a band reads
+    every chunk that holds its rows (with days in chunks of the whole grid, the whole store), so the store is
+    read once for the whole-field pass and once per band, not once per block."""
     m, n, h, w = (int(x) for x in ens.shape)
     valid_px = np.isfinite(obs).any(axis=0)
     if not np.isfinite(obs).any(axis=(1, 2)).all():
@@ -138,12 +154,17 @@ def source_diagnostics(ens, obs: np.ndarray, dates, calendar: str, pct: dict, cf
     obs_maps, ens_maps = {}, {}
     wmap, pmap = np.full((h, w), np.nan), np.full((h, w), np.nan)
     rows = rows or rows_per_block(m, n, w)
+    band_rows = max(rows, band_rows or rows_per_band(m, n, w, np.dtype(ens.dtype).itemsize, rows))
+    band, b0 = None, 0
     for r0 in range(0, h, rows):
         r1 = min(r0 + rows, h)
-        e = np.asarray(ens[:, :, r0:r1], dtype=np.float64)
         o = obs[:, r0:r1]
         if not np.isfinite(o).any():
             continue
+        if band is None or r1 > b0 + band.shape[2]:  # the next band of rows, read at once
+            b0 = r0
+            band = np.asarray(ens[:, :, b0:min(b0 + band_rows, h)])
+        e = np.asarray(band[:, :, r0 - b0:r1 - b0], dtype=np.float64)
         if daily:
             om, em = indices.ensemble_index_maps(e, o, dates, calendar, p_lo[r0:r1], p_hi[r0:r1], cfg.wet_threshold,
                                                  season_year)
