@@ -87,3 +87,78 @@ def test_fit_leaves_out_member_values_where_the_truth_is_missing_and_checks_shap
         fit_quantile_map(members[:, :10], obs)
     with pytest.raises(ValueError, match="grid"):
         q.apply(np.zeros((2, 3, 3)))
+
+
+# ----------------------------------------------------------------------------- fitted a block of days at a time
+
+
+def _fit_case(seed: int):
+    """Members and observations with dry days, tiny amounts (< 0.01 mm), a masked pixel, a missing day and a
+    pixel with 9 observed days (too few: NaN quantiles)."""
+    rng = np.random.default_rng(seed)
+    obs = _gamma_fields(rng, 1, 300, (6, 7), 0.4, 6.0)[0]
+    members = _gamma_fields(rng, 4, 300, (6, 7), 0.5, 7.0)
+    obs[:, 0, 0] = np.nan
+    members[:, :, 0, 0] = np.nan
+    obs[5, 2, 2] = np.nan
+    obs[9:, 3, 3] = np.nan
+    obs[obs < 0.3] *= 0.01  # amounts below STREAM_LOW
+    return members, obs
+
+
+def _fit_in_blocks(members, obs, exact_bytes=None, block=64):
+    from precip_cvae.calibration import QuantileMapFit
+
+    fit = QuantileMapFit(members.shape[0], obs.shape[0], obs.shape[1:], exact_bytes=exact_bytes)
+    for s in range(0, obs.shape[0], block):
+        fit.add(members[:, s:s + block], obs[s:s + block])
+    return fit, fit.finish()
+
+
+def test_the_fit_in_blocks_is_exact_while_the_members_fit_its_budget():
+    members, obs = _fit_case(0)
+    fit, qmap = _fit_in_blocks(members, obs)
+    ref = fit_quantile_map(members, obs)
+    assert fit.exact and qmap.n_days == 300
+    np.testing.assert_array_equal(qmap.model_q, ref.model_q)
+    np.testing.assert_array_equal(qmap.obs_q, ref.obs_q)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_streamed_fit_is_within_a_bin_of_the_exact_quantiles(seed):
+    """Beyond the budget each pixel's values are counted in log-spaced bins: every order statistic lies in its own
+    bin, so each quantile is within max(STREAM_RATIO x the upper order statistic, 0.01 mm/day) of the exact one;
+    zeros stay exact, the masked and the too-rarely observed pixels stay NaN, and the map's members keep the
+    exact map's values within the same tolerance."""
+    from precip_cvae.calibration import STREAM_BINS, STREAM_RATIO
+
+    members, obs = _fit_case(seed)
+    fit, qmap = _fit_in_blocks(members, obs, exact_bytes=0)
+    ref = fit_quantile_map(members, obs)
+    assert not fit.exact and STREAM_RATIO == pytest.approx(10 ** (6 / 512) - 1)
+    seen = np.where(np.isfinite(obs)[None], members, np.nan).reshape(-1, *obs.shape[1:])
+    for got, want, values in ((qmap.model_q, ref.model_q, seen), (qmap.obs_q, ref.obs_q, obs)):
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        assert np.isnan(got[:, 0, 0]).all() and np.isnan(got[:, 3, 3]).all()
+        with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
+            upper = np.maximum.accumulate(np.nanquantile(values, ref.levels, axis=0, method="higher"), axis=0)
+        ok = np.isfinite(want)
+        assert (np.abs(got - want)[ok] <= np.maximum(STREAM_RATIO * upper[ok], 0.01) + 1e-12).all()
+        assert (got[ok][want[ok] == 0] == 0).all() and (want[ok] == 0).sum() > 100
+        assert np.median(np.abs(got - want)[ok & (want > 1)] / want[ok & (want > 1)]) < 0.005
+    # memory: two histograms per pixel, whatever the number of days
+    assert sum(c.nbytes for c in fit._counts.values()) == 2 * 42 * (STREAM_BINS + 3) * 4
+    new = _gamma_fields(np.random.default_rng(9), 3, 50, (6, 7), 0.5, 7.0)
+    np.testing.assert_allclose(qmap.apply(new), ref.apply(new), rtol=0.06, atol=0.05)
+
+
+def test_the_streamed_fit_leaves_out_members_where_the_observation_is_missing():
+    members, obs = _fit_case(3)
+    other = members.copy()
+    other[:, 5, 2, 2] = 1e3  # obs[5, 2, 2] is missing: that member value is not part of the fit
+    a = _fit_in_blocks(members, obs, exact_bytes=0)[1]
+    b = _fit_in_blocks(other, obs, exact_bytes=0, block=7)[1]
+    np.testing.assert_array_equal(a.model_q, b.model_q)
+    np.testing.assert_array_equal(a.obs_q, b.obs_q)
+    with pytest.raises(ValueError, match="no fit day"):
+        _fit_in_blocks(members[:, :0], obs[:0], exact_bytes=0)

@@ -40,7 +40,7 @@ import xarray as xr
 
 from .. import __version__, io
 from ..baselines import BaselineInputs, get_baseline
-from ..calibration import QuantileMap, fit_quantile_map
+from ..calibration import QuantileMap, QuantileMapFit
 from ..checkpoint import check_matches_data, load_model
 from ..config import EVALUATE_SAMPLING_KEYS, EvaluateConfig
 from ..data import DayFields, FieldData, ZarrFields, block_days_for, day_blocks, held_or_streamed, open_fields
@@ -196,17 +196,23 @@ def _batches(n: int, size: int):
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def fit_calibration(fit: FieldData, loaded, cfg: EvaluateConfig, grid: Grid, device) -> QuantileMap:
-    """The quantile map of one checkpoint, fitted on the days of ``fit`` (members drawn with that split's noise)."""
+def fit_calibration(fit: FieldData | ZarrFields, loaded, cfg: EvaluateConfig, grid: Grid, device) -> QuantileMap:
+    """The quantile map of one checkpoint, fitted on the days of ``fit`` (members drawn with that split's noise),
+    read a block of days at a time: exact while the members fit, else streamed (:class:`QuantileMapFit`)."""
     model, transform, _ = loaded
     t0 = time.perf_counter()
     g = torch.Generator(device="cpu").manual_seed(_seed(cfg, "train", 0))
-    ens = np.concatenate([crop(sample_cvae(model, transform, fit.y[idx], fit.valid[idx], cfg.members, g, device,
-                                           cfg.inference_memory_gb), grid.attrs)
-                          for idx in _batches(len(fit), cfg.batch_size)], axis=1)  # (M, T, h, w)
-    qmap = fit_quantile_map(ens, crop(fit.pr_mm[:, 0].numpy(), grid.attrs))
-    log.info("quantile map fitted on %d train days x %d members in %.1f s", len(fit), cfg.members,
-             time.perf_counter() - t0)
+    acc = None
+    for _, block in day_blocks(fit, block_days_for(fit, cfg.batch_size)):  # whole batches: the same draws
+        obs = crop(block.pr_mm[:, 0].numpy(), grid.attrs)  # (B, h, w)
+        for idx in _batches(len(block), cfg.batch_size):
+            ens = crop(sample_cvae(model, transform, block.y[idx], block.valid[idx], cfg.members, g, device,
+                                   cfg.inference_memory_gb), grid.attrs)  # (M, b, h, w)
+            acc = acc or QuantileMapFit(cfg.members, len(fit), obs.shape[1:])
+            acc.add(ens, obs[idx])
+    qmap = acc.finish()
+    log.info("quantile map fitted on %d train days x %d members (%s) in %.1f s", len(fit), cfg.members,
+             "exact" if acc.exact else "streamed, per-pixel histograms", time.perf_counter() - t0)
     return qmap
 
 
@@ -330,7 +336,7 @@ def _sample_ensembles(paths: SamplePaths, cfg: EvaluateConfig, baselines: tuple[
     qmap, calibrated = None, []
     if cfg.calibrate == "quantile_map":
         first = next(iter(models))
-        qmap = fit_calibration(train_days if held else train_days.read(), models[first], cfg, grid, device)
+        qmap = fit_calibration(train_days, models[first], cfg, grid, device)
         calibrated = [cvae_source(calibrated_label(first))]
     sources = [cvae_source(label) for label in models] + calibrated + list(baselines)
     meta = {

@@ -29,9 +29,9 @@ import torch
 import xarray as xr
 
 from .. import __version__, cf, checkpoint
-from ..calibration import QuantileMap, fit_quantile_map
+from ..calibration import QuantileMap, QuantileMapFit
 from ..config import EventsConfig, GenerateConfig, config_hash
-from ..data import FieldData, held_or_streamed, open_fields
+from ..data import block_days_for, day_blocks, held_or_streamed, open_fields
 from ..events import apply_criterion, field_statistics
 from ..grid import crop_array, crop_to_original
 from ..io import (InputError, atomic_path, consolidate_zarr, open_netcdf, open_zarr, open_zarr_group, write_json,
@@ -188,17 +188,20 @@ def _fit_calibration(setup: _Setup, cfg: GenerateConfig, dataset: str) -> tuple[
         raise InputError(f"{dataset}: generate.calibrate 'quantile_map' needs a split that generate does not sample "
                          f"to fit on (generate.splits is {list(cfg.splits)}); drop one split or set calibrate 'none'")
     days = np.flatnonzero(setup.data.split == free[0])
-    fit = setup.data.subset(days)
-    fit = fit if isinstance(fit, FieldData) else fit.read()  # the fitting split in memory
+    fit = setup.data.subset(days)  # read a block of days at a time (whole batches: the same draws)
     g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 17)
-    ens = []
-    for start in range(0, days.size, cfg.batch_days):
-        idx = np.arange(start, min(start + cfg.batch_days, days.size))
-        valid = fit.valid[idx].to(setup.device)
-        ens.append(_sample_mm(setup, fit.y[idx].to(setup.device), valid, cfg, g))
-    obs = crop_array(fit.pr_mm[:, 0].numpy(), setup.pads)
-    qmap = fit_quantile_map(np.concatenate(ens, axis=1), obs)
-    log.info("quantile map fitted on the %d %s days x %d members", days.size, free[0], cfg.members)
+    acc = None
+    for _, block in day_blocks(fit, block_days_for(fit, cfg.batch_days)):
+        obs = crop_array(block.pr_mm[:, 0].numpy(), setup.pads)  # (B, h, w)
+        for start in range(0, len(block), cfg.batch_days):
+            idx = np.arange(start, min(start + cfg.batch_days, len(block)))
+            valid = block.valid[idx].to(setup.device)
+            ens = _sample_mm(setup, block.y[idx].to(setup.device), valid, cfg, g)
+            acc = acc or QuantileMapFit(cfg.members, days.size, obs.shape[1:])
+            acc.add(ens, obs[idx])
+    qmap = acc.finish()
+    log.info("quantile map fitted on the %d %s days x %d members (%s)", days.size, free[0], cfg.members,
+             "exact" if acc.exact else "streamed, per-pixel histograms")
     return qmap, free[0]
 
 
