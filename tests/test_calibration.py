@@ -162,3 +162,16 @@ def test_the_streamed_fit_leaves_out_members_where_the_observation_is_missing():
     np.testing.assert_array_equal(a.obs_q, b.obs_q)
     with pytest.raises(ValueError, match="no fit day"):
         _fit_in_blocks(members[:, :0], obs[:0], exact_bytes=0)
+
+
+def test_the_streamed_fit_leaves_out_infinite_members_as_the_exact_fit_does():
+    """A member value of +inf (expm1 of a runaway model value) is left out by both fits, so the top quantiles stay
+    finite (counted, it set the overflow bin's top to inf and the pixel's map to NaN)."""
+    members, obs = _fit_case(4)
+    members[1, 20, 4, 4] = np.inf
+    exact = fit_quantile_map(members, obs)
+    streamed = _fit_in_blocks(members, obs, exact_bytes=0)[1]
+    assert np.isfinite(exact.model_q[:, 4, 4]).all() and np.isfinite(streamed.model_q[:, 4, 4]).all()
+    finite = members.copy()
+    finite[1, 20, 4, 4] = np.nan
+    np.testing.assert_array_equal(streamed.model_q, _fit_in_blocks(finite, obs, exact_bytes=0)[1].model_q)

@@ -27,7 +27,9 @@ values in :data:`STREAM_BINS` log-spaced bins between :data:`STREAM_LOW` and
 :data:`STREAM_HIGH` mm/day (plus exact zeros, an underflow and an overflow bin), which takes
 memory bounded by the grid, and reads each quantile from the counts: every order statistic
 lies in its own bin, so it is within the bin's width of the exact one, a relative
-:data:`STREAM_RATIO` (2.7 %) between the edges and 0.01 mm/day below them.
+:data:`STREAM_RATIO` (2.7 %) between the edges and 0.01 mm/day below them.  Values from
+:data:`STREAM_HIGH` (10 m of rain a day, not physical) are placed evenly up to the pixel's largest
+value, without a bound.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ STREAM_EDGES.flags.writeable = False
 STREAM_RATIO = float(np.max(STREAM_EDGES[1:] / STREAM_EDGES[:-1]) - 1.0)
 _NB = STREAM_BINS + 3  # bins of a pixel's histogram
 _POSITIONS = 8192  # positions counted or read per step (bincount's int64 result: 34 MB)
+_COUNT_VALUES = 2**22  # values binned per step (their bins, mask and flat indices: 32 MB each)
 
 
 @dataclass(frozen=True)
@@ -159,11 +162,12 @@ def fit_quantile_map(members: np.ndarray, obs: np.ndarray, levels: np.ndarray = 
 
 def _bins(values: np.ndarray) -> np.ndarray:
     """The streamed fit's bin of each value (any shape): 0 for 0, 1 below STREAM_LOW, 2 + the log-spaced bin,
-    STREAM_BINS + 2 from STREAM_HIGH on; -1 for NaN (not counted)."""
+    STREAM_BINS + 2 from STREAM_HIGH on; -1 for NaN and +-inf (not counted, as the exact fit leaves them out).
+    Amounts are >= 0 (the inverse transform clamps); a negative one would count as 0."""
     v = np.asarray(values, dtype=np.float64)
     b = np.searchsorted(STREAM_EDGES, v, side="right") + 1  # 1 below the first edge, ..., NB - 1 from the last
     b[v <= 0] = 0
-    b[np.isnan(v)] = -1
+    b[~np.isfinite(v)] = -1
     return b
 
 
@@ -205,16 +209,21 @@ class QuantileMapFit:
             return
         obs = obs.astype("float64").reshape(obs.shape[0], -1)  # (B, P)
         seen = np.isfinite(obs)
-        ens = np.where(seen[None], members.reshape(members.shape[0], obs.shape[0], -1), np.nan)  # (M, B, P)
+        ens = members.reshape(members.shape[0], obs.shape[0], -1)  # (M, B, P)
+        ens = np.where(seen[None] & np.isfinite(ens), ens, np.nan)
         self._count("model", ens.reshape(-1, self.pixels))
         self._count("obs", obs)
 
     def _count(self, side: str, values: np.ndarray) -> None:
+        """Count ``values`` (K, P): finite ones only, a few positions at a time (temporaries of about
+        :data:`_COUNT_VALUES` values)."""
         counts, top = self._counts[side], self._top[side]
         with np.errstate(invalid="ignore"):
-            np.fmax(top, np.fmax.reduce(values, axis=0, initial=-np.inf), out=top)
-        for p0 in range(0, self.pixels, _POSITIONS):
-            p1 = min(p0 + _POSITIONS, self.pixels)
+            finite_max = np.fmax.reduce(np.where(np.isfinite(values), values, -np.inf), axis=0, initial=-np.inf)
+        np.fmax(top, finite_max, out=top)
+        step = max(1, min(_POSITIONS, _COUNT_VALUES // max(1, values.shape[0])))
+        for p0 in range(0, self.pixels, step):
+            p1 = min(p0 + step, self.pixels)
             b = _bins(values[:, p0:p1])  # (K, n)
             flat = (b + _NB * np.arange(p1 - p0))[b >= 0]
             counts[p0:p1] += np.bincount(flat, minlength=(p1 - p0) * _NB).reshape(p1 - p0, _NB).astype(counts.dtype)

@@ -208,7 +208,8 @@ def fit_calibration(fit: FieldData | ZarrFields, loaded, cfg: EvaluateConfig, gr
         for idx in _batches(len(block), cfg.batch_size):
             ens = crop(sample_cvae(model, transform, block.y[idx], block.valid[idx], cfg.members, g, device,
                                    cfg.inference_memory_gb), grid.attrs)  # (M, b, h, w)
-            acc = acc or QuantileMapFit(cfg.members, len(fit), obs.shape[1:])
+            if acc is None:
+                acc = QuantileMapFit(cfg.members, len(fit), obs.shape[1:])
             acc.add(ens, obs[idx])
     qmap = acc.finish()
     log.info("quantile map fitted on %d train days x %d members (%s) in %.1f s", len(fit), cfg.members,

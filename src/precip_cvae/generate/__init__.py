@@ -197,7 +197,8 @@ def _fit_calibration(setup: _Setup, cfg: GenerateConfig, dataset: str) -> tuple[
             idx = np.arange(start, min(start + cfg.batch_days, len(block)))
             valid = block.valid[idx].to(setup.device)
             ens = _sample_mm(setup, block.y[idx].to(setup.device), valid, cfg, g)
-            acc = acc or QuantileMapFit(cfg.members, days.size, obs.shape[1:])
+            if acc is None:
+                acc = QuantileMapFit(cfg.members, days.size, obs.shape[1:])
             acc.add(ens, obs[idx])
     qmap = acc.finish()
     log.info("quantile map fitted on the %d %s days x %d members (%s)", days.size, free[0], cfg.members,
