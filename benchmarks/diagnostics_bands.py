@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     if run_as_child(args, {"write": child_write, "diagnose": child_diagnose}):
         return 0
     me = str(Path(__file__).resolve())
-    m, n, h, w = (2, 40, 6, 300) if args.smoke else (args.members, args.days, args.rows, args.cols)
+    m, n, h, w = (2, 40, 4, 60) if args.smoke else (args.members, args.days, args.rows, args.cols)
     with tempfile.TemporaryDirectory(prefix="bench_bands_", dir=args.workdir) as tmp:
         size = run_child([me, "--child", "write", tmp, str(m), str(n), str(h), str(w)])["bytes"]
         print(f"diagnostics of one source: {m} members x {n} days x {h} x {w} cells ({size / 2**20:.0f} MiB of "

@@ -68,6 +68,12 @@ def test_continental_smoke(tmp_path):
     assert not any(tmp_path.iterdir()), "the generated inputs must be removed"
 
 
+def test_diagnostics_bands_smoke(tmp_path):
+    out = run(str(BENCH / "diagnostics_bands.py"), "--smoke", "--workdir", str(tmp_path))
+    assert "a read per block (before)" in out and "the same tables: True" in out
+    assert not any(tmp_path.iterdir()), "the generated store must be removed"
+
+
 def test_workflow_overhead_smoke(tmp_path):
     out = run(str(BENCH / "workflow_overhead.py"), "--smoke", "--workdir", str(tmp_path / "wf"))
     assert "upstream jobs: 0 (goal 0) -> MET" in out, out
