@@ -12,6 +12,11 @@ import pytest
 import xarray as xr
 
 REPO = Path(__file__).resolve().parents[1]
+# Two xdist workers share 2 cores with each other and with the workflow runs' own processes: OpenMP threads (torch's,
+# BLAS's) that spin while they wait, the default, take the cores the others need (a generate test of 6 s alone took
+# 181 s beside the other worker). Let them sleep; inherited by every subprocess. Numerics are unchanged.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 SHARED = Path(os.environ.get("PRECIP_CVAE_SHARED", REPO.parent / "shared"))
 IBERIA = SHARED / "data" / "real" / "eobs_ncep_iberia"
 BOM = SHARED / "data" / "real" / "pysteps_bom_radar"
