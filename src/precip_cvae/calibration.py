@@ -151,13 +151,18 @@ def fit_quantile_map(members: np.ndarray, obs: np.ndarray, levels: np.ndarray = 
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels (masked) give NaN quantiles
         model_q = np.nanquantile(m.reshape(-1, *obs.shape[1:]), levels, axis=0)  # (L, h, w)
         obs_q = np.nanquantile(obs, levels, axis=0)
-    few = seen.sum(axis=0) < 10
+    return _finished_map(levels, model_q, obs_q, seen.sum(axis=0), int(obs.shape[0]))
+
+
+def _finished_map(levels, model_q: np.ndarray, obs_q: np.ndarray, seen: np.ndarray, n_days: int) -> QuantileMap:
+    """The map of the quantiles (L, ...) of both sides: NaN where fewer than 10 days were observed (``seen``),
+    made non-decreasing (round-off) before np.interp uses them."""
+    few = seen < 10
     model_q[:, few] = np.nan
     obs_q[:, few] = np.nan
-    # quantiles are non-decreasing; guard against round-off before np.interp
     model_q = np.maximum.accumulate(model_q, axis=0)
     obs_q = np.maximum.accumulate(obs_q, axis=0)
-    return QuantileMap(np.asarray(levels, dtype="float64"), model_q, obs_q, int(obs.shape[0]))
+    return QuantileMap(np.asarray(levels, dtype="float64"), model_q, obs_q, n_days)
 
 
 def _bins(values: np.ndarray) -> np.ndarray:
@@ -241,14 +246,9 @@ class QuantileMapFit:
             for p0 in range(0, self.pixels, _POSITIONS):
                 p1 = min(p0 + _POSITIONS, self.pixels)
                 q[side][:, p0:p1] = _hist_quantiles(self._counts[side][p0:p1], self._top[side][p0:p1], self.levels).T
-        seen = self._counts["obs"].sum(axis=1)
-        few = seen < 10
-        model_q, obs_q = q["model"], q["obs"]
-        model_q[:, few] = np.nan
-        obs_q[:, few] = np.nan
-        model_q = np.maximum.accumulate(model_q, axis=0).reshape(L, *self.shape)
-        obs_q = np.maximum.accumulate(obs_q, axis=0).reshape(L, *self.shape)
-        return QuantileMap(self.levels, model_q, obs_q, int(self.days))
+        seen = self._counts["obs"].sum(axis=1).reshape(self.shape)
+        return _finished_map(self.levels, q["model"].reshape(L, *self.shape), q["obs"].reshape(L, *self.shape),
+                             seen, int(self.days))
 
 
 def _hist_quantiles(counts: np.ndarray, top: np.ndarray, levels: np.ndarray) -> np.ndarray:
