@@ -201,7 +201,7 @@ def test_compute_loss_total_is_the_weighted_sum(space):
                      space=space)
     tf = TargetTransform("log1p", 0.8)
     parts = compute_loss(out, x, valid, extreme, cfg, epoch=5, transform=tf, coarse_mm=coarse)
-    assert set(parts) == {"total", "rec", "mae_all", "mae_ext", "kl", "kl_term", "mass", "crps", "tail", "energy", "mean", "beta"}
+    assert set(parts) == {"total", "rec", "mae_all", "mae_ext", "kl", "kl_term", "mass", "crps", "tail", "energy", "pooled", "mean", "beta"}
     assert parts["kl_term"].item() == parts["kl"].item() and parts["crps"].item() == parts["tail"].item() == 0
     assert parts["beta"].item() == pytest.approx(0.1)
     expected = (
@@ -528,3 +528,132 @@ def test_residual_mode_adds_the_squared_error_of_the_conditional_mean():
     assert float(parts["mean"].detach()) == pytest.approx(want, rel=1e-5)
     rest = (parts["rec"] + parts["beta"] * parts["kl_term"] + cfg.lambda_mass * parts["mass"] + parts["crps"])
     assert float(parts["total"].detach()) == pytest.approx(float((rest + 2.0 * parts["mean"]).detach()), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- pooled afCRPS
+
+
+def test_block_means_by_hand():
+    from precip_cvae.losses import block_means
+
+    v = _t([[1.0, 3.0, 5.0, 100.0, 7.0],
+            [2.0, float("nan"), 6.0, 8.0, 9.0],
+            [4.0, 4.0, 0.0, 0.0, 10.0]])
+    valid = torch.isfinite(v)
+    valid[0, 0, 0, 3] = False  # 100 is masked as well
+    means, counted = block_means(v, valid, 2)
+    # blocks (rows 0-1 | 2) x (cols 0-1 | 2-3 | 4): partial blocks hold the cells inside the field
+    assert means.shape == (1, 1, 2, 3)
+    want = [[(1 + 3 + 2) / 3, (5 + 6 + 8) / 3, (7 + 9) / 2],
+            [(4 + 4) / 2, 0.0, 10.0]]
+    np.testing.assert_allclose(means[0, 0].numpy(), want, rtol=1e-6)
+    # a block counts with half of its (in-field) cells valid: all of these have at least 3 of 4, 2 of 2, 1 of 1
+    assert counted[0, 0].tolist() == [[True, True, True], [True, True, True]]
+    valid[0, 0, 2, 4] = False
+    valid[0, 0, 2, 2] = False
+    means, counted = block_means(v, valid, 2)
+    assert counted[0, 0].tolist() == [[True, True, True], [True, True, False]]
+    assert float(means[0, 0, 1, 1]) == 0.0  # (0 + masked) / 1
+    whole, counted = block_means(v, valid, 0)
+    kept = v[valid]
+    assert whole.shape == (1, 1, 1, 1) and bool(counted.all())
+    assert float(whole) == pytest.approx(float(kept.mean()))
+
+
+def test_block_means_of_members_use_each_sample_mask():
+    from precip_cvae.losses import block_means
+
+    g = torch.Generator().manual_seed(0)
+    members = torch.rand(3, 2, 1, 4, 6, generator=g)
+    valid = torch.rand(2, 1, 4, 6, generator=g) > 0.3
+    means, counted = block_means(members, valid, 3)
+    assert means.shape == (3, 2, 1, 2, 2)
+    for m in range(3):
+        for b in range(2):
+            one, c1 = block_means(members[m, b][None], valid[b][None], 3)
+            assert torch.allclose(means[m, b], one[0]) and bool((counted[b] == c1[0]).all())
+
+
+def test_pooled_afcrps_hand_values_and_masked_cells_are_inert():
+    from precip_cvae.losses import pooled_afcrps
+
+    # one sample, 2 x 2 field, the whole field as the block: means are the members' and the truth's field means
+    members = torch.stack([_t([[1.0, 3.0], [2.0, 2.0]]), _t([[4.0, 4.0], [4.0, 8.0]]), _t([[0.0, 0.0], [0.0, 0.0]])])
+    y = _t([[3.0, 3.0], [3.0, 3.0]])
+    valid = torch.ones_like(y, dtype=torch.bool)
+    xs, t, m = [2.0, 5.0, 0.0], 3.0, 3
+    skill = sum(abs(x - t) for x in xs) / m
+    pairs = sum(abs(a - b) for i, a in enumerate(xs) for b in xs[i + 1:])
+    eps = (1 - 0.95) / m
+    want = skill - (1 - eps) / (m * (m - 1)) * pairs
+    assert float(pooled_afcrps(members, y, valid, (0,))) == pytest.approx(want)
+    # two sizes average: 1-cell blocks give the per-pixel afCRPS
+    per_pixel = float(masked_afcrps(members, y, valid))
+    assert float(pooled_afcrps(members, y, valid, (1, 0))) == pytest.approx((per_pixel + want) / 2)
+    # a masked NaN cell changes neither the value nor the gradient
+    members = members.clone().requires_grad_(True)
+    y2 = y.clone()
+    y2[0, 0, 1, 1] = float("nan")
+    valid2 = torch.isfinite(y2)
+    loss = pooled_afcrps(members, y2, valid2, (0, 2))
+    loss.backward()
+    assert math.isfinite(float(loss))
+    assert float(members.grad[:, 0, 0, 1, 1].abs().sum()) == 0.0
+    xs = [2.0, 4.0, 0.0]  # means over the 3 valid cells
+    skill = sum(abs(x - t) for x in xs) / m
+    pairs = sum(abs(a - b) for i, a in enumerate(xs) for b in xs[i + 1:])
+    assert float(loss) == pytest.approx(skill - (1 - eps) / (m * (m - 1)) * pairs)
+
+
+def test_pooled_afcrps_tells_scattered_from_coherent_members():
+    """Members with each pixel's marginal right but independent pixels score as well per pixel as members
+    drawn like the truth (a common shift plus pixel noise), and worse once pooled."""
+    from precip_cvae.losses import pooled_afcrps
+
+    g = torch.Generator().manual_seed(0)
+    B, M, H, W = 300, 8, 8, 8
+
+    def coherent(k):
+        return torch.randn(k, B, 1, 1, 1, generator=g) + 0.5 * torch.randn(k, B, 1, H, W, generator=g)
+
+    def scattered(k):  # the same N(0, 1.25) marginal, independent pixels
+        return math.sqrt(1.25) * torch.randn(k, B, 1, H, W, generator=g)
+
+    y = coherent(1)[0]
+    valid = torch.ones_like(y, dtype=torch.bool)
+    good, bad = coherent(M), scattered(M)
+    per_pixel_good, per_pixel_bad = float(masked_afcrps(good, y, valid)), float(masked_afcrps(bad, y, valid))
+    assert abs(per_pixel_good - per_pixel_bad) < 0.03 * per_pixel_good
+    # whole-field means: the scattered members' barely vary (nearly a point forecast, CRPS near E|Y| = 0.80), the
+    # coherent ones vary as the truth's (about 0.57 for 8 members)
+    whole_good, whole_bad = float(pooled_afcrps(good, y, valid, (0,))), float(pooled_afcrps(bad, y, valid, (0,)))
+    assert whole_bad > 1.15 * whole_good  # 0.68 against 0.54 with this seed
+    # 4 x 4 blocks: the scattered members' means still vary too little
+    assert float(pooled_afcrps(bad, y, valid, (4,))) > 1.1 * float(pooled_afcrps(good, y, valid, (4,)))
+
+
+def test_compute_loss_adds_the_pooled_term_in_mm():
+    from precip_cvae.config import ConfigError, ModelConfig
+    from precip_cvae.losses import pooled_afcrps
+    from precip_cvae.model import CVAE
+
+    torch.manual_seed(0)
+    tf = TargetTransform("log1p", 0.8)
+    cfg = LossConfig(lambda_pooled=0.5, pooled_sizes=(4, 0), ensemble_members=3)
+    assert cfg.uses_ensemble and cfg.n_prior == 3
+    model = CVAE(ModelConfig(preset="tiny"), 2, (16, 16), (4, 4), transform=tf)
+    g = torch.Generator().manual_seed(1)
+    x = tf.forward(torch.relu(torch.randn(2, 1, 16, 16, generator=g) * 5))
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[:, :, :, :3] = False
+    out = model(x, torch.randn(2, 2, 4, 4, generator=g), valid, n_prior=cfg.n_prior)
+    parts = compute_loss(out, x, valid, valid & (x > 1), cfg, epoch=10, transform=tf)
+    want_pooled = pooled_afcrps(tf.inverse(out.prior_samples), tf.inverse(x), valid, (4, 0))
+    assert float(parts["pooled"].detach()) == pytest.approx(float(want_pooled.detach()), rel=1e-6)
+    want = (parts["rec"] + parts["beta"] * parts["kl_term"] + cfg.lambda_mass * parts["mass"] + parts["crps"]
+            + 0.5 * parts["pooled"])
+    assert float(parts["total"].detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    off = compute_loss(out, x, valid, valid & (x > 1), LossConfig(), epoch=10, transform=tf)
+    assert float(off["pooled"].detach()) == 0.0
+    with pytest.raises(ConfigError, match="pooled_sizes"):
+        LossConfig(lambda_pooled=1.0, pooled_sizes=())

@@ -501,7 +501,8 @@ class LossConfig(Section):
     """Weights of the training loss (see :mod:`precip_cvae.losses`).
 
     ``L = base*L_rec + ext*MAE_ext + beta(epoch)*KL + mass*L_mass + crps*afCRPS + tail*twCRPS
-    + energy*ES``, ``L_rec`` by ``reconstruction``.  ``None`` fields take the values of ``preset`` (:data:`LOSS_PRESETS`), which
+    + energy*ES + pooled*afCRPS_pooled``, ``L_rec`` by ``reconstruction``; afCRPS_pooled is over the
+    block means (mm/day) of ``pooled_sizes`` (cells; 0 is the whole field).  ``None`` fields take the values of ``preset`` (:data:`LOSS_PRESETS`), which
     :class:`TrainConfig` sets to its own ``preset``.
     """
 
@@ -526,6 +527,8 @@ class LossConfig(Section):
     reconstruction: str = "l1"
     wet_threshold_mm: float = 0.1
     lambda_energy: float = 0.0
+    lambda_pooled: float = 0.0
+    pooled_sizes: tuple[int, ...] = (4, 8, 0)
     lambda_mean: float = 1.0
 
     def _resolve(self):
@@ -535,13 +538,15 @@ class LossConfig(Section):
 
     def _check(self):
         if self.uses_ensemble and self.ensemble_members < 2:
-            raise ConfigError("train.loss.ensemble_members must be >= 2 when lambda_crps, lambda_tail or "
-                              "lambda_energy > 0 or reconstruction is 'ensemble_mean'")
+            raise ConfigError("train.loss.ensemble_members must be >= 2 when lambda_crps, lambda_tail, "
+                              "lambda_energy or lambda_pooled > 0 or reconstruction is 'ensemble_mean'")
+        if self.lambda_pooled > 0 and not self.pooled_sizes:
+            raise ConfigError("train.loss.pooled_sizes must name at least one block size when lambda_pooled > 0")
 
     @property
     def uses_ensemble(self) -> bool:
         """Whether a term of the loss scores prior members."""
-        return (self.lambda_crps > 0 or self.lambda_tail > 0 or self.lambda_energy > 0
+        return (self.lambda_crps > 0 or self.lambda_tail > 0 or self.lambda_energy > 0 or self.lambda_pooled > 0
                 or self.reconstruction == "ensemble_mean")
 
     @property

@@ -1,7 +1,8 @@
 """Training loss of the cVAE.
 
 ``L = lambda_base * L_rec + lambda_ext * MAE_ext + beta(epoch) * KL + lambda_mass * L_mass
-+ lambda_crps * afCRPS + lambda_tail * twCRPS + lambda_energy * ES (+ lambda_mean * MSE_mean)``
++ lambda_crps * afCRPS + lambda_tail * twCRPS + lambda_energy * ES + lambda_pooled * afCRPS_pooled
+(+ lambda_mean * MSE_mean)``
 
 (the last term in residual mode only: the squared error of the deterministic conditional mean).
 
@@ -13,7 +14,11 @@ shape and scale; Cannon 2008); ``ensemble_mean``, the squared error of the mean 
 members (a content loss, Harris et al. 2022: it asks the members to be right on average, not
 each of them).  ES is the fair energy score of the prior members over each field's valid
 pixels, a multivariate proper score that rewards the right spatial structure, not only
-each pixel's marginal.
+each pixel's marginal.  afCRPS_pooled is the afCRPS of the prior members' block means in
+mm/day (``pooled_sizes``: blocks of k x k cells, 0 for the whole field): a proper score of the rain
+over areas, which a per-pixel score leaves free.  A model can have each pixel's marginal right and
+still scatter its exceedances over too many days; the area totals of a calibrated ensemble vary
+between members as much as the truth's do between days.
 
 The ensemble terms score ``M = ensemble_members`` fields decoded from the *prior*
 p(z|y), as generation draws them: the almost-fair CRPS (afCRPS, Lang et al. 2024, the
@@ -59,6 +64,8 @@ __all__ = [
     "bernoulli_gamma_nll",
     "energy_score",
     "masked_energy_score",
+    "block_means",
+    "pooled_afcrps",
     "ensemble_mean_error",
     "masked_mse",
     "beta_schedule",
@@ -424,6 +431,64 @@ def masked_energy_score(members: torch.Tensor, target: torch.Tensor, valid: torc
     return es.sum() / has.sum().clamp(min=1).to(es.dtype)
 
 
+def block_means(values: torch.Tensor, valid: torch.Tensor, size: int,
+                min_fraction: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means over the valid cells of non-overlapping ``size`` x ``size`` blocks.
+
+    Parameters
+    ----------
+    values : Tensor (..., B, 1, H, W)
+        Any leading dimensions (members) before the batch.
+    valid : Tensor (B, 1, H, W), bool
+        Invalid cells (even NaN) change neither the means nor their gradient.
+    size : int
+        Block side in cells, from the top-left corner (the last row and column of blocks may be
+        partial); 0: one block, the whole field.
+    min_fraction : float
+        A block counts when at least this fraction of its cells (of the cells inside the field) is valid.
+
+    Returns
+    -------
+    means : Tensor (..., B, 1, h, w)
+        ``h = ceil(H / size)`` (1 for ``size`` 0); 0 where a block has no valid cell.
+    counted : Tensor (B, 1, h, w), bool
+    """
+    valid = valid.bool()
+    lead = values.shape[:-4]
+    b, c, hh, ww = valid.shape
+    v = torch.where(valid, values, torch.zeros_like(values)).reshape(-1, c, hh, ww)
+    w = valid.to(v.dtype)
+    if size == 0:
+        total = v.sum(dim=(-2, -1), keepdim=True)
+        n = w.sum(dim=(-2, -1), keepdim=True)
+        cells = torch.full_like(n, float(hh * ww))
+    else:
+        pool = lambda a: torch.nn.functional.avg_pool2d(a, size, stride=size, ceil_mode=True,  # noqa: E731
+                                                        count_include_pad=False, divisor_override=1)
+        total, n, cells = pool(v), pool(w), pool(torch.ones_like(w))
+    reps = v.shape[0] // b
+    means = total / n.repeat(reps, 1, 1, 1).clamp(min=1.0)
+    counted = (n > 0) & (n >= float(min_fraction) * cells)
+    return means.reshape(*lead, b, c, *means.shape[-2:]), counted
+
+
+def pooled_afcrps(members: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, sizes: tuple[int, ...],
+                  alpha: float = 0.95, min_fraction: float = 0.5) -> torch.Tensor:
+    """afCRPS of block means (:func:`block_means`), averaged over the blocks of each sample that count, then
+    over the samples with any, then over ``sizes``.
+
+    members (M, B, 1, H, W), target and valid (B, 1, H, W).
+    """
+    if not sizes:
+        raise ValueError("pooled_afcrps needs at least one block size")
+    terms = []
+    for size in sizes:
+        pm, counted = block_means(members, valid, int(size), min_fraction)
+        pt, _ = block_means(target, valid, int(size), min_fraction)
+        terms.append(masked_afcrps(pm, pt, counted, alpha))
+    return torch.stack(terms).mean()
+
+
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Squared error over each sample's valid pixels, then over the samples with any (invalid pixels, even NaN,
     change neither the value nor the gradient)."""
@@ -500,9 +565,9 @@ def compute_loss(
         error of the conditional mean ``out.mean``, else 0), ``mae_all`` (MAE of ``out.recon``,
         the decoding of the posterior draw, or its law's mean), ``mae_ext``, ``kl`` (nats,
         summed over latent units), ``kl_term`` (what beta multiplies), ``mass``, ``crps``,
-        ``tail``, ``energy``, ``beta``, with ``total = lambda_base * rec + lambda_ext * mae_ext
+        ``tail``, ``energy``, ``pooled``, ``beta``, with ``total = lambda_base * rec + lambda_ext * mae_ext
         + beta * kl_term + lambda_mass * mass + lambda_crps * crps + lambda_tail * tail +
-        lambda_energy * energy + lambda_mean * mean`` (``rec`` is ``mae_all`` for
+        lambda_energy * energy + lambda_pooled * pooled + lambda_mean * mean`` (``rec`` is ``mae_all`` for
         ``reconstruction='l1'``).
     """
     recon = out.recon
@@ -522,7 +587,7 @@ def compute_loss(
     mass = mass_loss(recon_mm, x_mm, valid, coarse_mm)
     beta = torch.tensor(beta_schedule(epoch, cfg.beta_kl, cfg.warmup_epochs), dtype=recon.dtype, device=recon.device)
     zero = recon.sum() * 0.0
-    crps, tail, energy = zero, zero, zero
+    crps, tail, energy, pooled = zero, zero, zero, zero
     ens = out.prior_samples
     if cfg.uses_ensemble and (ens is None or ens.shape[0] < 2):
         raise ValueError("the ensemble loss terms need >= 2 prior samples (model(..., n_prior=M))")
@@ -536,6 +601,9 @@ def compute_loss(
         rec = mae_all
     if cfg.lambda_energy > 0:
         energy = masked_energy_score(ens, x, valid)
+    if cfg.lambda_pooled > 0:
+        ens_mm = transform.inverse(_cap_straight_through(ens, cap))
+        pooled = pooled_afcrps(ens_mm, x_mm, valid, tuple(cfg.pooled_sizes), cfg.crps_alpha)
     # model.residual: the conditional mean's own (proper) loss
     mean_err = zero if out.mean is None else masked_mse(out.mean, x, valid)
     if cfg.lambda_crps > 0 or cfg.lambda_tail > 0:
@@ -551,6 +619,7 @@ def compute_loss(
             tail = tail_crps(ens, x, valid, tail_x, cfg.crps_alpha)
     total = (cfg.lambda_base * rec + cfg.lambda_ext * mae_ext + beta * klt + cfg.lambda_mass * mass
              + cfg.lambda_crps * crps + cfg.lambda_tail * tail + cfg.lambda_energy * energy
-             + cfg.lambda_mean * mean_err)
+             + cfg.lambda_pooled * pooled + cfg.lambda_mean * mean_err)
     return {"total": total, "rec": rec, "mae_all": mae_all, "mae_ext": mae_ext, "kl": kl, "kl_term": klt,
-            "mass": mass, "crps": crps, "tail": tail, "energy": energy, "mean": mean_err, "beta": beta}
+            "mass": mass, "crps": crps, "tail": tail, "energy": energy, "pooled": pooled, "mean": mean_err,
+            "beta": beta}

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 LOG_COLUMNS = [
     "epoch", "beta", "lr", "warmup_done",
     "train_loss", "train_rec", "train_mae_all", "train_mae_ext", "train_kl", "train_mass", "train_crps", "train_tail",
-    "train_energy", "train_mean",
+    "train_energy", "train_pooled", "train_mean",
     "val_MAE_all", "val_MAE_tail", "val_RMSE_ext", "val_corr", "val_freq_ratio",
     "val_CRPS", "val_CRPS_heavy", "val_twCRPS", "val_L_rec", "val_KL", "val_post_MAE_all",
     "is_best", "epoch_seconds", "samples_per_s",
@@ -560,7 +560,7 @@ def epoch_batches(s: _Session, g: torch.Generator):
         yield Batch(move(x), move(valid), move(y), move(coarse), s.thr_x, s.tail_x)
 
 
-LOSS_TERMS = ("total", "rec", "mae_all", "mae_ext", "kl", "mass", "crps", "tail", "energy", "mean")
+LOSS_TERMS = ("total", "rec", "mae_all", "mae_ext", "kl", "mass", "crps", "tail", "energy", "pooled", "mean")
 
 
 def _train_epoch(s: _Session, epoch: int, flag: SignalFlag) -> tuple[dict[str, float], float]:
