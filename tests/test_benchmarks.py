@@ -123,3 +123,40 @@ def test_perfect_model_heavy_days_are_detect_events_exceedance_days():
     per_day = np.stack([thr, thr, thr, np.full((2, 10), 20.0)])
     assert perfect_model.heavy_days(truth, per_day, 0.05).tolist() == [True, False, True, False]
     assert perfect_model.heavy_days(truth, thr, 0.06).tolist() == [False, False, True, True]
+
+
+def test_areal_scores_by_hand():
+    """benchmarks/areal_scores.py: block means over valid cells, heavy days of members and truth by detect_events'
+    criterion, the fair CRPS of domain means; its block means equal the pooled loss term's."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    import areal_scores
+    from precip_cvae.losses import block_means as torch_block_means
+
+    obs = np.zeros((2, 2, 10))
+    obs[0, 0, :2] = 11.0  # day 0: 10 % above 10 -> heavy; day 1: nothing
+    obs[:, 1, 9] = np.nan
+    ens = np.zeros((2, 2, 2, 10))
+    ens[0, 1, 0, 0] = 30.0  # member 0 heavy on day 1 (1 of 19 valid cells: 5.3 %)
+    ens[1, 0, 0, 0] = 11.0  # member 1 heavy on day 0
+    ens[1, 1, 1, 9] = 99.0  # on a missing cell: not counted
+    thr = np.full((2, 10), 10.0)
+    days = areal_scores.day_scores(ens, obs, thr, 0.05, blocks=(4,))
+    assert days["heavy_obs"].tolist() == [1.0, 0.0]
+    assert days["heavy_ens"].tolist() == [0.5, 0.5]
+    s = areal_scores.summary(days, np.arange(2))
+    assert s["heavy_freq"] == 1.0  # one member-day per member on average against one truth day
+    # domain means (19 valid cells): truth 22/19 and 0; members 0, 11/19 on day 0 and 30/19, 0 on day 1
+    m0, m1 = np.array([0.0, 11 / 19]), np.array([30 / 19, 0.0])
+    crps = lambda x, y: np.abs(x - y).mean() - np.abs(x[0] - x[1]) / 2  # fair CRPS of 2 members  # noqa: E731
+    assert days["crps_field"].tolist() == pytest.approx([crps(m0, 22 / 19), crps(m1, 0.0)])
+    # block means agree with the loss term's (torch) on a random masked field
+    rng = np.random.default_rng(0)
+    field = rng.gamma(0.5, 4.0, (3, 2, 7, 11))
+    valid = rng.random((2, 7, 11)) > 0.3
+    for size in (0, 3, 4):
+        got = areal_scores.block_means(field, valid, size)
+        want, counted = torch_block_means(torch.from_numpy(field)[:, :, None], torch.from_numpy(valid)[:, None], size)
+        want = np.where(counted.numpy()[None, :, 0], want.numpy()[:, :, 0], np.nan)
+        np.testing.assert_allclose(got, want, rtol=1e-12)

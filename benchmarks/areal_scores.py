@@ -1,0 +1,169 @@
+"""Scores of areal rain that do not condition on the outcome: how often the members make a heavy day.
+
+The heavy-day rows of the evaluation choose days by the truth, which penalises a calibrated ensemble (the
+forecaster's dilemma; ``benchmarks/perfect_model.py``).  This script reads a run's pooled ensembles and
+scores what every day shows, whatever it turned out to be:
+
+- ``heavy_freq``: the days on which a member meets detect_events' criterion (at least ``--min-exceed`` of the
+  valid cells above their local P99), averaged over the members, divided by the days on which the truth does.
+  A calibrated ensemble has 1 whatever its skill.
+- ``crps_field``: the fair CRPS of the domain-mean rain (mm/day), averaged over the days.
+- ``crps_block<k>``: the fair CRPS of the means of non-overlapping k x k blocks (half of their cells valid),
+  averaged over the blocks of each day, then over the days.
+- ``crps_area``: the fair CRPS of the share of valid cells above their local P99.
+
+Seeds are pooled: each day's scores are averaged over a setting's seeds.  For every setting after the first, the
+paired difference against the first, with a 90 % bootstrap interval over days (``--draws`` resamples, the same
+days for both settings; ratios are resampled as ratios), and the seed spread: the standard deviation over the
+first setting's seeds of each score (where it has more than one), the size a difference must exceed.
+
+Usage (a pooled k-fold run)::
+
+    .venv/bin/python benchmarks/areal_scores.py results/iberia_issue28q default pool03 pool1
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from precip_cvae import io, metrics
+from precip_cvae.config import EvaluateConfig
+from precip_cvae.evaluate.intervals import day_slice
+from precip_cvae.evaluate.score import day_thresholds, tail_thresholds
+from precip_cvae.events import field_statistics
+
+
+def block_means(fields: np.ndarray, valid: np.ndarray, size: int, min_fraction: float = 0.5) -> np.ndarray:
+    """Means over the valid cells of non-overlapping ``size`` x ``size`` blocks of (..., N, H, W) fields;
+    ``valid`` (N, H, W).  0: the whole field.  NaN where a block has fewer than ``min_fraction`` of its cells
+    (inside the field) valid.  Returns (..., N, h, w)."""
+    x = np.where(valid, fields, 0.0)
+    w = valid.astype(np.float64)
+    if size == 0:
+        total, n, cells = x.sum(axis=(-2, -1))[..., None, None], w.sum(axis=(-2, -1))[..., None, None], w[0].size
+    else:
+        hh, ww = valid.shape[-2:]
+        ph, pw = -hh % size, -ww % size
+        pad = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, ph), (0, pw)])  # noqa: E731
+        fold = lambda a: a.reshape(*a.shape[:-2], (hh + ph) // size, size, (ww + pw) // size, size).sum(  # noqa: E731
+            axis=(-3, -1))
+        total, n, cells = fold(pad(x)), fold(pad(w)), fold(pad(np.ones(valid.shape[-2:])))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = total / n
+    return np.where((n > 0) & (n >= min_fraction * cells), means, np.nan)
+
+
+def day_scores(ens: np.ndarray, obs: np.ndarray, thr99, min_exceed: float, blocks=(4, 8),
+               chunk: int = 128) -> pd.DataFrame:
+    """Per-day areal scores of one ensemble (M, N, H, W) against (N, H, W) (NaN outside the data)."""
+    n = obs.shape[0]
+    rows = []
+    for s in range(0, n, chunk):
+        stop = min(s + chunk, n)
+        o = np.asarray(obs[s:stop], np.float64)
+        e = np.asarray(ens[:, s:stop], np.float64)
+        v = np.isfinite(o)
+        e = np.where(v, e, np.nan)  # the members on the truth's valid cells
+        t = day_slice(thr99, n, s, stop)
+        # events.field_statistics: detect_events' one definition of a day's exceedance share
+        area_o = field_statistics(o, t)["exceed_fraction"].to_numpy()  # (c,)
+        area_e = np.stack([field_statistics(member, t)["exceed_fraction"].to_numpy() for member in e])  # (M, c)
+        part = {"heavy_obs": (area_o >= min_exceed).astype(float),
+                "heavy_ens": (area_e >= min_exceed).mean(axis=0),
+                "crps_area": metrics.crps_ensemble(area_e[:, :, None, None], area_o[:, None, None])[:, 0, 0]}
+        for size in (0, *blocks):
+            bo, be = block_means(o, v, size), block_means(e, v, size)
+            c = metrics.crps_ensemble(be, bo)  # NaN where the block does not count
+            name = "crps_field" if size == 0 else f"crps_block{size}"
+            with np.errstate(invalid="ignore"):
+                part[name] = np.nanmean(c.reshape(c.shape[0], -1), axis=1)
+        rows.append(pd.DataFrame(part))
+    return pd.concat(rows, ignore_index=True)
+
+
+def summary(days: pd.DataFrame, idx: np.ndarray) -> dict[str, float]:
+    d = days.iloc[idx]
+    out = {"heavy_freq": float(d["heavy_ens"].sum() / d["heavy_obs"].sum()) if d["heavy_obs"].sum() else np.nan,
+           "heavy_days_obs": float(d["heavy_obs"].sum()), "heavy_days_member": float(d["heavy_ens"].sum())}
+    for col in d.columns:
+        if col.startswith("crps"):
+            out[col] = float(d[col].mean())
+    return out
+
+
+def paired_interval(a: pd.DataFrame, b: pd.DataFrame, draws: int, seed: int = 0) -> dict[str, tuple]:
+    """b - a for every summary score (heavy_freq: the ratio's difference), 90 % percentile bootstrap over days."""
+    rng = np.random.default_rng(seed)
+    n = len(a)
+    point = {k: summary(b, np.arange(n))[k] - summary(a, np.arange(n))[k] for k in summary(a, np.arange(n))}
+    samples = {k: [] for k in point}
+    for _ in range(draws):
+        i = rng.integers(0, n, n)
+        sa, sb = summary(a, i), summary(b, i)
+        for k in point:
+            samples[k].append(sb[k] - sa[k])
+    return {k: (point[k], *np.nanpercentile(samples[k], [5, 95])) for k in point}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="results/<run> (a pooled k-fold run or a fixed split)")
+    ap.add_argument("settings", nargs="+", help="experiments (their cvae_best members); the first is the reference")
+    ap.add_argument("--splits", nargs="+", default=["val", "test"])
+    ap.add_argument("--min-exceed", type=float, default=0.05, help="events.min_exceed_fraction of the run")
+    ap.add_argument("--draws", type=int, default=1000)
+    ap.add_argument("--seeds", nargs="+", default=None,
+                    help="seed suffixes to pool (default: every <setting>_seed* the run has)")
+    args = ap.parse_args(argv)
+    run = Path(args.run)
+    folds = sorted(glob.glob(str(run / "fold*" / "preprocess" / "dataset.zarr")))
+    datasets = folds or [str(run / "preprocess" / "dataset.zarr")]
+    maps = [tail_thresholds(d, EvaluateConfig()) for d in datasets]
+    table, diffs = [], []
+    for split in args.splits:
+        per_setting, spread = {}, {}
+        for setting in args.settings:
+            seeds = args.seeds or sorted(p.name.split("_seed")[-1]
+                                         for p in (run / "experiments").glob(f"{setting}_seed*"))
+            frames, per_seed = [], []
+            for seed in seeds:
+                store = run / "experiments" / f"{setting}_seed{seed}" / "evaluate" / "ensembles.zarr"
+                truth = io.open_zarr_group(str(store), f"{split}/truth")
+                thr = day_thresholds(maps if folds else maps[0], truth)
+                ens = io.open_zarr_group(str(store), f"{split}/cvae_best")["pr"].values
+                frames.append(day_scores(ens, truth["pr"].values, thr["p99"], args.min_exceed))
+                per_seed.append(summary(frames[-1], np.arange(len(frames[-1]))))
+            # seeds pooled: each day's scores averaged over the seeds (the days are the same)
+            days = sum(frames) / len(frames)
+            days["heavy_obs"] = frames[0]["heavy_obs"]
+            per_setting[setting] = days
+            spread[setting] = pd.DataFrame(per_seed).std(ddof=1) if len(per_seed) > 1 else None
+            table.append({"split": split, "setting": setting, "seeds": len(seeds), "days": len(days),
+                          **summary(days, np.arange(len(days)))})
+        ref = args.settings[0]
+        for setting in args.settings[1:]:
+            for key, (d, lo, hi) in paired_interval(per_setting[ref], per_setting[setting], args.draws).items():
+                if key.startswith("heavy_days"):
+                    continue
+                sd = float(spread[ref][key]) if spread[ref] is not None else np.nan
+                diffs.append({"split": split, "setting": setting, "score": key, "difference": d,
+                              "lo90": lo, "hi90": hi, "seed_sd": sd,
+                              "verdict": ("within the interval" if lo <= 0 <= hi else
+                                          "within the seed spread" if abs(d) <= sd else "outside both")})
+    print(pd.DataFrame(table).to_markdown(index=False, floatfmt=".4g"))
+    print()
+    if diffs:
+        print(f"Paired against {args.settings[0]} (b - a, 90 % bootstrap over days, {args.draws} draws):")
+        print(pd.DataFrame(diffs).to_markdown(index=False, floatfmt=".4g"))
+    print(json.dumps({"run": str(run), "settings": args.settings, "min_exceed": args.min_exceed}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
