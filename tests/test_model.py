@@ -105,6 +105,61 @@ def test_decoder_blocks_add_residual_blocks_at_every_finer_scale():
         assert torch.equal(rebuilt.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1)), s)
 
 
+def test_global_latent_numbers_beside_the_map():
+    """model.global_latent: g numbers per sample packed after the flattened map latent; a learned prior and a
+    posterior of their own; the decoder reads them at its bottom; KL counts them as g more units; without them the
+    model draws the weights it drew before the option; a checkpoint restores them."""
+    from precip_cvae import checkpoint
+    from precip_cvae.config import ConfigError
+    from precip_cvae.losses import kl_units
+
+    args = (3, (16, 16), (4, 4))
+    torch.manual_seed(0)
+    plain = CVAE(ModelConfig(preset="tiny"), *args)
+    torch.manual_seed(0)
+    model = CVAE(ModelConfig(preset="tiny", global_latent=4), *args)
+    new = ("enc_global", "prior_global", "dec_in")
+    shared = {k: v for k, v in model.state_dict().items() if not k.startswith(new)}
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in shared.items())
+    # tiny: d_y 16, widths [4, 8, 16], cond widths [4, 4, 4]; level 1: map features 8 + 4 channels
+    d_y, lat = 16, model.latent_ch
+    extra = ((2 * 12 + d_y) * d_y + d_y + d_y * 8 + 8) + (d_y * d_y + d_y + d_y * 8 + 8) + 4 * lat
+    assert count_parameters(model) == count_parameters(plain) + extra
+    n_map = 8 * 8 * 8  # 8 channels at 8 x 8
+    assert model.latent_shape() == (n_map + 4,)
+    x, y, valid = _batch(2, 3, (16, 16), (4, 4))
+    out = model(x, y, valid, n_prior=3)
+    for t in (out.mu_q, out.logvar_q, out.mu_p, out.logvar_p):
+        assert t.shape == (2, n_map + 4) and bool(torch.isfinite(t).all())
+    assert out.prior_samples.shape == (3, 2, 1, 16, 16)
+    assert kl_units(out.mu_q, out.logvar_q, out.mu_p, out.logvar_p).shape == (2, n_map + 4)
+    # the global numbers are read: decode one latent with two different global parts
+    model.eval()
+    with torch.no_grad():
+        cond = model.encode_condition(y)
+        mu_p, _ = model.prior(cond)
+        z = mu_p.clone()
+        a = model.decode(z, cond)
+        z[:, n_map:] += 3.0
+        b = model.decode(z, cond)
+        assert float((a - b).abs().amax()) > 0
+        s = model.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1))
+    state = {"model_config": dict(model.cfg.__dict__), "model_args": {"n_channels": 3, "fine_shape": [16, 16],
+                                                                      "coarse_shape": [4, 4], "n_static": 0},
+             "model_state": {k: v.clone() for k, v in model.state_dict().items()}}
+    rebuilt = checkpoint.build_model(state).eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1)), s)
+    # a standard-normal prior: zeros for the global part too
+    std = CVAE(ModelConfig(preset="tiny", global_latent=2, prior="standard"), *args)
+    mu0, lv0 = std.prior(std.encode_condition(y))
+    assert mu0.shape == (2, n_map + 2) and float(mu0.abs().sum() + lv0.abs().sum()) == 0.0
+    with pytest.raises(ConfigError, match="global_latent"):
+        ModelConfig(preset="tiny", global_latent=2, latent="vector")
+    with pytest.raises(ConfigError, match="global_latent"):
+        ModelConfig(preset="tiny", global_latent=2, context="local")
+
+
 def test_output_non_negative_and_zero_on_invalid_pixels():
     torch.manual_seed(1)
     model = CVAE(ModelConfig(preset="tiny"), 2, (16, 16), (4, 4))

@@ -439,7 +439,9 @@ class ModelConfig(Section):
     predictor domain larger than the target's).  ``noise_channels``: fresh N(0, 1) channels (no KL) fed to every
     decoder scale finer than the map latent's, for small-scale variability between members.  ``decoder_blocks``:
     residual blocks (two 3x3 convolutions each) after the decoder's convolution at every scale finer than the
-    bottom, a deeper decoder for few parameters (0: one convolution per scale).  ``bg_correlation``
+    bottom, a deeper decoder for few parameters (0: one convolution per scale).  ``global_latent``: latent numbers
+    for the whole field beside the map latent (a map latent's prior is factorised over its cells, so members cannot
+    differ coherently over the domain without it).  ``bg_correlation``
     (Bernoulli-gamma output): the correlation length in cells of the uniforms a sampled field is drawn from
     (0: every pixel independently).  ``context``: ``global`` (the condition vector sees the whole field and
     GroupNorm its statistics) or ``local`` (every value depends on the cells within a bounded distance only:
@@ -464,6 +466,7 @@ class ModelConfig(Section):
     condition_interpolation: str = "index"
     noise_channels: int = 0
     decoder_blocks: int = 0
+    global_latent: int = 0
     residual: bool = False
     bg_correlation: float = 0.0
     context: str = "global"
@@ -477,6 +480,9 @@ class ModelConfig(Section):
     def _check(self):
         if self.latent == "map" and not 1 <= self.latent_level <= self.depth:
             raise ConfigError(f"model.latent_level {self.latent_level} must be in 1..model.depth ({self.depth})")
+        if self.global_latent and (self.latent != "map" or self.context != "global"):
+            raise ConfigError(f"model.global_latent needs model.latent 'map' and model.context 'global' (got "
+                              f"{self.latent!r} and {self.context!r})")
 
 
 # ----------------------------------------------------------------------------- loss

@@ -489,6 +489,9 @@ class CVAE(nn.Module):
         self.d_y = int(cfg.d_y)
         self.fine_condition = cfg.conditioning == "fine"
         self.noise_ch = int(getattr(cfg, "noise_channels", 0))
+        self.g = int(getattr(cfg, "global_latent", 0))
+        if self.g and (cfg.latent != "map" or self.local):
+            raise ValueError("model.global_latent needs model.latent 'map' and model.context 'global'")
         self.bg_correlation = float(getattr(cfg, "bg_correlation", 0.0))
         fb = int(cfg.base_filters)
         p_enc, p_dec = float(cfg.dropout_encoder), float(cfg.dropout_decoder)
@@ -514,6 +517,8 @@ class CVAE(nn.Module):
         if self.residual:
             self._build_mean()
         self._build_head(output)
+        if self.g:  # built last, so a model without it draws the same weights at a seed as before the option
+            self._build_global_latent(p_enc)
 
     # ------------------------------------------------------------------ the parts
 
@@ -621,6 +626,34 @@ class CVAE(nn.Module):
                 for s in range(1, depth + 1)
             )
 
+    def _build_global_latent(self, p_enc: float) -> None:
+        """``global_latent``: g numbers for the whole field. The posterior reads the mean and maximum of the
+        encoder's map at the latent's level with the condition vector; the learned prior reads the condition
+        vector; the decoder takes them at its bottom with the condition vector (``dec_in``)."""
+        w, cw, L = self.widths, self.cond_widths, self.level
+        self.enc_global = nn.Sequential(
+            nn.Linear(2 * (w[L] + cw[L]) + self.d_y, self.d_y),
+            nn.SiLU(),
+            nn.Dropout(p_enc) if p_enc > 0 else nn.Identity(),
+            nn.Linear(self.d_y, 2 * self.g),
+        )
+        self.prior_global = None
+        if self.prior_net is not None:
+            self.prior_global = nn.Sequential(nn.Linear(self.d_y, self.d_y), nn.SiLU(), nn.Linear(self.d_y, 2 * self.g))
+        # the decoder's bottom vector reads [v_y, z_global]: a new input layer (drawn here, after every other part)
+        self.dec_in = nn.Linear(self.d_y + self.g, self.latent_ch)
+
+    def _pack(self, z_map: torch.Tensor, z_global: torch.Tensor | None) -> torch.Tensor:
+        """One latent tensor per sample: the map itself, or [map flattened, global] (B, c_z h_z w_z + g)."""
+        return z_map if not self.g else torch.cat([z_map.flatten(1), z_global], dim=1)
+
+    def _unpack(self, z: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_pack`'s inverse: the map (B, c_z, *size) and the global part (B, g) or None."""
+        if not self.g:
+            return z, None
+        n = self.z_ch * size[0] * size[1]
+        return z[:, :n].reshape(z.shape[0], self.z_ch, *size), z[:, n:]
+
     def _build_mean(self) -> None:
         """The conditional mean m(y) of ``model.residual``: the decoder's shape, without z, without dropout."""
         w, cw, depth = self.widths, self.cond_widths, self.depth
@@ -666,7 +699,7 @@ class CVAE(nn.Module):
         """Shape of one sample's ``z``: (d_z,) or (latent_channels, H / 2**L, W / 2**L) (of ``window``'s size)."""
         if self.latent == "map":
             size = self.sizes[self.level] if window is None else window.scaled(self.level).size
-            return (self.z_ch, *size)
+            return (self.z_ch * size[0] * size[1] + self.g,) if self.g else (self.z_ch, *size)
         return (self.d_z,)
 
     def _check_window(self, window: Window | None, batch: int) -> None:
@@ -754,7 +787,13 @@ class CVAE(nn.Module):
         for s in range(1, self.level + 1):
             h = self.enc_down[s - 1](torch.cat([h, cond.maps[s - 1]], dim=1))  # (B, w_s, H/2**s, W/2**s)
         if self.latent == "map":
-            stats = self.enc_head(torch.cat([h, cond.maps[self.level]], dim=1))  # (B, 2 c_z, h_z, w_z)
+            feats = torch.cat([h, cond.maps[self.level]], dim=1)
+            stats = self.enc_head(feats)  # (B, 2 c_z, h_z, w_z)
+            if self.g:
+                pooled = torch.cat([feats.mean(dim=(2, 3)), feats.amax(dim=(2, 3)), cond.vector], dim=1)
+                mu_g, lv_g = self.enc_global(pooled).chunk(2, dim=1)  # (B, g) each
+                mu, logvar = stats.chunk(2, dim=1)
+                stats = torch.cat([self._pack(mu, mu_g), self._pack(logvar, lv_g)], dim=1)  # (B, 2 (n + g))
         else:
             h = self.enc_reduce(torch.cat([h, cond.maps[self.depth]], dim=1))  # (B, latent_ch, hb, wb)
             stats = self.enc_head(torch.cat([h.flatten(1), cond.vector], dim=1))  # (B, 2 d_z)
@@ -765,12 +804,18 @@ class CVAE(nn.Module):
         """``mu_p, logvar_p`` of ``p(z | y)`` (shape of the posterior's); zeros for the standard prior."""
         v = cond.vector  # (B, d_y) or (B, d_y, H/2**D, W/2**D)
         if self.prior_net is None:
-            shape = (self.z_ch, *cond.maps[self.level].shape[-2:]) if self.latent == "map" else (self.d_z,)
+            size = tuple(cond.maps[self.level].shape[-2:])
+            shape = ((self.z_ch * size[0] * size[1] + self.g,) if self.g else (self.z_ch, *size)) \
+                if self.latent == "map" else (self.d_z,)
             zeros = v.new_zeros(v.shape[0], *shape)
             return zeros, zeros.clone()
         if self.latent == "map":
             size = tuple(cond.maps[self.level].shape[-2:])
             stats = self.prior_net(torch.cat([cond.maps[self.level], _broadcast(v, size)], dim=1))
+            if self.g:
+                mu, logvar = stats.chunk(2, dim=1)
+                mu_g, lv_g = self.prior_global(v).chunk(2, dim=1)
+                stats = torch.cat([self._pack(mu, mu_g), self._pack(logvar, lv_g)], dim=1)
         else:
             stats = self.prior_net(v)
         mu, logvar = stats.chunk(2, dim=1)
@@ -855,7 +900,10 @@ class CVAE(nn.Module):
         """The decoder up to its head's raw output (B, 1 or 3, H, W); ``noise`` (scale -> map) when drawn before."""
         hb, wb = cond.maps[self.depth].shape[-2:]
         B = z.shape[0]
-        if self.latent == "map":
+        if self.g:  # the map and the whole field's numbers, which enter at the bottom with v_y
+            z, z_global = self._unpack(z, tuple(cond.maps[self.level].shape[-2:]))
+            base = _broadcast(F.silu(self.dec_in(torch.cat([cond.vector, z_global], dim=1))), (hb, wb))
+        elif self.latent == "map":
             base = _broadcast(F.silu(_per_pixel(self.dec_in, cond.vector)), (hb, wb))  # (B, latent_ch, hb, wb)
         else:
             base = F.silu(self.dec_in(torch.cat([z, cond.vector], dim=1))).view(B, self.latent_ch, hb, wb)
