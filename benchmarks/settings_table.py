@@ -4,7 +4,7 @@ Reads ``results/<run>/experiments/<setting>/evaluate/metrics.csv`` (the bootstra
 there) for every setting of the run and prints one markdown table per split and subset:
 CRPS and its ratio to the analogs' (90 % paired bootstrap interval), spread/skill, the P99
 frequency bias, the pooled P99 of wet values over the observed one, RAPSD log ratios per band,
-the mass bias and twCRPS.  The ``cvae_best_qm`` rows (``evaluate.calibrate: quantile_map``) come
+the mass bias, twCRPS, and the CRPS and spread/skill of the domain mean.  The ``cvae_best_qm`` rows (``evaluate.calibrate: quantile_map``) come
 right after their setting.
 
 Usage::
@@ -30,6 +30,8 @@ COLUMNS = [
     ("rapsd_log_ratio_2to4px", "2-4 px"),
     ("mass_error_bias", "mass bias"),
     ("twcrps_p99", "twCRPS P99"),
+    ("crps_field", "CRPS domain mean"),
+    ("spread_skill_field", "spread/skill domain mean"),
 ]
 
 

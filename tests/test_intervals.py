@@ -50,6 +50,43 @@ def test_components_summed_over_days_give_the_scores_of_score():
     _check_against_score(comp, ens, obs, thr, np.array([0, 3, 4, 7, 11]))
 
 
+def test_domain_mean_scores_by_hand():
+    """crps_field and spread_skill_field: the fair CRPS and the spread/skill of the domain means over each day's
+    valid points, written out here without the package's CRPS."""
+    ens, obs, thr = _rain(seed=3)
+    obs[4] = np.nan  # a day without any valid point counts for nothing
+    m = ens.shape[0]
+    comp = iv.day_components(ens, obs, thr, windows=WINDOWS, chunk_days=5, which=["crps_field", "spread_skill_field"])
+    days = [d for d in range(obs.shape[0]) if d != 4]
+    crps, var, err = [], [], []
+    for d in days:
+        v = np.isfinite(obs[d])
+        y = obs[d][v].mean()
+        x = np.array([ens[k, d][v].mean() for k in range(m)])
+        pairs = np.abs(x[:, None] - x[None, :]).sum() / (m * (m - 1))
+        crps.append(np.abs(x - y).mean() - pairs / 2)
+        var.append((m + 1) / m * x.var(ddof=1))
+        err.append((x.mean() - y) ** 2)
+    assert comp["crps_field"][4].tolist() == [0.0, 0.0]
+    assert iv.finish("crps_field", comp["crps_field"].sum(axis=0)) == pytest.approx(np.mean(crps), rel=1e-10)
+    assert iv.finish("spread_skill_field", comp["spread_skill_field"].sum(axis=0)) == pytest.approx(
+        np.sqrt(np.sum(var) / np.sum(err)), rel=1e-10)
+    # independent pixels average out: members that keep each value but shuffle it over the cells have as much
+    # spread per point and less for the domain than members that move together
+    rng = np.random.default_rng(0)
+    common = rng.normal(0.0, 1.0, (8, 50, 1, 1))
+    together = 5.0 + common + 0.3 * rng.normal(size=(8, 50, 6, 6))
+    truth = 5.0 + rng.normal(0.0, 1.0, (50, 1, 1)) + 0.3 * rng.normal(size=(50, 6, 6))
+    scattered = 5.0 + np.sqrt(1.09) * rng.normal(size=(8, 50, 6, 6))
+    ss = {}
+    for name, e in (("together", together), ("scattered", scattered)):
+        c = iv.day_components(e, truth, {"p95": np.full((6, 6), 8.0), "p99": np.full((6, 6), 14.0)},
+                              windows=WINDOWS, which=["spread_skill", "spread_skill_field"])
+        ss[name] = {k: iv.finish(k, a.sum(axis=0)) for k, a in c.items()}
+    assert ss["together"]["spread_skill"] == pytest.approx(ss["scattered"]["spread_skill"], rel=0.1)
+    assert ss["together"]["spread_skill_field"] > 0.8 and ss["scattered"]["spread_skill_field"] < 0.3
+
+
 def test_components_with_per_day_thresholds():
     """Thresholds given per day (N, h, w) are sliced with the day chunks."""
     ens, obs, thr = _rain(seed=1)
@@ -234,7 +271,9 @@ def test_undefined_replicates_are_left_out():
 def test_headline_interval_metrics_are_all_decomposed():
     cfg = EvaluateConfig()
     wanted = iv.headline_interval_metrics(cfg)
-    assert wanted[:-1] == [m for m, _, _ in names.headline_metrics(cfg)] and wanted[-1] == "tail_q99_ratio"
+    n_head = len(names.headline_metrics(cfg))
+    assert wanted[:n_head] == [m for m, _, _ in names.headline_metrics(cfg)]
+    assert wanted[n_head:] == ["tail_q99_ratio", "crps_field", "spread_skill_field"]
     ens, obs, thr = _rain()
     comp = iv.day_components(ens, obs, dict(zip(names.percentile_names(cfg), thr.values())), cfg.fss_windows,
                              which=wanted)

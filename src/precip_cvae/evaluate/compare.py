@@ -11,7 +11,7 @@ import pandas as pd
 from .. import io
 from ..config import EVALUATE_SPLITS, EvaluateConfig
 from .intervals import block_labels, bootstrap, headline_interval_metrics, load_day_components
-from .names import CVAE, NO_CHECKPOINT, SUBSETS, headline_metrics, model_and_checkpoint
+from .names import AREAL_METRICS, CVAE, NO_CHECKPOINT, SUBSETS, headline_metrics, model_and_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ def setting_differences(components: Mapping[str, str], settings: Mapping[str, Se
     if len(by_setting) < 2 or cfg.bootstrap.samples <= 0:
         return pd.DataFrame(columns=DIFFERENCE_COLUMNS)
     loaded = {e: load_day_components(p) for e, p in components.items()}
-    better = {m: b for m, _, b in headline_metrics(cfg)} | {"tail_q99_ratio": "one"}
+    better = ({m: b for m, _, b in headline_metrics(cfg)} | {"tail_q99_ratio": "one"}
+              | {m: b for m, _, b in AREAL_METRICS})
     metrics = [m for m in headline_interval_metrics(cfg) if m in better]
     targets = {m: 1.0 for m, b in better.items() if b == "one"}
     season_year = next(iter(loaded.values()))[2]

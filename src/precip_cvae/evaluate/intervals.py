@@ -29,6 +29,11 @@ score                      components
 ``far_<hi>``               members of that member's count), at the upper threshold only
 ``spread_skill``           (M+1)/M x sum of the member variance (ddof=1), sum of squared error of the
                            ensemble mean, count of valid points (ratio = sqrt(first / second))
+``crps_field``             the (fair) CRPS of the domain mean (mean over the valid points), 1 (0 on a
+                           day without valid point): the rain over the whole domain
+``spread_skill_field``     as ``spread_skill`` for the domain means, count 1: members that scatter
+                           their rain independently over the cells have the right spread per point
+                           and too little for the domain
 ``tail_q99_ratio``         histograms of the wet values (>= the wet threshold) on :data:`WET_EDGES`:
                            the members' (pooled over members), then the truth's, each
                            ``WET_BINS + 1`` columns (the last counts values beyond the top edge)
@@ -66,7 +71,7 @@ import scipy.stats
 
 from .. import metrics
 from ..config import EvaluateConfig
-from .names import headline_metrics
+from .names import AREAL_METRICS, headline_metrics
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +105,17 @@ STATISTICS = ("score", "ratio", "difference")
 _SEASON_OF_MONTH = {12: "DJF", 1: "DJF", 2: "DJF", 3: "MAM", 4: "MAM", 5: "MAM",
                     6: "JJA", 7: "JJA", 8: "JJA", 9: "SON", 10: "SON", 11: "SON"}
 _METRIC_FORMS = ("crps", "twcrps_<p>", "mae_all", "mae_tail_<p>", "mass_error_mae", "mass_error_bias",
-                 "fss_<p>_w<w>", "freq_bias_<p>", "csi_<p>", "pod_<p>", "far_<p>", "spread_skill", "tail_q99_ratio")
+                 "fss_<p>_w<w>", "freq_bias_<p>", "csi_<p>", "pod_<p>", "far_<p>", "spread_skill", "crps_field",
+                 "spread_skill_field", "tail_q99_ratio")
 
 
 # ----------------------------------------------------------------------------- names
 
 
 def headline_interval_metrics(cfg: EvaluateConfig) -> list[str]:
-    """The scores to bootstrap: the headline ones (:func:`.names.headline_metrics`) and ``tail_q99_ratio``."""
-    return [m for m, _, _ in headline_metrics(cfg)] + ["tail_q99_ratio"]
+    """The scores to bootstrap: the headline ones (:func:`.names.headline_metrics`), ``tail_q99_ratio`` and the
+    domain mean's CRPS and spread/skill (:data:`.names.AREAL_METRICS`)."""
+    return [m for m, _, _ in headline_metrics(cfg)] + ["tail_q99_ratio"] + [m for m, _, _ in AREAL_METRICS]
 
 
 def available_metrics(percentiles: Sequence[str], windows: Sequence[int]) -> list[str]:
@@ -118,12 +125,12 @@ def available_metrics(percentiles: Sequence[str], windows: Sequence[int]) -> lis
            "mass_error_mae", "mass_error_bias"]
     out += [f"fss_{p}_w{int(w)}" for p in percentiles for w in windows]
     out += [f"freq_bias_{p}" for p in percentiles] + [f"csi_{hi}", f"pod_{hi}", f"far_{hi}"]
-    return out + ["spread_skill", "tail_q99_ratio"]
+    return out + ["spread_skill", "crps_field", "spread_skill_field", "tail_q99_ratio"]
 
 
 def _kind(metric: str) -> str:
     """Which :func:`finish` formula a score name takes."""
-    if metric in ("crps", "mae_all", "mass_error_mae", "mass_error_bias") or metric.startswith(
+    if metric in ("crps", "mae_all", "mass_error_mae", "mass_error_bias", "crps_field") or metric.startswith(
             ("twcrps_", "mae_tail_")):
         return "mean"
     for prefix in ("fss_", "freq_bias_", "csi_", "pod_", "far_"):
@@ -131,6 +138,8 @@ def _kind(metric: str) -> str:
             return prefix[:-1]
     if metric in ("spread_skill", "tail_q99_ratio"):
         return metric
+    if metric == "spread_skill_field":
+        return "spread_skill"
     raise ValueError(f"no day components for metric {metric!r}; known forms: {', '.join(_METRIC_FORMS)}")
 
 
@@ -269,6 +278,21 @@ def day_components(ens, obs, thresholds: Mapping[str, np.ndarray], windows: Sequ
                 else:  # undefined for one member, as metrics.spread_skill_ratio
                     nan = np.full(o.shape[0], np.nan)
                     put("spread_skill", nan, nan, cnt)
+            if want & {"crps_field", "spread_skill_field"}:
+                some = cnt > 0
+                per = np.maximum(cnt, 1)
+                dm_o = np.where(some, _sum_valid(o, v) / per, 0.0)  # (c,)
+                dm_e = np.where(some, _sum_valid(e, v[None]) / per, 0.0)  # (M, c)
+                one = some.astype(np.float64)
+                if "crps_field" in want:
+                    put("crps_field", np.where(some, metrics.crps_ensemble(dm_e, dm_o), 0.0), one)
+                if "spread_skill_field" in want:
+                    if m >= 2:
+                        put("spread_skill_field", (m + 1) / m * np.var(dm_e, axis=0, ddof=1),
+                            (dm_e.mean(axis=0) - dm_o) ** 2, one)
+                    else:
+                        nan = np.full(o.shape[0], np.nan)
+                        put("spread_skill_field", nan, nan, one)
             if want & {"mass_error_mae", "mass_error_bias"}:
                 me = metrics.mass_error(e, o)  # (M, c)
                 ok = np.isfinite(me)

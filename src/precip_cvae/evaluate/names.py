@@ -79,6 +79,13 @@ def headline_metrics(cfg: EvaluateConfig) -> list[tuple[str, str, str]]:
     ]
 
 
+#: (metric, label, better) of the domain-mean scores: unconditional, whatever the day turned out to be
+AREAL_METRICS = [
+    ("crps_field", "CRPS of the domain mean", "lower"),
+    ("spread_skill_field", "spread/skill of the domain mean", "one"),
+]
+
+
 def headline_split(meta: Mapping) -> str:
     """'test' when evaluated, else the last evaluated split."""
     return "test" if "test" in meta["splits"] else meta["splits"][-1]

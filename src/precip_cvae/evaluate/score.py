@@ -217,6 +217,8 @@ def scores_of(parts: DayParts, days=None) -> tuple[dict[str, float], dict[str, n
     for name in (f"pod_{hi}", f"far_{hi}", f"csi_{hi}"):
         out[name] = fin(name)
     out["spread_skill"] = fin("spread_skill") if parts.n_members > 1 else float("nan")
+    out["crps_field"] = fin("crps_field")
+    out["spread_skill_field"] = fin("spread_skill_field") if parts.n_members > 1 else float("nan")
     counts = total(parts.ranks)
     out["rank_flatness"] = metrics.rank_histogram_flatness(counts)
     levels = np.unique(np.r_[TAIL_QUANTILES, QQ_LEVELS])
@@ -280,7 +282,8 @@ def score(ens, obs, thresholds: Mapping[str, np.ndarray], windows: Sequence[int]
         ``rmse_ext_<p>``, ``corr``; ``freq_bias_<p>`` (member-mean counts / observed);
         ``crps``, ``twcrps_<p>`` (fair, mean over valid points); ``fss_<p>_w<w>`` (exceedance
         probability of the members), ``fss_useful_<p>``; ``pod_<hi>``, ``far_<hi>``, ``csi_<hi>``
-        (member-pooled table at the upper threshold); ``spread_skill``; ``rank_flatness``;
+        (member-pooled table at the upper threshold); ``spread_skill``; ``crps_field`` and
+        ``spread_skill_field`` (of the domain mean over the valid points); ``rank_flatness``;
         ``tail_q99_ens`` / ``_obs``, ``tail_q99.9_ens`` / ``_obs`` (wet values, mm day-1);
         ``mass_error_mae`` / ``_bias``, ``mass_error_coarse_mae`` / ``_bias`` (with
         ``coarse_ref``); ``rapsd_log_ratio`` and ``rapsd_log_ratio_<band>``.  ``<p>`` runs over
