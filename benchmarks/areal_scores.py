@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
-from precip_cvae import io, metrics
+from precip_cvae import io, losses, metrics
 from precip_cvae.config import EvaluateConfig
 from precip_cvae.evaluate.intervals import day_slice
 from precip_cvae.evaluate.score import day_thresholds, tail_thresholds
@@ -40,23 +41,11 @@ from precip_cvae.events import field_statistics
 
 
 def block_means(fields: np.ndarray, valid: np.ndarray, size: int, min_fraction: float = 0.5) -> np.ndarray:
-    """Means over the valid cells of non-overlapping ``size`` x ``size`` blocks of (..., N, H, W) fields;
-    ``valid`` (N, H, W).  0: the whole field.  NaN where a block has fewer than ``min_fraction`` of its cells
-    (inside the field) valid.  Returns (..., N, h, w)."""
-    x = np.where(valid, fields, 0.0)
-    w = valid.astype(np.float64)
-    if size == 0:
-        total, n, cells = x.sum(axis=(-2, -1))[..., None, None], w.sum(axis=(-2, -1))[..., None, None], w[0].size
-    else:
-        hh, ww = valid.shape[-2:]
-        ph, pw = -hh % size, -ww % size
-        pad = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, ph), (0, pw)])  # noqa: E731
-        fold = lambda a: a.reshape(*a.shape[:-2], (hh + ph) // size, size, (ww + pw) // size, size).sum(  # noqa: E731
-            axis=(-3, -1))
-        total, n, cells = fold(pad(x)), fold(pad(w)), fold(pad(np.ones(valid.shape[-2:])))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = total / n
-    return np.where((n > 0) & (n >= min_fraction * cells), means, np.nan)
+    """:func:`precip_cvae.losses.block_means` (the pooled loss term's) of (..., N, H, W) numpy fields, ``valid``
+    (N, H, W); NaN where a block does not count.  Returns (..., N, h, w)."""
+    x = torch.from_numpy(np.ascontiguousarray(fields, dtype=np.float64))[..., None, :, :]  # (..., N, 1, H, W)
+    means, counted = losses.block_means(x, torch.from_numpy(np.asarray(valid, bool))[:, None], size, min_fraction)
+    return np.where(counted.numpy()[:, 0], means.numpy()[..., 0, :, :], np.nan)
 
 
 def day_scores(ens: np.ndarray, obs: np.ndarray, thr99, min_exceed: float, blocks=(4, 8),
