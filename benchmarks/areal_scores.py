@@ -11,6 +11,10 @@ scores what every day shows, whatever it turned out to be:
 - ``crps_block<k>``: the fair CRPS of the means of non-overlapping k x k blocks (half of their cells valid),
   averaged over the blocks of each day, then over the days.
 - ``crps_area``: the fair CRPS of the share of valid cells above their local P99.
+- ``ss_cell``, ``ss_block<k>``, ``ss_field``: the spread/skill of single cells, of the block means and of the
+  domain mean, ``sqrt((M + 1) / M * sum of the members' variance / sum of the squared error of their mean)``
+  over every counted block of the days: members that scatter their rain over the cells keep it near 1 per
+  cell and fall short over areas.
 
 Seeds are pooled: each day's scores are averaged over a setting's seeds.  For every setting after the first, the
 paired difference against the first, with a 90 % bootstrap interval over days (``--draws`` resamples, the same
@@ -20,6 +24,7 @@ first setting's seeds of each score (where it has more than one), the size a dif
 Usage (a pooled k-fold run)::
 
     .venv/bin/python benchmarks/areal_scores.py results/iberia_issue28q default pool03 pool1
+    .venv/bin/python benchmarks/areal_scores.py results/iberia_issue28q default --source analogs --seeds 0
 """
 
 from __future__ import annotations
@@ -69,11 +74,25 @@ def day_scores(ens: np.ndarray, obs: np.ndarray, thr99, min_exceed: float, block
         for size in (0, *blocks):
             bo, be = block_means(o, v, size), block_means(e, v, size)
             c = metrics.crps_ensemble(be, bo)  # NaN where the block does not count
-            name = "crps_field" if size == 0 else f"crps_block{size}"
+            name = "field" if size == 0 else f"block{size}"
             with np.errstate(invalid="ignore"):
-                part[name] = np.nanmean(c.reshape(c.shape[0], -1), axis=1)
+                part[f"crps_{name}"] = np.nanmean(c.reshape(c.shape[0], -1), axis=1)
+            _spread_parts(part, name, be, bo)
+        _spread_parts(part, "cell", e, o)
         rows.append(pd.DataFrame(part))
     return pd.concat(rows, ignore_index=True)
+
+
+def _spread_parts(part: dict, name: str, ens: np.ndarray, obs: np.ndarray) -> None:
+    """Per-day sums of (M + 1) / M x the members' variance and of the squared error of their mean over the
+    blocks (cells) where ``obs`` is finite: ``var_<name>``, ``err_<name>``."""
+    m = ens.shape[0]
+    ok = np.isfinite(obs)
+    with np.errstate(invalid="ignore"):
+        var = (m + 1) / m * np.var(ens, axis=0, ddof=1)
+        err = (ens.mean(axis=0) - obs) ** 2
+    part[f"var_{name}"] = np.where(ok, var, 0.0).reshape(len(obs), -1).sum(axis=1)
+    part[f"err_{name}"] = np.where(ok, err, 0.0).reshape(len(obs), -1).sum(axis=1)
 
 
 def summary(days: pd.DataFrame, idx: np.ndarray) -> dict[str, float]:
@@ -83,6 +102,9 @@ def summary(days: pd.DataFrame, idx: np.ndarray) -> dict[str, float]:
     for col in d.columns:
         if col.startswith("crps"):
             out[col] = float(d[col].mean())
+        elif col.startswith("var_"):
+            name, err = col[4:], d[f"err_{col[4:]}"].sum()
+            out[f"ss_{name}"] = float(np.sqrt(d[col].sum() / err)) if err > 0 else np.nan
     return out
 
 
@@ -107,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", nargs="+", default=["val", "test"])
     ap.add_argument("--min-exceed", type=float, default=0.05, help="events.min_exceed_fraction of the run")
     ap.add_argument("--draws", type=int, default=1000)
+    ap.add_argument("--source", default="cvae_best",
+                    help="the ensemble of each store to score: cvae_best, or a baseline such as analogs")
     ap.add_argument("--seeds", nargs="+", default=None,
                     help="seed suffixes to pool (default: every <setting>_seed* the run has)")
     args = ap.parse_args(argv)
@@ -125,7 +149,7 @@ def main(argv=None) -> int:
                 store = run / "experiments" / f"{setting}_seed{seed}" / "evaluate" / "ensembles.zarr"
                 truth = io.open_zarr_group(str(store), f"{split}/truth")
                 thr = day_thresholds(maps if folds else maps[0], truth)
-                ens = io.open_zarr_group(str(store), f"{split}/cvae_best")["pr"].values
+                ens = io.open_zarr_group(str(store), f"{split}/{args.source}")["pr"].values
                 frames.append(day_scores(ens, truth["pr"].values, thr["p99"], args.min_exceed))
                 per_seed.append(summary(frames[-1], np.arange(len(frames[-1]))))
             # seeds pooled: each day's scores averaged over the seeds (the days are the same)

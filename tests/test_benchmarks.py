@@ -148,6 +148,10 @@ def test_areal_scores_by_hand():
     m0, m1 = np.array([0.0, 11 / 19]), np.array([30 / 19, 0.0])
     crps = lambda x, y: np.abs(x - y).mean() - np.abs(x[0] - x[1]) / 2  # fair CRPS of 2 members  # noqa: E731
     assert days["crps_field"].tolist() == pytest.approx([crps(m0, 22 / 19), crps(m1, 0.0)])
+    # spread/skill of the domain means: (M + 1) / M x the members' variance over the squared error of their mean
+    var = 3 / 2 * (np.var(m0, ddof=1) + np.var(m1, ddof=1))
+    err = (m0.mean() - 22 / 19) ** 2 + (m1.mean() - 0.0) ** 2
+    assert s["ss_field"] == pytest.approx(np.sqrt(var / err))
     # block means over the valid cells, NaN where fewer than half of a block's cells are valid
     field = np.arange(12.0).reshape(1, 3, 4)
     valid = np.ones((1, 3, 4), bool)
