@@ -667,10 +667,15 @@ class _CountingStore:
 
     def __init__(self, a):
         self.a, self.shape, self.dtype, self.reads = a, a.shape, a.dtype, []
+        self.row_axis = a.ndim - 2  # (member,) time, lat, lon
+
+    def __len__(self):
+        return len(self.a)
 
     def __getitem__(self, key):
-        rows = key[2] if len(key) > 2 else slice(None)
-        self.reads.append((rows.start or 0, self.shape[2] if rows.stop is None else rows.stop))
+        key = key if isinstance(key, tuple) else (key,)
+        rows = key[self.row_axis] if len(key) > self.row_axis else slice(None)
+        self.reads.append((rows.start or 0, self.shape[self.row_axis] if rows.stop is None else rows.stop))
         return self.a[key]
 
 
@@ -689,11 +694,13 @@ def test_diagnostics_read_the_store_once_per_band_of_rows_not_once_per_block():
     ens = rng.gamma(0.4, 5.0, (m, n, h, w)).astype(np.float32)
     cfg = EvaluateConfig()
     pct = diagnostics.observed_percentiles(obs, cfg)
-    store = _CountingStore(ens)
-    got = diagnostics.source_diagnostics(store, obs, dates, "standard", pct, cfg, "calendar", True, rows=1,
+    store, truth = _CountingStore(ens), _CountingStore(obs.astype(np.float32))
+    got = diagnostics.source_diagnostics(store, truth, dates, "standard", pct, cfg, "calendar", True, rows=1,
                                          chunk_days=30, band_rows=4)
     whole_field = [(0, h)] * 2  # two chunks of 30 days
     assert store.reads == whole_field + [(1, 5), (5, 7)]
+    assert truth.reads == store.reads  # the truth too is read by those chunks and bands, never whole
+    obs = obs.astype(np.float32).astype(np.float64)
     # the bands' values are the store's float32 ones, taken in float64 as before
     table, _ = indices.ensemble_index_table(ens.astype(np.float64), obs, dates, "standard", *pct.values(),
                                             cfg.wet_threshold, "calendar")
@@ -702,6 +709,52 @@ def test_diagnostics_read_the_store_once_per_band_of_rows_not_once_per_block():
     assert diagnostics.rows_per_band(4, 274, 705, 4, rows=1) == 173  # 512 MiB / (4 x 274 x 705 x 4 B)
     assert diagnostics.rows_per_band(4, 274, 705, 4, rows=10) == 170
     assert diagnostics.rows_per_band(64, 5000, 705, 4, rows=1) == 1  # never less than one block
+
+
+def test_diagnose_streams_the_truth_and_equals_the_whole_array_diagnostics(tmp_path, monkeypatch):
+    """Issue 25: diagnose reads the headline truth lazily (its percentiles streamed by events.wet_day_thresholds,
+    its domain means and bands by chunks), and gives what the whole-array functions give: the index table of
+    indices.ensemble_index_table with numpy's percentiles of the whole array, and the GEV fits of the observed and
+    the members' seasonal maxima of the whole arrays (the fit itself is recorded, not run: it is tested in
+    test_indices)."""
+    from precip_cvae import indices, io
+    from precip_cvae.evaluate.diagnostics import diagnose, domain_mean_series
+
+    fitted = []
+
+    def record(maxima, periods):
+        fitted.append(np.asarray(maxima, dtype=np.float64))
+        return pd.DataFrame({"period": list(periods), "level": float(np.max(maxima)), "lower": 0.0, "upper": 0.0})
+
+    monkeypatch.setattr(indices, "gev_return_levels", record)
+    rng = np.random.default_rng(3)
+    m, n, h, w = 2, 5 * 365, 4, 3
+    times = pd.date_range("2001-01-01", periods=n)
+    dates = [str(t.date()) for t in times]
+    obs = rng.gamma(0.4, 6.0, (n, h, w)).astype("float32")
+    obs[rng.random((n, h, w)) < 0.5] = 0.0
+    obs[:, 0, 0] = np.nan
+    ens = rng.gamma(0.4, 6.0, (m, n, h, w)).astype("float32")
+    ens[:, :, 0, 0] = np.nan
+    store = tmp_path / "ensembles.zarr"
+    truth = xr.Dataset({"pr": (("time", "lat", "lon"), obs)}, coords={"time": times})
+    io.write_zarr_group(truth.chunk({"time": 100}), store, "test/truth")
+    io.write_zarr_group(xr.Dataset({"pr": (("member", "time", "lat", "lon"), ens)}, coords={"time": times}),
+                        store, "test/cvae_best")
+    meta = {"splits": ["test"], "sources": ["cvae_best"], "primary": "cvae_best"}
+    cfg = EvaluateConfig(splits=("test",))
+    diag = diagnose(str(store), meta, cfg)
+    o64, e64 = obs.astype(np.float64), ens.astype(np.float64)
+    wet = np.where(o64 >= cfg.wet_threshold, o64, np.nan)  # every valid pixel has more than min_wet_days wet days
+    pct = [np.nanpercentile(wet, p, axis=0) for p in cfg.percentiles]
+    table, _ = indices.ensemble_index_table(e64, o64, dates, "standard", *pct, cfg.wet_threshold, "calendar")
+    got = diag.indices[diag.indices["index"].isin(table["index"])].drop(columns="source").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[table.columns], table, rtol=1e-9)
+    np.testing.assert_allclose(domain_mean_series(obs, chunk_days=7), np.nanmean(o64, axis=(1, 2)), rtol=1e-12)
+    observed, members = fitted
+    np.testing.assert_allclose(observed, indices.seasonal_maxima(o64, dates).to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(members, np.concatenate([indices.seasonal_maxima(e, dates) for e in e64]), rtol=1e-12)
+    assert len(observed) == 5 and list(diag.return_levels.source.unique()) == ["observed", "cvae_best"]
 
 
 def test_scores_from_one_pass_of_day_parts_equal_score_on_each_subset_and_read_lazily():

@@ -364,17 +364,24 @@ def comparison(table: pd.DataFrame, metrics: Sequence[tuple[str, str, str]]) -> 
 # ----------------------------------------------------------------------------- writing
 
 
-def heaviest_days(obs: np.ndarray, n: int) -> np.ndarray:
+#: days of the truth read at once to rank the days (a continental grid's test split does not fit in memory)
+HEAVIEST_CHUNK_DAYS = 64
+
+
+def heaviest_days(obs, n: int) -> np.ndarray:
     """Indices of the ``n`` days with the largest domain-mean precipitation, heaviest first.
 
     Parameters
     ----------
-    obs : ndarray (N, h, w), mm day-1, NaN ignored
+    obs : array (N, h, w), mm day-1, NaN ignored; numpy or dask (read :data:`HEAVIEST_CHUNK_DAYS` days at a time)
     """
-    flat = np.asarray(obs, dtype=np.float64).reshape(len(obs), -1)
-    valid = np.isfinite(flat)
-    count = valid.sum(axis=1)
-    means = np.where(count > 0, np.where(valid, flat, 0.0).sum(axis=1) / np.maximum(count, 1), -np.inf)
+    means = np.empty(len(obs))
+    for s in range(0, len(obs), HEAVIEST_CHUNK_DAYS):
+        flat = np.asarray(obs[s:s + HEAVIEST_CHUNK_DAYS], dtype=np.float64).reshape(-1, int(np.prod(obs.shape[1:])))
+        valid = np.isfinite(flat)
+        count = valid.sum(axis=1)
+        means[s:s + len(flat)] = np.where(count > 0, np.where(valid, flat, 0.0).sum(axis=1) / np.maximum(count, 1),
+                                          -np.inf)
     return np.argsort(-means, kind="stable")[: min(n, len(obs))]
 
 
@@ -424,7 +431,7 @@ def write_figures(ev: Evaluation, paths: FigurePaths, cfg: EvaluateConfig) -> No
     io.save_figure(training_curves(io.read_csv(train_log)), paths.output("training_curves"))
 
     truth = io.open_zarr_group(paths.ensembles, f"{split}/{TRUTH}")
-    days = heaviest_days(truth["pr"].values, cfg.n_map_days)
+    days = heaviest_days(truth["pr"].data, cfg.n_map_days)  # lazy: read by chunks of days
     primary = io.open_zarr_group(paths.ensembles, f"{split}/{ev.meta['primary']}")["pr"]
     analog = (io.open_zarr_group(paths.ensembles, f"{split}/analogs")["pr"].isel(member=0, time=days).values
               if "analogs" in ev.meta["sources"] else None)

@@ -57,8 +57,12 @@ class Diagnostics:
     notes: list = field(default_factory=list)
 
 
-def observed_percentiles(obs: np.ndarray, cfg: EvaluateConfig) -> dict[str, np.ndarray]:
-    """Per-pixel wet-day percentiles (``cfg.percentiles``) of the observations (N, h, w), pooled fallback."""
+def observed_percentiles(obs, cfg: EvaluateConfig) -> dict[str, np.ndarray]:
+    """Per-pixel wet-day percentiles (``cfg.percentiles``) of the observations (N, h, w), pooled fallback.
+
+    ``obs``: numpy or dask; a dask array is streamed over its chunks of days (in float64, chunk by chunk) by
+    :func:`precip_cvae.events.wet_day_thresholds`, never read whole."""
+    obs = obs.astype("float64")  # as the scores take them; lazy for dask
     da = xr.DataArray(obs, dims=("time", "lat", "lon"))
     mask = xr.DataArray(np.isfinite(obs).any(axis=0).astype("int8"), dims=("lat", "lon"))
     out = {}
@@ -106,10 +110,25 @@ class SourceDiagnostics:
     domain_means: np.ndarray  # (M, N): each member's domain-mean series (return levels)
 
 
-def source_diagnostics(ens, obs: np.ndarray, dates, calendar: str, pct: dict, cfg: EvaluateConfig,
+def domain_mean_series(values, chunk_days: int = 64) -> np.ndarray:
+    """The domain mean of each day of ``values`` (N, h, w; numpy, dask or zarr) over its finite pixels, NaN on a
+    day without any (as :func:`precip_cvae.indices.seasonal_maxima` takes it), read ``chunk_days`` days at a time."""
+    n = int(values.shape[0])
+    out = np.full(n, np.nan)
+    for s in range(0, n, chunk_days):
+        v = np.asarray(values[s:s + chunk_days], dtype=np.float64)
+        fin = np.isfinite(v)
+        cnt = fin.sum(axis=(1, 2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[s:s + len(v)] = np.where(cnt > 0, np.where(fin, v, 0.0).sum(axis=(1, 2)) / cnt, np.nan)
+    return out
+
+
+def source_diagnostics(ens, obs, dates, calendar: str, pct: dict, cfg: EvaluateConfig,
                        season_year: str, daily: bool, rows: int | None = None, chunk_days: int | None = None,
                        band_rows: int | None = None) -> SourceDiagnostics:
-    """Every diagnostic of one source's members ``ens`` (M, N, h, w; numpy, dask or zarr, read lazily), with
+    """Every diagnostic of one source's members ``ens`` (M, N, h, w) against ``obs`` (N, h, w; both numpy, dask
+    or zarr, read lazily), with
     memory bounded whatever M and N: the quantities over whole fields (the RALSD spectra, each member's
     domain-mean series, the value range of the Perkins bins) in one pass over chunks of days, the per-pixel
     ones (climate indices, Wasserstein distance, Perkins skill score) over blocks of grid rows with all their
@@ -118,19 +137,21 @@ def source_diagnostics(ens, obs: np.ndarray, dates, calendar: str, pct: dict, cf
     pixel's value depends on its own series, each spectrum on its own field.  The blocks are cut from bands of
     ``band_rows`` rows (default :func:`rows_per_band`) read from the store at once, in its dtype: a band reads
     every chunk that holds its rows (with days in chunks of the whole grid, the whole store), so the store is
-    read once for the whole-field pass and once per band, not once per block."""
+    read once for the whole-field pass and once per band, not once per block.  The truth is read with them: by
+    the same chunks of days, then by the same bands (in float64)."""
     m, n, h, w = (int(x) for x in ens.shape)
-    valid_px = np.isfinite(obs).any(axis=0)
-    if not np.isfinite(obs).any(axis=(1, 2)).all():
-        raise ValueError("ralsd: every obs day needs at least one valid pixel")
+    valid_px = np.zeros((h, w), dtype=bool)
     spec_e, spec_o, broken = None, None, False
     domain = np.full((m, n), np.nan)
     lo, hi = np.inf, -np.inf
     step = chunk_days or chunk_days_for(m, h, w)
     for s in range(0, n, step):
         stop = min(s + step, n)
-        o = obs[s:stop]
+        o = np.asarray(obs[s:stop], dtype=np.float64)
         valid = np.isfinite(o)
+        if not valid.any(axis=(1, 2)).all():
+            raise ValueError("ralsd: every obs day needs at least one valid pixel")
+        valid_px |= valid.any(axis=0)
         e = np.asarray(ens[:, s:stop], dtype=np.float64)
         broken |= bool((valid & ~np.isfinite(e)).any())
         fin = np.isfinite(e)  # the domain mean of each member's own finite pixels (indices.seasonal_maxima)
@@ -155,15 +176,16 @@ def source_diagnostics(ens, obs: np.ndarray, dates, calendar: str, pct: dict, cf
     wmap, pmap = np.full((h, w), np.nan), np.full((h, w), np.nan)
     rows = rows or rows_per_block(m, n, w)
     band_rows = max(rows, band_rows or rows_per_band(m, n, w, np.dtype(ens.dtype).itemsize, rows))
-    band, b0 = None, 0
+    band, obs_band, b0 = None, None, 0
     for r0 in range(0, h, rows):
         r1 = min(r0 + rows, h)
-        o = obs[:, r0:r1]
-        if not np.isfinite(o).any():
+        if not valid_px[r0:r1].any():
             continue
         if band is None or r1 > b0 + band.shape[2]:  # the next band of rows, read at once
             b0 = r0
             band = np.asarray(ens[:, :, b0:min(b0 + band_rows, h)])
+            obs_band = np.asarray(obs[:, b0:min(b0 + band_rows, h)], dtype=np.float64)
+        o = obs_band[:, r0 - b0:r1 - b0]
         e = np.asarray(band[:, :, r0 - b0:r1 - b0], dtype=np.float64)
         if daily:
             om, em = indices.ensemble_index_maps(e, o, dates, calendar, p_lo[r0:r1], p_hi[r0:r1], cfg.wet_threshold,
@@ -200,14 +222,14 @@ def diagnose(ensembles: str, meta: dict, cfg: EvaluateConfig, season_year: str =
     t0 = time.perf_counter()
     split = headline_split(meta)
     truth = io.open_zarr_group(ensembles, f"{split}/{TRUTH}")
-    obs = truth["pr"].values.astype("float64")  # days x grid (no member axis): the observed percentiles need it
+    obs = truth["pr"].data  # lazy (time, lat, lon): read by chunks of days and bands of rows, never whole
     dates = [str(d)[:10] for d in truth["time"].values.astype(str)]
     calendar = meta.get("calendar", "standard")
     pct = observed_percentiles(obs, cfg)
-    (lo, p_lo), (hi, p_hi) = pct.items()
+    obs_domain = domain_mean_series(obs)
     rows, levels, maps, notes = [], [], {}, []
     daily = len(set(dates)) == len(dates)  # climate indices and return levels are defined on daily series
-    n_seasons = indices.seasonal_maxima(obs, dates, season_year).size if daily else 0
+    n_seasons = indices.seasonal_maxima(obs_domain, dates, season_year).size if daily else 0
     gev = daily and n_seasons >= MIN_SEASONS
     if not daily:
         notes.append(f"Climate indices and return levels skipped: the {split} split has {len(dates)} time steps on "
@@ -217,7 +239,7 @@ def diagnose(ensembles: str, meta: dict, cfg: EvaluateConfig, season_year: str =
         notes.append(f"GEV return levels skipped: {n_seasons} season year(s) scored, at least {MIN_SEASONS} needed "
                      "(cross-validation over years scores every season)")
     else:
-        levels.append(_return_levels("observed", obs, dates, season_year))
+        levels.append(_return_levels("observed", obs_domain[None], dates, season_year))
     for source in meta["sources"]:
         ens = io.open_zarr_group(ensembles, f"{split}/{source}")["pr"].data  # lazy (member, time, lat, lon)
         result = source_diagnostics(ens, obs, dates, calendar, pct, cfg, season_year, daily)

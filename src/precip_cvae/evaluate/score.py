@@ -52,7 +52,8 @@ def tail_thresholds(dataset: str, cfg: EvaluateConfig) -> dict[str, np.ndarray]:
     ds = io.open_zarr(dataset)
     ds = crop_to_original(ds[["pr", "mask", "split"]], ds.attrs)
     train = np.flatnonzero(ds["split"].values.astype(str) == "train")
-    pr = ds["pr"].isel(time=train).load()
+    pr = ds["pr"].isel(time=train)  # lazy: wet_day_thresholds streams over time (a decade of a continental grid
+    # is several GB of float32)
     out = {}
     for name, p in zip(percentile_names(cfg), cfg.percentiles):
         ecfg = EventsConfig(percentile=float(p), wet_threshold=cfg.wet_threshold, min_wet_days=cfg.min_wet_days)
