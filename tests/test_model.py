@@ -48,7 +48,9 @@ def test_forward_shapes_every_preset(preset, fine, coarse):
     out = model(x, y, valid)
     assert isinstance(out, CVAEOutput)
     assert out.recon.shape == (2, 1, *fine)
-    assert model.latent_shape() == (cfg.latent_channels, fine[0] // 2, fine[1] // 2)  # map at level 1: 1/2
+    # the default: the map at level 1 (1/2 of the grid), flattened, and 4 numbers for the whole field after it
+    assert cfg.global_latent == 4
+    assert model.latent_shape() == (cfg.latent_channels * (fine[0] // 2) * (fine[1] // 2) + 4,)
     for t in (out.mu_q, out.logvar_q, out.mu_p, out.logvar_p):
         assert t.shape == (2, *model.latent_shape())
         assert torch.isfinite(t).all()
@@ -76,16 +78,17 @@ def test_decoder_blocks_add_residual_blocks_at_every_finer_scale():
     from precip_cvae import checkpoint
 
     args = (3, (16, 16), (4, 4))
-    base = parameter_count(ModelConfig(preset="tiny"), *args)
+    base = parameter_count(ModelConfig(preset="tiny", global_latent=0), *args)
     per_block = {w: 2 * (9 * w * w + w) + 2 * (2 * w) for w in (4, 8)}  # 2 convs + 2 norms' scale and shift
     assert per_block == {4: 312, 8: 1200}
     for n in (1, 3):
-        assert parameter_count(ModelConfig(preset="tiny", decoder_blocks=n), *args) == base + n * (312 + 1200)
+        assert parameter_count(ModelConfig(preset="tiny", decoder_blocks=n, global_latent=0), *args) == \
+            base + n * (312 + 1200)
     # without blocks the weights drawn at a seed are those of a model built before the option existed
     torch.manual_seed(0)
-    plain = CVAE(ModelConfig(preset="tiny"), *args)
+    plain = CVAE(ModelConfig(preset="tiny", global_latent=0), *args)
     torch.manual_seed(0)
-    deep = CVAE(ModelConfig(preset="tiny", decoder_blocks=2), *args)
+    deep = CVAE(ModelConfig(preset="tiny", decoder_blocks=2, global_latent=0), *args)
     shared = {k: v for k, v in deep.state_dict().items() if not k.startswith(("dec_blocks", "dec_head"))}
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in shared.items())
     assert plain.dec_blocks is None and len(deep.dec_blocks) == 2 and len(deep.dec_blocks[0]) == 2
@@ -115,7 +118,7 @@ def test_global_latent_numbers_beside_the_map():
 
     args = (3, (16, 16), (4, 4))
     torch.manual_seed(0)
-    plain = CVAE(ModelConfig(preset="tiny"), *args)
+    plain = CVAE(ModelConfig(preset="tiny", global_latent=0), *args)
     torch.manual_seed(0)
     model = CVAE(ModelConfig(preset="tiny", global_latent=4), *args)
     new = ("enc_global", "prior_global", "dec_in")
@@ -158,6 +161,17 @@ def test_global_latent_numbers_beside_the_map():
         ModelConfig(preset="tiny", global_latent=2, latent="vector")
     with pytest.raises(ConfigError, match="global_latent"):
         ModelConfig(preset="tiny", global_latent=2, context="local")
+    # unset (the default): 4 where it applies, 0 where it does not (the seed's vector latent, a local context)
+    assert ModelConfig(preset="tiny").global_latent == 4 == ModelConfig.from_dict({"preset": "tiny"}).global_latent
+    assert ModelConfig(latent="vector").global_latent == 0 == ModelConfig(context="local").global_latent
+    # a checkpoint written before the option existed has no key: it is rebuilt without global numbers
+    torch.manual_seed(0)
+    old = CVAE(ModelConfig(preset="tiny", global_latent=0), *args).eval()
+    old_cfg = {k: v for k, v in old.cfg.__dict__.items() if k != "global_latent"}
+    state = {"model_config": old_cfg, "model_args": {"n_channels": 3, "fine_shape": [16, 16], "coarse_shape": [4, 4],
+                                                     "n_static": 0},
+             "model_state": {k: v.clone() for k, v in old.state_dict().items()}}
+    assert checkpoint.build_model(state).cfg.global_latent == 0
 
 
 def test_output_non_negative_and_zero_on_invalid_pixels():
@@ -199,14 +213,15 @@ def test_sample_is_deterministic_given_the_generator():
     assert torch.allclose(tame[0], tame[1])  # z_scale = 0: the prior mean, twice
 
 
-@pytest.mark.parametrize("latent,shape", [("vector", (8,)), ("map", (8, 8, 8))])
-def test_standard_prior_is_zero(latent, shape):
-    model = CVAE(ModelConfig(preset="tiny", prior="standard", latent=latent), 3, (16, 16), (4, 4))
+@pytest.mark.parametrize("latent,shape,g", [("vector", (8,), None), ("map", (8, 8, 8), 0), ("map", (516,), None)])
+def test_standard_prior_is_zero(latent, shape, g):
+    """The standard prior is N(0, 1) for every latent number, the global ones (the default's 4) included."""
+    model = CVAE(ModelConfig(preset="tiny", prior="standard", latent=latent, global_latent=g), 3, (16, 16), (4, 4))
     x, y, valid = _batch(3, 3, (16, 16), (4, 4))
     out = model(x, y, valid)
     assert torch.equal(out.mu_p, torch.zeros(3, *shape))
     assert torch.equal(out.logvar_p, torch.zeros(3, *shape))
-    learned = CVAE(ModelConfig(preset="tiny", latent=latent), 3, (16, 16), (4, 4))
+    learned = CVAE(ModelConfig(preset="tiny", latent=latent, global_latent=g), 3, (16, 16), (4, 4))
     assert count_parameters(learned) > count_parameters(model)
     assert not torch.equal(learned(x, y, valid).mu_p, torch.zeros(3, *shape))
 
@@ -216,12 +231,13 @@ def test_map_latent_on_the_padded_iberia_grid(conditioning):
     """19 x 29 padded to 24 x 32 (grid_multiple 8): the map latent is 8 x (12, 16) at level 1, 8 x (6, 8) at 2."""
     torch.manual_seed(6)
     n_static = 7 if conditioning == "fine" else 0
-    model = CVAE(ModelConfig(preset="small", base_filters=16, conditioning=conditioning), 4, (24, 32), (5, 7),
-                 n_static=n_static)
+    model = CVAE(ModelConfig(preset="small", base_filters=16, conditioning=conditioning, global_latent=0), 4,
+                 (24, 32), (5, 7), n_static=n_static)
     x, y, valid = _batch(3, 4, (24, 32), (5, 7))
     out = model(x, y, valid, n_prior=4)
     assert out.mu_q.shape == out.mu_p.shape == (3, 8, 12, 16)
-    level2 = CVAE(ModelConfig(preset="small", base_filters=16, conditioning=conditioning, latent_level=2), 4,
+    level2 = CVAE(ModelConfig(preset="small", base_filters=16, conditioning=conditioning, latent_level=2,
+                              global_latent=0), 4,
                   (24, 32), (5, 7), n_static=n_static)
     assert level2(x, y, valid).mu_q.shape == (3, 8, 6, 8)
     assert out.prior_samples.shape == (4, 3, 1, 24, 32)
@@ -291,7 +307,7 @@ def test_arbitrary_coarse_shapes(coarse):
 @pytest.mark.parametrize("latent", ["vector", "map"])
 def test_logvar_is_clamped(latent):
     torch.manual_seed(4)
-    model = CVAE(ModelConfig(preset="tiny", latent=latent), 3, (16, 16), (4, 4))
+    model = CVAE(ModelConfig(preset="tiny", latent=latent, global_latent=0), 3, (16, 16), (4, 4))
     with torch.no_grad():
         if latent == "vector":
             model.enc_head.bias[model.d_z :].fill_(1e3)

@@ -83,7 +83,8 @@ def load(path: str | Path, map_location="cpu") -> dict[str, Any]:
 
 def build_model(state: dict[str, Any]) -> CVAE:
     """Rebuild the model from a checkpoint dict alone."""
-    cfg = ModelConfig(**state["model_config"])
+    # checkpoints written before model.global_latent existed have none (not the default of today's configs)
+    cfg = ModelConfig(**{"global_latent": 0, **state["model_config"]})
     args = state["model_args"]
     output = str(args.get("output", "field"))
     transform = TargetTransform.from_attrs(args["transform"]) if "transform" in args else None
