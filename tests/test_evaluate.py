@@ -593,7 +593,7 @@ def test_calibrated_source_is_a_monotone_map_of_the_members_fitted_on_train(padd
         assert (np.diff(c[ok][order]) >= -1e-5).all()
     paths = report.ScorePaths.in_dir(sample.out, str(root / "dataset.zarr"), str(root / "train" / "train_log.csv"),
                                      str(tmp_path / "out"))
-    ev = report.run(paths, cfg, experiment="default")
+    report.run(paths, cfg, experiment="default")
     scored = pd.read_csv(paths.output("metrics_csv"))
     assert {"best", "best_qm"} <= set(scored.loc[scored["model"] == "cvae", "checkpoint"])
 
