@@ -268,6 +268,40 @@ def test_missing_values_mask_and_policy():
         preprocess.scan_target(make_field_da(vals, times), train, PreprocessConfig(), "t.nc")
 
 
+def test_scan_by_slices_of_days_equals_one_scan_of_the_whole_record(monkeypatch):
+    """Issue 25: scan_target reduces a slice of whole time chunks at a time (memory flat in the record's length); the
+    mask, the counts (missing, negatives within tolerance, values above the plausible rate and the first day of
+    one, minimum, maximum) and the transform equal one pass over the whole record, slices of one chunk or of all."""
+    rng = np.random.default_rng(5)
+    times = pd.date_range("2000-01-01", periods=23)
+    vals = rng.gamma(0.5, 4.0, (23, 3, 4)).astype("float32")
+    vals[:20, 0, 0] = np.nan  # masked
+    vals[[4, 17], 2, 3] = np.nan  # sporadic, in two slices
+    vals[9, 1, 1] = -0.001  # within the negative tolerance
+    vals[15, 2, 0] = 900.0  # above the plausible rate, in the third slice of 5 days
+    vals[21, 0, 1] = 950.0
+    pr = make_field_da(vals, times).chunk({"time": 5})
+    train = np.arange(23) < 15
+    cfg = PreprocessConfig()
+    assert preprocess.scan_days(pr, budget=1) == 5 and preprocess.scan_days(pr, budget=10 * 12 * 4) == 10
+    results = []
+    for budget in (1, 10 * 12 * 4, 2**30):  # slices of 1 chunk, 2 chunks, the whole record
+        monkeypatch.setattr(preprocess, "SCAN_BYTES", budget)
+        with pytest.raises(InputError, match=r"t.nc: 2 values above 800 mm/day \(maximum 950 mm/day; first on "
+                                             r"2000-01-16\)"):
+            preprocess.scan_target(pr, train, cfg, "t.nc", max_rate=800.0)
+        results.append(preprocess.scan_target(pr, train, cfg, "t.nc"))
+    mask, counts, t = results[-1]
+    assert counts["sporadic_missing"] == 2 and counts["above_max"] == 0 and counts["maximum"] == 950.0
+    assert counts["minimum"] == pytest.approx(-0.001) and mask.values.sum() == 11
+    valid = np.isfinite(vals[:15]) & (mask.values.astype(bool))[None]
+    f = np.log1p(np.clip(vals[:15][valid].astype(np.float64), 0, None))
+    assert t.scale == pytest.approx(f.std(), rel=1e-5)
+    for m, c, tr in results[:-1]:
+        np.testing.assert_array_equal(m.values, mask.values)
+        assert c == counts and tr.scale == pytest.approx(t.scale, rel=1e-12)
+
+
 def test_units_are_checked_with_file_and_variable_named(small_inputs):
     root, _, _ = small_inputs
     with pytest.raises(InputError, match=r"pr_2000.nc.*'pr'.*'K' not convertible to mm/day"):

@@ -533,6 +533,21 @@ def check_predictor_values(preds: Sequence[xr.DataArray]) -> None:
                 "(give the file its _FillValue or missing_value attribute), or wrong units (data.predictors[].units)")
 
 
+#: bytes of the target read by one step of :func:`scan_target`: its reductions are computed a slice of days at a
+#: time, because one dask graph of them over a whole continental record held most of it at once (465 x 705 cells:
+#: peak 4.0 GB for 5 years and 6.8 GB for 10, docs/benchmarks.md section 1)
+SCAN_BYTES = 512 * 2**20
+
+
+def scan_days(pr: xr.DataArray, budget: int | None = None) -> int:
+    """Days per slice of :func:`scan_target`: whole time chunks of ``pr`` within ``budget`` bytes (default
+    :data:`SCAN_BYTES`), at least one chunk."""
+    budget = SCAN_BYTES if budget is None else budget
+    chunk = int(pr.chunks[pr.get_axis_num("time")][0]) if pr.chunks else pr.sizes["time"]
+    per_day = max(1, int(np.prod([n for d, n in pr.sizes.items() if d != "time"])) * pr.dtype.itemsize)
+    return max(chunk, budget // per_day // chunk * chunk)
+
+
 def scan_target(pr: xr.DataArray, train: np.ndarray, cfg: PreprocessConfig, where: str,
                 max_rate: float = float("inf")):
     """One pass over the target for the mask, the value checks and the transform.
@@ -556,10 +571,21 @@ def scan_target(pr: xr.DataArray, train: np.ndarray, cfg: PreprocessConfig, wher
     """
     import dask
 
-    above = pr > max_rate
-    missing, negative, minimum, n_above, maximum, days_above, *moments = dask.compute(
-        pr.isnull().sum("time"), (pr < -cfg.negative_tolerance).sum(), pr.min(), above.sum(), pr.max(),
-        above.any(("lat", "lon")), *transform_moments(pr, train, cfg.transform))
+    train = np.asarray(train, bool)
+    step = scan_days(pr)
+    missing = negative = n_above = 0
+    minimum, maximum, days_above, moments = np.nan, np.nan, [], None
+    for start in range(0, pr.sizes["time"], step):  # a slice of days at a time: memory flat in the record's length
+        part = pr.isel(time=slice(start, start + step))
+        above = part > max_rate
+        miss, neg, low, n_hi, high, days, *mom = dask.compute(
+            part.isnull().sum("time"), (part < -cfg.negative_tolerance).sum(), part.min(), above.sum(), part.max(),
+            above.any(("lat", "lon")), *transform_moments(part, train[start:start + step], cfg.transform))
+        missing, negative, n_above = missing + miss, negative + int(neg), n_above + int(n_hi)
+        minimum, maximum = np.fmin(minimum, float(low)), np.fmax(maximum, float(high))
+        days_above.append(np.asarray(days))
+        moments = mom if moments is None else [a + b for a, b in zip(moments, mom)]
+    days_above = np.concatenate(days_above)
     mask = (missing / pr.sizes["time"] <= cfg.mask_missing_fraction).astype("int8").rename("mask")
     valid_cell = mask.values.astype(bool)
     if not valid_cell.any():
