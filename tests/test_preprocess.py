@@ -283,7 +283,11 @@ def test_scan_by_slices_of_days_equals_one_scan_of_the_whole_record(monkeypatch)
     pr = make_field_da(vals, times).chunk({"time": 5})
     train = np.arange(23) < 15
     cfg = PreprocessConfig()
-    assert preprocess.scan_days(pr, budget=1) == 5 and preprocess.scan_days(pr, budget=10 * 12 * 4) == 10
+    assert preprocess.scan_slices(pr, budget=1) == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
+    assert preprocess.scan_slices(pr, budget=10 * 12 * 4) == [(0, 10), (10, 20), (20, 23)]
+    # irregular chunks (days left out by isel): the slices still end at chunk boundaries
+    assert preprocess.scan_slices(pr.chunk({"time": (3, 10, 10)}), budget=12 * 12 * 4) == [(0, 3), (3, 13), (13, 23)]
+    assert preprocess.scan_slices(pr.compute(), budget=1) == [(0, 23)]  # numpy: one chunk
     results = []
     for budget in (1, 10 * 12 * 4, 2**30):  # slices of 1 chunk, 2 chunks, the whole record
         monkeypatch.setattr(preprocess, "SCAN_BYTES", budget)

@@ -539,13 +539,22 @@ def check_predictor_values(preds: Sequence[xr.DataArray]) -> None:
 SCAN_BYTES = 512 * 2**20
 
 
-def scan_days(pr: xr.DataArray, budget: int | None = None) -> int:
-    """Days per slice of :func:`scan_target`: whole time chunks of ``pr`` within ``budget`` bytes (default
-    :data:`SCAN_BYTES`), at least one chunk."""
+def scan_slices(pr: xr.DataArray, budget: int | None = None) -> list[tuple[int, int]]:
+    """The (start, stop) days of the slices of :func:`scan_target`: runs of whole time chunks of ``pr`` (however
+    irregular; numpy input is one chunk) holding at most ``budget`` bytes (default :data:`SCAN_BYTES`), at least
+    one chunk each, so no chunk is read twice."""
     budget = SCAN_BYTES if budget is None else budget
-    chunk = int(pr.chunks[pr.get_axis_num("time")][0]) if pr.chunks else pr.sizes["time"]
+    chunks = pr.chunks[pr.get_axis_num("time")] if pr.chunks else (pr.sizes["time"],)
     per_day = max(1, int(np.prod([n for d, n in pr.sizes.items() if d != "time"])) * pr.dtype.itemsize)
-    return max(chunk, budget // per_day // chunk * chunk)
+    slices, start, size = [], 0, 0
+    for c in (int(c) for c in chunks):
+        if size and (size + c) * per_day > budget:
+            slices.append((start, start + size))
+            start, size = start + size, 0
+        size += c
+    if size:
+        slices.append((start, start + size))
+    return slices
 
 
 def scan_target(pr: xr.DataArray, train: np.ndarray, cfg: PreprocessConfig, where: str,
@@ -572,15 +581,14 @@ def scan_target(pr: xr.DataArray, train: np.ndarray, cfg: PreprocessConfig, wher
     import dask
 
     train = np.asarray(train, bool)
-    step = scan_days(pr)
     missing = negative = n_above = 0
     minimum, maximum, days_above, moments = np.nan, np.nan, [], None
-    for start in range(0, pr.sizes["time"], step):  # a slice of days at a time: memory flat in the record's length
-        part = pr.isel(time=slice(start, start + step))
+    for start, stop in scan_slices(pr):  # a slice of days at a time: memory flat in the record's length
+        part = pr.isel(time=slice(start, stop))
         above = part > max_rate
         miss, neg, low, n_hi, high, days, *mom = dask.compute(
             part.isnull().sum("time"), (part < -cfg.negative_tolerance).sum(), part.min(), above.sum(), part.max(),
-            above.any(("lat", "lon")), *transform_moments(part, train[start:start + step], cfg.transform))
+            above.any(("lat", "lon")), *transform_moments(part, train[start:stop], cfg.transform))
         missing, negative, n_above = missing + miss, negative + int(neg), n_above + int(n_hi)
         minimum, maximum = np.fmin(minimum, float(low)), np.fmax(maximum, float(high))
         days_above.append(np.asarray(days))
