@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from . import io
 from .config import EvaluateConfig
+from .evaluate.diagnostics import domain_mean_series
 from .evaluate.names import CVAE, SUBSETS, TRUTH, headline_metrics, headline_split, percentile_names, source_label
 from .evaluate.score import Evaluation
 
@@ -375,13 +376,7 @@ def heaviest_days(obs, n: int) -> np.ndarray:
     ----------
     obs : array (N, h, w), mm day-1, NaN ignored; numpy or dask (read :data:`HEAVIEST_CHUNK_DAYS` days at a time)
     """
-    means = np.empty(len(obs))
-    for s in range(0, len(obs), HEAVIEST_CHUNK_DAYS):
-        flat = np.asarray(obs[s:s + HEAVIEST_CHUNK_DAYS], dtype=np.float64).reshape(-1, int(np.prod(obs.shape[1:])))
-        valid = np.isfinite(flat)
-        count = valid.sum(axis=1)
-        means[s:s + len(flat)] = np.where(count > 0, np.where(valid, flat, 0.0).sum(axis=1) / np.maximum(count, 1),
-                                          -np.inf)
+    means = np.nan_to_num(domain_mean_series(obs, HEAVIEST_CHUNK_DAYS), nan=-np.inf)  # a day without data: last
     return np.argsort(-means, kind="stable")[: min(n, len(obs))]
 
 

@@ -110,6 +110,14 @@ class SourceDiagnostics:
     domain_means: np.ndarray  # (M, N): each member's domain-mean series (return levels)
 
 
+def _finite_mean(v: np.ndarray, axis) -> np.ndarray:
+    """Mean over ``axis`` of the finite values of ``v``, NaN where there is none."""
+    fin = np.isfinite(v)
+    cnt = fin.sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, np.where(fin, v, 0.0).sum(axis=axis) / cnt, np.nan)
+
+
 def domain_mean_series(values, chunk_days: int = 64) -> np.ndarray:
     """The domain mean of each day of ``values`` (N, h, w; numpy, dask or zarr) over its finite pixels, NaN on a
     day without any (as :func:`precip_cvae.indices.seasonal_maxima` takes it), read ``chunk_days`` days at a time."""
@@ -117,10 +125,7 @@ def domain_mean_series(values, chunk_days: int = 64) -> np.ndarray:
     out = np.full(n, np.nan)
     for s in range(0, n, chunk_days):
         v = np.asarray(values[s:s + chunk_days], dtype=np.float64)
-        fin = np.isfinite(v)
-        cnt = fin.sum(axis=(1, 2))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[s:s + len(v)] = np.where(cnt > 0, np.where(fin, v, 0.0).sum(axis=(1, 2)) / cnt, np.nan)
+        out[s:s + len(v)] = _finite_mean(v, (1, 2))
     return out
 
 
@@ -154,10 +159,7 @@ def source_diagnostics(ens, obs, dates, calendar: str, pct: dict, cfg: EvaluateC
         valid_px |= valid.any(axis=0)
         e = np.asarray(ens[:, s:stop], dtype=np.float64)
         broken |= bool((valid & ~np.isfinite(e)).any())
-        fin = np.isfinite(e)  # the domain mean of each member's own finite pixels (indices.seasonal_maxima)
-        cnt = fin.sum(axis=(2, 3))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            domain[:, s:stop] = np.where(cnt > 0, np.where(fin, e, 0.0).sum(axis=(2, 3)) / cnt, np.nan)
+        domain[:, s:stop] = _finite_mean(e, (2, 3))  # each member's own finite pixels (indices.seasonal_maxima)
         e = np.where(valid, e, np.nan)
         fin = np.isfinite(e)
         if fin.any():
