@@ -174,6 +174,80 @@ def test_global_latent_numbers_beside_the_map():
     assert checkpoint.build_model(state).cfg.global_latent == 0
 
 
+def test_hierarchical_prior_draws_the_map_given_each_members_global_numbers():
+    """model.hierarchical_prior: the map's prior is p(z_map | y, z_global). It starts as the factorised prior (a zero
+    shift), the weights of everything else are those of the model without it, the KL's map prior is taken at the
+    posterior's own global draw, and a sampled member's map is drawn from the prior given that member's global
+    numbers, all from one eps of the latent's shape (so the noise is the plain model's)."""
+    from precip_cvae import checkpoint
+    from precip_cvae.config import ConfigError
+
+    args = (3, (16, 16), (4, 4))
+    torch.manual_seed(0)
+    plain = CVAE(ModelConfig(preset="tiny", global_latent=4), *args).eval()
+    torch.manual_seed(0)
+    model = CVAE(ModelConfig(preset="tiny", global_latent=4, hierarchical_prior=True), *args).eval()
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+    assert {k for k in state if k not in plain.state_dict()} == {
+        "prior_from_global.0.weight", "prior_from_global.0.bias", "prior_from_global.2.weight",
+        "prior_from_global.2.bias"}
+    x, y, valid = _batch(2, 3, (16, 16), (4, 4))
+    n_map = 8 * 8 * 8
+    with torch.no_grad():
+        # at the start the shift is zero: the same prior and the same members as the plain model
+        cond = model.encode_condition(y)
+        assert torch.equal(model.prior(cond, torch.randn(2, 4))[0], plain.prior(cond)[0])
+        same = model.sample(y, valid, n_samples=3, generator=torch.Generator().manual_seed(5))
+        # (to float round-off: the hierarchical path runs the prior's convolutions on the members' batch)
+        torch.testing.assert_close(same, plain.sample(y, valid, n_samples=3, generator=torch.Generator().manual_seed(5)))
+        for p in model.prior_from_global.parameters():  # a shift that depends on the global numbers
+            p.copy_(0.3 * torch.randn_like(p))
+        with pytest.raises(ValueError, match="z_global"):
+            model.prior(cond)
+        mu_a, lv_a = model.prior(cond, torch.zeros(2, 4))
+        mu_b, lv_b = model.prior(cond, torch.full((2, 4), 2.0))
+        assert float((mu_a[:, :n_map] - mu_b[:, :n_map]).abs().amax()) > 0  # the map moves with z_global
+        assert torch.equal(mu_a[:, n_map:], mu_b[:, n_map:]) and torch.equal(lv_a[:, n_map:], lv_b[:, n_map:])
+        # the KL's prior: the map given the posterior's global draw (the same randn_like as forward's)
+        torch.manual_seed(11)
+        out = model(x, y, valid)
+        torch.manual_seed(11)
+        mu_q, lv_q = model.posterior(x, valid, cond)
+        z = mu_q + torch.exp(0.5 * lv_q) * torch.randn_like(mu_q)
+        mu_p, lv_p = model.prior(cond, z[:, n_map:])
+        torch.testing.assert_close(out.mu_p, mu_p)
+        torch.testing.assert_close(out.logvar_p, lv_p)
+        # draws: the global numbers from their prior, then each member's map given its own global numbers
+        zd = model.draw_prior(cond, 3, generator=torch.Generator().manual_seed(7))
+        eps = torch.randn((3, 2, n_map + 4), generator=torch.Generator().manual_seed(7))
+        for m in range(3):
+            mu_g, lv_g = mu_a[:, n_map:], lv_a[:, n_map:]
+            z_g = mu_g + torch.exp(0.5 * lv_g) * eps[m, :, n_map:]
+            mu_m, lv_m = model.prior(cond, z_g)
+            torch.testing.assert_close(zd[m], mu_m + torch.exp(0.5 * lv_m) * eps[m])
+        s = model.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1))
+        assert s.shape == (2, 2, 1, 16, 16) and bool((s >= 0).all())
+    # training draws members the same way and backpropagates into the shift
+    model.train()
+    out = model(x, y, valid, n_prior=3)
+    assert out.prior_samples.shape == (3, 2, 1, 16, 16)
+    out.prior_samples.sum().backward()
+    assert float(model.prior_from_global[-1].weight.grad.abs().sum()) > 0
+    # a checkpoint restores it
+    model.eval()
+    ckpt = {"model_config": dict(model.cfg.__dict__), "model_args": {"n_channels": 3, "fine_shape": [16, 16],
+                                                                     "coarse_shape": [4, 4], "n_static": 0},
+            "model_state": {k: v.clone() for k, v in model.state_dict().items()}}
+    with torch.no_grad():
+        s = model.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(checkpoint.build_model(ckpt).eval().sample(y, valid, n_samples=2,
+                                                                      generator=torch.Generator().manual_seed(1)), s)
+    for bad in ({"global_latent": 0}, {"prior": "standard"}, {"latent": "vector"}):
+        with pytest.raises(ConfigError, match="hierarchical_prior"):
+            ModelConfig(preset="tiny", hierarchical_prior=True, **bad)
+
+
 def test_output_non_negative_and_zero_on_invalid_pixels():
     torch.manual_seed(1)
     model = CVAE(ModelConfig(preset="tiny"), 2, (16, 16), (4, 4))

@@ -265,8 +265,10 @@ def test_flip_with_fine_conditioning_is_refused(prepared, tmp_path):
     assert not (tmp_path / "train" / "best.pt").exists()
 
 
-def test_checkpoint_rebuilds_the_model_alone(prepared, tmp_path):
-    train.run(_paths(prepared, tmp_path), TINY, _cfg(epochs=1, loss=LossConfig(warmup_epochs=0)))
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_checkpoint_rebuilds_the_model_alone(prepared, tmp_path, hierarchical):
+    model_cfg = dataclasses.replace(TINY, hierarchical_prior=True) if hierarchical else TINY
+    train.run(_paths(prepared, tmp_path), model_cfg, _cfg(epochs=1, loss=LossConfig(warmup_epochs=0)))
     model, state = checkpoint.load_model(tmp_path / "train" / "best.pt")
     y = torch.zeros(3, 3, 4, 4)
     out = model.sample(y, n_samples=2, generator=torch.Generator().manual_seed(0))

@@ -448,6 +448,9 @@ class ModelConfig(Section):
     for the whole field beside the map latent (a map latent's prior is factorised over its cells, so members cannot
     differ coherently over the domain without it); ``None`` (the default) takes :data:`DEFAULT_GLOBAL_LATENT`
     with the map latent and the global context, else 0 (issue 28: 4 numbers measured best on Iberia val).
+    ``hierarchical_prior`` (with global numbers and the learned prior): the map latent's prior also reads the global
+    numbers, ``p(z_map | y, z_global)``, so a member's cells shift together with its global draw (sampling draws
+    the global numbers first; the KL of the map is taken given the posterior's global draw).
     ``bg_correlation``
     (Bernoulli-gamma output): the correlation length in cells of the uniforms a sampled field is drawn from
     (0: every pixel independently).  ``context``: ``global`` (the condition vector sees the whole field and
@@ -474,6 +477,7 @@ class ModelConfig(Section):
     noise_channels: int = 0
     decoder_blocks: int = 0
     global_latent: int | None = None
+    hierarchical_prior: bool = False
     residual: bool = False
     bg_correlation: float = 0.0
     context: str = "global"
@@ -493,6 +497,9 @@ class ModelConfig(Section):
         if self.global_latent and (self.latent != "map" or self.context != "global"):
             raise ConfigError(f"model.global_latent needs model.latent 'map' and model.context 'global' (got "
                               f"{self.latent!r} and {self.context!r})")
+        if self.hierarchical_prior and (not self.global_latent or self.prior != "learned"):
+            raise ConfigError(f"model.hierarchical_prior needs model.global_latent > 0 and model.prior 'learned' (got "
+                              f"{self.global_latent} and {self.prior!r})")
 
 
 # ----------------------------------------------------------------------------- loss

@@ -492,6 +492,9 @@ class CVAE(nn.Module):
         self.g = int(getattr(cfg, "global_latent", 0))
         if self.g and (cfg.latent != "map" or self.local):
             raise ValueError("model.global_latent needs model.latent 'map' and model.context 'global'")
+        self.hierarchical = bool(getattr(cfg, "hierarchical_prior", False))
+        if self.hierarchical and (not self.g or cfg.prior != "learned"):
+            raise ValueError("model.hierarchical_prior needs model.global_latent > 0 and model.prior 'learned'")
         self.bg_correlation = float(getattr(cfg, "bg_correlation", 0.0))
         fb = int(cfg.base_filters)
         p_enc, p_dec = float(cfg.dropout_encoder), float(cfg.dropout_decoder)
@@ -642,6 +645,15 @@ class CVAE(nn.Module):
             self.prior_global = nn.Sequential(nn.Linear(self.d_y, self.d_y), nn.SiLU(), nn.Linear(self.d_y, 2 * self.g))
         # the decoder's bottom vector reads [v_y, z_global]: a new input layer (drawn here, after every other part)
         self.dec_in = nn.Linear(self.d_y + self.g, self.latent_ch)
+        self.prior_from_global = None
+        if self.hierarchical:  # p(z_map | y, z_global): a shift of the map prior's mean and log-variance per cell,
+            # from the condition map at the latent's level and the global numbers; zero at the start (the prior
+            # begins as the factorised one)
+            self.prior_from_global = nn.Sequential(nn.Conv2d(cw[L] + self.g, w[L], 1), nn.SiLU(),
+                                                   nn.Conv2d(w[L], 2 * self.z_ch, 1))
+            with torch.no_grad():
+                self.prior_from_global[-1].weight.zero_()
+                self.prior_from_global[-1].bias.zero_()
 
     def _pack(self, z_map: torch.Tensor, z_global: torch.Tensor | None) -> torch.Tensor:
         """One latent tensor per sample: the map itself, or [map flattened, global] (B, c_z h_z w_z + g)."""
@@ -800,14 +812,15 @@ class CVAE(nn.Module):
         mu, logvar = stats.chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
-    def prior(self, cond: Condition):
-        """``mu_p, logvar_p`` of ``p(z | y)`` (shape of the posterior's); zeros for the standard prior."""
+    def prior(self, cond: Condition, z_global: torch.Tensor | None = None):
+        """``mu_p, logvar_p`` of ``p(z | y)`` (shape of the posterior's); zeros for the standard prior.
+
+        ``hierarchical_prior``: the map part is ``p(z_map | y, z_global)`` and needs ``z_global`` (B, g), the global
+        numbers it is conditioned on (the posterior's draw for the KL; :meth:`draw_prior` draws them from the prior).
+        """
         v = cond.vector  # (B, d_y) or (B, d_y, H/2**D, W/2**D)
         if self.prior_net is None:
-            size = tuple(cond.maps[self.level].shape[-2:])
-            shape = ((self.z_ch * size[0] * size[1] + self.g,) if self.g else (self.z_ch, *size)) \
-                if self.latent == "map" else (self.d_z,)
-            zeros = v.new_zeros(v.shape[0], *shape)
+            zeros = v.new_zeros(v.shape[0], *self.latent_shape_of(cond))
             return zeros, zeros.clone()
         if self.latent == "map":
             size = tuple(cond.maps[self.level].shape[-2:])
@@ -815,11 +828,53 @@ class CVAE(nn.Module):
             if self.g:
                 mu, logvar = stats.chunk(2, dim=1)
                 mu_g, lv_g = self.prior_global(v).chunk(2, dim=1)
+                if self.hierarchical:
+                    if z_global is None:
+                        raise ValueError("model.hierarchical_prior: the map's prior needs the global numbers z_global")
+                    mu, logvar = self._given_global(mu, logvar, cond.maps[self.level], z_global)
                 stats = torch.cat([self._pack(mu, mu_g), self._pack(logvar, lv_g)], dim=1)
         else:
             stats = self.prior_net(v)
         mu, logvar = stats.chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    def _given_global(self, mu: torch.Tensor, logvar: torch.Tensor, cond_map: torch.Tensor,
+                      z_global: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The map prior's (B, c_z, h_z, w_z) mean and log-variance shifted by ``prior_from_global`` of the condition
+        map at the latent's level (B, c, h_z, w_z) and the global numbers (B, g)."""
+        size = tuple(cond_map.shape[-2:])
+        shift = self.prior_from_global(torch.cat([cond_map, _broadcast(z_global, size)], dim=1))
+        d_mu, d_lv = shift.chunk(2, dim=1)
+        return mu + d_mu, logvar + d_lv
+
+    def draw_prior(self, cond: Condition, n: int, z_scale: float = 1.0, generator=None) -> torch.Tensor:
+        """(n, B, *latent_shape) draws of the prior: ``mu_p + z_scale * sigma_p * eps`` with one ``eps`` of that
+        shape.  ``hierarchical_prior``: the global numbers first (their part of ``eps``), then the map given each
+        member's own global numbers (the rest of ``eps``)."""
+        if not self.hierarchical:
+            mu_p, logvar_p = self.prior(cond)
+            return self._prior_draws(mu_p, logvar_p, n, z_scale, generator)
+        v = cond.vector
+        B = v.shape[0]
+        mu_g, lv_g = self.prior_global(v).chunk(2, dim=1)  # (B, g)
+        lv_g = lv_g.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        eps_device = generator.device if generator is not None else v.device
+        eps = torch.randn((n, B, *self.latent_shape_of(cond)), generator=generator, device=eps_device,
+                          dtype=v.dtype).to(v.device)
+        z_g = mu_g + z_scale * torch.exp(0.5 * lv_g) * eps[..., -self.g:]  # (n, B, g)
+        rep = lambda t: t.repeat(n, *([1] * (t.ndim - 1)))  # noqa: E731 -- member-major, as z_g.reshape
+        # the prior reads the condition map at the latent's level and the vector: those repeated for the n members
+        maps = tuple(rep(m) if i == self.level else m for i, m in enumerate(cond.maps))
+        mu_p, logvar_p = self.prior(Condition(maps, rep(v)), z_g.reshape(n * B, self.g))  # (n B, n_map + g)
+        z = mu_p + z_scale * torch.exp(0.5 * logvar_p) * eps.reshape(n * B, -1)
+        return z.view(n, B, -1)
+
+    def latent_shape_of(self, cond: Condition) -> tuple[int, ...]:
+        """:meth:`latent_shape` of the field ``cond`` encodes."""
+        size = tuple(cond.maps[self.level].shape[-2:])
+        if self.latent == "map":
+            return (self.z_ch * size[0] * size[1] + self.g,) if self.g else (self.z_ch, *size)
+        return (self.d_z,)
 
     def decode(self, z: torch.Tensor, cond: Condition, valid: torch.Tensor | None = None,
                generator: torch.Generator | None = None, straight_through: bool = False,
@@ -957,8 +1012,9 @@ class CVAE(nn.Module):
         self._check_inputs(y, valid, x, window)
         cond = self._with_mean(self.encode_condition(y, window))
         mu_q, logvar_q = self.posterior(x, valid, cond)
-        mu_p, logvar_p = self.prior(cond)
         z = mu_q + torch.exp(0.5 * logvar_q) * torch.randn_like(mu_q)
+        # hierarchical_prior: the map's prior given the posterior's global draw (the KL of the map given z_global)
+        mu_p, logvar_p = self.prior(cond, z[:, -self.g:] if self.hierarchical else None)
         law = None
         if self.output == "bernoulli_gamma":
             law = self.decode_law(z, cond)
@@ -967,7 +1023,8 @@ class CVAE(nn.Module):
             recon = self.decode(z, cond, valid)
         prior_samples = None
         if n_prior > 0:
-            zp = self._prior_draws(mu_p, logvar_p, n_prior)  # (M, B, *latent_shape)
+            zp = (self.draw_prior(cond, n_prior) if self.hierarchical
+                  else self._prior_draws(mu_p, logvar_p, n_prior))  # (M, B, *latent_shape)
             B = x.shape[0]
             # one decoder pass over M * B: the condition repeated member-major
             again = lambda m: None if m is None else m.repeat(n_prior, *([1] * (m.ndim - 1)))  # noqa: E731
@@ -1035,8 +1092,7 @@ class CVAE(nn.Module):
         if tile is not None and any(t < s for t, s in zip(tile, self.fine_shape)):
             return self._sample_tiled(y, valid, n_samples, z_scale, generator, tile)
         cond = self._with_mean(self.encode_condition(y))
-        mu_p, logvar_p = self.prior(cond)
-        z = self._prior_draws(mu_p, logvar_p, n_samples, z_scale, generator)  # (n_samples, B, *latent_shape)
+        z = self.draw_prior(cond, n_samples, z_scale, generator)  # (n_samples, B, *latent_shape)
         out = [self.decode(z[i], cond, valid, generator) for i in range(n_samples)]
         return torch.stack(out, dim=0)  # (n_samples, B, 1, H, W)
 
