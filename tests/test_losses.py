@@ -558,6 +558,13 @@ def test_block_means_by_hand():
     kept = v[valid]
     assert whole.shape == (1, 1, 1, 1) and bool(counted.all())
     assert float(whole) == pytest.approx(float(kept.mean()))
+    # the whole field counts with far fewer than half of its cells valid (a land mask on a padded grid: Iberia's
+    # 324 land cells of 24 x 32), and not at all without one
+    few = torch.zeros_like(valid)
+    few[0, 0, 1, 4] = True
+    whole, counted = block_means(v, few, 0)
+    assert bool(counted.all()) and float(whole) == 9.0
+    assert not bool(block_means(v, torch.zeros_like(valid), 0)[1].any())
 
 
 def test_block_means_of_members_use_each_sample_mask():
@@ -587,6 +594,10 @@ def test_pooled_afcrps_hand_values_and_masked_cells_are_inert():
     eps = (1 - 0.95) / m
     want = skill - (1 - eps) / (m * (m - 1)) * pairs
     assert float(pooled_afcrps(members, y, valid, (0,))) == pytest.approx(want)
+    # the same with the field padded by invalid cells to 4 x 4 (a quarter valid): the whole field still counts
+    pad = lambda t, fill: torch.nn.functional.pad(t, (0, 2, 0, 2), value=fill)  # noqa: E731
+    got = pooled_afcrps(pad(members, 0.0), pad(y, 0.0), pad(valid, False), (0,))
+    assert float(got) == pytest.approx(want)
     # two sizes average: 1-cell blocks give the per-pixel afCRPS
     per_pixel = float(masked_afcrps(members, y, valid))
     assert float(pooled_afcrps(members, y, valid, (1, 0))) == pytest.approx((per_pixel + want) / 2)

@@ -445,7 +445,9 @@ def block_means(values: torch.Tensor, valid: torch.Tensor, size: int,
         Block side in cells, from the top-left corner (the last row and column of blocks may be
         partial); 0: one block, the whole field.
     min_fraction : float
-        A block counts when at least this fraction of its cells (of the cells inside the field) is valid.
+        A block counts when at least this fraction of its cells (of the cells inside the field) is valid.  The
+        whole field (``size`` 0) counts whenever it has a valid cell: its valid cells are the domain (a land mask
+        on a padded grid may cover less than half of it).
 
     Returns
     -------
@@ -461,7 +463,7 @@ def block_means(values: torch.Tensor, valid: torch.Tensor, size: int,
     if size == 0:
         total = v.sum(dim=(-2, -1), keepdim=True)
         n = w.sum(dim=(-2, -1), keepdim=True)
-        cells = torch.full_like(n, float(hh * ww))
+        cells = torch.zeros_like(n)  # no fraction: any valid cell makes the domain
     else:
         pool = lambda a: torch.nn.functional.avg_pool2d(a, size, stride=size, ceil_mode=True,  # noqa: E731
                                                         count_include_pad=False, divisor_override=1)
