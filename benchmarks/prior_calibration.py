@@ -100,6 +100,9 @@ def main(argv=None) -> int:
         data = open_fields(f"{root}/preprocess/dataset.zarr", f"{root}/events/thresholds.nc",
                            f"{root}/events/events.csv", splits=("train", "val")).read()
         model, state = load_model(f"{root}/experiments/{args.experiment}/train/best.pt")
+        if model.hierarchical:
+            raise SystemExit(f"{root}/experiments/{args.experiment}: model.hierarchical_prior draws the map given the "
+                             "global numbers; this script measures the factorised prior (hierarchical_prior false)")
         model.eval()
         transform = TargetTransform.from_attrs(state["data"]["transform"])
         g = int(model.g)

@@ -228,6 +228,18 @@ def test_hierarchical_prior_draws_the_map_given_each_members_global_numbers():
             torch.testing.assert_close(zd[m], mu_m + torch.exp(0.5 * lv_m) * eps[m])
         s = model.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1))
         assert s.shape == (2, 2, 1, 16, 16) and bool((s >= 0).all())
+        # training's prior members are draw_prior's: the same noise gives the same members whatever the truth
+        # (the posterior's global draw sets the KL's prior only), and they are those decoded from draw_prior
+        torch.manual_seed(3)
+        a = model(x, y, valid, n_prior=3).prior_samples
+        torch.manual_seed(3)
+        b = model(2.0 * x + 1.0, y, valid, n_prior=3).prior_samples
+        torch.testing.assert_close(a, b)
+        torch.manual_seed(3)
+        torch.randn_like(mu_q)  # forward's posterior draw comes first
+        zp = model.draw_prior(cond, 3)
+        for m in range(3):
+            torch.testing.assert_close(a[m], model.decode(zp[m], cond, valid))
     # training draws members the same way and backpropagates into the shift
     model.train()
     out = model(x, y, valid, n_prior=3)

@@ -866,8 +866,9 @@ class CVAE(nn.Module):
         # the prior reads the condition map at the latent's level and the vector: those repeated for the n members
         maps = tuple(rep(m) if i == self.level else m for i, m in enumerate(cond.maps))
         mu_p, logvar_p = self.prior(Condition(maps, rep(v)), z_g.reshape(n * B, self.g))  # (n B, n_map + g)
-        z = mu_p + z_scale * torch.exp(0.5 * logvar_p) * eps.reshape(n * B, -1)
-        return z.view(n, B, -1)
+        k = mu_p.shape[1] - self.g  # the map's numbers; the global ones are z_g itself
+        z_map = mu_p[:, :k] + z_scale * torch.exp(0.5 * logvar_p[:, :k]) * eps.reshape(n * B, -1)[:, :k]
+        return torch.cat([z_map.view(n, B, k), z_g], dim=-1)
 
     def latent_shape_of(self, cond: Condition) -> tuple[int, ...]:
         """:meth:`latent_shape` of the field ``cond`` encodes."""
