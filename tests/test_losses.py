@@ -559,7 +559,7 @@ def test_block_means_by_hand():
     assert whole.shape == (1, 1, 1, 1) and bool(counted.all())
     assert float(whole) == pytest.approx(float(kept.mean()))
     # the whole field counts with far fewer than half of its cells valid (a land mask on a padded grid: Iberia's
-    # 324 land cells of 24 x 32), and not at all without one
+    # 327 land cells of 24 x 32), and not at all without one
     few = torch.zeros_like(valid)
     few[0, 0, 1, 4] = True
     whole, counted = block_means(v, few, 0)
