@@ -300,6 +300,29 @@ def test_perkins_skill_score():
     assert pss[0, 0] == pytest.approx(0.0)
 
 
+def test_perkins_skill_score_bounds_its_counts_when_one_value_is_huge(monkeypatch):
+    """A member of 10^6 mm/day makes 10^6 one-mm bins: the pixels are taken fewer at a time, so no more than
+    _HISTOGRAM_CELLS counts are held at once, and the scores are those of one pass over all pixels (on BoM radar the
+    one pass asked for 20 GB)."""
+    rng = np.random.default_rng(3)
+    obs = rng.gamma(0.7, 5.0, size=(30, 6, 5))
+    ens = rng.gamma(0.7, 5.0, size=(2, 30, 6, 5))
+    ens[1, 4, 2, 3] = 1.0e6
+    sizes = []
+    histograms = indices._histograms
+    monkeypatch.setattr(indices, "_histograms", lambda x, e, k: sizes.append(x.shape[1] * (e.size - 1))
+                        or histograms(x, e, k))
+    monkeypatch.setattr(indices, "_HISTOGRAM_CELLS", 10**13)  # one pass over all 30 pixels
+    whole, mean_whole = indices.perkins_skill_score(ens, obs)
+    assert max(sizes) == 30 * (10**6 + 1)
+    sizes.clear()
+    monkeypatch.setattr(indices, "_HISTOGRAM_CELLS", 2 * 10**6 + 100)  # two pixels per chunk
+    chunked, mean_chunked = indices.perkins_skill_score(ens, obs)
+    assert max(sizes) <= 2 * 10**6 + 100 and len(sizes) == 2 * 15
+    np.testing.assert_array_equal(chunked, whole)
+    assert mean_chunked == mean_whole and 0 < mean_whole < 1
+
+
 def _fields(n=6, size=16, seed=2):
     rng = np.random.default_rng(seed)
     f = uniform_filter(rng.gamma(0.5, 8.0, size=(n, size, size)), size=(1, 3, 3))

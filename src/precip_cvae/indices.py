@@ -92,6 +92,10 @@ _VALUES_PER_CALL = 2 ** 23
 
 #: pixels per chunk in the distribution scores (bounds the sorted / histogram copies)
 _PIXELS_PER_CHUNK = 2048
+#: perkins_skill_score: at most this many (pixel, bin) counts at once.  Its 1 mm/day bins run to the largest value,
+#: so a member of 10^5 mm/day (a badly trained model, a radar's sub-daily rates) makes 10^5 bins: pixels are then
+#: taken fewer at a time (the same score) instead of allocating bins x 2048 counts (20 GB seen on BoM radar).
+_HISTOGRAM_CELLS = 2**23
 
 _UNITS = "mm/d"
 
@@ -620,8 +624,9 @@ def perkins_skill_score(ens, obs, bins=1.0, wet_threshold: float | None = None
     edges = _bin_edges(bins, float(both.min()), float(both.max()))
     broken = broken_map.reshape(-1)[idx]
     defined_obs = np.ones(idx.size, dtype=bool)
-    for a in range(0, idx.size, _PIXELS_PER_CHUNK):
-        sl = slice(a, a + _PIXELS_PER_CHUNK)
+    step = max(1, min(_PIXELS_PER_CHUNK, _HISTOGRAM_CELLS // (edges.size - 1)))  # bounded counts per chunk
+    for a in range(0, idx.size, step):
+        sl = slice(a, a + step)
         eu, ou = ev[:, sl], ov[:, sl]
         ke = np.isfinite(eu) if wet_threshold is None else np.isfinite(eu) & (eu >= wet_threshold)
         ko = ofin[:, sl] if wet_threshold is None else ofin[:, sl] & (ou >= wet_threshold)
