@@ -30,6 +30,13 @@ def _batch(B, C, fine, coarse, seed=0, sea=True):
     return x, y, valid
 
 
+def _tiny_checkpoint(model) -> dict:
+    """What checkpoint.build_model reads, for a model on the (3, 16x16, 4x4) data of these tests (copied weights)."""
+    return {"model_config": dict(model.cfg.__dict__),
+            "model_args": {"n_channels": 3, "fine_shape": [16, 16], "coarse_shape": [4, 4], "n_static": 0},
+            "model_state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
 # (preset, fine grid, coarse grid): small grids, each a multiple of 2**depth
 PRESET_GRIDS = [
     ("tiny", (16, 16), (4, 4)),
@@ -40,6 +47,7 @@ PRESET_GRIDS = [
 
 
 @pytest.mark.parametrize("preset,fine,coarse", PRESET_GRIDS)
+
 def test_forward_shapes_every_preset(preset, fine, coarse):
     torch.manual_seed(0)
     cfg = ModelConfig(preset=preset)
@@ -95,9 +103,7 @@ def test_decoder_blocks_add_residual_blocks_at_every_finer_scale():
     # the blocks are used: members differ from the plain model's, and a checkpoint restores them
     x, y, valid = _batch(2, 3, (16, 16), (4, 4))
     deep.eval()
-    state = {"model_config": dict(deep.cfg.__dict__), "model_args": {"n_channels": 3, "fine_shape": [16, 16],
-                                                                     "coarse_shape": [4, 4], "n_static": 0},
-             "model_state": {k: v.clone() for k, v in deep.state_dict().items()}}
+    state = _tiny_checkpoint(deep)
     with torch.no_grad():
         s = deep.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1))
         deep.dec_blocks[0][0].body[-1].weight.add_(0.5)
@@ -147,9 +153,7 @@ def test_global_latent_numbers_beside_the_map():
         b = model.decode(z, cond)
         assert float((a - b).abs().amax()) > 0
         s = model.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1))
-    state = {"model_config": dict(model.cfg.__dict__), "model_args": {"n_channels": 3, "fine_shape": [16, 16],
-                                                                      "coarse_shape": [4, 4], "n_static": 0},
-             "model_state": {k: v.clone() for k, v in model.state_dict().items()}}
+    state = _tiny_checkpoint(model)
     rebuilt = checkpoint.build_model(state).eval()
     with torch.no_grad():
         assert torch.equal(rebuilt.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1)), s)
@@ -168,9 +172,7 @@ def test_global_latent_numbers_beside_the_map():
     torch.manual_seed(0)
     old = CVAE(ModelConfig(preset="tiny", global_latent=0), *args).eval()
     old_cfg = {k: v for k, v in old.cfg.__dict__.items() if k != "global_latent"}
-    state = {"model_config": old_cfg, "model_args": {"n_channels": 3, "fine_shape": [16, 16], "coarse_shape": [4, 4],
-                                                     "n_static": 0},
-             "model_state": {k: v.clone() for k, v in old.state_dict().items()}}
+    state = {**_tiny_checkpoint(old), "model_config": old_cfg}
     assert checkpoint.build_model(state).cfg.global_latent == 0
 
 
@@ -248,9 +250,7 @@ def test_hierarchical_prior_draws_the_map_given_each_members_global_numbers():
     assert float(model.prior_from_global[-1].weight.grad.abs().sum()) > 0
     # a checkpoint restores it
     model.eval()
-    ckpt = {"model_config": dict(model.cfg.__dict__), "model_args": {"n_channels": 3, "fine_shape": [16, 16],
-                                                                     "coarse_shape": [4, 4], "n_static": 0},
-            "model_state": {k: v.clone() for k, v in model.state_dict().items()}}
+    ckpt = _tiny_checkpoint(model)
     with torch.no_grad():
         s = model.sample(y, valid, n_samples=2, generator=torch.Generator().manual_seed(1))
         assert torch.equal(checkpoint.build_model(ckpt).eval().sample(y, valid, n_samples=2,
