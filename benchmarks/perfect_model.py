@@ -35,15 +35,32 @@ KEYS = [("crps", "CRPS"), ("spread_skill", "spread/skill"), ("freq_bias_p99", "P
         ("q99", "P99 wet / truth"), ("mass_error_bias", "mass bias"), ("rapsd_log_ratio", "RAPSD log ratio")]
 
 
-def heavy_days(truth: np.ndarray, thr99, min_exceed: float) -> np.ndarray:
-    """detect_events' exceedance criterion (``events.field_statistics``): the share of a day's valid cells above
-    their local P99 >= min_exceed; ``thr99`` one map or per-day maps (an array or ``FoldMaps``)."""
-    n = truth.shape[0]
-    out = np.zeros(n, bool)
+def day_statistics(fields: np.ndarray, thr99, min_exceed: float) -> tuple[np.ndarray, np.ndarray]:
+    """Domain mean and detect_events' exceedance criterion (``events.field_statistics``: the share of a day's
+    valid cells above their local P99 >= min_exceed) of each of the N fields (N, h, w); ``thr99`` one map or
+    per-day maps (an array or ``FoldMaps``)."""
+    n = fields.shape[0]
+    mean, heavy = np.zeros(n), np.zeros(n, bool)
     for s in range(0, n, 256):
         stop = min(s + 256, n)
-        stats = field_statistics(truth[s:stop], day_slice(thr99, n, s, stop))
-        out[s:stop] = stats["exceed_fraction"].to_numpy() >= min_exceed
+        st = field_statistics(fields[s:stop], day_slice(thr99, n, s, stop))
+        mean[s:stop] = st["domain_mean"].to_numpy()
+        heavy[s:stop] = st["exceed_fraction"].to_numpy() >= min_exceed
+    return mean, heavy
+
+
+def rain_ratios(truth_mean: np.ndarray, heavy: np.ndarray, member_mean: np.ndarray,
+                member_heavy: np.ndarray) -> dict:
+    """``generate``'s rain goal on the truth's heavy days: the members' mean domain-mean rain over the truth's,
+    (a) every member (``filter_heavy`` off) and (b) only the members that are heavy themselves (on), over the
+    days where some member is; member_* are (M, N)."""
+    d = np.flatnonzero(heavy)
+    out = {"rain_all": member_mean[:, d].mean() / truth_mean[d].mean()}
+    some = member_heavy[:, d].any(axis=0)
+    if some.any():
+        kept = np.where(member_heavy[:, d[some]], member_mean[:, d[some]], np.nan)
+        out["rain_filtered"] = np.nanmean(kept, axis=0).mean() / truth_mean[d[some]].mean()
+        out["filtered_days"] = some.mean()
     return out
 
 
@@ -72,31 +89,40 @@ def main(argv=None) -> int:
     real_heavy = truth["is_event"].values.astype(bool)
     ens = io.open_zarr_group(str(store), f"{args.split}/cvae_best")["pr"].values  # (M, N, h, w) float32
     m = ens.shape[0]
-    check = heavy_days(obs, thr["p99"], args.min_exceed)
+    obs_mean, check = day_statistics(obs, thr["p99"], args.min_exceed)
+    stats = [day_statistics(np.where(np.isfinite(obs), ens[k].astype("float64"), np.nan), thr["p99"],
+                            args.min_exceed) for k in range(m)]
+    means, heavies = np.stack([a for a, _ in stats]), np.stack([b for _, b in stats])  # (M, N)
     print(f"{store} ({args.split}): {m} members, {obs.shape[0]} days; the criterion finds {int(check.sum())} heavy "
           f"days in the truth, detect_events found {int(real_heavy.sum())} ({int((check == real_heavy).sum())} agree)")
     rows = []
     others = ens[1:]
     parts = day_parts(others, obs, thr, windows=(1,))
     rows.append({"truth": "observed", "heavy_days": int(real_heavy.sum()),
+                 **rain_ratios(obs_mean, real_heavy, means[1:], heavies[1:]),
                  **{f"all_{k}": v for k, v in _row(scores_of(parts)[0]).items()},
                  **{f"heavy_{k}": v for k, v in _row(scores_of(parts, np.flatnonzero(real_heavy))[0]).items()}})
     for k in range(m):
         t = np.where(np.isfinite(obs), ens[k].astype("float64"), np.nan)
-        heavy = heavy_days(t, thr["p99"], args.min_exceed)
+        heavy = heavies[k]
         parts = day_parts(np.delete(ens, k, axis=0), t, thr, windows=(1,))
+        rest = np.arange(m) != k
         rows.append({"truth": f"member {k}", "heavy_days": int(heavy.sum()),
+                     **(rain_ratios(means[k], heavy, means[rest], heavies[rest]) if heavy.any() else {}),
                      **{f"all_{key}": v for key, v in _row(scores_of(parts)[0]).items()},
                      **({f"heavy_{key}": v for key, v in _row(scores_of(parts, np.flatnonzero(heavy))[0]).items()}
                         if heavy.any() else {})})
     table = pd.DataFrame(rows)
     members = table[table["truth"] != "observed"]
-    stats = [members.mean(numeric_only=True), members.min(numeric_only=True), members.max(numeric_only=True)]
+    summaries = [members.mean(numeric_only=True), members.min(numeric_only=True), members.max(numeric_only=True)]
     summary = pd.DataFrame([{**table.iloc[0].to_dict(), "truth": "observed truth, real heavy days"},
                             *({**s_.to_dict(), "truth": f"perfect model ({name})"}
-                              for s_, name in zip(stats, ("mean over members", "min", "max")))])
+                              for s_, name in zip(summaries, ("mean over members", "min", "max")))])
     cols = ["truth", "heavy_days"] + [f"{s}_{k}" for s in ("all", "heavy") for k, _ in KEYS]
     print(summary[cols].to_markdown(index=False, floatfmt=".3g"))
+    print("\ngenerated rain on the heavy days / the truth's: every member (filter_heavy off), only the members "
+          "heavy themselves (on), and the share of heavy days where some member is")
+    print(summary[["truth", "rain_all", "rain_filtered", "filtered_days"]].to_markdown(index=False, floatfmt=".3g"))
     print(json.dumps({"members_as_truth": m, "ensemble_members": m - 1}))
     return 0
 

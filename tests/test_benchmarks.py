@@ -119,10 +119,32 @@ def test_perfect_model_heavy_days_are_detect_events_exceedance_days():
     truth[2, 0, 0] = 12.0
     truth[3, 0, :2] = 11.0  # 10 % above, but its own map is higher
     thr = np.full((2, 10), 10.0)
-    assert perfect_model.heavy_days(truth, thr, 0.05).tolist() == [True, False, True, True]
+    mean, heavy = perfect_model.day_statistics(truth, thr, 0.05)
+    assert heavy.tolist() == [True, False, True, True]
+    np.testing.assert_allclose(mean, [11.0 / 20, 10.0 / 20, 12.0 / 2, 22.0 / 20])
     per_day = np.stack([thr, thr, thr, np.full((2, 10), 20.0)])
-    assert perfect_model.heavy_days(truth, per_day, 0.05).tolist() == [True, False, True, False]
-    assert perfect_model.heavy_days(truth, thr, 0.06).tolist() == [False, False, True, True]
+    assert perfect_model.day_statistics(truth, per_day, 0.05)[1].tolist() == [True, False, True, False]
+    assert perfect_model.day_statistics(truth, thr, 0.06)[1].tolist() == [False, False, True, True]
+
+
+def test_perfect_model_rain_ratios_by_hand():
+    """The generated-rain goal in the perfect-model test: every member's domain mean on the truth's heavy days
+    against the truth's, and only the members heavy themselves, over the days where one is."""
+    sys.path.insert(0, str(BENCH))
+    import perfect_model
+
+    truth_mean = np.array([10.0, 1.0, 20.0, 8.0])
+    heavy = np.array([True, False, True, True])
+    member_mean = np.array([[4.0, 0.0, 30.0, 2.0],
+                            [12.0, 9.0, 10.0, 4.0]])
+    member_heavy = np.array([[False, False, True, False],
+                             [True, True, False, False]])  # day 3: no member heavy
+    out = perfect_model.rain_ratios(truth_mean, heavy, member_mean, member_heavy)
+    # every member on days 0, 2, 3: (4 + 12 + 30 + 10 + 2 + 4) / 6 = 62 / 6 against (10 + 20 + 8) / 3
+    assert out["rain_all"] == pytest.approx((62.0 / 6) / (38.0 / 3))
+    # heavy members only: day 0 -> 12, day 2 -> 30; the truth on days 0 and 2: 15
+    assert out["rain_filtered"] == pytest.approx(21.0 / 15.0)
+    assert out["filtered_days"] == pytest.approx(2.0 / 3.0)
 
 
 def test_areal_scores_by_hand():

@@ -1,0 +1,142 @@
+"""How heavy the generated heavy-day samples are, day by day against the real day they were conditioned on.
+
+Issue 28's goal "rain of generated heavy-day samples / real heavy days" (0.95-1.05).  ``generate``'s report
+compares the pooled medians of the two sets; this script pairs them: for each heavy day with samples, the mean
+over its samples of a statistic (domain mean, domain maximum, the share of cells above their local P99) against
+the real day's, the ratio of the means over days and its 90 % paired bootstrap interval over days
+(``scipy.stats.bootstrap``).  Days left without a sample (``generate.filter_heavy`` can leave some) are counted,
+not scored.
+
+The real days are chosen by their outcome (heavy under ``events.criterion``), so unfiltered samples, drawn from
+p(field | predictors), are lighter even from a perfect model (the forecaster's dilemma; the perfect-model test in
+docs/results-iberia.md finds 0.85-0.89 there).  With ``generate.filter_heavy`` the samples are drawn from
+p(field | predictors, heavy) by the same criterion, the distribution the real heavy day is one draw of, so a
+calibrated model gives a ratio of 1 in expectation.
+
+Usage (each run's experiments with a ``generate/augmented.zarr``; several runs, e.g. with and without the
+filter, are printed in one table)::
+
+    .venv/bin/python benchmarks/generated_rain.py results/iberia_issue28f results/iberia_issue28g
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from scipy import stats
+
+from precip_cvae.events import field_statistics
+from precip_cvae.grid import crop_to_original
+
+STATS = [("domain_mean", "rain"), ("domain_max", "peak"), ("exceed_fraction", "area > P99")]
+
+
+def ratio_interval(gen: np.ndarray, real: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """mean(gen) / mean(real) over days and its 90 % paired bootstrap (percentile) interval."""
+    point = float(gen.mean() / real.mean())
+    if len(gen) < 3:
+        return point, np.nan, np.nan
+    res = stats.bootstrap((gen, real), lambda g, r, axis: g.mean(axis) / r.mean(axis), paired=True,
+                          vectorized=True, confidence_level=0.9, method="percentile", n_resamples=2000,
+                          random_state=np.random.default_rng(seed))
+    return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def per_day(generate_dir: Path, run: Path, splits: list[str]) -> pd.DataFrame:
+    """One row per heavy day of generate's splits: the real day's statistics and the mean of its samples'."""
+    report = json.loads((generate_dir / "generation_report.json").read_text())
+    with xr.open_zarr(generate_dir / "augmented.zarr") as aug, xr.open_dataset(run / "events" / "thresholds.nc") as t:
+        thr = crop_to_original(t["threshold"], t.attrs).values
+        pr = aug["pr"].values  # (D, R, h, w), NaN past a day's accepted count and outside the mask
+        counts = aug["n_realizations"].values
+        dates = pd.DatetimeIndex(aug["time"].values).strftime("%Y-%m-%d")
+        filtered = int(aug.attrs.get("filter_heavy", 0))
+    if thr.shape != pr.shape[-2:]:
+        raise SystemExit(f"{run}/events/thresholds.nc: grid {thr.shape} is not the samples' {pr.shape[-2:]}")
+    events = pd.read_csv(run / "events" / "events.csv", dtype={"date": str})
+    heavy = events[events["is_event"] & events["split"].isin(splits)].set_index("date")
+    if len(heavy) != report["heavy_days"]:
+        raise SystemExit(f"{run}: {len(heavy)} heavy days of {splits} in events.csv, the report says "
+                         f"{report['heavy_days']}")
+    rows, pooled = [], []
+    for d, date in enumerate(dates):
+        st = field_statistics(pr[d, : counts[d]], thr)
+        pooled.append(st["domain_mean"].to_numpy())
+        rows.append({"date": date, "samples": int(counts[d]),
+                     **{f"gen_{k}": float(st[k].mean()) for k, _ in STATS}})
+    gen = pd.DataFrame(rows).set_index("date")
+    out = heavy[[k for k, _ in STATS]].rename(columns={k: f"real_{k}" for k, _ in STATS}).join(gen, how="left")
+    out["samples"] = out["samples"].fillna(0).astype(int)
+    out.attrs["acceptance_rate"] = report["acceptance_rate"]
+    out.attrs["sample_domain_means"] = np.concatenate(pooled) if pooled else np.zeros(0)
+    out.attrs["filter_heavy"] = filtered
+    return out
+
+
+def summarise(days: pd.DataFrame) -> dict:
+    scored = days[days["samples"] > 0]
+    row = {"filter": days.attrs["filter_heavy"], "heavy days": len(days), "without samples": int((days["samples"] == 0).sum()),
+           "samples": int(days["samples"].sum()), "acceptance": days.attrs["acceptance_rate"]}
+    for k, name in STATS:
+        p, lo, hi = ratio_interval(scored[f"gen_{k}"].to_numpy(), scored[f"real_{k}"].to_numpy())
+        row[f"{name} ratio"] = p
+        row[f"{name} 90 %"] = f"[{lo:.2f}, {hi:.2f}]"
+    # generate's report: the median over all samples against the median over the real heavy days
+    row["rain ratio, pooled medians"] = float(np.median(days.attrs["sample_domain_means"])
+                                              / days["real_domain_mean"].median())
+    return row
+
+
+DOWNSTREAM = ["MAE_all", "MAE_tail", "quantile_loss", "freq_bias_p99"]
+
+
+def downstream_rows(run: Path, experiment: str) -> list[dict]:
+    """issue 11's downstream check beside the samples: augmented - real over the downscalers' seeds, with the
+    check's own 95 % bootstrap interval over test days, for each loss and subset."""
+    path = run / "experiments" / experiment / "downstream" / "comparison.csv"
+    if not path.exists():
+        return []
+    d = pd.read_csv(path, dtype={"seed": str})
+    d = d[(d["training_set"] == "augmented_minus_real") & (d["seed"] == "all") & d["metric"].isin(DOWNSTREAM)]
+    rows = []
+    for (loss, subset), g in d.groupby(["loss", "subset"], sort=False):
+        row = {"run": run.name, "experiment": experiment, "downscaler loss": loss, "days": subset}
+        for _, r in g.iterrows():
+            row[r["metric"]] = f"{r['value']:+.3g} [{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]"
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="results/<run> directories")
+    ap.add_argument("--splits", nargs="+", default=["train"], help="generate.splits of the runs")
+    args = ap.parse_args(argv)
+    rows, down = [], []
+    for r in args.runs:
+        run = Path(r)
+        for gdir in sorted(run.glob("experiments/*/generate")):
+            if not (gdir / "augmented.zarr").exists():
+                continue
+            rows.append({"run": run.name, "experiment": gdir.parent.name, **summarise(per_day(gdir, run, args.splits))})
+            down.extend(downstream_rows(run, gdir.parent.name))
+    if not rows:
+        raise SystemExit(f"no generate/augmented.zarr under {args.runs}")
+    table = pd.DataFrame(rows)
+    print(table.to_markdown(index=False, floatfmt=".3g"))
+    num = [c for c in table.columns if c.endswith("ratio") or c in ("acceptance", "without samples")]
+    print()
+    print(table.groupby(["run", "filter"])[num].agg(["mean", "std"]).T.to_markdown(floatfmt=".3g"))
+    if down:
+        print("\ndownstream check, augmented - real [95 %]:")
+        print(pd.DataFrame(down).to_markdown(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
