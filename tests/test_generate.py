@@ -27,7 +27,8 @@ def trained(prepared, tmp_path_factory):
 
 
 def _run(prepared, trained, out, **kw):
-    cfg = GenerateConfig(**{"members": 3, "batch_days": 2, "seed": 5, **kw})
+    # a one-epoch model makes no heavy field: every sample is kept (the heavy filter has its own tests below)
+    cfg = GenerateConfig(**{"members": 3, "batch_days": 2, "seed": 5, "filter_heavy": False, **kw})
     paths = generate.GeneratePaths.in_dir(out, trained, prepared["dataset"], prepared["thresholds"],
                                           prepared["events"], netcdf=cfg.netcdf)
     return generate.run(paths, cfg, EventsConfig(min_exceed_fraction=0.05))
@@ -110,7 +111,8 @@ def test_filter_keeps_only_heavy_samples(prepared, trained, tmp_path):
     never = thr_ds.copy(deep=True)
     never["threshold"].values = np.where(valid, np.float32(1e9), np.nan).astype("float32")
     never.to_netcdf(tmp_path / "never_thresholds.nc")
-    with pytest.raises(generate.GenerationError, match="no sample was accepted"):
+    with pytest.raises(generate.GenerationError, match=r"no sample was accepted: none of the \d+ drawn for \d+ heavy days .*"
+                                                        "generate.filter_heavy: false"):
         run(0.01, tmp_path / "none", str(tmp_path / "never_thresholds.nc"))  # impossible: fails, writes nothing
     assert not (tmp_path / "none" / "augmented.zarr").exists()
     cut = float(np.median(fractions))
@@ -215,7 +217,8 @@ def test_padded_grid_is_cropped_in_samples_and_padded_in_the_training_set(tmp_pa
                                                              loss=LossConfig(warmup_epochs=0)))
     report = generate.run(generate.GeneratePaths.in_dir(tmp_path / "out", str(paths.best), prep["dataset"],
                                                         prep["thresholds"], prep["events"]),
-                          GenerateConfig(members=2, batch_days=3), EventsConfig(min_exceed_fraction=0.05))
+                          GenerateConfig(members=2, batch_days=3, filter_heavy=False),
+                          EventsConfig(min_exceed_fraction=0.05))
     aug = xr.open_zarr(tmp_path / "out" / "augmented.zarr")
     assert (aug.sizes["lat"], aug.sizes["lon"]) == (12, 14) and int(aug["n_realizations"].sum()) == report["samples"]
     ts = load_fields(str(tmp_path / "out" / "augmented_training_set.zarr"), prep["thresholds"], None)
@@ -239,7 +242,7 @@ def test_a_gap_in_the_source_days_observations_is_generated(prepared, trained, t
         v.encoding = {}
     gappy = tmp_path / "gappy.zarr"
     ds.to_zarr(gappy)
-    cfg = GenerateConfig(members=3, batch_days=2, seed=5)
+    cfg = GenerateConfig(members=3, batch_days=2, seed=5, filter_heavy=False)
     paths = generate.GeneratePaths.in_dir(tmp_path / "out", trained, str(gappy), prepared["thresholds"],
                                           prepared["events"])
     report = generate.run(paths, cfg, EventsConfig(min_exceed_fraction=0.05))

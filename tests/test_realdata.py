@@ -64,7 +64,7 @@ def test_iberia_config_runs_every_stage(iberia, tmp_path):
     cfg["model"] = {"preset": "tiny"}
     cfg["train"].update(epochs=2, patience=2, val_members=2, loss={"warmup_epochs": 1})
     cfg["evaluate"].update(members=4, n_map_days=1)
-    cfg["generate"].update(members=2, experiments=[])
+    cfg["generate"].update(members=2, experiments=[], filter_heavy=False)  # a 2-epoch tiny model
     cfg["downstream"].update(seeds=1, epochs=1, losses=["quantile"], bootstrap=50)
     cfg["experiment_seeds"] = []
     cfg["experiments"] = {"default": {}}
@@ -195,7 +195,7 @@ def test_a_rotated_pole_target_runs_through_every_stage(iberia, tmp_path):
     cfg["model"] = {"preset": "tiny", "condition_interpolation": "geographic"}
     cfg["train"].update(epochs=2, patience=2, val_members=2, loss={"warmup_epochs": 1})
     cfg["evaluate"].update(members=2, n_map_days=1, splits=["test"])
-    cfg["generate"].update(members=2, experiments=["default"])
+    cfg["generate"].update(members=2, experiments=["default"], filter_heavy=False)  # a 2-epoch tiny model
     cfg["downstream"] = {"enabled": False}
     cfg["experiment_seeds"] = []
     cfg["experiments"] = {"default": {}}

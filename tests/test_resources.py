@@ -253,7 +253,7 @@ def test_generate_script_samples_on_one_torch_thread(prepared, tmp_path):
         rec = run_script("generate", 1, tmp_path / "generate.log",
                          input={"checkpoint": str(paths.best), "dataset": prepared["dataset"],
                                 "thresholds": prepared["thresholds"], "events": prepared["events"]},
-                         params={"generate": {"members": 2, "netcdf": True, "device": "cpu"},
+                         params={"generate": {"members": 2, "netcdf": True, "device": "cpu", "filter_heavy": False},
                                  "events": {"min_exceed_fraction": 0.05}},
                          output={k: v for k, v in vars(generate.GeneratePaths.in_dir(
                              out, "", "", "", "", netcdf=True)).items() if k in GENERATE_OUTPUTS})

@@ -740,8 +740,8 @@ class GenerateConfig(Section):
     splits: tuple[str, ...] = ("train",)
     members: int = 10
     z_scale: float = 1.0
-    filter_heavy: bool = False
-    max_rounds: int = 5
+    filter_heavy: bool = True
+    max_rounds: int = 10
     seed: int = 0
     batch_days: int = 16
     synthetic_weight: float = 1.0

@@ -345,7 +345,10 @@ def _write_samples(setup: _Setup, cfg: GenerateConfig, events_cfg: EventsConfig,
                 "inside the mask; nothing was written"
             )
         if tally.written == 0:
-            raise GenerationError("no sample was accepted; lower the filter's demands or raise generate.max_rounds")
+            raise GenerationError(
+                f"no sample was accepted: none of the {tally.drawn} drawn for {setup.chosen.size} heavy days is heavy "
+                f"under events.criterion ({events_cfg.criterion}); the model rarely makes heavy fields. Raise "
+                "generate.max_rounds, or set generate.filter_heavy: false to keep every sample; nothing was written")
         write_zarr_group(condition_dataset(setup.data, np.asarray(tally.source_days), setup.ds, setup.attrs), tmp,
                          CONDITION_GROUP)
         consolidate_zarr(tmp)
