@@ -234,7 +234,8 @@ def child_generate(root: str, members: str) -> None:
     from precip_cvae.logs import setup
 
     setup(None)
-    cfg = GenerateConfig(members=int(members), splits=("train",), batch_days=4, device="cpu")
+    cfg = GenerateConfig(members=int(members), splits=("train",), batch_days=4, device="cpu",
+                         filter_heavy=False)  # the cost of one pass of draws (a one-epoch model)
     paths = generate.GeneratePaths.in_dir(f"{root}/generate", f"{root}/model_false.pt", f"{root}/dataset.zarr",
                                           f"{root}/thresholds.nc", f"{root}/events.csv")
     t0 = time.perf_counter()

@@ -88,7 +88,9 @@ def _setup(dataset, thresholds, events, ckpt, preset, members, batch_days, netcd
     gen_log = logging.getLogger("precip_cvae.generate")
     gen_log.setLevel(logging.INFO)
     gen_log.addHandler(times)
-    return times, GenerateConfig(members=int(members), batch_days=int(batch_days), netcdf=netcdf == "1"), np
+    # an untrained model and one pass of draws: every sample kept (no heavy filter)
+    return times, GenerateConfig(members=int(members), batch_days=int(batch_days), netcdf=netcdf == "1",
+                                 filter_heavy=False), np
 
 
 def child_speed(ckpt: str, dataset: str, thresholds: str, events: str, out: str, members: str,
