@@ -4,12 +4,12 @@ Issue 28's goal "rain of generated heavy-day samples / real heavy days" (0.95-1.
 compares the pooled medians of the two sets; this script pairs them: for each heavy day with samples, the mean
 over its samples of a statistic (domain mean, domain maximum, the share of cells above their local P99) against
 the real day's, the ratio of the means over days and its 90 % paired bootstrap interval over days
-(``scipy.stats.bootstrap``).  Days left without a sample (``generate.filter_heavy`` can leave some) are counted,
-not scored.
+(``precip_cvae.generate.report.ratio_of_means``; ``generation_report`` gives the same for one run).  Days left
+without a sample (``generate.filter_heavy`` can leave some) are counted, not scored.
 
 The real days are chosen by their outcome (heavy under ``events.criterion``), so unfiltered samples, drawn from
 p(field | predictors), are lighter even from a perfect model (the forecaster's dilemma; the perfect-model test in
-docs/results-iberia.md finds 0.85-0.89 there).  With ``generate.filter_heavy`` the samples are drawn from
+docs/results-iberia.md finds 0.85 (0.78-0.87) there).  With ``generate.filter_heavy`` the samples are drawn from
 p(field | predictors, heavy) by the same criterion, the distribution the real heavy day is one draw of, so a
 calibrated model gives a ratio of 1 in expectation.
 
@@ -28,23 +28,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy import stats
 
 from precip_cvae.events import field_statistics
+from precip_cvae.generate.report import ratio_of_means
 from precip_cvae.grid import crop_to_original
 
 STATS = [("domain_mean", "rain"), ("domain_max", "peak"), ("exceed_fraction", "area > P99")]
-
-
-def ratio_interval(gen: np.ndarray, real: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """mean(gen) / mean(real) over days and its 90 % paired bootstrap (percentile) interval."""
-    point = float(gen.mean() / real.mean())
-    if len(gen) < 3:
-        return point, np.nan, np.nan
-    res = stats.bootstrap((gen, real), lambda g, r, axis: g.mean(axis) / r.mean(axis), paired=True,
-                          vectorized=True, confidence_level=0.9, method="percentile", n_resamples=2000,
-                          random_state=np.random.default_rng(seed))
-    return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def per_day(generate_dir: Path, run: Path, splits: list[str]) -> pd.DataFrame:
@@ -83,9 +72,9 @@ def summarise(days: pd.DataFrame) -> dict:
     row = {"filter": days.attrs["filter_heavy"], "heavy days": len(days), "without samples": int((days["samples"] == 0).sum()),
            "samples": int(days["samples"].sum()), "acceptance": days.attrs["acceptance_rate"]}
     for k, name in STATS:
-        p, lo, hi = ratio_interval(scored[f"gen_{k}"].to_numpy(), scored[f"real_{k}"].to_numpy())
-        row[f"{name} ratio"] = p
-        row[f"{name} 90 %"] = f"[{lo:.2f}, {hi:.2f}]"
+        r = ratio_of_means(scored[f"gen_{k}"].to_numpy(), scored[f"real_{k}"].to_numpy())
+        row[f"{name} ratio"] = r["ratio"]
+        row[f"{name} 90 %"] = "" if r["ci_low"] is None else f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
     # generate's report: the median over all samples against the median over the real heavy days
     row["rain ratio, pooled medians"] = float(np.median(days.attrs["sample_domain_means"])
                                               / days["real_domain_mean"].median())

@@ -57,6 +57,13 @@ def test_outputs_units_provenance_mask(prepared, trained, tmp_path):
     mask = ds["mask"].values.astype(bool)
     assert np.isnan(pr[..., ~mask]).all() and (pr[..., mask] >= 0).all() and np.isfinite(pr[..., mask]).all()
     assert report["nan_values"] == 0 and report["negative_values"] == 0
+    # each day's samples against its real day: the domain mean of the stored samples by hand
+    paired = report["paired_with_real_days"]
+    assert paired["days_without_samples"] == 0 and paired["domain_mean"]["days"] == len(heavy_dates)
+    samples_mean = np.nanmean(np.where(mask, pr, np.nan), axis=(2, 3)).mean(axis=1)  # (days,) mean over samples
+    real_mean = events.set_index("date").loc[heavy_dates, "domain_mean"].to_numpy()
+    assert paired["domain_mean"]["ratio"] == pytest.approx(samples_mean.mean() / real_mean.mean(), rel=1e-5)
+    assert paired["domain_mean"]["ci_low"] <= paired["domain_mean"]["ratio"] <= paired["domain_mean"]["ci_high"]
     mass = report["mass_error_vs_coarse_condition"]
     assert mass["available"]  # the tiny set has a pr_block4 channel
     # the real heavy fields against their own 4x block means: the same domain mean, no error
@@ -125,6 +132,30 @@ def test_filter_keeps_only_heavy_samples(prepared, trained, tmp_path):
     assert np.isnan(pr[~filled]).all()  # realizations past a day's count are fill values
     assert (exceed_fraction(pr[filled]) >= cut).all() and some["samples"] == counts.sum()
     assert some["acceptance_rate"] < 1.0
+
+
+def test_samples_paired_with_their_real_days_by_hand():
+    """generation_report's paired ratios: a day's statistic is the mean over its samples, the ratio is of the means
+    over the days that have samples, and a day the filter left empty is counted, not scored."""
+    from precip_cvae.generate.report import paired_with_real_days, ratio_of_means
+
+    synth = pd.DataFrame({"source_date": ["d1", "d1", "d2", "d3", "d3", "d3"],
+                          "domain_mean": [4.0, 8.0, 3.0, 1.0, 2.0, 3.0],
+                          "domain_max": [40.0, 60.0, 30.0, 10.0, 20.0, 30.0],
+                          "exceed_fraction": [0.05, 0.07, 0.06, 0.1, 0.1, 0.1]})
+    real = pd.DataFrame({"domain_mean": [10.0, 5.0, 2.0, 9.0], "domain_max": [50.0, 40.0, 20.0, 70.0],
+                         "exceed_fraction": [0.1, 0.05, 0.1, 0.2]})
+    out = paired_with_real_days(synth, real, np.array(["d1", "d2", "d3", "d4"]))
+    assert out["days_without_samples"] == 1  # d4
+    # per day: d1 (4 + 8) / 2 = 6, d2 3, d3 2 against 10, 5, 2
+    assert out["domain_mean"]["days"] == 3 and out["domain_mean"]["ratio"] == pytest.approx(11.0 / 17.0)
+    assert out["domain_max"]["ratio"] == pytest.approx((50.0 + 30.0 + 20.0) / (50.0 + 40.0 + 20.0))
+    assert out["exceed_fraction"]["ratio"] == pytest.approx((0.06 + 0.06 + 0.1) / (0.1 + 0.05 + 0.1))
+    assert out["domain_mean"]["ci_low"] <= out["domain_mean"]["ratio"] <= out["domain_mean"]["ci_high"]
+    # the interval resamples days: identical days give a point interval; fewer than 3 days give none
+    same = ratio_of_means(np.full(5, 2.0), np.full(5, 4.0))
+    assert same["ratio"] == 0.5 and same["ci_low"] == pytest.approx(0.5) and same["ci_high"] == pytest.approx(0.5)
+    assert ratio_of_means(np.array([1.0, 2.0]), np.array([2.0, 2.0]))["ci_low"] is None
 
 
 def test_memorisation_flags_a_copy_and_passes_independent_fields():

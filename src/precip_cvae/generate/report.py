@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import xarray as xr
+from scipy import stats
 
 from .. import indices
 from ..config import EventsConfig, GenerateConfig
@@ -36,6 +37,37 @@ def summary(values: np.ndarray) -> dict:
         return {"n": 0}
     return {"n": int(values.size), "mean": float(values.mean()), "p10": float(np.percentile(values, 10)),
             "p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90))}
+
+
+#: the statistics of a sample compared with its real day's in :func:`paired_with_real_days`
+PAIRED_STATISTICS = ("domain_mean", "domain_max", "exceed_fraction")
+
+
+def ratio_of_means(samples: np.ndarray, real: np.ndarray, confidence: float = 0.9, n_resamples: int = 2000,
+                   seed: int = 0) -> dict:
+    """mean(samples) / mean(real) over days, paired, with a percentile bootstrap interval over days
+    (``scipy.stats.bootstrap``; none below 3 days)."""
+    samples, real = np.asarray(samples, float), np.asarray(real, float)
+    out = {"days": int(samples.size), "ratio": float(samples.mean() / real.mean()) if samples.size else None,
+           "ci_low": None, "ci_high": None, "confidence": confidence}
+    if samples.size >= 3:
+        res = stats.bootstrap((samples, real), lambda s, r, axis: s.mean(axis) / r.mean(axis), paired=True,
+                              vectorized=True, confidence_level=confidence, method="percentile",
+                              n_resamples=n_resamples, random_state=np.random.default_rng(seed))
+        out["ci_low"], out["ci_high"] = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return out
+
+
+def paired_with_real_days(synth: pd.DataFrame, real_stats: pd.DataFrame, real_dates) -> dict:
+    """Each day's samples against the real day they were drawn for: per statistic, the mean over the samples of
+    a day, then :func:`ratio_of_means` over the days that have samples (the goal "rain of generated heavy-day
+    samples / real heavy days" is the ``domain_mean`` ratio); days without a sample are counted."""
+    real = real_stats.assign(date=np.asarray(real_dates)).groupby("date")[list(PAIRED_STATISTICS)].mean()
+    per_day = synth.groupby("source_date")[list(PAIRED_STATISTICS)].mean().reindex(real.index)
+    have = per_day.notna().all(axis=1).to_numpy()
+    return {"days_without_samples": int((~have).sum()),
+            **{name: ratio_of_means(per_day[name].to_numpy()[have], real[name].to_numpy()[have])
+               for name in PAIRED_STATISTICS}}
 
 
 #: at most this many values (float64: 400 MB) of samples are held for :func:`index_diagnostics`
@@ -181,6 +213,7 @@ def build_report(setup: _Setup, tally: _Tally, cfg: GenerateConfig, events_cfg: 
             name: {"synthetic": summary(synth[name].values), "real_event_days": summary(real_stats[name].values)}
             for name in ("domain_max", "domain_mean", "exceed_fraction", "wet_fraction")
         },
+        "paired_with_real_days": paired_with_real_days(synth, real_stats, data.dates[chosen]),
     }
     log.info("generation: %d samples, acceptance %.2f, memorisation fraction %.3f, mass error %s",
              n_written, acceptance, memo["fraction_near_copies"],
@@ -214,6 +247,19 @@ def report_markdown(r: dict) -> str:
         f"{mm.get('samples_checked', '?')} samples against {mm['reference_fields']} train fields){' **WARNING**' if mm['warning'] else ''}. Nearest-field RMSE: "
         f"samples' median {mm['sample_nn_rmse_median']:.2f} mm/day; real heavy days to other train fields: median "
         f"{mm['real_nn_rmse_median']:.2f}, 5th percentile {mm['real_nn_rmse_p5']:.2f}",
+    ]
+    pr = r.get("paired_with_real_days")
+    if pr:
+        def ratio(v):
+            ci = "" if v["ci_low"] is None else f" [{v['ci_low']:.2f}, {v['ci_high']:.2f}]"
+            return "n/a" if v["ratio"] is None else f"{v['ratio']:.2f}{ci}"
+        lines.append(
+            f"- samples against the real day they were drawn for (mean over a day's samples, ratio of the means over "
+            f"the {pr['domain_mean']['days']} days with samples, {100 * pr['domain_mean']['confidence']:.0f} % "
+            f"bootstrap over days; {pr['days_without_samples']} days without a sample): rain (domain mean) "
+            f"{ratio(pr['domain_mean'])}, peak (domain max) {ratio(pr['domain_max'])}, area above the local "
+            f"threshold {ratio(pr['exceed_fraction'])}")
+    lines += [
         "",
         "| statistic | synthetic p10 / p50 / p90 | real heavy days p10 / p50 / p90 |",
         "|---|---|---|",
