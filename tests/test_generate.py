@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -118,8 +119,8 @@ def test_filter_keeps_only_heavy_samples(prepared, trained, tmp_path):
     never = thr_ds.copy(deep=True)
     never["threshold"].values = np.where(valid, np.float32(1e9), np.nan).astype("float32")
     never.to_netcdf(tmp_path / "never_thresholds.nc")
-    with pytest.raises(generate.GenerationError, match=r"no sample was accepted: none of the \d+ drawn for \d+ heavy days .*"
-                                                        "generate.filter_heavy: false"):
+    with pytest.raises(generate.GenerationError, match=r"no sample was accepted: none of the \d+ drawn for \d+ heavy days "
+                                                        rf".*the model \({re.escape(trained)}\).*generate.filter_heavy: false"):
         run(0.01, tmp_path / "none", str(tmp_path / "never_thresholds.nc"))  # impossible: fails, writes nothing
     assert not (tmp_path / "none" / "augmented.zarr").exists()
     cut = float(np.median(fractions))

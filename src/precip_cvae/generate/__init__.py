@@ -347,8 +347,9 @@ def _write_samples(setup: _Setup, cfg: GenerateConfig, events_cfg: EventsConfig,
         if tally.written == 0:
             raise GenerationError(
                 f"no sample was accepted: none of the {tally.drawn} drawn for {setup.chosen.size} heavy days is heavy "
-                f"under events.criterion ({events_cfg.criterion}); the model rarely makes heavy fields. Raise "
-                "generate.max_rounds, or set generate.filter_heavy: false to keep every sample; nothing was written")
+                f"under events.criterion ({events_cfg.criterion}); the model ({setup.attrs['checkpoint']}) rarely makes "
+                "heavy fields. Raise generate.max_rounds, or set generate.filter_heavy: false to keep every sample; "
+                "nothing was written")
         write_zarr_group(condition_dataset(setup.data, np.asarray(tally.source_days), setup.ds, setup.attrs), tmp,
                          CONDITION_GROUP)
         consolidate_zarr(tmp)
