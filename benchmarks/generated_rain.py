@@ -4,7 +4,7 @@ Issue 28's goal "rain of generated heavy-day samples / real heavy days" (0.95-1.
 compares the pooled medians of the two sets; this script pairs them: for each heavy day with samples, the mean
 over its samples of a statistic (domain mean, domain maximum, the share of cells above their local P99) against
 the real day's, the ratio of the means over days and its 90 % paired bootstrap interval over days
-(``precip_cvae.generate.report.ratio_of_means``; ``generation_report`` gives the same for one run).  Days left
+(``precip_cvae.generate.report.paired_with_real_days``, as ``generation_report`` gives it for one run).  Days left
 without a sample (``generate.filter_heavy`` can leave some) are counted, not scored.
 
 The real days are chosen by their outcome (heavy under ``events.criterion``), so unfiltered samples, drawn from
@@ -30,14 +30,15 @@ import pandas as pd
 import xarray as xr
 
 from precip_cvae.events import field_statistics
-from precip_cvae.generate.report import ratio_of_means
+from precip_cvae.generate.report import paired_with_real_days
 from precip_cvae.grid import crop_to_original
 
 STATS = [("domain_mean", "rain"), ("domain_max", "peak"), ("exceed_fraction", "area > P99")]
 
 
-def per_day(generate_dir: Path, run: Path, splits: list[str]) -> pd.DataFrame:
-    """One row per heavy day of generate's splits: the real day's statistics and the mean of its samples'."""
+def samples_and_real_days(generate_dir: Path, run: Path, splits: list[str]) -> dict:
+    """The statistics of every stored sample (with its ``source_date``) and of the real heavy days of generate's
+    splits (events.csv), as ``generation_report`` computes them, from a run's outputs."""
     report = json.loads((generate_dir / "generation_report.json").read_text())
     with xr.open_zarr(generate_dir / "augmented.zarr") as aug, xr.open_dataset(run / "events" / "thresholds.nc") as t:
         thr = crop_to_original(t["threshold"], t.attrs).values
@@ -48,36 +49,26 @@ def per_day(generate_dir: Path, run: Path, splits: list[str]) -> pd.DataFrame:
     if thr.shape != pr.shape[-2:]:
         raise SystemExit(f"{run}/events/thresholds.nc: grid {thr.shape} is not the samples' {pr.shape[-2:]}")
     events = pd.read_csv(run / "events" / "events.csv", dtype={"date": str})
-    heavy = events[events["is_event"] & events["split"].isin(splits)].set_index("date")
+    heavy = events[events["is_event"] & events["split"].isin(splits)]
     if len(heavy) != report["heavy_days"]:
         raise SystemExit(f"{run}: {len(heavy)} heavy days of {splits} in events.csv, the report says "
                          f"{report['heavy_days']}")
-    rows, pooled = [], []
-    for d, date in enumerate(dates):
-        st = field_statistics(pr[d, : counts[d]], thr)
-        pooled.append(st["domain_mean"].to_numpy())
-        rows.append({"date": date, "samples": int(counts[d]),
-                     **{f"gen_{k}": float(st[k].mean()) for k, _ in STATS}})
-    gen = pd.DataFrame(rows).set_index("date")
-    out = heavy[[k for k, _ in STATS]].rename(columns={k: f"real_{k}" for k, _ in STATS}).join(gen, how="left")
-    out["samples"] = out["samples"].fillna(0).astype(int)
-    out.attrs["acceptance_rate"] = report["acceptance_rate"]
-    out.attrs["sample_domain_means"] = np.concatenate(pooled) if pooled else np.zeros(0)
-    out.attrs["filter_heavy"] = filtered
-    return out
+    filled = np.arange(pr.shape[1])[None, :] < counts[:, None]  # (D, R) realizations that hold a sample
+    synth = field_statistics(pr[filled], thr).assign(source_date=np.repeat(dates, counts))
+    return {"synth": synth, "real": heavy.reset_index(drop=True), "filter": filtered,
+            "acceptance": report["acceptance_rate"]}
 
 
-def summarise(days: pd.DataFrame) -> dict:
-    scored = days[days["samples"] > 0]
-    row = {"filter": days.attrs["filter_heavy"], "heavy days": len(days), "without samples": int((days["samples"] == 0).sum()),
-           "samples": int(days["samples"].sum()), "acceptance": days.attrs["acceptance_rate"]}
+def summarise(s: dict) -> dict:
+    paired = paired_with_real_days(s["synth"], s["real"], s["real"]["date"].to_numpy())
+    row = {"filter": s["filter"], "heavy days": len(s["real"]), "without samples": paired["days_without_samples"],
+           "samples": len(s["synth"]), "acceptance": s["acceptance"]}
     for k, name in STATS:
-        r = ratio_of_means(scored[f"gen_{k}"].to_numpy(), scored[f"real_{k}"].to_numpy())
+        r = paired[k]
         row[f"{name} ratio"] = r["ratio"]
         row[f"{name} 90 %"] = "" if r["ci_low"] is None else f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
     # generate's report: the median over all samples against the median over the real heavy days
-    row["rain ratio, pooled medians"] = float(np.median(days.attrs["sample_domain_means"])
-                                              / days["real_domain_mean"].median())
+    row["rain ratio, pooled medians"] = float(s["synth"]["domain_mean"].median() / s["real"]["domain_mean"].median())
     return row
 
 
@@ -112,7 +103,7 @@ def main(argv=None) -> int:
         for gdir in sorted(run.glob("experiments/*/generate")):
             if not (gdir / "augmented.zarr").exists():
                 continue
-            rows.append({"run": run.name, "experiment": gdir.parent.name, **summarise(per_day(gdir, run, args.splits))})
+            rows.append({"run": run.name, "experiment": gdir.parent.name, **summarise(samples_and_real_days(gdir, run, args.splits))})
             down.extend(downstream_rows(run, gdir.parent.name))
     if not rows:
         raise SystemExit(f"no generate/augmented.zarr under {args.runs}")

@@ -47,7 +47,6 @@ PRESET_GRIDS = [
 
 
 @pytest.mark.parametrize("preset,fine,coarse", PRESET_GRIDS)
-
 def test_forward_shapes_every_preset(preset, fine, coarse):
     torch.manual_seed(0)
     cfg = ModelConfig(preset=preset)

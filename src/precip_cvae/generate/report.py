@@ -62,7 +62,7 @@ def paired_with_real_days(synth: pd.DataFrame, real_stats: pd.DataFrame, real_da
     """Each day's samples against the real day they were drawn for: per statistic, the mean over the samples of
     a day, then :func:`ratio_of_means` over the days that have samples (the goal "rain of generated heavy-day
     samples / real heavy days" is the ``domain_mean`` ratio); days without a sample are counted."""
-    real = real_stats.assign(date=np.asarray(real_dates)).groupby("date")[list(PAIRED_STATISTICS)].mean()
+    real = real_stats[list(PAIRED_STATISTICS)].set_axis(np.asarray(real_dates))  # one row per heavy day
     per_day = synth.groupby("source_date")[list(PAIRED_STATISTICS)].mean().reindex(real.index)
     have = per_day.notna().all(axis=1).to_numpy()
     return {"days_without_samples": int((~have).sum()),
