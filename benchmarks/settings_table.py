@@ -5,17 +5,22 @@ there) for every setting of the run and prints one markdown table per split and 
 CRPS and its ratio to the analogs' (90 % paired bootstrap interval), spread/skill, the P99
 frequency bias, the pooled P99 of wet values over the observed one, RAPSD log ratios per band,
 the mass bias, twCRPS, and the CRPS and spread/skill of the domain mean.  The ``cvae_best_qm`` rows (``evaluate.calibrate: quantile_map``) come
-right after their setting.
+right after their setting.  ``--over-seeds`` adds a table of each setting's mean ± standard deviation over
+its experiments ``<setting>_seed<N>`` (named so by ``experiment_seeds`` or by hand), the seed spread that a
+difference between settings has to beat.
 
 Usage::
 
-    .venv/bin/python benchmarks/settings_table.py results/iberia_issue28 [--split val] [--subset heavy]
+    .venv/bin/python benchmarks/settings_table.py results/iberia_issue28 [--split val] [--subset heavy] [--over-seeds]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
+
+import numpy as np
 
 import pandas as pd
 
@@ -70,16 +75,56 @@ def table(run: Path, split: str, subset: str) -> str:
     return "\n".join([head, sep, *body])
 
 
+def _number(part: pd.DataFrame, metric: str) -> float:
+    if metric == "q99":
+        ens = part.loc[part["metric"] == "tail_q99_ens", "value"]
+        obs = part.loc[part["metric"] == "tail_q99_obs", "value"]
+        return float(ens.iloc[0]) / float(obs.iloc[0]) if len(ens) and len(obs) else np.nan
+    row = part.loc[part["metric"] == metric, "value"]
+    return float(row.iloc[0]) if len(row) else np.nan
+
+
+def seed_values(run: Path, split: str, subset: str) -> pd.DataFrame:
+    """One row per experiment ``<setting>_seed<N>`` (best checkpoint): setting, seed and every column's number."""
+    rows = []
+    for metrics in sorted(run.glob("experiments/*/evaluate/metrics.csv")):
+        match = re.fullmatch(r"(.+)_seed(\d+)", metrics.parent.parent.name)
+        if match is None:
+            continue
+        t = pd.read_csv(metrics)
+        part = t[(t["split"] == split) & (t["subset"] == subset) & (t["model"] == "cvae") & (t["checkpoint"] == "best")]
+        rows.append({"setting": match[1], "seed": int(match[2]), **{m: _number(part, m) for m, _ in COLUMNS}})
+    return pd.DataFrame(rows, columns=["setting", "seed", *(m for m, _ in COLUMNS)])
+
+
+def seeds_table(run: Path, split: str, subset: str) -> str:
+    """Mean ± standard deviation (ddof 1) over each setting's seeds; the ratio column without its interval."""
+    values = seed_values(run, split, subset)
+    head = "| setting | seeds | " + " | ".join(label.replace(" [90 %]", "") for _, label in COLUMNS) + " |"
+    body = []
+    for setting, group in values.groupby("setting", sort=False):
+        cells = []
+        for metric, _ in COLUMNS:
+            x = group[metric].dropna()
+            cells.append("-" if x.empty else f"{x.mean():.3g}" if len(x) == 1 else f"{x.mean():.3g} ± {x.std(ddof=1):.2g}")
+        body.append(f"| {setting} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join([head, "|" + "---|" * (len(COLUMNS) + 2), *body])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="results/<run>")
     ap.add_argument("--split", nargs="+", default=["val", "test"])
     ap.add_argument("--subset", nargs="+", default=["all", "heavy"])
+    ap.add_argument("--over-seeds", action="store_true", help="also each setting's mean ± sd over its seeds")
     args = ap.parse_args()
     for split in args.split:
         for subset in args.subset:
             print(f"\n**{split}, {subset} days** ({args.run})\n")
             print(table(args.run, split, subset))
+            if args.over_seeds:
+                print(f"\n**{split}, {subset} days, over seeds** ({args.run})\n")
+                print(seeds_table(args.run, split, subset))
 
 
 if __name__ == "__main__":

@@ -181,3 +181,37 @@ def test_areal_scores_by_hand():
     got = areal_scores.block_means(field, valid, 2)
     np.testing.assert_allclose(got[0], [[(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4], [(8 + 9) / 2, np.nan]])
     assert areal_scores.block_means(field[None].repeat(2, 0), valid, 0).shape == (2, 1, 1, 1)
+
+
+def test_settings_table_over_seeds_by_hand(tmp_path):
+    """benchmarks/settings_table.py --over-seeds: mean and sample sd of each setting's <setting>_seed<N> runs (best
+    checkpoint of the cVAE only), the P99 ratio from its two quantiles; names without a seed are left out."""
+    sys.path.insert(0, str(BENCH))
+    import settings_table
+
+    def write(name, crps, q99_ens, last_crps=99.0):
+        d = tmp_path / "experiments" / name / "evaluate"
+        d.mkdir(parents=True)
+        rows = [("cvae", "best", "test", "heavy", "crps", crps), ("cvae", "last", "test", "heavy", "crps", last_crps),
+                ("cvae", "best", "test", "all", "crps", 50.0), ("analogs", "-", "test", "heavy", "crps", 7.0),
+                ("cvae", "best", "test", "heavy", "tail_q99_ens", q99_ens),
+                ("cvae", "best", "test", "heavy", "tail_q99_obs", 40.0)]
+        text = "model,checkpoint,split,subset,metric,value,lower,upper\n"
+        text += "".join(f"{m},{c},{s},{b},{k},{v},,\n" for m, c, s, b, k, v in rows)
+        (d / "metrics.csv").write_text(text)
+
+    write("default_seed0", 4.0, 30.0)
+    write("default_seed1", 5.0, 34.0)
+    write("default_seed2", 6.0, 38.0)
+    write("seed_seed0", 8.0, 80.0)
+    write("glob0", 1.0, 1.0)
+    values = settings_table.seed_values(tmp_path, "test", "heavy")
+    assert sorted(values["setting"]) == ["default", "default", "default", "seed"]
+    default = values[values["setting"] == "default"]
+    assert default["crps"].tolist() == [4.0, 5.0, 6.0]
+    assert default["q99"].tolist() == pytest.approx([0.75, 0.85, 0.95])
+    text = settings_table.seeds_table(tmp_path, "test", "heavy")
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines()[2:]}
+    assert rows["default"][1] == "3" and rows["default"][2] == "5 ± 1"  # CRPS: mean 5, sd sqrt(((-1)^2 + 1^2) / 2) = 1
+    assert rows["default"][6] == "0.85 ± 0.1"  # P99 ratio: mean 0.85, sd 0.1
+    assert rows["seed"][1] == "1" and rows["seed"][2] == "8" and rows["seed"][6] == "2"
