@@ -525,3 +525,20 @@ def test_two_nodes_under_srun_train_as_one_job(prepared, tmp_path, monkeypatch):
     assert distributed.read_statuses(tmp_path / "resume" / "ddp") == [{"rank": 0, "outcome": "ok"},
                                                                         {"rank": 1, "outcome": "ok"}]
     assert checkpoint.load(paths.last)["epoch"] == 1
+
+
+def test_a_failed_write_of_the_training_log_leaves_the_last_log_whole(tmp_path, monkeypatch):
+    """The log is rewritten every epoch. A write interrupted half-way (here a signal at the fsync) leaves the last
+    complete log in place, so a kill or a reader polling the file never sees it truncated or empty."""
+    path = tmp_path / "train_log.csv"
+    train._write_log([{"epoch": 0, "train_loss": 1.5}], path)
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train._write_log([{"epoch": 0, "train_loss": 1.5}, {"epoch": 1, "train_loss": 1.2}], path)
+    log = pd.read_csv(path)
+    assert log["epoch"].tolist() == [0] and log["train_loss"].tolist() == [1.5]
+    assert [p.name for p in tmp_path.iterdir()] == ["train_log.csv"]  # no temporary left behind

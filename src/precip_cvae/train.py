@@ -238,8 +238,9 @@ def validation_batch(model: CVAE, cfg: TrainConfig) -> int:
 
 
 def _write_log(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
+    """The whole log, written to a temporary sibling and renamed onto ``path``: a reader polling it (a monitor,
+    the resume) and a kill during the write see the last complete log, never a truncated one."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
         writer.writeheader()
         for row in rows:
