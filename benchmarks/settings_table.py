@@ -39,11 +39,19 @@ COLUMNS = [
 ]
 
 
-def _value(part: pd.DataFrame, metric: str) -> str:
+def _number(part: pd.DataFrame, metric: str) -> float:
     if metric == "q99":
         ens = part.loc[part["metric"] == "tail_q99_ens", "value"]
         obs = part.loc[part["metric"] == "tail_q99_obs", "value"]
-        return f"{float(ens.iloc[0]) / float(obs.iloc[0]):.3f}" if len(ens) and len(obs) else "-"
+        return float(ens.iloc[0]) / float(obs.iloc[0]) if len(ens) and len(obs) else np.nan
+    row = part.loc[part["metric"] == metric, "value"]
+    return float(row.iloc[0]) if len(row) else np.nan
+
+
+def _value(part: pd.DataFrame, metric: str) -> str:
+    if metric == "q99":
+        ratio = _number(part, metric)
+        return "-" if np.isnan(ratio) else f"{ratio:.3f}"
     row = part[part["metric"] == metric]
     if row.empty:
         return "-"
@@ -72,15 +80,6 @@ def table(run: Path, split: str, subset: str) -> str:
     sep = "|" + "---|" * (len(COLUMNS) + 1)
     body = ["| " + " | ".join(r) + " |" for r in rows + (baselines or [])]
     return "\n".join([head, sep, *body])
-
-
-def _number(part: pd.DataFrame, metric: str) -> float:
-    if metric == "q99":
-        ens = part.loc[part["metric"] == "tail_q99_ens", "value"]
-        obs = part.loc[part["metric"] == "tail_q99_obs", "value"]
-        return float(ens.iloc[0]) / float(obs.iloc[0]) if len(ens) and len(obs) else np.nan
-    row = part.loc[part["metric"] == metric, "value"]
-    return float(row.iloc[0]) if len(row) else np.nan
 
 
 def seed_values(run: Path, split: str, subset: str) -> pd.DataFrame:
